@@ -1,0 +1,277 @@
+"""The INI file, turned into frozen values, with every key checked.
+
+Every key has a default, so an empty file (or none) gives the embedded set-up.
+An unknown section or key, or a value that cannot be used, raises
+:class:`~mailhub.errors.ConfigError` naming the file, the section and the key,
+so start-up stops with one clear line.
+
+Secret values (passwords) may be written as ``env:NAME`` to read an
+environment variable or ``file:/path`` to read the first line of a file, so
+they need not sit in the INI file itself.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import attrs
+
+from mailhub.errors import ConfigError
+
+DEFAULT_SPEC = "/usr/share/amqp/specs/0-9-1/amqp0-9-1.stripped.xml"
+
+
+@attrs.frozen
+class MailhubSection:
+    listen: str = "tcp:8080:interface=127.0.0.1"
+    data: str = "./mailhub-data"
+    site_id: str = "main"
+    site_name: str = "mailhub"
+    site_url: str = "http://localhost:8080"
+    max_body: int = 1024 * 1024
+    threads: int = 4
+
+
+@attrs.frozen
+class DatabaseSection:
+    dsn: str = ""  # empty: sqlite:///DATA/mailhub.sqlite
+    poll_interval: float = 0.25
+
+
+@attrs.frozen
+class AMQPSection:
+    url: str = ""
+    spec: str = DEFAULT_SPEC
+    heartbeat: int = 30
+    outbox: int = 10000
+    prefetch: int = 16
+
+
+@attrs.frozen
+class CardDAVSection:
+    url: str = "embedded"
+    username: str = ""
+    password: str = attrs.field(default="", repr=False)
+    addressbook: str = ""  # empty: {url}/{user}/collected/
+    timeout: float = 30.0
+    concurrency: int = 8
+
+
+@attrs.frozen
+class LDAPSection:
+    url: str = ""
+    bind_dn: str = ""
+    bind_password: str = attrs.field(default="", repr=False)
+    base_dn: str = ""
+    user_filter: str = "(&(objectClass=inetOrgPerson)(|(uid={login})(mail={login})))"
+    list_filter: str = "(objectClass=inetOrgPerson)"
+    login_attribute: str = "uid"
+    name_attribute: str = "cn"
+    mail_attribute: str = "mail"
+    start_tls: bool = False
+    ca_file: str = ""
+    timeout: float = 5.0
+    page_size: int = 500
+    pool_size: int = 4
+
+
+@attrs.frozen
+class MailStoreSection:
+    path: str = "/mailstore"
+    username: str = ""
+    password: str = attrs.field(default="", repr=False)
+
+
+@attrs.frozen
+class PushSection:
+    username: str = ""
+    password: str = attrs.field(default="", repr=False)
+    queue: int = 1000
+    max_body: int = 64 * 1024
+    sse_buffer: int = 1000
+    keepalive: float = 15.0
+
+
+@attrs.frozen
+class CollectorSection:
+    enabled: bool = True
+    sent_folders: tuple[str, ...] = ("Sent",)
+    skip_site_users: bool = True
+    queue: str = "collector:email"
+    dead_letter: str = "collector:email:dead"
+    retry_initial: float = 1.0
+    retry_max: float = 300.0
+
+
+@attrs.frozen
+class Config:
+    """Everything mailhub reads from its INI file."""
+
+    path: str | None = None
+    mailhub: MailhubSection = MailhubSection()
+    database: DatabaseSection = DatabaseSection()
+    amqp: AMQPSection = AMQPSection()
+    carddav: CardDAVSection = CardDAVSection()
+    ldap: LDAPSection = LDAPSection()
+    mailstore: MailStoreSection = MailStoreSection()
+    push: PushSection = PushSection()
+    collector: CollectorSection = CollectorSection()
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.mailhub.data)
+
+    @property
+    def dsn(self) -> str:
+        """The database DSN, defaulting to SQLite in the data folder."""
+        if self.database.dsn:
+            return self.database.dsn
+        return "sqlite:///" + str((self.data_dir / "mailhub.sqlite").absolute())
+
+    @property
+    def embedded_carddav(self) -> bool:
+        return self.carddav.url == "embedded"
+
+
+SECTIONS: dict[str, type] = {
+    "mailhub": MailhubSection,
+    "database": DatabaseSection,
+    "amqp": AMQPSection,
+    "carddav": CardDAVSection,
+    "ldap": LDAPSection,
+    "mailstore": MailStoreSection,
+    "push": PushSection,
+    "collector": CollectorSection,
+}
+
+SECRETS = {("carddav", "password"), ("ldap", "bind_password"),
+           ("mailstore", "password"), ("push", "password")}
+
+
+def _secret(raw: str, environ: dict[str, str]) -> str:
+    if raw.startswith("env:"):
+        name = raw[4:]
+        if name not in environ:
+            raise ValueError("environment variable %s is not set" % name)
+        return environ[name]
+    if raw.startswith("file:"):
+        try:
+            with open(raw[5:], encoding="utf-8") as f:
+                return f.readline().rstrip("\r\n")
+        except OSError as e:
+            raise ValueError("cannot read %s: %s" % (raw[5:], e.strerror))
+    return raw
+
+
+def _boolean(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "yes", "true", "on"):
+        return True
+    if lowered in ("0", "no", "false", "off"):
+        return False
+    raise ValueError("expected yes or no, not %r" % raw)
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError("must be a positive whole number")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if value <= 0:
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _words(raw: str) -> tuple[str, ...]:
+    return tuple(w.strip() for w in raw.replace(",", " ").split() if w.strip())
+
+
+def _converter(section: str, key: str, field: attrs.Attribute) -> Callable[[str], Any]:
+    kind = field.type
+    if kind in (bool, "bool"):
+        return _boolean
+    if kind in (int, "int"):
+        return _positive_int
+    if kind in (float, "float"):
+        return _positive_float
+    if kind in ("tuple[str, ...]",):
+        return _words
+    return str
+
+
+def _check(section: str, key: str, value: Any) -> None:
+    """Checks that need more than a type: URLs and paths."""
+    if section == "database" and key == "dsn" and value:
+        scheme = urlsplit(value).scheme
+        if scheme not in ("sqlite", "postgresql", "postgres"):
+            raise ValueError("expected sqlite:///PATH or postgresql://..., not %r" % value)
+    if section == "amqp" and key == "url" and value:
+        if urlsplit(value).scheme not in ("amqp", "amqps"):
+            raise ValueError("expected amqp://user:password@host:port/vhost")
+    if section == "carddav" and key == "url" and value != "embedded":
+        if urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError('expected "embedded" or an http(s) URL')
+    if section == "ldap" and key == "url" and value:
+        for url in value.split():
+            if urlsplit(url).scheme not in ("ldap", "ldaps"):
+                raise ValueError("expected ldap:// or ldaps:// URLs, not %r" % url)
+    if section == "mailstore" and key == "path" and not value.startswith("/"):
+        raise ValueError("must start with /")
+    if section == "mailhub" and key == "site_url":
+        if urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError("expected an http(s) URL")
+
+
+def parse(text: str, path: str = "<string>",
+          environ: dict[str, str] | None = None) -> Config:
+    """Read INI text into a Config, or raise ConfigError naming what is wrong."""
+    env = dict(os.environ if environ is None else environ)
+    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    try:
+        parser.read_string(text, source=path)
+    except configparser.Error as e:
+        raise ConfigError("%s: cannot parse: %s" % (path, str(e).splitlines()[0]))
+    sections: dict[str, Any] = {}
+    for section in parser.sections():
+        if section not in SECTIONS:
+            raise ConfigError("%s: [%s]: unknown section (known: %s)"
+                              % (path, section, ", ".join(SECTIONS)))
+        cls = SECTIONS[section]
+        fields = {f.name: f for f in attrs.fields(cls)}
+        values = {}
+        for key, raw in parser.items(section):
+            if key not in fields:
+                raise ConfigError("%s: [%s] %s: unknown key (known: %s)"
+                                  % (path, section, key, ", ".join(fields)))
+            try:
+                if (section, key) in SECRETS:
+                    raw = _secret(raw, env)
+                value = _converter(section, key, fields[key])(raw.strip())
+                _check(section, key, value)
+            except ValueError as e:
+                raise ConfigError("%s: [%s] %s: bad value: %s" % (path, section, key, e))
+            values[key] = value
+        sections[section] = cls(**values)
+    return Config(path=path, **sections)
+
+
+def load(path: str | None, environ: dict[str, str] | None = None) -> Config:
+    """Read the INI file at ``path`` (None: every default)."""
+    if path is None:
+        return Config()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError("%s: cannot read: %s" % (path, e.strerror))
+    except UnicodeDecodeError:
+        raise ConfigError("%s: not UTF-8 text" % (path,))
+    return parse(text, path, environ)

@@ -1,0 +1,252 @@
+"""The directory as the web hooks see it: an exact in-memory copy of the store.
+
+Reads (token, groups, profiles by id or address) are answered from memory on
+the reactor thread, with no thread hop, which is what lets the hooks keep up
+with a bare twisted.web resource. The copy is kept right by the store's change
+log: every write made through this object is applied at once, and writes made
+elsewhere (the CLI, another mailhub instance) are picked up by polling
+``changes_since`` every ``poll_interval`` seconds. Where a stale copy could
+wrongly refuse (a token that does not match, an address not found), the
+answer is checked against the database before it is given, so a token
+rotated a moment ago is accepted at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from mailhub.directory.interfaces import IDirectoryStore
+from mailhub.directory.model import (
+    Email, Group, Profile, new_profile_id, normalise_email,
+)
+from mailhub.errors import ValidationError
+from mailhub.web.common import same_secret
+
+#: Status numbers of GroupServer's add-member hook.
+ADDED_NEW, ADDED_EXISTING, ALREADY_MEMBER = 0, 1, 256
+#: Status numbers of GroupServer's leave hook.
+LEFT, NO_SUCH_GROUP, NO_SUCH_USER, NOT_A_MEMBER = 0, 1, 2, 4
+
+
+class Directory(Service):
+    """Profiles, groups and the token, in memory, following the store."""
+
+    log = Logger()
+    name = "directory"
+
+    def __init__(self, store: IDirectoryStore, clock: IReactorTime,
+                 poll_interval: float = 0.25) -> None:
+        self.store = store
+        self.clock = clock
+        self.poll_interval = poll_interval
+        self.token: str | None = None
+        self._profiles: dict[str, Profile] = {}
+        self._by_email: dict[str, str] = {}
+        self._groups: dict[str, Group] = {}
+        self._seq = 0
+        self._lock = DeferredLock()
+        self._poll: LoopingCall | None = None
+        self.loaded = False
+
+    # -- life cycle ---------------------------------------------------------
+
+    async def load(self) -> None:
+        """Read everything from the store (at start-up)."""
+        seq = await self.store.last_change()
+        profiles = await self.store.load_profiles()
+        groups = await self.store.load_groups()
+        token = await self.store.get_token()
+        self._profiles = {}
+        self._by_email = {}
+        for profile in profiles:
+            self._put(profile)
+        self._groups = {g.id: g for g in groups}
+        self.token = token
+        self._seq = seq
+        self.loaded = True
+        self.log.info("directory loaded: {profiles} profiles, {groups} groups",
+                      profiles=len(self._profiles), groups=len(self._groups))
+
+    def startService(self) -> None:
+        super().startService()
+        self._poll = LoopingCall(self._poll_once)
+        self._poll.clock = self.clock
+        self._poll.start(self.poll_interval, now=False)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._poll is not None and self._poll.running:
+            self._poll.stop()
+
+    def _poll_once(self) -> "Deferred[None]":
+        d = Deferred.fromCoroutine(self.refresh())
+        d.addErrback(lambda f: self.log.failure("cannot follow the directory's changes", f))
+        return d
+
+    async def refresh(self) -> None:
+        """Apply every change the store logged since the last one seen."""
+        await self._lock.acquire()
+        try:
+            changes = await self.store.changes_since(self._seq)
+            if not changes:
+                return
+            kinds: dict[tuple[str, str], None] = {}
+            for seq, kind, key in changes:
+                kinds[(kind, key)] = None
+            for kind, key in kinds:
+                await self._reload(kind, key)
+            self._seq = changes[-1][0]
+        finally:
+            self._lock.release()
+
+    async def _reload(self, kind: str, key: str) -> None:
+        if kind == "profile":
+            profile = await self.store.get_profile(key)
+            if profile is None:
+                self._drop(key)
+            else:
+                self._put(profile)
+        elif kind == "group":
+            groups = await self.store.load_groups()
+            self._groups = {g.id: g for g in groups}
+        elif kind == "token":
+            self.token = await self.store.get_token()
+
+    def _put(self, profile: Profile) -> None:
+        self._drop(profile.id)
+        self._profiles[profile.id] = profile
+        for email in profile.emails:
+            self._by_email[normalise_email(email.address)] = profile.id
+
+    def _drop(self, profile_id: str) -> None:
+        old = self._profiles.pop(profile_id, None)
+        if old is not None:
+            for email in old.emails:
+                key = normalise_email(email.address)
+                if self._by_email.get(key) == profile_id:
+                    del self._by_email[key]
+
+    # -- reads, from memory ---------------------------------------------------
+
+    def profile(self, profile_id: str) -> Profile | None:
+        return self._profiles.get(profile_id)
+
+    def profile_by_email(self, address: str) -> Profile | None:
+        found = self._by_email.get(normalise_email(address))
+        return self._profiles.get(found) if found else None
+
+    def lookup(self, id_or_address: str) -> Profile | None:
+        """A profile by id or by any address (exact, case-insensitive)."""
+        return self._profiles.get(id_or_address) or self.profile_by_email(id_or_address)
+
+    def profiles(self) -> Iterable[Profile]:
+        return self._profiles.values()
+
+    def group(self, group_id: str) -> Group | None:
+        return self._groups.get(group_id)
+
+    def groups(self) -> list[Group]:
+        return sorted(self._groups.values(), key=lambda g: g.id)
+
+    def check_token_cached(self, given: str) -> bool | None:
+        """True or False when memory can tell; None when the store must be asked."""
+        if self.token is not None and same_secret(given, self.token):
+            return True
+        return None
+
+    async def check_token(self, given: str) -> bool:
+        """Whether ``given`` is the site token, compared in constant time.
+
+        A mismatch against the copy in memory is checked again against the
+        database, so a token rotated elsewhere works at once.
+        """
+        if not given:
+            return False
+        if self.check_token_cached(given):
+            return True
+        self.token = await self.store.get_token()
+        return self.token is not None and same_secret(given, self.token)
+
+    async def find(self, id_or_address: str) -> Profile | None:
+        """Like :meth:`lookup`, but a miss is checked against the database."""
+        found = self.lookup(id_or_address)
+        if found is not None:
+            return found
+        if "@" in id_or_address:
+            fresh = await self.store.find_profile(id_or_address)
+        else:
+            fresh = await self.store.get_profile(id_or_address)
+        if fresh is not None:
+            self._put(fresh)
+        return fresh
+
+    # -- writes, through the store --------------------------------------------
+
+    async def _refetch(self, profile_id: str) -> Profile:
+        profile = await self.store.get_profile(profile_id)
+        if profile is None:
+            raise ValidationError("profile %s vanished" % profile_id)
+        self._put(profile)
+        return profile
+
+    async def create_profile(self, email: str, name: str, verified: bool = True,
+                             nickname: str | None = None) -> Profile:
+        profile = Profile(id=new_profile_id(), name=name, nickname=nickname,
+                          emails=(Email(email, verified, True),))
+        await self.store.create_profile(profile)
+        return await self._refetch(profile.id)
+
+    async def add_member(self, group_id: str, email: str, name: str) -> tuple[int, Profile]:
+        """GroupServer's add: create the profile if needed, then join the group.
+
+        The status is :data:`ADDED_NEW`, :data:`ADDED_EXISTING` or
+        :data:`ALREADY_MEMBER`. An unverified address of an existing profile
+        becomes verified.
+        """
+        if await self._group(group_id) is None:
+            raise ValidationError("no group %s on this site" % group_id)
+        profile = await self.find(email)
+        created = profile is None
+        if profile is None:
+            profile = await self.create_profile(email, name)
+        else:
+            for known in profile.emails:
+                if normalise_email(known.address) == normalise_email(email) and not known.verified:
+                    await self.store.set_email(profile.id, Email(known.address, True, known.preferred))
+        added = await self.store.add_member(group_id, profile.id)
+        profile = await self._refetch(profile.id)
+        if created:
+            return ADDED_NEW, profile
+        return (ADDED_EXISTING if added else ALREADY_MEMBER), profile
+
+    async def leave(self, group_id: str, profile_id: str) -> int:
+        """GroupServer's leave: 0 left, 1 no such group, 2 no such user, 4 not a member."""
+        if await self._group(group_id) is None:
+            return NO_SUCH_GROUP
+        profile = await self.find(profile_id)
+        if profile is None:
+            return NO_SUCH_USER
+        removed = await self.store.remove_member(group_id, profile.id)
+        await self._refetch(profile.id)
+        return LEFT if removed else NOT_A_MEMBER
+
+    async def _group(self, group_id: str) -> Group | None:
+        found = self._groups.get(group_id)
+        if found is None:
+            groups = await self.store.load_groups()
+            self._groups = {g.id: g for g in groups}
+            found = self._groups.get(group_id)
+        return found
+
+    async def audit(self, event: str, client: str, detail: str = "") -> None:
+        await self.store.audit(event, client, detail)
+
+
+def profile_list(profiles: Iterable[Profile], site_url: str) -> list[dict[str, Any]]:
+    return [p.data(site_url) for p in profiles]

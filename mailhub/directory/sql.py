@@ -1,0 +1,580 @@
+"""The directory store on SQLite (the default) and PostgreSQL (production).
+
+One implementation of :class:`IDirectoryStore` over DB-API: the two backends
+differ only in how they connect, their placeholders and a few DDL words. The
+blocking driver calls run in a thread pool owned by :class:`StoreService`
+(each worker thread keeps its own connection); the unit tests run the same
+code inline on an in-memory SQLite database (:mod:`mailhub.directory.memory`).
+
+Every write appends to the ``changes`` log in the same transaction; on
+PostgreSQL writers take a transaction-scoped advisory lock first, so change
+numbers are committed in order and a poller that has seen number N has seen
+every change before it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any, Callable, Sequence, TypeVar
+from urllib.parse import unquote, urlsplit
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from mailhub.directory.interfaces import IDirectoryStore
+from mailhub.directory.model import Email, Group, Profile, normalise_email
+from mailhub.errors import ConfigError, Unavailable, ValidationError
+
+T = TypeVar("T")
+
+#: Advisory lock key that serialises writers of the change log (PostgreSQL).
+CHANGE_LOCK = 7_305_100
+
+# Each migration is a list of statements; ``{serial}`` and ``{bool}`` are
+# filled in per dialect. Append, never edit, once released.
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE sites (
+            id TEXT PRIMARY KEY,
+            token TEXT,
+            token_changed TEXT
+        )""",
+        """CREATE TABLE profiles (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            nickname TEXT UNIQUE,
+            password_hash TEXT,
+            created TEXT NOT NULL
+        )""",
+        """CREATE TABLE emails (
+            address_key TEXT PRIMARY KEY,
+            address TEXT NOT NULL,
+            profile_id TEXT NOT NULL REFERENCES profiles(id) ON DELETE CASCADE,
+            verified {bool} NOT NULL,
+            preferred {bool} NOT NULL,
+            position INTEGER NOT NULL
+        )""",
+        "CREATE INDEX emails_profile ON emails (profile_id)",
+        """CREATE TABLE groups_ (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            email TEXT NOT NULL,
+            type TEXT NOT NULL,
+            privacy TEXT NOT NULL
+        )""",
+        """CREATE TABLE memberships (
+            group_id TEXT NOT NULL REFERENCES groups_(id) ON DELETE CASCADE,
+            profile_id TEXT NOT NULL REFERENCES profiles(id) ON DELETE CASCADE,
+            PRIMARY KEY (group_id, profile_id)
+        )""",
+        "CREATE INDEX memberships_profile ON memberships (profile_id)",
+        """CREATE TABLE audit (
+            id {serial} PRIMARY KEY,
+            at TEXT NOT NULL,
+            event TEXT NOT NULL,
+            client TEXT NOT NULL,
+            detail TEXT NOT NULL
+        )""",
+        """CREATE TABLE changes (
+            seq {serial} PRIMARY KEY,
+            kind TEXT NOT NULL,
+            key TEXT NOT NULL,
+            at TEXT NOT NULL
+        )""",
+    ],
+]
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+class Dialect:
+    """What differs between the backends."""
+
+    name = "sqlite"
+    serial = "INTEGER"
+    boolean = "INTEGER"
+    unavailable: tuple[type[BaseException], ...] = (sqlite3.OperationalError,)
+    integrity: tuple[type[BaseException], ...] = (sqlite3.IntegrityError,)
+
+    def sql(self, statement: str) -> str:
+        return statement
+
+    def connect(self) -> Any:
+        raise NotImplementedError
+
+    def begin_write(self, cursor: Any) -> None:
+        """Serialise writers (SQLite has one writer anyway)."""
+
+
+class SQLiteDialect(Dialect):
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def connect(self) -> Any:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=10, isolation_level=None,
+                               check_same_thread=False)
+        conn.execute("PRAGMA foreign_keys = ON")
+        if self.path != ":memory:":
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+        return conn
+
+    def begin_write(self, cursor: Any) -> None:
+        cursor.execute("BEGIN IMMEDIATE")
+
+
+class PostgreSQLDialect(Dialect):
+    name = "postgresql"
+    serial = "BIGSERIAL"
+    boolean = "BOOLEAN"
+
+    def __init__(self, dsn: str) -> None:
+        import psycopg
+
+        self.dsn = dsn
+        self._psycopg = psycopg
+        self.unavailable = (psycopg.OperationalError, psycopg.InterfaceError)
+        self.integrity = (psycopg.IntegrityError,)
+
+    def sql(self, statement: str) -> str:
+        return statement.replace("?", "%s")
+
+    def connect(self) -> Any:
+        return self._psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
+
+    def begin_write(self, cursor: Any) -> None:
+        cursor.execute("BEGIN")
+        cursor.execute("SELECT pg_advisory_xact_lock(%s)" % CHANGE_LOCK)
+
+
+def dialect_for(dsn: str) -> Dialect:
+    """The backend a DSN names; ConfigError for anything else."""
+    parts = urlsplit(dsn)
+    if parts.scheme == "sqlite":
+        path = unquote(parts.path)
+        if parts.netloc:
+            raise ConfigError("%s: sqlite DSNs are sqlite:///PATH (three slashes)" % dsn)
+        if path in ("", "/"):
+            raise ConfigError("%s: the sqlite DSN names no file" % dsn)
+        return SQLiteDialect(":memory:" if path == "/:memory:" else path)
+    if parts.scheme in ("postgresql", "postgres"):
+        return PostgreSQLDialect(dsn)
+    raise ConfigError("%s: expected sqlite:///PATH or postgresql://..." % dsn)
+
+
+Runner = Callable[[Callable[[], T]], "Deferred[T]"]
+
+
+def run_inline(work: Callable[[], T]) -> "Deferred[T]":
+    """Run ``work`` at once on this thread: for tests and the CLI."""
+    return maybeDeferred(work)
+
+
+class _Transaction:
+    """A cursor inside one transaction, with the dialect's placeholders."""
+
+    def __init__(self, dialect: Dialect, cursor: Any) -> None:
+        self.dialect = dialect
+        self.cursor = cursor
+
+    def execute(self, statement: str, params: Sequence[Any] = ()) -> Any:
+        self.cursor.execute(self.dialect.sql(statement), tuple(params))
+        return self.cursor
+
+    def all(self, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return list(self.execute(statement, params).fetchall())
+
+    def one(self, statement: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+        row = self.execute(statement, params).fetchone()
+        return tuple(row) if row is not None else None
+
+    def changed(self, kind: str, key: str) -> None:
+        self.execute("INSERT INTO changes (kind, key, at) VALUES (?, ?, ?)", (kind, key, now()))
+
+
+@implementer(IDirectoryStore)
+class SQLStore:
+    """The directory in a SQL database; every method returns a Deferred."""
+
+    log = Logger()
+
+    def __init__(self, dialect: Dialect, site_id: str = "main",
+                 runner: Runner[Any] = run_inline) -> None:
+        self.dialect = dialect
+        self.site_id = site_id
+        self._run = runner
+        self._local = threading.local()
+        self._connections: list[Any] = []
+        self._lock = threading.Lock()
+
+    # -- plumbing -----------------------------------------------------------
+
+    def _connection(self) -> Any:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = self.dialect.connect()
+            except self.dialect.unavailable as e:
+                raise Unavailable("database unreachable: %s" % _first_line(e))
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def _forget_connection(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            with self._lock:
+                if conn in self._connections:
+                    self._connections.remove(conn)
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+    def _transact(self, work: Callable[[_Transaction], T], write: bool = False) -> T:
+        """Run ``work`` in one transaction, in the calling (worker) thread."""
+        conn = self._connection()
+        cursor = conn.cursor()
+        tx = _Transaction(self.dialect, cursor)
+        try:
+            if write:
+                self.dialect.begin_write(cursor)
+            else:
+                cursor.execute("BEGIN")
+            result = work(tx)
+            cursor.execute("COMMIT")
+            return result
+        except self.dialect.unavailable as e:
+            self._rollback(cursor)
+            if self.dialect.name == "postgresql":
+                self._forget_connection()
+            raise Unavailable("database unavailable: %s" % _first_line(e))
+        except BaseException:
+            self._rollback(cursor)
+            raise
+        finally:
+            try:
+                cursor.close()
+            except Exception:
+                pass
+
+    def _rollback(self, cursor: Any) -> None:
+        try:
+            cursor.execute("ROLLBACK")
+        except Exception:
+            pass
+
+    def _read(self, work: Callable[[_Transaction], T]) -> "Deferred[T]":
+        return self._run(lambda: self._transact(work))
+
+    def _write(self, work: Callable[[_Transaction], T]) -> "Deferred[T]":
+        return self._run(lambda: self._transact(work, write=True))
+
+    def close_all(self) -> None:
+        """Close every connection the worker threads opened."""
+        with self._lock:
+            conns, self._connections = self._connections, []
+        for conn in conns:
+            try:
+                conn.close()
+            except Exception:
+                pass
+        self._local = threading.local()
+
+    # -- schema -------------------------------------------------------------
+
+    def migrate(self) -> "Deferred[int]":
+        """Bring the schema to the newest version; the version number reached."""
+        return self._run(self._migrate)
+
+    def _migrate(self) -> int:
+        def work(tx: _Transaction) -> int:
+            tx.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = tx.one("SELECT version FROM schema_version")
+            version = row[0] if row else 0
+            if row is None:
+                tx.execute("INSERT INTO schema_version (version) VALUES (0)")
+            for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in statements:
+                    tx.execute(statement.format(serial=self.dialect.serial,
+                                                bool=self.dialect.boolean))
+                tx.execute("UPDATE schema_version SET version = ?", (number,))
+                self.log.info("database schema migrated to version {version}", version=number)
+            tx.execute("INSERT INTO sites (id) VALUES (?) ON CONFLICT (id) DO NOTHING",
+                       (self.site_id,))
+            return len(MIGRATIONS)
+
+        return self._transact(work, write=True)
+
+    def ping(self) -> "Deferred[bool]":
+        return self._read(lambda tx: tx.one("SELECT 1") is not None)
+
+    # -- token and audit ----------------------------------------------------
+
+    def get_token(self) -> "Deferred[str | None]":
+        def work(tx: _Transaction) -> str | None:
+            row = tx.one("SELECT token FROM sites WHERE id = ?", (self.site_id,))
+            return row[0] if row else None
+        return self._read(work)
+
+    def set_token(self, token: str) -> "Deferred[None]":
+        def work(tx: _Transaction) -> None:
+            tx.execute("INSERT INTO sites (id, token, token_changed) VALUES (?, ?, ?) "
+                       "ON CONFLICT (id) DO UPDATE SET token = excluded.token, "
+                       "token_changed = excluded.token_changed",
+                       (self.site_id, token, now()))
+            tx.changed("token", self.site_id)
+        return self._write(work)
+
+    def audit(self, event: str, client: str, detail: str = "") -> "Deferred[None]":
+        def work(tx: _Transaction) -> None:
+            tx.execute("INSERT INTO audit (at, event, client, detail) VALUES (?, ?, ?, ?)",
+                       (now(), event, client, detail))
+        return self._write(work)
+
+    def audit_log(self, limit: int = 100) -> "Deferred[list[dict[str, str]]]":
+        def work(tx: _Transaction) -> list[dict[str, str]]:
+            rows = tx.all("SELECT at, event, client, detail FROM audit "
+                          "ORDER BY id DESC LIMIT ?", (limit,))
+            return [dict(zip(("at", "event", "client", "detail"), r)) for r in rows]
+        return self._read(work)
+
+    # -- profiles -----------------------------------------------------------
+
+    def _profiles(self, tx: _Transaction, where: str = "", params: Sequence[Any] = ()) -> list[Profile]:
+        rows = tx.all("SELECT id, name, nickname, password_hash IS NOT NULL FROM profiles "
+                      + where + " ORDER BY id", params)
+        if not rows:
+            return []
+        ids = [r[0] for r in rows]
+        emails: dict[str, list[Email]] = {i: [] for i in ids}
+        groups: dict[str, list[str]] = {i: [] for i in ids}
+        if where:
+            marks = ",".join("?" * len(ids))
+            email_rows = tx.all("SELECT profile_id, address, verified, preferred FROM emails "
+                                "WHERE profile_id IN (%s) ORDER BY profile_id, position" % marks, ids)
+            group_rows = tx.all("SELECT profile_id, group_id FROM memberships "
+                                "WHERE profile_id IN (%s) ORDER BY group_id" % marks, ids)
+        else:
+            email_rows = tx.all("SELECT profile_id, address, verified, preferred FROM emails "
+                                "ORDER BY profile_id, position")
+            group_rows = tx.all("SELECT profile_id, group_id FROM memberships ORDER BY group_id")
+        for pid, address, verified, preferred in email_rows:
+            emails[pid].append(Email(address, bool(verified), bool(preferred)))
+        for pid, gid in group_rows:
+            groups[pid].append(gid)
+        return [Profile(id=r[0], name=r[1], nickname=r[2], emails=tuple(emails[r[0]]),
+                        groups=tuple(groups[r[0]]), has_password=bool(r[3])) for r in rows]
+
+    def load_profiles(self) -> "Deferred[list[Profile]]":
+        return self._read(lambda tx: self._profiles(tx))
+
+    def get_profile(self, profile_id: str) -> "Deferred[Profile | None]":
+        def work(tx: _Transaction) -> Profile | None:
+            found = self._profiles(tx, "WHERE id = ?", (profile_id,))
+            return found[0] if found else None
+        return self._read(work)
+
+    def find_profile(self, address: str) -> "Deferred[Profile | None]":
+        def work(tx: _Transaction) -> Profile | None:
+            found = self._profiles(
+                tx, "WHERE id = (SELECT profile_id FROM emails WHERE address_key = ?)",
+                (normalise_email(address),))
+            return found[0] if found else None
+        return self._read(work)
+
+    def create_profile(self, profile: Profile) -> "Deferred[Profile]":
+        def work(tx: _Transaction) -> Profile:
+            if tx.one("SELECT 1 FROM profiles WHERE id = ?", (profile.id,)):
+                raise ValidationError("profile %s exists already" % profile.id)
+            if profile.nickname and tx.one("SELECT 1 FROM profiles WHERE nickname = ?",
+                                           (profile.nickname,)):
+                raise ValidationError("nickname %s is taken" % profile.nickname)
+            tx.execute("INSERT INTO profiles (id, name, nickname, created) VALUES (?, ?, ?, ?)",
+                       (profile.id, profile.name, profile.nickname, now()))
+            for position, email in enumerate(profile.emails):
+                self._insert_email(tx, profile.id, email, position)
+            tx.changed("profile", profile.id)
+            return profile
+        return self._write(work)
+
+    def _insert_email(self, tx: _Transaction, profile_id: str, email: Email, position: int) -> None:
+        key = normalise_email(email.address)
+        owner = tx.one("SELECT profile_id FROM emails WHERE address_key = ?", (key,))
+        if owner is not None and owner[0] != profile_id:
+            raise ValidationError("the address %s belongs to another profile" % email.address)
+        if email.preferred:
+            tx.execute("UPDATE emails SET preferred = ? WHERE profile_id = ?", (False, profile_id))
+        tx.execute("INSERT INTO emails (address_key, address, profile_id, verified, preferred, position) "
+                   "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (address_key) DO UPDATE SET "
+                   "address = excluded.address, verified = excluded.verified, "
+                   "preferred = excluded.preferred",
+                   (key, email.address, profile_id, email.verified, email.preferred, position))
+
+    def update_profile(self, profile_id: str, name: str, nickname: str | None) -> "Deferred[None]":
+        def work(tx: _Transaction) -> None:
+            tx.execute("UPDATE profiles SET name = ?, nickname = ? WHERE id = ?",
+                       (name, nickname, profile_id))
+            tx.changed("profile", profile_id)
+        return self._write(work)
+
+    def set_email(self, profile_id: str, email: Email) -> "Deferred[None]":
+        def work(tx: _Transaction) -> None:
+            if not tx.one("SELECT 1 FROM profiles WHERE id = ?", (profile_id,)):
+                raise ValidationError("no profile %s" % profile_id)
+            row = tx.one("SELECT COALESCE(MAX(position), -1) + 1 FROM emails WHERE profile_id = ?",
+                         (profile_id,))
+            self._insert_email(tx, profile_id, email, row[0] if row else 0)
+            tx.changed("profile", profile_id)
+        return self._write(work)
+
+    def remove_profile(self, profile_id: str) -> "Deferred[bool]":
+        def work(tx: _Transaction) -> bool:
+            existed = tx.one("SELECT 1 FROM profiles WHERE id = ?", (profile_id,)) is not None
+            tx.execute("DELETE FROM memberships WHERE profile_id = ?", (profile_id,))
+            tx.execute("DELETE FROM emails WHERE profile_id = ?", (profile_id,))
+            tx.execute("DELETE FROM profiles WHERE id = ?", (profile_id,))
+            if existed:
+                tx.changed("profile", profile_id)
+            return existed
+        return self._write(work)
+
+    def set_password_hash(self, profile_id: str, password_hash: str | None) -> "Deferred[None]":
+        def work(tx: _Transaction) -> None:
+            if not tx.one("SELECT 1 FROM profiles WHERE id = ?", (profile_id,)):
+                raise ValidationError("no profile %s" % profile_id)
+            tx.execute("UPDATE profiles SET password_hash = ? WHERE id = ?",
+                       (password_hash, profile_id))
+            tx.changed("profile", profile_id)
+        return self._write(work)
+
+    def get_password_hash(self, profile_id: str) -> "Deferred[str | None]":
+        def work(tx: _Transaction) -> str | None:
+            row = tx.one("SELECT password_hash FROM profiles WHERE id = ?", (profile_id,))
+            return row[0] if row else None
+        return self._read(work)
+
+    # -- groups and memberships ----------------------------------------------
+
+    def load_groups(self) -> "Deferred[list[Group]]":
+        def work(tx: _Transaction) -> list[Group]:
+            return [Group(*row) for row in tx.all(
+                "SELECT id, name, email, type, privacy FROM groups_ ORDER BY id")]
+        return self._read(work)
+
+    def create_group(self, group: Group) -> "Deferred[Group]":
+        def work(tx: _Transaction) -> Group:
+            if tx.one("SELECT 1 FROM groups_ WHERE id = ?", (group.id,)):
+                raise ValidationError("the group %s exists already" % group.id)
+            tx.execute("INSERT INTO groups_ (id, name, email, type, privacy) VALUES (?, ?, ?, ?, ?)",
+                       (group.id, group.name, group.email, group.type, group.privacy))
+            tx.changed("group", group.id)
+            return group
+        return self._write(work)
+
+    def remove_group(self, group_id: str) -> "Deferred[bool]":
+        def work(tx: _Transaction) -> bool:
+            members = [r[0] for r in tx.all(
+                "SELECT profile_id FROM memberships WHERE group_id = ?", (group_id,))]
+            tx.execute("DELETE FROM memberships WHERE group_id = ?", (group_id,))
+            existed = tx.execute("DELETE FROM groups_ WHERE id = ?", (group_id,)).rowcount > 0
+            if existed:
+                tx.changed("group", group_id)
+                for member in members:
+                    tx.changed("profile", member)
+            return existed
+        return self._write(work)
+
+    def add_member(self, group_id: str, profile_id: str) -> "Deferred[bool]":
+        def work(tx: _Transaction) -> bool:
+            added = tx.execute("INSERT INTO memberships (group_id, profile_id) VALUES (?, ?) "
+                               "ON CONFLICT DO NOTHING", (group_id, profile_id)).rowcount > 0
+            if added:
+                tx.changed("profile", profile_id)
+            return added
+        return self._write(work)
+
+    def remove_member(self, group_id: str, profile_id: str) -> "Deferred[bool]":
+        def work(tx: _Transaction) -> bool:
+            removed = tx.execute("DELETE FROM memberships WHERE group_id = ? AND profile_id = ?",
+                                 (group_id, profile_id)).rowcount > 0
+            if removed:
+                tx.changed("profile", profile_id)
+            return removed
+        return self._write(work)
+
+    # -- change log -----------------------------------------------------------
+
+    def changes_since(self, seq: int) -> "Deferred[list[tuple[int, str, str]]]":
+        def work(tx: _Transaction) -> list[tuple[int, str, str]]:
+            return [(int(r[0]), r[1], r[2]) for r in tx.all(
+                "SELECT seq, kind, key FROM changes WHERE seq > ? ORDER BY seq LIMIT 10000", (seq,))]
+        return self._read(work)
+
+    def last_change(self) -> "Deferred[int]":
+        def work(tx: _Transaction) -> int:
+            row = tx.one("SELECT COALESCE(MAX(seq), 0) FROM changes")
+            return int(row[0]) if row else 0
+        return self._read(work)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+class StoreService(Service):
+    """Owns the store's thread pool: started with mailhub, stopped with it."""
+
+    name = "database"
+
+    def __init__(self, dsn: str, site_id: str, reactor: Any, threads: int = 4) -> None:
+        self.dialect = dialect_for(dsn)
+        if isinstance(self.dialect, SQLiteDialect) and self.dialect.path == ":memory:":
+            threads = 1  # one connection, one database
+        self.pool = ThreadPool(minthreads=1, maxthreads=threads, name="mailhub-db")
+        self._reactor = reactor
+        self.store = SQLStore(self.dialect, site_id, runner=self._in_pool)
+
+    def _in_pool(self, work: Callable[[], T]) -> "Deferred[T]":
+        if not self.pool.started:
+            self.pool.start()
+        return deferToThreadPool(self._reactor, self.pool, work)
+
+    def startService(self) -> None:
+        if not self.pool.started:
+            self.pool.start()
+        super().startService()
+
+    def stopService(self) -> "Deferred[None] | None":
+        super().stopService()
+        store = self.store
+
+        def close() -> None:
+            store.close_all()
+
+        # Close connections from a worker, then stop the pool from the reactor thread.
+        d = deferToThreadPool(self._reactor, self.pool, close) if self.pool.started else None
+        if d is None:
+            return None
+        d.addBoth(lambda _: self.pool.stop())
+        return d
+
+
+def sqlite_file(dsn: str) -> str | None:
+    """The file a sqlite DSN points at, or None for other backends."""
+    dialect = dialect_for(dsn)
+    return dialect.path if isinstance(dialect, SQLiteDialect) else None

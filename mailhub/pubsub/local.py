@@ -1,0 +1,81 @@
+"""The in-process pubsub: an event emitter with ESN's topic API.
+
+Subscribers are called in subscription order; one that raises or fails is
+logged and the others still run. ``publish`` returns a Deferred that fires
+(with None) when every subscriber's result (a Deferred or coroutine, if any)
+has finished, so a caller can wait for the work it started.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.logger import Logger
+
+Subscriber = Callable[[Any], Any]
+
+
+class LocalTopic:
+    """One named topic of a :class:`LocalPubSub`."""
+
+    log = Logger()
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._subscribers: list[Subscriber] = []
+
+    def subscribe(self, callback: Subscriber) -> None:
+        self._subscribers.append(callback)
+
+    def unsubscribe(self, callback: Subscriber) -> None:
+        try:
+            self._subscribers.remove(callback)
+        except ValueError:
+            pass
+
+    def publish(self, data: Any) -> Deferred[None]:
+        waits = []
+        for callback in list(self._subscribers):
+            d = maybeDeferred(self._call, callback, data)
+            d.addErrback(self._failed, callback)
+            waits.append(d)
+        if not waits:
+            return succeed(None)
+        return DeferredList(waits).addCallback(lambda _: None)
+
+    def forward(self, other: Any, data: Any) -> Deferred[None]:
+        """Publish here, then on ``other`` under the same name."""
+        here = self.publish(data)
+        there = other.topic(self.name).publish(data) if other is not self._owner() else succeed(None)
+        return DeferredList([here, there], fireOnOneErrback=True, consumeErrors=True).addCallback(
+            lambda _: None).addErrback(lambda f: f.value.subFailure)
+
+    def _owner(self) -> Any:
+        return getattr(self, "owner", None)
+
+    @staticmethod
+    def _call(callback: Subscriber, data: Any) -> Any:
+        result = callback(data)
+        if inspect.iscoroutine(result):
+            return Deferred.fromCoroutine(result)
+        return result
+
+    def _failed(self, failure: Any, callback: Subscriber) -> None:
+        self.log.failure("subscriber {subscriber!r} of {topic} failed", failure,
+                         subscriber=callback, topic=self.name)
+
+
+class LocalPubSub:
+    """Topics by name, created on first use."""
+
+    def __init__(self) -> None:
+        self._topics: dict[str, LocalTopic] = {}
+
+    def topic(self, name: str) -> LocalTopic:
+        found = self._topics.get(name)
+        if found is None:
+            found = self._topics[name] = LocalTopic(name)
+            found.owner = self  # type: ignore[attr-defined]
+        return found

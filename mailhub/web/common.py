@@ -1,0 +1,191 @@
+"""What every HTTP surface shares: JSON replies, bounded bodies, errors, Basic auth.
+
+Handlers raise :mod:`mailhub.errors` (or :class:`HTTPError` for a status of
+their own); :func:`handle_errors` turns each into a status and a JSON body in
+one place, so no handler formats an error reply itself and nothing a client
+sends can produce a 500.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import hmac
+import json
+from typing import Any, Awaitable, Callable, TypeVar
+from urllib.parse import parse_qsl
+
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+
+from mailhub.errors import NotFound, Unavailable, ValidationError
+
+log = Logger(namespace="mailhub.web")
+
+JSON_TYPE = b"application/json; charset=utf-8"
+
+T = TypeVar("T")
+
+
+class HTTPError(Exception):
+    """An error reply with its own status, JSON body and headers."""
+
+    def __init__(self, status: int, body: Any,
+                 headers: dict[bytes, bytes] | None = None) -> None:
+        super().__init__(status, body)
+        self.status = status
+        self.body = body
+        self.headers = headers or {}
+
+
+class BodyTooLarge(HTTPError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, {"error": "request body larger than %d bytes" % limit})
+
+
+def json_bytes(body: Any) -> bytes:
+    """Compact UTF-8 JSON, as every surface answers."""
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def reply(request: IRequest, body: Any, status: int = 200,
+          headers: dict[bytes, bytes] | None = None) -> bytes:
+    """Set status and headers for a JSON reply and return its bytes."""
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", JSON_TYPE)
+    request.setHeader(b"cache-control", b"no-store")
+    for name, value in (headers or {}).items():
+        request.setHeader(name, value)
+    return json_bytes(body)
+
+
+def read_body(request: IRequest, limit: int) -> bytes:
+    """The request body, or BodyTooLarge when it exceeds ``limit`` bytes.
+
+    twisted.web has already buffered the body (the root resource refuses
+    bodies far above the limit before that, see ``LimitedSite``); this checks
+    the precise per-surface limit.
+    """
+    content = request.content
+    if content is None:
+        return b""
+    content.seek(0, 2)
+    size = content.tell()
+    if size > limit:
+        raise BodyTooLarge(limit)
+    content.seek(0)
+    return content.read()
+
+
+def decode_text(raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValidationError("%s is not valid UTF-8 (byte %d)" % (what, e.start))
+
+
+def form_fields(request: IRequest, limit: int) -> dict[str, str]:
+    """Query string and form body as one dict of text, as GroupServer reads them.
+
+    Bare names (``&add``) count with an empty value. A JSON body (an object)
+    is accepted too, for clients that send one. Later values win.
+    """
+    fields: dict[str, str] = {}
+    query = request.uri.split(b"?", 1)[1] if b"?" in request.uri else b""
+    _merge_form(fields, decode_text(query, "the query string"), "the query string")
+    body = read_body(request, limit)
+    if body:
+        ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+        text = decode_text(body, "the request body")
+        if ctype == b"application/json":
+            try:
+                data = json.loads(text)
+            except ValueError as e:
+                raise ValidationError("the request body is not valid JSON: %s" % e)
+            if not isinstance(data, dict):
+                raise ValidationError("the JSON body must be an object")
+            for key, value in data.items():
+                if isinstance(value, bool) or value is None:
+                    value = "" if value in (None, True) else "false"
+                if not isinstance(value, (str, int, float)):
+                    raise ValidationError("field %r must be text" % key)
+                fields[str(key)] = str(value)
+        elif ctype == b"multipart/form-data":
+            for key, values in (request.args or {}).items():
+                name = decode_text(key, "a field name")
+                fields[name] = decode_text(values[-1], "field %r" % name) if values else ""
+        else:
+            _merge_form(fields, text, "the request body")
+    return fields
+
+
+def _merge_form(fields: dict[str, str], text: str, what: str) -> None:
+    if not text:
+        return
+    try:
+        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=False,
+                          errors="strict", max_num_fields=1000)
+    except ValueError as e:
+        raise ValidationError("%s is not a valid form: %s" % (what, e))
+    except UnicodeDecodeError:
+        raise ValidationError("%s is not valid UTF-8 after percent-decoding" % what)
+    for key, value in pairs:
+        fields[key] = value
+
+
+def basic_credentials(request: IRequest) -> tuple[str, str] | None:
+    """(user, password) from an ``Authorization: Basic`` header, or None."""
+    header = request.getHeader(b"authorization")
+    if not header:
+        return None
+    scheme, _, encoded = header.partition(b" ")
+    if scheme.lower() != b"basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    if not sep:
+        return None
+    return user, password
+
+
+def same_secret(given: str, expected: str) -> bool:
+    """Constant-time comparison of two secrets."""
+    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+def unauthorized(realm: str) -> HTTPError:
+    return HTTPError(401, {"error": "authentication required"},
+                     {b"www-authenticate": b'Basic realm="%s", charset="UTF-8"'
+                      % realm.encode("ascii")})
+
+
+def handle_errors(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Map the domain's errors to status + JSON body, for one Klein handler.
+
+    ValidationError: 400 with ``{"error": ..., "messages": [...]}``;
+    NotFound: 404; Unavailable: 503 with Retry-After; HTTPError: its own.
+    Anything else is a bug: logged with its traceback, answered 500 in JSON.
+    """
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: IRequest, *args: Any, **kw: Any) -> Any:
+        try:
+            return await handler(self, request, *args, **kw)
+        except HTTPError as e:
+            return reply(request, e.body, e.status, e.headers)
+        except ValidationError as e:
+            return reply(request, {"error": e.messages[0], "messages": e.messages}, 400)
+        except NotFound as e:
+            return reply(request, {"error": str(e) or "not found"}, 404)
+        except Unavailable as e:
+            return reply(request, {"error": str(e) or "temporarily unavailable"}, 503,
+                         {b"retry-after": b"5"})
+        except Exception:
+            log.failure("unhandled error in {path}", path=request.path)
+            return reply(request, {"error": "internal error"}, 500)
+
+    return wrapper

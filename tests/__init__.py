@@ -1,0 +1,1 @@
+"""mailhub's tests: unit tests with fakes, integration tests with real servers."""
