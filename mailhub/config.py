@@ -94,6 +94,9 @@ class PushSection:
     max_body: int = 64 * 1024
     sse_buffer: int = 1000
     keepalive: float = 15.0
+    # With no username and password set, push requests are refused (401)
+    # unless this is yes: then they are accepted from loopback peers only.
+    allow_loopback: bool = False
 
 
 @attrs.frozen
