@@ -1,0 +1,479 @@
+"""Dovecot's push notifications in, Server-Sent Events out.
+
+:class:`PushReceiver` answers Dovecot's two drivers:
+
+- ``/preliminary/http-notify/v1/notify`` (PUT, POST): the OX driver, answered
+  ``{"success": true}`` as OX App Suite does;
+- ``/push/v1/notify`` (POST, PUT): mailhub's Lua script
+  (``contrib/dovecot/mailhub-push.lua``), other Lua scripts' form bodies too.
+
+Both answer at once and publish afterwards: decoded events go into a bounded
+queue that the reactor drains (``hub.local`` first, then ``hub.global_``, so
+in-process subscribers such as the collector's mail source see them as well
+as other nodes). A full queue answers 503 with ``Retry-After``, which Dovecot
+retries, so overload never queues without bound nor slows delivery down.
+
+:class:`EventStream` serves ``/api/v1/events``: each authenticated user gets
+their own events (mail and contacts) as ``text/event-stream``, with
+keep-alive comments, event ids and ``Last-Event-ID`` resumption from a
+bounded buffer.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import secrets
+from collections import deque
+from typing import Any, Awaitable, Callable, Iterable
+
+import attrs
+from klein import Klein
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+
+from mailhub.config import Config
+from mailhub.directory.model import User, normalise_email
+from mailhub.errors import ValidationError
+from mailhub.metrics import Metrics
+from mailhub.pubsub import Hub
+from mailhub.push import TOPICS, PushEvent, decode_lua, decode_ox
+from mailhub.web.common import (
+    HTTPError,
+    basic_credentials,
+    handle_errors,
+    json_bytes,
+    read_body,
+    reply,
+    same_secret,
+    unauthorized,
+)
+
+PUSH_REALM = "mailhub push"
+EVENTS_REALM = "mailhub events"
+
+#: Publications started but not finished (e.g. awaiting broker confirms)
+#: before the drain stops taking more from the queue.
+MAX_IN_FLIGHT = 256
+#: Requests taken from the queue per reactor turn, so answering new requests
+#: interleaves with publishing.
+DRAIN_BATCH = 100
+#: What a full queue asks Dovecot to wait before retrying (seconds).
+RETRY_AFTER = b"1"
+
+#: Topics an event stream carries: every push topic and collected contacts.
+STREAM_TOPICS: tuple[str, ...] = TOPICS + ("contacts:contact:add",)
+
+
+def _is_loopback(request: IRequest) -> bool:
+    host = getattr(request.getClientAddress(), "host", None)
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+def _counted(driver: str) -> Callable[[Handler], Handler]:
+    """Count every answer of one push endpoint by driver and status."""
+
+    def decorate(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def wrapper(self: "PushReceiver", request: IRequest) -> Any:
+            result = await handler(self, request)
+            self._requests.labels(driver, str(request.code)).inc()
+            return result
+
+        return wrapper
+
+    return decorate
+
+
+class PushReceiver:
+    """The HTTP surface Dovecot's push drivers talk to.
+
+    ``config.push`` gives the Basic credentials (``username``, ``password``),
+    the body limit (``max_body``) and the queue size (``queue``, counted in
+    requests). With neither username nor password set every request is
+    refused with 401, unless ``allow_loopback`` is yes: then requests from
+    loopback peers are accepted without credentials.
+    """
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(self, config: Config, hub: Hub, metrics: Metrics,
+                 reactor: IReactorTime) -> None:
+        self._settings = config.push
+        self._hub = hub
+        self._reactor = reactor
+        self._queue: deque[list[PushEvent]] = deque()
+        self._drain_call: Any = None
+        self._in_flight = 0
+        self._requests = metrics.counter(
+            "mailhub_push_requests_total", "Push notifications answered, by driver and status",
+            ["driver", "status"])
+        self._auth_failures = metrics.counter(
+            "mailhub_push_auth_failures_total",
+            "Push requests refused for missing or wrong credentials", ["driver"])
+        self._published = metrics.counter(
+            "mailhub_push_events_total", "Push events published, by topic", ["topic"])
+        self._publish_errors = metrics.counter(
+            "mailhub_push_publish_errors_total", "Push events whose publication failed",
+            ["topic"])
+        metrics.gauge_callback("mailhub_push_queue_length",
+                               "Push requests accepted and not yet published",
+                               lambda: len(self._queue))
+        self._warned_open = False
+
+    def resource(self) -> IResource:
+        """The Klein resource to mount at the root of the site."""
+        return self.app.resource()
+
+    def pending(self) -> int:
+        """Requests accepted whose events are not yet handed to the pubsub."""
+        return len(self._queue)
+
+    # -- the endpoints ------------------------------------------------------
+
+    @app.route("/preliminary/http-notify/v1/notify", methods=["PUT", "POST"])
+    @_counted("ox")
+    @handle_errors
+    async def ox(self, request: IRequest) -> bytes:
+        """Dovecot's OX driver: one ``messageNew`` per delivered message."""
+        self._accept(request, "ox", decode_ox)
+        return reply(request, {"success": True})
+
+    @app.route("/push/v1/notify", methods=["POST", "PUT"])
+    @_counted("lua")
+    @handle_errors
+    async def lua(self, request: IRequest) -> bytes:
+        """mailhub's Lua script (every event of a transaction), or a form body."""
+        count = self._accept(request, "lua", decode_lua)
+        return reply(request, {"success": True, "events": count})
+
+    def _accept(self, request: IRequest, driver: str,
+                decode: Callable[[bytes], list[PushEvent]]) -> int:
+        self._authorize(request, driver)
+        body = read_body(request, self._settings.max_body)
+        if len(self._queue) >= self._settings.queue:
+            raise HTTPError(503, {"error": "push queue full, retry later"},
+                            {b"retry-after": RETRY_AFTER})
+        try:
+            events = decode(body)
+        except ValidationError as e:
+            self.log.info("refused a {driver} push notification: {reason}",
+                          driver=driver, reason=e.messages[0])
+            raise
+        if events:
+            self._queue.append(events)
+            self._schedule()
+        return len(events)
+
+    def _authorize(self, request: IRequest, driver: str) -> None:
+        username, password = self._settings.username, self._settings.password
+        if not username and not password:
+            if self._settings.allow_loopback and _is_loopback(request):
+                return
+            if not self._warned_open:
+                self._warned_open = True
+                self.log.warn("push request refused: set [push] username and password "
+                              "(or allow_loopback = yes)")
+            self._auth_failures.labels(driver).inc()
+            raise unauthorized(PUSH_REALM)
+        given = basic_credentials(request)
+        # Both compared every time, in constant time, so timing tells nothing.
+        good = given is not None
+        user_ok = same_secret(given[0] if given else "", username)
+        password_ok = same_secret(given[1] if given else "", password)
+        if not (good and user_ok and password_ok):
+            self._auth_failures.labels(driver).inc()
+            self.log.info("push request with bad credentials from {client}",
+                          client=getattr(request.getClientAddress(), "host", "?"))
+            raise unauthorized(PUSH_REALM)
+
+    # -- publishing, after the answer --------------------------------------
+
+    def _schedule(self) -> None:
+        if self._drain_call is None and self._queue and self._in_flight < MAX_IN_FLIGHT:
+            self._drain_call = self._reactor.callLater(0, self._drain)
+
+    def _drain(self) -> None:
+        self._drain_call = None
+        budget = DRAIN_BATCH
+        while self._queue and budget and self._in_flight < MAX_IN_FLIGHT:
+            budget -= 1
+            for event in self._queue.popleft():
+                self._publish(event)
+        self._schedule()
+
+    def _publish(self, event: PushEvent) -> None:
+        self._in_flight += 1
+        try:
+            d = self._hub.local.topic(event.topic).forward(self._hub.global_, event.data)
+        except Exception:
+            self._in_flight -= 1
+            self._publish_errors.labels(event.topic).inc()
+            self.log.failure("publishing {topic} failed", topic=event.topic)
+            return
+
+        def published(_: object) -> None:
+            self._published.labels(event.topic).inc()
+
+        def failed(failure: Any) -> None:
+            self._publish_errors.labels(event.topic).inc()
+            self.log.failure("publishing {topic} failed", failure, topic=event.topic)
+
+        def finished(_: object) -> None:
+            self._in_flight -= 1
+            self._schedule()
+
+        d.addCallbacks(published, failed).addBoth(finished)
+
+    def stop(self) -> None:
+        """Publish whatever is still queued now (on shutdown) and stop draining."""
+        if self._drain_call is not None and self._drain_call.active():
+            self._drain_call.cancel()
+        self._drain_call = None
+        while self._queue:
+            for event in self._queue.popleft():
+                self._publish(event)
+
+
+# -- Server-Sent Events ------------------------------------------------------
+
+
+def _event_keys(data: Any) -> frozenset[str]:
+    """Who an event is about: normalised logins/addresses and ``id:`` ids."""
+    keys: set[str] = set()
+
+    def add(value: Any) -> None:
+        if isinstance(value, str) and value.strip():
+            keys.add(normalise_email(value))
+            keys.add("id:" + value)
+
+    if isinstance(data, dict):
+        user = data.get("user")
+        if isinstance(user, dict):
+            for name in ("login", "email", "preferredEmail", "id", "_id"):
+                add(user.get(name))
+            emails = user.get("emails")
+            if isinstance(emails, list):
+                for email in emails:
+                    add(email)
+        else:
+            add(user)
+        add(data.get("bookHome"))
+    return frozenset(keys)
+
+
+def _user_keys(user: User) -> frozenset[str]:
+    keys = {normalise_email(user.login)} | {normalise_email(e) for e in user.emails}
+    if user.id:
+        keys.add("id:" + user.id)
+    return frozenset(keys)
+
+
+@attrs.frozen
+class _Buffered:
+    seq: int
+    frame: bytes
+    keys: frozenset[str]
+
+
+@attrs.define(eq=False)
+class _Client:
+    request: IRequest
+    user: User
+    keys: frozenset[str]
+    done: Deferred[None]
+    keepalive: LoopingCall | None = None
+
+
+class EventStream:
+    """``/api/v1/events``: a user's own push and contact events, as Server-Sent Events.
+
+    Users authenticate with Basic credentials against ``user_source`` (an
+    :class:`~mailhub.directory.interfaces.IUserSource`). An event goes to a
+    user when its ``user`` is their login or one of their addresses
+    (``contacts:contact:add`` also by user id). Ids are ``EPOCH-SEQ``, where
+    EPOCH is drawn when this stream starts: ``Last-Event-ID`` resumes from the
+    last ``config.push.sse_buffer`` events of this process; an id this
+    process cannot resume from (another instance, a restart, too old) gets an
+    ``event: reset`` telling the client to reload its state.
+    """
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(self, config: Config, hub: Hub, metrics: Metrics, user_source: Any,
+                 clock: IReactorTime) -> None:
+        self._settings = config.push
+        self._hub = hub
+        self._users = user_source
+        self._clock = clock
+        self._epoch = secrets.token_hex(4)
+        self._seq = 0
+        self._buffer: deque[_Buffered] = deque(maxlen=self._settings.sse_buffer)
+        self._by_key: dict[str, set[_Client]] = {}
+        self._clients: set[_Client] = set()
+        self._failures: dict[str, int] = {}
+        self._auth_failures = metrics.counter(
+            "mailhub_sse_auth_failures_total", "Event stream logins refused")
+        self._sent = metrics.counter("mailhub_sse_events_total",
+                                     "Events written to event streams")
+        metrics.gauge_callback("mailhub_sse_clients", "Open event streams",
+                               lambda: len(self._clients))
+        self._subscriptions: list[tuple[str, Callable[[Any], None]]] = []
+        for topic in STREAM_TOPICS:
+            callback = functools.partial(self._on_event, topic)
+            self._hub.global_.topic(topic).subscribe(callback)  # type: ignore[attr-defined]
+            self._subscriptions.append((topic, callback))
+
+    def resource(self) -> IResource:
+        """The Klein resource to mount at the root of the site."""
+        return self.app.resource()
+
+    def clients(self) -> int:
+        """Event streams open now."""
+        return len(self._clients)
+
+    def close(self) -> None:
+        """Unsubscribe and end every open stream (on shutdown)."""
+        for topic, callback in self._subscriptions:
+            self._hub.global_.topic(topic).unsubscribe(callback)  # type: ignore[attr-defined]
+        self._subscriptions = []
+        for client in list(self._clients):
+            if not client.done.called:
+                client.done.callback(None)
+
+    # -- the endpoint ------------------------------------------------------
+
+    @app.route("/api/v1/events", methods=["GET"])
+    @handle_errors
+    async def events(self, request: IRequest) -> None:
+        """Stream the authenticated user's events until they disconnect."""
+        user = await self._authenticate(request)
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-accel-buffering", b"no")
+        client = _Client(request, user, _user_keys(user), Deferred())
+        request.write(b"retry: 5000\n: connected\n\n")
+        last = request.getHeader(b"last-event-id")
+        if last is not None:
+            self._replay(client, last)
+        self._clients.add(client)
+        for key in client.keys:
+            self._by_key.setdefault(key, set()).add(client)
+
+        def ended(_: object) -> None:
+            if not client.done.called:
+                client.done.callback(None)
+
+        request.notifyFinish().addBoth(ended)
+        client.keepalive = LoopingCall(self._ping, client)
+        client.keepalive.clock = self._clock
+        client.keepalive.start(self._settings.keepalive, now=False)
+        try:
+            await client.done
+        except CancelledError:
+            pass  # Klein cancels the handler when the client goes away.
+        finally:
+            self._forget(client)
+        return None
+
+    async def _authenticate(self, request: IRequest) -> User:
+        given = basic_credentials(request)
+        if given is None or not given[1]:
+            self._auth_failures.inc()
+            raise unauthorized(EVENTS_REALM)
+        login, password = given
+        user = await self._users.authenticate(login, password)
+        if user is None:
+            self._auth_failures.inc()
+            failures = self._failures.get(login, 0) + 1
+            if len(self._failures) > 10000:
+                self._failures.clear()
+            self._failures[login] = failures
+            self.log.info("event stream login refused for {login} from {client}",
+                          login=login,
+                          client=getattr(request.getClientAddress(), "host", "?"))
+            self._hub.local.topic("login:failure").forward(self._hub.global_, {
+                "login": login, "service": "events",
+                "client": getattr(request.getClientAddress(), "host", None),
+            }).addErrback(lambda f: self.log.failure("publishing login:failure", f))
+            # Repeated failures for one login are answered more and more slowly.
+            delay = min(0.5 * (failures - 1), 5.0)
+            if delay:
+                await deferLater(self._clock, delay, lambda: None)
+            raise unauthorized(EVENTS_REALM)
+        self._failures.pop(login, None)
+        return user
+
+    # -- events ------------------------------------------------------------
+
+    def _on_event(self, topic: str, data: Any) -> None:
+        self._seq += 1
+        keys = _event_keys(data)
+        try:
+            payload = json_bytes(data)
+        except (TypeError, ValueError):
+            self.log.warn("event on {topic} is not JSON, not streamed", topic=topic)
+            return
+        frame = b"id: %s-%d\nevent: %s\ndata: %s\n\n" % (
+            self._epoch.encode("ascii"), self._seq, topic.encode("utf-8"), payload)
+        self._buffer.append(_Buffered(self._seq, frame, keys))
+        for client in self._matching(keys):
+            self._write(client, frame)
+
+    def _matching(self, keys: Iterable[str]) -> set[_Client]:
+        found: set[_Client] = set()
+        for key in keys:
+            found |= self._by_key.get(key, set())
+        return found
+
+    def _replay(self, client: _Client, last: bytes) -> None:
+        epoch, _, seq_text = last.decode("ascii", "replace").strip().partition("-")
+        try:
+            seq = int(seq_text)
+        except ValueError:
+            seq = -1
+        oldest = self._buffer[0].seq if self._buffer else self._seq + 1
+        if epoch != self._epoch or seq < 0 or seq > self._seq or seq < oldest - 1:
+            client.request.write(b'event: reset\ndata: {"reason":"cannot resume from '
+                                 b'this id: reload your state"}\n\n')
+            return
+        for item in self._buffer:
+            if item.seq > seq and item.keys & client.keys:
+                self._write(client, item.frame)
+
+    def _write(self, client: _Client, frame: bytes) -> None:
+        if client.done.called:
+            return
+        client.request.write(frame)
+        self._sent.inc()
+
+    def _ping(self, client: _Client) -> None:
+        if not client.done.called:
+            client.request.write(b": keepalive\n\n")
+
+    def _forget(self, client: _Client) -> None:
+        if client.keepalive is not None and client.keepalive.running:
+            client.keepalive.stop()
+        self._clients.discard(client)
+        for key in client.keys:
+            found = self._by_key.get(key)
+            if found is not None:
+                found.discard(client)
+                if not found:
+                    del self._by_key[key]
+
