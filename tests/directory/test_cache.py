@@ -1,0 +1,102 @@
+"""The in-memory directory answers from memory and follows the store's changes."""
+
+from __future__ import annotations
+
+from typing import Any, Coroutine
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailhub.directory.cache import (
+    ADDED_EXISTING, ADDED_NEW, ALREADY_MEMBER, LEFT, NO_SUCH_GROUP, NO_SUCH_USER,
+    NOT_A_MEMBER, Directory,
+)
+from mailhub.directory.memory import MemoryStore
+from mailhub.directory.model import Email, Group, Profile, new_profile_id
+from mailhub.errors import ValidationError
+
+
+class DirectoryTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.store = MemoryStore()
+        self.clock = Clock()
+        self.directory = Directory(self.store, self.clock, poll_interval=0.25)
+        self.wait(self.directory.load())
+        self.directory.startService()
+        self.addCleanup(self.directory.stopService)
+
+    def wait(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
+        return self.successResultOf(Deferred.fromCoroutine(coroutine))
+
+    def test_a_token_set_elsewhere_is_accepted_at_once(self) -> None:
+        self.successResultOf(self.store.set_token("A" * 32))
+        # No poll has run yet, and still the new token works.
+        self.assertTrue(self.wait(self.directory.check_token("A" * 32)))
+        self.assertFalse(self.wait(self.directory.check_token("B" * 32)))
+        self.assertFalse(self.wait(self.directory.check_token("")))
+
+    def test_an_old_token_is_refused_after_the_next_poll(self) -> None:
+        self.successResultOf(self.store.set_token("A" * 32))
+        self.clock.advance(0.25)
+        self.assertTrue(self.directory.check_token_cached("A" * 32))
+        self.successResultOf(self.store.set_token("B" * 32))
+        self.clock.advance(0.25)
+        self.assertFalse(self.wait(self.directory.check_token("A" * 32)))
+        self.assertTrue(self.wait(self.directory.check_token("B" * 32)))
+
+    def test_profiles_written_elsewhere_appear_after_a_poll(self) -> None:
+        profile = Profile(new_profile_id(), "A Person",
+                          emails=(Email("a@example.com", True, True),))
+        self.successResultOf(self.store.create_profile(profile))
+        self.assertIsNone(self.directory.lookup("a@example.com"))
+        self.clock.advance(0.25)
+        self.assertEqual(self.directory.lookup("A@EXAMPLE.COM").id, profile.id)
+        self.successResultOf(self.store.remove_profile(profile.id))
+        self.clock.advance(0.25)
+        self.assertIsNone(self.directory.lookup("a@example.com"))
+        self.assertIsNone(self.directory.lookup(profile.id))
+
+    def test_a_miss_is_checked_against_the_store(self) -> None:
+        profile = Profile(new_profile_id(), "A Person",
+                          emails=(Email("a@example.com", True, True),))
+        self.successResultOf(self.store.create_profile(profile))
+        self.assertEqual(self.wait(self.directory.find("a@example.com")).id, profile.id)
+        self.assertEqual(self.wait(self.directory.find(profile.id)).id, profile.id)
+        self.assertIsNone(self.wait(self.directory.find("nobody@example.com")))
+
+    def test_add_member_statuses(self) -> None:
+        self.successResultOf(self.store.create_group(Group("example", "Example")))
+        status, profile = self.wait(self.directory.add_member("example", "a@example.com", "A"))
+        self.assertEqual(status, ADDED_NEW)
+        self.assertEqual(profile.groups, ("example",))
+        status, again = self.wait(self.directory.add_member("example", "A@example.com", "A"))
+        self.assertEqual((status, again.id), (ALREADY_MEMBER, profile.id))
+        self.successResultOf(self.store.create_group(Group("other", "Other")))
+        status, _ = self.wait(self.directory.add_member("other", "a@example.com", "A"))
+        self.assertEqual(status, ADDED_EXISTING)
+        self.assertEqual(self.directory.lookup(profile.id).groups, ("example", "other"))
+
+    def test_adding_verifies_an_unverified_address(self) -> None:
+        self.successResultOf(self.store.create_group(Group("example", "Example")))
+        profile = Profile(new_profile_id(), "A Person",
+                          emails=(Email("a@example.com", True, True),
+                                  Email("b@example.com", False, False)))
+        self.successResultOf(self.store.create_profile(profile))
+        status, after = self.wait(self.directory.add_member("example", "b@example.com", "A"))
+        self.assertEqual(status, ADDED_EXISTING)
+        self.assertEqual(after.unverified, [])
+
+    def test_adding_to_an_unknown_group_is_a_validation_error(self) -> None:
+        failure = self.failureResultOf(Deferred.fromCoroutine(
+            self.directory.add_member("nope", "a@example.com", "A")))
+        failure.trap(ValidationError)
+
+    def test_leave_statuses(self) -> None:
+        self.successResultOf(self.store.create_group(Group("example", "Example")))
+        _, profile = self.wait(self.directory.add_member("example", "a@example.com", "A"))
+        self.assertEqual(self.wait(self.directory.leave("nope", profile.id)), NO_SUCH_GROUP)
+        self.assertEqual(self.wait(self.directory.leave("example", "nobody")), NO_SUCH_USER)
+        self.assertEqual(self.wait(self.directory.leave("example", profile.id)), LEFT)
+        self.assertEqual(self.wait(self.directory.leave("example", profile.id)), NOT_A_MEMBER)
+        self.assertEqual(self.directory.lookup(profile.id).groups, ())

@@ -1,0 +1,183 @@
+"""The directory store behaves the same on SQLite and on PostgreSQL.
+
+Every test here runs three times: on the in-memory store, on a SQLite file and
+on a throwaway PostgreSQL database, all through the same SQLStore, run inline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
+
+from mailhub.directory.interfaces import IDirectoryStore
+from mailhub.directory.memory import MemoryStore
+from mailhub.directory.model import Email, Group, Profile, new_profile_id, new_token
+from mailhub.directory.sql import SQLStore, dialect_for
+from mailhub.errors import ConfigError, Unavailable, ValidationError
+from tests.support.postgres import throwaway_database
+
+
+def result(d: "Deferred[Any]") -> Any:
+    """The result of a Deferred that has fired, re-raising its failure."""
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    if isinstance(out[0], Failure):
+        out[0].raiseException()
+    return out[0]
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+def store(request: Any, tmp_path: Path) -> Iterator[SQLStore]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    if request.param == "sqlite":
+        made = SQLStore(dialect_for("sqlite:///%s/db.sqlite" % tmp_path))
+        result(made.migrate())
+        yield made
+        made.close_all()
+        return
+    with throwaway_database() as dsn:
+        made = SQLStore(dialect_for(dsn))
+        result(made.migrate())
+        yield made
+        made.close_all()
+
+
+def person(address: str = "a.person@home.example.com", name: str = "A Person") -> Profile:
+    return Profile(id=new_profile_id(), name=name,
+                   emails=(Email(address, verified=True, preferred=True),))
+
+
+def test_implements_the_interface(store: SQLStore) -> None:
+    assert verifyObject(IDirectoryStore, store)
+
+
+def test_migrating_twice_keeps_the_schema(store: SQLStore) -> None:
+    assert result(store.migrate()) == result(store.migrate())
+    assert result(store.ping()) is True
+
+
+def test_token_is_stored_and_replaced(store: SQLStore) -> None:
+    assert result(store.get_token()) is None
+    first, second = new_token(), new_token()
+    result(store.set_token(first))
+    assert result(store.get_token()) == first
+    result(store.set_token(second))
+    assert result(store.get_token()) == second
+
+
+def test_profile_round_trip_with_addresses_and_groups(store: SQLStore) -> None:
+    profile = Profile(id=new_profile_id(), name="Zoë Ünicode", nickname="zoe",
+                      emails=(Email("Zoe@Home.example.com", True, True),
+                              Email("zoe@work.example.com", True, False),
+                              Email("zoe@old.example.com", False, False)))
+    result(store.create_profile(profile))
+    result(store.create_group(Group("example", "Example", "example@lists.example.com")))
+    assert result(store.add_member("example", profile.id)) is True
+    got = result(store.get_profile(profile.id))
+    assert got.name == "Zoë Ünicode"
+    assert got.nickname == "zoe"
+    assert [e.address for e in got.emails] == [e.address for e in profile.emails]
+    assert got.groups == ("example",)
+    data = got.data("https://groups.example.com")
+    assert data["url"] == "https://groups.example.com/p/zoe"
+    assert data["email"] == {
+        "all": ["Zoe@Home.example.com", "zoe@work.example.com", "zoe@old.example.com"],
+        "preferred": ["Zoe@Home.example.com"],
+        "other": ["zoe@work.example.com"],
+        "unverified": ["zoe@old.example.com"],
+    }
+
+
+def test_find_by_address_is_exact_and_case_insensitive(store: SQLStore) -> None:
+    profile = person("a_b%c@example.com")
+    result(store.create_profile(profile))
+    assert result(store.find_profile("A_B%C@EXAMPLE.COM")).id == profile.id
+    # SQL wildcards in the searched address match nothing else.
+    assert result(store.find_profile("a_b%@example.com")) is None
+    assert result(store.find_profile("axb%c@example.com")) is None
+    assert result(store.find_profile("%")) is None
+
+
+def test_an_address_belongs_to_one_profile(store: SQLStore) -> None:
+    result(store.create_profile(person("shared@example.com")))
+    with pytest.raises(ValidationError):
+        result(store.create_profile(person("SHARED@example.com")))
+
+
+def test_memberships_report_what_changed(store: SQLStore) -> None:
+    profile = person()
+    result(store.create_profile(profile))
+    result(store.create_group(Group("g1", "Group one")))
+    assert result(store.add_member("g1", profile.id)) is True
+    assert result(store.add_member("g1", profile.id)) is False
+    assert result(store.remove_member("g1", profile.id)) is True
+    assert result(store.remove_member("g1", profile.id)) is False
+
+
+def test_removing_a_group_removes_its_memberships(store: SQLStore) -> None:
+    profile = person()
+    result(store.create_profile(profile))
+    result(store.create_group(Group("g1", "Group one")))
+    result(store.add_member("g1", profile.id))
+    assert result(store.remove_group("g1")) is True
+    assert result(store.get_profile(profile.id)).groups == ()
+    assert result(store.remove_group("g1")) is False
+
+
+def test_duplicate_group_is_a_validation_error(store: SQLStore) -> None:
+    result(store.create_group(Group("g1", "Group one")))
+    with pytest.raises(ValidationError):
+        result(store.create_group(Group("g1", "Again")))
+
+
+def test_password_hash_and_removal(store: SQLStore) -> None:
+    profile = person()
+    result(store.create_profile(profile))
+    result(store.set_password_hash(profile.id, "$argon2id$fake"))
+    assert result(store.get_password_hash(profile.id)) == "$argon2id$fake"
+    assert result(store.get_profile(profile.id)).has_password
+    assert result(store.remove_profile(profile.id)) is True
+    assert result(store.get_profile(profile.id)) is None
+    assert result(store.find_profile("a.person@home.example.com")) is None
+
+
+def test_every_write_is_in_the_change_log(store: SQLStore) -> None:
+    start = result(store.last_change())
+    profile = person()
+    result(store.create_profile(profile))
+    result(store.create_group(Group("g1", "Group one")))
+    result(store.add_member("g1", profile.id))
+    result(store.set_token(new_token()))
+    changes = result(store.changes_since(start))
+    assert [(kind, key) for _, kind, key in changes] == [
+        ("profile", profile.id), ("group", "g1"), ("profile", profile.id), ("token", "main")]
+    assert [seq for seq, _, _ in changes] == sorted(seq for seq, _, _ in changes)
+    assert result(store.changes_since(changes[-1][0])) == []
+
+
+def test_audit_keeps_time_client_and_event(store: SQLStore) -> None:
+    result(store.audit("token-mismatch", "192.0.2.7", "hook=/gs-group-groups.json"))
+    rows = result(store.audit_log(10))
+    assert rows[0]["event"] == "token-mismatch"
+    assert rows[0]["client"] == "192.0.2.7"
+    assert rows[0]["at"].endswith("+00:00")
+
+
+def test_bad_dsns_are_configuration_errors() -> None:
+    for dsn in ("mysql://x", "sqlite://host/x", "sqlite:///", "nonsense"):
+        with pytest.raises(ConfigError):
+            dialect_for(dsn)
+
+
+def test_unreachable_postgresql_is_unavailable() -> None:
+    store = SQLStore(dialect_for("postgresql://postgres@127.0.0.1:1/none"))
+    with pytest.raises(Unavailable):
+        result(store.get_token())
