@@ -1,0 +1,81 @@
+"""Service helpers shared by the wiring in :mod:`mailhub.tap`.
+
+:class:`AfterReady` starts its children only once an asynchronous preparation
+(migrating and loading the directory) has succeeded, retrying it with backoff
+while the database cannot be reached, so mailhub never serves requests from
+an empty directory.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable
+
+from twisted.application.internet import backoffPolicy
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from mailhub.errors import Unavailable
+
+
+class AfterReady(MultiService):
+    """Run ``prepare`` until it succeeds, then start the child services."""
+
+    log = Logger()
+
+    def __init__(self, prepare: Callable[[], Awaitable[Any]], clock: IReactorTime,
+                 policy: Callable[[int], float] | None = None) -> None:
+        super().__init__()
+        self.prepare = prepare
+        self.clock = clock
+        self.policy = policy or backoffPolicy(initialDelay=1.0, maxDelay=30.0, factor=2.0)
+        self.ready: Deferred[None] = Deferred()
+        self._attempt = 0
+        self._pending: Any = None
+        self._stopping = False
+
+    def startService(self) -> None:
+        # Mark running without starting the children yet.
+        self.running = 1
+        self._stopping = False
+        self._try()
+
+    def _try(self) -> None:
+        self._pending = None
+        d = Deferred.fromCoroutine(self._prepare())
+        d.addCallbacks(self._prepared, self._failed)
+
+    async def _prepare(self) -> Any:
+        return await self.prepare()
+
+    def _prepared(self, _: Any) -> None:
+        if self._stopping:
+            return
+        self.log.info("mailhub is ready")
+        for service in self:
+            service.startService()
+        if not self.ready.called:
+            self.ready.callback(None)
+
+    def _failed(self, failure: Any) -> None:
+        if self._stopping:
+            return
+        delay = self.policy(self._attempt)
+        self._attempt += 1
+        if failure.check(Unavailable):
+            self.log.error("cannot start yet: {reason}; trying again in {delay:.0f} s",
+                           reason=failure.getErrorMessage(), delay=delay)
+        else:
+            self.log.failure("start-up failed; trying again in {delay:.0f} s", failure,
+                             delay=delay)
+        self._pending = self.clock.callLater(delay, self._try)
+
+    def stopService(self) -> "Deferred[Any] | None":
+        self._stopping = True
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+        if self.ready.called:
+            return super().stopService()
+        self.running = 0
+        return None

@@ -1,0 +1,139 @@
+"""The one twisted.web Site: bounded request bodies, a JSON root, per-route metrics.
+
+:class:`Root` hands each request to the surface that owns its first path
+segment, unchanged (Klein sees the whole path), answers JSON 404s for the
+rest, and times every request for ``/metrics``. :class:`LimitedRequest`
+refuses bodies above ``[mailhub] max_body`` with a JSON 413 without keeping
+them: the bytes past the limit are read from the socket and dropped.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request, Site
+from zope.interface import implementer
+
+from mailhub.metrics import Metrics
+from mailhub.web.common import json_bytes
+
+
+class LimitedRequest(Request):
+    """A request whose body may not exceed ``channel.site.max_body`` bytes."""
+
+    too_large = False
+    _received = 0
+
+    def _limit(self) -> int:
+        site = getattr(self.channel, "site", None)
+        return int(getattr(site, "max_body", 1024 * 1024))
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self._limit():
+            self.too_large = True
+            length = 0  # keep nothing of it
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.too_large:
+            return
+        self._received += len(data)
+        if self._received > self._limit():
+            self.too_large = True
+            self.content.seek(0)
+            self.content.truncate()
+            return
+        super().handleContentChunk(data)
+
+    def process(self) -> None:
+        if self.too_large:
+            self.setResponseCode(413)
+            self.setHeader(b"content-type", b"application/json; charset=utf-8")
+            self.setHeader(b"connection", b"close")
+            self.write(json_bytes({"error": "request body larger than %d bytes" % self._limit()}))
+            self.finish()
+            return
+        super().process()
+
+
+class MailhubSite(Site):
+    """The Site with mailhub's request class and body limit."""
+
+    requestFactory = LimitedRequest
+
+    def __init__(self, root: IResource, max_body: int, **kw: Any) -> None:
+        super().__init__(root, **kw)
+        self.max_body = max_body
+
+
+@implementer(IResource)
+class _NotFound:
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", b"application/json; charset=utf-8")
+        return json_bytes({"error": "no such resource: %s" % request.path.decode("utf-8", "replace")})
+
+    def getChildWithDefault(self, name: bytes, request: Any) -> "_NotFound":
+        return self
+
+    def putChild(self, path: bytes, child: IResource) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+
+class Root(Resource):
+    """Dispatch on the first path segment to the surface that owns it.
+
+    ``routes`` maps a first segment (bytes) to a resource, which sees the
+    whole path, as if it were the root itself. Metrics are labelled with the
+    segment, so their number stays bounded whatever clients ask for.
+    """
+
+    def __init__(self, metrics: Metrics, routes: dict[bytes, IResource] | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        super().__init__()
+        self.routes = dict(routes or {})
+        self.not_found = _NotFound()
+        self._clock = clock
+        self._requests = metrics.counter(
+            "mailhub_http_requests_total", "HTTP requests answered, by route and status",
+            ["route", "method", "status"])
+        self._latency = metrics.histogram(
+            "mailhub_http_request_seconds", "Time to answer HTTP requests, by route", ["route"])
+        self._errors = metrics.counter(
+            "mailhub_http_errors_total", "HTTP requests answered 5xx, by route", ["route"])
+
+    def mount(self, segment: bytes, resource: IResource) -> None:
+        self.routes[segment] = resource
+
+    def getChildWithDefault(self, name: bytes, request: Any) -> IResource:
+        target = self.routes.get(name)
+        if target is None:
+            target = self.not_found
+            route = "other"
+        else:
+            route = "/" + name.decode("utf-8", "replace")
+        # Let the surface see the whole path: undo the traversal of this segment.
+        request.postpath.insert(0, request.prepath.pop())
+        self._observe(request, route)
+        return target
+
+    def render(self, request: Any) -> bytes:
+        self._observe(request, "/")
+        return self.not_found.render(request)
+
+    def _observe(self, request: Any, route: str) -> None:
+        started = self._clock()
+        method = request.method.decode("ascii", "replace")
+
+        def done(_: Any) -> None:
+            status = request.code
+            self._requests.labels(route=route, method=method, status=str(status)).inc()
+            self._latency.labels(route=route).observe(self._clock() - started)
+            if status >= 500:
+                self._errors.labels(route=route).inc()
+
+        request.notifyFinish().addBoth(done)
