@@ -72,6 +72,7 @@ class LDAPSection:
     login_attribute: str = "uid"
     name_attribute: str = "cn"
     mail_attribute: str = "mail"
+    dn_attribute: str = ""  # empty: the entry's own DN
     start_tls: bool = False
     ca_file: str = ""
     timeout: float = 5.0
@@ -194,7 +195,8 @@ def _positive_float(raw: str) -> float:
 
 
 def _words(raw: str) -> tuple[str, ...]:
-    return tuple(w.strip() for w in raw.replace(",", " ").split() if w.strip())
+    """A comma-separated list (folder names may hold spaces: "Sent Items")."""
+    return tuple(w.strip() for w in raw.split(",") if w.strip())
 
 
 def _converter(section: str, key: str, field: attrs.Attribute) -> Callable[[str], Any]:
