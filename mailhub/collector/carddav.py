@@ -1,0 +1,345 @@
+"""A small RFC 6352 CardDAV client: exactly what the collector needs, over treq.
+
+The HTTP client is given to :class:`CardDAVClient` (a pooled
+``treq.HTTPClient`` in production, ``StubTreq`` in tests, the in-process
+client of :mod:`mailhub.collector.embedded` for the embedded store). Every
+response body is read, so connections go back to the pool.
+
+Operations: list a user's address books (PROPFIND Depth 1 on the home),
+find cards by exact email (addressbook-query REPORT, ``equals`` with
+``i;unicode-casemap``), create the ``collected`` book (extended MKCOL, RFC
+5689), create a card only if absent (PUT ``If-None-Match: *``), and GET / PUT
+``If-Match`` to fill in a missing name.
+
+Errors: connection failures, timeouts ([carddav] timeout), 5xx, 429 and
+401/403 (a credential problem an operator fixes; retrying loses nothing)
+raise :class:`mailhub.errors.Unavailable`; any other unexpected status raises
+:class:`CardDAVError`. At most [carddav] concurrency requests are in flight.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any, Iterable
+from urllib.parse import quote, unquote, urljoin, urlsplit
+from xml.etree import ElementTree as ET
+
+import attrs
+from twisted.internet import defer, error
+from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web import client as web_client
+from twisted.web.http_headers import Headers
+
+from mailhub.directory.model import User
+from mailhub.errors import MailhubError, Unavailable
+from mailhub.metrics import Metrics
+
+DAV = "DAV:"
+CARD = "urn:ietf:params:xml:ns:carddav"
+XML_TYPE = b"application/xml; charset=utf-8"
+VCARD_TYPE = b"text/vcard; charset=utf-8"
+#: Addresses per addressbook-query: keeps request bodies and server work bounded.
+QUERY_BATCH = 50
+
+_TRANSIENT = (
+    error.ConnectError, error.ConnectionLost, error.ConnectionClosed, error.TimeoutError,
+    defer.TimeoutError, defer.CancelledError, web_client.ResponseFailed,
+    web_client.ResponseNeverReceived, web_client.RequestTransmissionFailed, OSError,
+)
+
+
+class CardDAVError(MailhubError):
+    """The CardDAV server answered something this client cannot use."""
+
+
+class BookMissing(CardDAVError):
+    """A PUT found no address book to write into (404 or 409): it was deleted."""
+
+
+def _q(tag: str, ns: str = DAV) -> str:
+    return "{%s}%s" % (ns, tag)
+
+
+def _xml_text(value: str) -> str:
+    return (value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace('"', "&quot;"))
+
+
+def same_collection(a: str, b: str) -> bool:
+    """Two collection URLs or paths name the same collection (slash, quoting)."""
+    def norm(u: str) -> str:
+        return unquote(urlsplit(u).path).rstrip("/")
+    return norm(a) == norm(b)
+
+
+@attrs.frozen
+class BookLayout:
+    """Where a user's collected book lives, from the [carddav] templates.
+
+    ``template`` is an absolute URL with ``{user}`` (the user's login, URL
+    quoted) and optionally ``{id}`` (the user's id); the home (where the
+    user's books are listed) is its parent collection. Examples:
+    ``https://dav.example.org/radicale/{user}/collected/`` (Radicale),
+    ``https://cloud.example.org/remote.php/dav/addressbooks/users/{user}/collected/``
+    (Nextcloud), ``https://dav.example.org/addressbooks/{user}/collected/``
+    (SabreDAV).
+    """
+
+    template: str
+
+    @classmethod
+    def from_config(cls, url: str, addressbook: str) -> "BookLayout":
+        """[carddav] addressbook, or ``{url}/{user}/collected/`` when empty."""
+        if addressbook:
+            template = addressbook
+        else:
+            template = url.rstrip("/") + "/{user}/collected/"
+        if "{user}" not in template and "{id}" not in template:
+            raise ValueError("the addressbook template needs {user} or {id}")
+        if not template.endswith("/"):
+            template += "/"
+        return cls(template)
+
+    def book(self, user: User) -> str:
+        """The URL of the user's collected book (ends with a slash)."""
+        return self.template.replace("{user}", quote(user.login, safe="@+")).replace(
+            "{id}", quote(user.id or user.login, safe="@+"))
+
+    def home(self, user: User) -> str:
+        """The URL of the user's address-book home: the book's parent."""
+        return urljoin(self.book(user), "..")
+
+    @property
+    def book_name(self) -> str:
+        """The last path segment of the template (``collected``)."""
+        return self.template.rstrip("/").rsplit("/", 1)[-1]
+
+
+@attrs.frozen
+class Card:
+    """A card as the server holds it: absolute URL, ETag (may be empty), text."""
+
+    url: str
+    etag: str
+    text: str
+
+
+@attrs.frozen
+class Answer:
+    code: int
+    headers: Headers
+    body: bytes
+
+
+class CardDAVClient:
+    """CardDAV operations of the collector, over a treq-like client."""
+
+    log = Logger()
+
+    def __init__(self, http: Any, clock: IReactorTime, *,
+                 credentials: tuple[str, str] | None = None,
+                 timeout: float = 30.0, concurrency: int = 8,
+                 metrics: Metrics | None = None) -> None:
+        self._http = http
+        self._clock = clock
+        self._timeout = timeout
+        self._limit = DeferredSemaphore(concurrency)
+        self._auth: bytes | None = None
+        if credentials and credentials[0]:
+            pair = ("%s:%s" % credentials).encode("utf-8")
+            self._auth = b"Basic " + base64.b64encode(pair)
+        metrics = metrics or Metrics()
+        self._seconds = metrics.histogram(
+            "mailhub_collector_carddav_seconds",
+            "CardDAV request latency (PUT is the write of a contact)", ["method"])
+
+    # -- the wire ---------------------------------------------------------
+
+    def request(self, method: str, url: str, headers: dict[bytes, bytes] | None = None,
+                body: bytes | None = None, depth: str | None = None) -> Deferred[Answer]:
+        """One request, bounded by the semaphore and the timeout; body always read."""
+        return self._limit.run(self._timed, method, url, headers or {}, body, depth)
+
+    def _timed(self, method: str, url: str, headers: dict[bytes, bytes],
+               body: bytes | None, depth: str | None) -> Deferred[Answer]:
+        all_headers = {b"user-agent": [b"mailhub-collector"]}
+        for name, value in headers.items():
+            all_headers[name] = [value]
+        if self._auth:
+            all_headers[b"authorization"] = [self._auth]
+        if depth is not None:
+            all_headers[b"depth"] = [depth.encode("ascii")]
+        started = time.monotonic()
+        d = Deferred.fromCoroutine(self._exchange(method, url, Headers(all_headers), body))
+        d.addTimeout(self._timeout, self._clock)
+
+        def done(result: Any) -> Any:
+            self._seconds.labels(method=method).observe(time.monotonic() - started)
+            return result
+
+        def failed(failure: Any) -> Any:
+            if failure.check(*_TRANSIENT):
+                raise Unavailable("CardDAV server unreachable (%s %s): %s"
+                                  % (method, url, failure.getErrorMessage() or
+                                     failure.type.__name__))
+            return failure
+
+        return d.addBoth(done).addErrback(failed)
+
+    async def _exchange(self, method: str, url: str, headers: Headers,
+                        body: bytes | None) -> Answer:
+        response = await self._http.request(method, url, headers=headers, data=body)
+        content = await response.content()
+        return Answer(response.code, response.headers, content)
+
+    @staticmethod
+    def _check(answer: Answer, method: str, url: str, ok: Iterable[int]) -> Answer:
+        if answer.code in ok:
+            return answer
+        if answer.code >= 500 or answer.code in (408, 429):
+            raise Unavailable("CardDAV server error %d on %s %s" % (answer.code, method, url))
+        if answer.code in (401, 403):
+            raise Unavailable("CardDAV server refused the collector's credentials "
+                              "(%d on %s %s)" % (answer.code, method, url))
+        raise CardDAVError("unexpected %d on %s %s" % (answer.code, method, url))
+
+    # -- operations -------------------------------------------------------
+
+    async def list_books(self, home: str) -> list[str]:
+        """Absolute URLs of the address books in a home (empty when it does not exist)."""
+        body = ('<?xml version="1.0" encoding="utf-8"?>'
+                '<d:propfind xmlns:d="DAV:"><d:prop><d:resourcetype/></d:prop></d:propfind>')
+        answer = self._check(
+            await self.request("PROPFIND", home, {b"content-type": XML_TYPE},
+                               body.encode("utf-8"), depth="1"),
+            "PROPFIND", home, (207, 404))
+        if answer.code == 404:
+            return []
+        books = []
+        for href, prop in _responses(answer.body, home):
+            kind = prop.find(_q("resourcetype"))
+            if kind is not None and kind.find(_q("addressbook", CARD)) is not None:
+                if not same_collection(href, home):
+                    books.append(href)
+        return books
+
+    async def find_emails(self, book: str, spellings: Iterable[str]) -> list[Card]:
+        """Cards of a book having an EMAIL equal (case-insensitively) to any spelling."""
+        spellings = list(dict.fromkeys(spellings))
+        found: list[Card] = []
+        for start in range(0, len(spellings), QUERY_BATCH):
+            found.extend(await self._query(book, spellings[start:start + QUERY_BATCH]))
+        return found
+
+    async def _query(self, book: str, spellings: list[str]) -> list[Card]:
+        matches = "".join(
+            '<c:text-match collation="i;unicode-casemap" match-type="equals">%s'
+            "</c:text-match>" % _xml_text(s) for s in spellings)
+        body = ('<?xml version="1.0" encoding="utf-8"?>'
+                '<c:addressbook-query xmlns:d="DAV:" xmlns:c="%s">'
+                "<d:prop><d:getetag/><c:address-data/></d:prop>"
+                '<c:filter test="anyof"><c:prop-filter name="EMAIL" test="anyof">%s'
+                "</c:prop-filter></c:filter></c:addressbook-query>" % (CARD, matches))
+        answer = self._check(
+            await self.request("REPORT", book, {b"content-type": XML_TYPE},
+                               body.encode("utf-8"), depth="1"),
+            "REPORT", book, (207, 404))
+        if answer.code == 404:
+            return []
+        cards = []
+        for href, prop in _responses(answer.body, book):
+            if same_collection(href, book):
+                continue
+            etag = (prop.findtext(_q("getetag")) or "").strip()
+            text = prop.findtext(_q("address-data", CARD)) or ""
+            if not text.strip():
+                fetched = await self.get(href)
+                if fetched is None:
+                    continue
+                cards.append(fetched)
+            else:
+                cards.append(Card(href, etag, text))
+        return cards
+
+    async def create_book(self, url: str, display_name: str) -> bool:
+        """Extended MKCOL of an address book: True if made, False if it was there.
+
+        When the home itself is missing (409), it is made with a plain MKCOL
+        first, as servers that create homes lazily need.
+        """
+        body = ('<?xml version="1.0" encoding="utf-8"?>'
+                '<d:mkcol xmlns:d="DAV:" xmlns:c="%s"><d:set><d:prop>'
+                "<d:resourcetype><d:collection/><c:addressbook/></d:resourcetype>"
+                "<d:displayname>%s</d:displayname>"
+                "</d:prop></d:set></d:mkcol>" % (CARD, _xml_text(display_name)))
+        for attempt in range(2):
+            answer = self._check(
+                await self.request("MKCOL", url, {b"content-type": XML_TYPE},
+                                   body.encode("utf-8")),
+                "MKCOL", url, (200, 201, 204, 405, 409))
+            if answer.code == 405:
+                return False
+            if answer.code != 409:
+                return True
+            if attempt == 0:
+                parent = urljoin(url, "..")
+                self._check(await self.request("MKCOL", parent), "MKCOL", parent,
+                            (200, 201, 204, 405))
+        raise CardDAVError("cannot create the address book %s (409 Conflict)" % url)
+
+    async def put_new(self, url: str, text: str) -> bool:
+        """PUT only if absent: True when created, False when it already existed (412).
+
+        Raises :class:`BookMissing` when the book is not there (404, 409).
+        """
+        answer = self._check(
+            await self.request("PUT", url, {b"content-type": VCARD_TYPE,
+                                            b"if-none-match": b"*"}, text.encode("utf-8")),
+            "PUT", url, (200, 201, 204, 404, 409, 412))
+        if answer.code in (404, 409):
+            raise BookMissing("no address book to PUT %s into (%d)" % (url, answer.code))
+        return answer.code != 412
+
+    async def put_if_match(self, url: str, text: str, etag: str) -> bool:
+        """PUT over the version with this ETag: False when it changed meanwhile (412)."""
+        headers = {b"content-type": VCARD_TYPE}
+        if etag:
+            headers[b"if-match"] = etag.encode("latin-1")
+        answer = self._check(
+            await self.request("PUT", url, headers, text.encode("utf-8")),
+            "PUT", url, (200, 201, 204, 412))
+        return answer.code != 412
+
+    async def get(self, url: str) -> Card | None:
+        """The card at ``url`` with its ETag, or None when there is none."""
+        answer = self._check(await self.request("GET", url), "GET", url, (200, 404, 410))
+        if answer.code != 200:
+            return None
+        etag = (answer.headers.getRawHeaders(b"etag") or [b""])[0].decode("latin-1")
+        return Card(url, etag, answer.body.decode("utf-8", "replace"))
+
+
+def _responses(body: bytes, base: str) -> list[tuple[str, ET.Element]]:
+    """(absolute href, merged 200 prop element) of each response of a multistatus."""
+    try:
+        root = ET.fromstring(body)
+    except ET.ParseError as e:
+        raise CardDAVError("the CardDAV server sent XML that cannot be parsed: %s" % e)
+    out = []
+    for response in root.iter(_q("response")):
+        href = (response.findtext(_q("href")) or "").strip()
+        if not href:
+            continue
+        merged = ET.Element(_q("prop"))
+        for propstat in response.findall(_q("propstat")):
+            status = propstat.findtext(_q("status")) or ""
+            if " 200 " not in status + " ":
+                continue
+            prop = propstat.find(_q("prop"))
+            if prop is not None:
+                merged.extend(list(prop))
+        out.append((urljoin(base, href), merged))
+    return out

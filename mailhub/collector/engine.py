@@ -1,0 +1,390 @@
+"""The contact collector: a ``collector:email`` message in, collected contacts out.
+
+:meth:`CollectorEngine.handle` is the work queue's handler: it takes the raw
+message body and returns a Deferred that fires when every address of the
+message is written or decided (then the queue acks). It fails with
+:class:`~mailhub.errors.ValidationError` for a message that can never succeed
+(dead-letter: not JSON, no user, unknown user, no emails) and with
+:class:`~mailhub.errors.Unavailable` (or a CardDAV error) for a transient
+failure (the queue retries; nothing is lost, and a redelivery is harmless
+because every write is idempotent).
+
+For each address, in order: reject what is not an address; skip the user's
+own addresses; skip addresses of site users ([collector] skip_site_users);
+skip addresses with a contact in any of the user's books (one exact-email
+REPORT per book for the whole message); fill in the display name of an
+existing *collected* contact that has none; create the rest with
+``If-None-Match: *`` at a UID derived from the address, so each address is
+one contact across redeliveries and competing instances. Each creation
+(201/204, never 412) publishes ``contacts:contact:add`` once.
+
+The cache of known addresses holds only "this contact exists" answers (and
+whether anything could still be filled in), for [collector] cache_ttl
+seconds: a stale entry can only delay the re-collection of a contact the user
+deleted, never create a duplicate. It is dropped for a user whose collected
+book turns out to be gone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from datetime import datetime, timezone
+from typing import Any, Awaitable, Callable, Iterable, TypeVar
+from urllib.parse import unquote, urljoin, urlsplit
+
+import attrs
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from mailhub.collector.addresses import Parsed, Recipient, address_key, parse_entries
+from mailhub.collector.carddav import BookLayout, BookMissing, Card, CardDAVClient, same_collection
+from mailhub.collector.vcard import Contact, contact_uuid, parse_vcard, to_jcard, to_vcard, with_name
+from mailhub.directory.model import User
+from mailhub.errors import ValidationError
+from mailhub.metrics import Metrics
+from mailhub.pubsub import Hub
+
+CONTACT_ADDED = "contacts:contact:add"
+T = TypeVar("T")
+
+
+@attrs.define
+class Outcome:
+    """What one message did: addresses created, named, skipped (by reason), rejected."""
+
+    user: str
+    created: list[str] = attrs.Factory(list)
+    named: list[str] = attrs.Factory(list)
+    skipped: dict[str, list[str]] = attrs.Factory(dict)
+    rejected: list[tuple[str, str]] = attrs.Factory(list)
+
+    def skip(self, reason: str, address: str) -> None:
+        self.skipped.setdefault(reason, []).append(address)
+
+
+class KnownAddresses:
+    """Bounded, expiring memory of addresses that have a contact, per user.
+
+    The value says whether the contact is *final*: it has a display name, or
+    it is not in the collected book (so nothing will ever be filled in). A
+    contact without a name is only a shortcut for messages that bring no
+    name either.
+    """
+
+    def __init__(self, clock: IReactorTime, ttl: float, size: int) -> None:
+        self._clock = clock
+        self._ttl = ttl
+        self._size = size
+        self._entries: OrderedDict[tuple[str, str], tuple[bool, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def known(self, user: str, key: str, has_name: bool) -> bool:
+        """True when the address is known to need no work for this message."""
+        entry = self._entries.get((user, key))
+        if entry is None:
+            return False
+        final, expires = entry
+        if expires <= self._clock.seconds():
+            del self._entries[(user, key)]
+            return False
+        return final or not has_name
+
+    def remember(self, user: str, key: str, final: bool) -> None:
+        if self._size <= 0 or self._ttl <= 0:
+            return
+        self._entries[(user, key)] = (final, self._clock.seconds() + self._ttl)
+        self._entries.move_to_end((user, key))
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+    def forget(self, user: str, key: str | None = None) -> None:
+        """Forget one address of a user, or (key None) every address of the user."""
+        if key is not None:
+            self._entries.pop((user, key), None)
+            return
+        for entry in [k for k in self._entries if k[0] == user]:
+            del self._entries[entry]
+
+
+async def _settle(calls: Iterable[Awaitable[T]]) -> list[T]:
+    """Await every call; when one failed, raise the first failure after all settled."""
+    ds = [Deferred.fromCoroutine(c) if not isinstance(c, Deferred) else c  # type: ignore
+          for c in calls]
+    results = await DeferredList(ds, consumeErrors=True)
+    out = []
+    for ok, value in results:
+        if not ok:
+            value.raiseException()
+        out.append(value)
+    return out
+
+
+class CollectorEngine:
+    """Turns collector messages into contacts in each user's ``collected`` book."""
+
+    log = Logger()
+
+    def __init__(self, users: Any, carddav: CardDAVClient, layout: BookLayout, hub: Hub,
+                 metrics: Metrics, clock: IReactorTime, *, skip_site_users: bool = True,
+                 cache_ttl: float = 600.0, cache_size: int = 100_000,
+                 book_display_name: str = "Collected contacts") -> None:
+        self._users = users
+        self._dav = carddav
+        self._layout = layout
+        self._hub = hub
+        self._clock = clock
+        self._skip_site_users = skip_site_users
+        self._book_display_name = book_display_name
+        self.known = KnownAddresses(clock, cache_ttl, cache_size)
+        self._messages = metrics.counter(
+            "mailhub_collector_messages_total", "Collector messages handled, by outcome",
+            ["outcome"])
+        self._collected = metrics.counter(
+            "mailhub_collector_collected_total", "Contacts created in collected books")
+        self._named = metrics.counter(
+            "mailhub_collector_named_total", "Existing collected contacts given a display name")
+        self._skipped = metrics.counter(
+            "mailhub_collector_skipped_total", "Addresses not collected, by reason", ["reason"])
+        self._failed = metrics.counter(
+            "mailhub_collector_failed_total",
+            "Messages that failed: poison (dead-lettered) or transient (retried)", ["kind"])
+        self._publish_failed = metrics.counter(
+            "mailhub_collector_publish_failed_total",
+            "contacts:contact:add publications that failed")
+
+    # -- the queue's handler ------------------------------------------------
+
+    def handle(self, body: bytes) -> Deferred[Outcome]:
+        """The work-queue handler: collect one message body (JSON bytes)."""
+        d = Deferred.fromCoroutine(self._handle(body))
+
+        def failed(failure: Any) -> Any:
+            kind = "poison" if failure.check(ValidationError) else "transient"
+            self._failed.labels(kind=kind).inc()
+            self._messages.labels(outcome=kind).inc()
+            return failure
+
+        def done(outcome: Outcome) -> Outcome:
+            self._messages.labels(outcome="done").inc()
+            self.log.info("collected {created} of {total} addresses for {user}",
+                          created=len(outcome.created),
+                          total=len(outcome.created) + len(outcome.named)
+                          + sum(len(v) for v in outcome.skipped.values()) + len(outcome.rejected),
+                          user=outcome.user)
+            return outcome
+
+        return d.addCallbacks(done, failed)
+
+    async def _handle(self, body: bytes) -> Outcome:
+        message = decode_message(body)
+        user = await self._resolve(message)
+        return await self.collect(user, message["emails"])
+
+    async def _resolve(self, message: dict[str, Any]) -> User:
+        tried = []
+        for field in ("userId", "userEmail"):
+            name = message.get(field)
+            if name:
+                tried.append("%s %r" % (field, name))
+                user = await self._users.find(name)
+                if user is not None:
+                    return user
+        raise ValidationError("unknown user (%s)" % ", ".join(tried))
+
+    # -- collecting -----------------------------------------------------------
+
+    async def collect(self, user: User, entries: Iterable[object]) -> Outcome:
+        """Collect the addresses of ``entries`` for ``user``; the Outcome says what happened."""
+        parsed: Parsed = parse_entries(entries)
+        outcome = Outcome(user=user.login)
+        for bad in parsed.rejected:
+            outcome.rejected.append((bad.raw, bad.reason))
+            self._skipped.labels(reason="invalid").inc()
+        own = {k for k in (address_key(a) for a in (user.login, *user.emails)) if k}
+        todo: list[Recipient] = []
+        for r in parsed.recipients:
+            if r.key in own or user.owns(r.email):
+                self._skip(outcome, "own", r)
+            elif self.known.known(user.login, r.key, bool(r.name)):
+                self._skip(outcome, "exists", r)
+            else:
+                todo.append(r)
+        if todo and self._skip_site_users:
+            site = await _settle(self._users.find(r.email) for r in todo)
+            remaining = []
+            for r, found in zip(todo, site):
+                if found is not None:
+                    self._skip(outcome, "site_user", r)
+                else:
+                    remaining.append(r)
+            todo = remaining
+        if todo:
+            await self._write(user, todo, outcome)
+        return outcome
+
+    def _skip(self, outcome: Outcome, reason: str, r: Recipient) -> None:
+        outcome.skip(reason, r.email)
+        self._skipped.labels(reason=reason).inc()
+
+    async def _write(self, user: User, todo: list[Recipient], outcome: Outcome) -> None:
+        collected = self._layout.book(user)
+        home = self._layout.home(user)
+        books = await self._dav.list_books(home)
+        has_collected = any(same_collection(b, collected) for b in books)
+        by_key: dict[str, list[Card]] = {r.key: [] for r in todo}
+        spellings = [s for r in todo for s in (r.forms or (r.email,))]
+        for found in await _settle(self._dav.find_emails(b, spellings) for b in books):
+            for card in found:
+                for email in parse_vcard(card.text).emails:
+                    key = address_key(email)
+                    if key in by_key:
+                        by_key[key].append(card)
+        new: list[Recipient] = []
+        fills = []
+        for r in todo:
+            cards = by_key[r.key]
+            if not cards:
+                new.append(r)
+                continue
+            named = any(parse_vcard(c.text).has_display_name() for c in cards)
+            mine = [c for c in cards if same_collection(urljoin(c.url, "."), collected)]
+            if r.name and not named and mine:
+                fills.append(self._fill_or_skip(user, r, mine[0], outcome))
+            else:
+                self.known.remember(user.login, r.key, final=named or not mine)
+                self._skip(outcome, "exists", r)
+        await _settle(fills)
+        if not new:
+            return
+        if not has_collected:
+            await self._dav.create_book(collected, self._book_display_name)
+        try:
+            await _settle(self._create(user, r, collected, home, outcome) for r in new)
+        except BookMissing:
+            # The collected book went away between the PROPFIND and the PUT:
+            # whatever was remembered about it is void. Make it and go again.
+            self.known.forget(user.login)
+            await self._dav.create_book(collected, self._book_display_name)
+            done = set(outcome.created) | {a for v in outcome.skipped.values() for a in v}
+            await _settle(self._create(user, r, collected, home, outcome)
+                          for r in new if r.email not in done)
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock.seconds(), timezone.utc)
+
+    async def _create(self, user: User, r: Recipient, collected: str, home: str,
+                      outcome: Outcome) -> None:
+        family, given = r.family_given
+        contact = Contact(uid=contact_uuid(r.key), email=r.email, fn=r.fn,
+                          family=family, given=given, rev=self._now())
+        url = urljoin(collected, contact.href_name)
+        if await self._dav.put_new(url, to_vcard(contact)):
+            outcome.created.append(r.email)
+            self._collected.inc()
+            self.known.remember(user.login, r.key, final=bool(r.name))
+            await self._announce(user, contact, home)
+            return
+        # 412: it exists (an earlier delivery or another instance wrote it).
+        card = await self._dav.get(url) if r.name else None
+        if card is not None:
+            await self._fill_or_skip(user, r, card, outcome)
+        else:
+            self.known.remember(user.login, r.key, final=not r.name)
+            self._skip(outcome, "exists", r)
+
+    async def _fill_or_skip(self, user: User, r: Recipient, card: Card | None,
+                            outcome: Outcome) -> None:
+        """Give an existing collected card the display name it lacks (If-Match, 3 tries)."""
+        family, given = r.family_given
+        for _ in range(3):
+            if card is None:
+                # Deleted meanwhile: forget it, the next message collects it anew.
+                self.known.forget(user.login, r.key)
+                self._skip(outcome, "exists", r)
+                return
+            if parse_vcard(card.text).has_display_name():
+                break
+            text = with_name(card.text, r.fn, family, given, self._now())
+            if await self._dav.put_if_match(card.url, text, card.etag):
+                outcome.named.append(r.email)
+                self._named.inc()
+                self.known.remember(user.login, r.key, final=True)
+                return
+            card = await self._dav.get(card.url)
+        self.known.remember(user.login, r.key, final=True)
+        self._skip(outcome, "exists", r)
+
+    async def _announce(self, user: User, contact: Contact, home: str) -> None:
+        """Publish contacts:contact:add (ESN's payload), locally and globally."""
+        book_home = unquote(urlsplit(home).path.rstrip("/").rsplit("/", 1)[-1])
+        payload = {
+            "contactId": contact.uid,
+            "bookHome": book_home,
+            "bookName": self._layout.book_name,
+            "bookId": book_home,
+            "vcard": to_jcard(contact),
+            "user": {"_id": user.id or user.login, "login": user.login,
+                     "preferredEmail": user.emails[0] if user.emails else user.login,
+                     "emails": list(user.emails)},
+        }
+        try:
+            await self._hub.local.topic(CONTACT_ADDED).forward(self._hub.global_, payload)
+        except Exception:
+            # The contact is written; failing the message now would make its
+            # redelivery meet 412 and never announce it either. Count, log, go on.
+            self._publish_failed.inc()
+            self.log.failure("cannot publish {topic} for {user}", topic=CONTACT_ADDED,
+                             user=user.login)
+
+
+def decode_message(body: bytes) -> dict[str, Any]:
+    """A collector message, checked: JSON object with userId or userEmail and emails.
+
+    Raises ValidationError (dead-letter) saying every problem found.
+    """
+    try:
+        message = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValidationError("message is not UTF-8 (byte %d)" % e.start)
+    except ValueError as e:
+        raise ValidationError("message is not JSON: %s" % e)
+    if not isinstance(message, dict):
+        raise ValidationError("message is not a JSON object")
+    problems = []
+    for field in ("userId", "userEmail"):
+        value = message.get(field)
+        if value is not None and not isinstance(value, str):
+            if isinstance(value, int) and not isinstance(value, bool):
+                message[field] = str(value)
+            else:
+                problems.append("%s must be a string" % field)
+    if not message.get("userId") and not message.get("userEmail"):
+        problems.append("no user: userId or userEmail is required")
+    emails = message.get("emails")
+    if emails is None:
+        problems.append("no emails")
+    elif not isinstance(emails, list):
+        problems.append("emails is not a list")
+    elif not emails:
+        problems.append("no emails: the list is empty")
+    if problems:
+        raise ValidationError(problems)
+    return message
+
+
+def message_body(emails: list[str], *, user_id: str | None = None,
+                 user_email: str | None = None) -> bytes:
+    """Encode a collector message as the sources and OpenPaaS publish it."""
+    message: dict[str, Any] = {"emails": emails}
+    if user_id:
+        message["userId"] = user_id
+    if user_email:
+        message["userEmail"] = user_email
+    return json.dumps(message, ensure_ascii=False).encode("utf-8")
+
+
+Handler = Callable[[bytes], Deferred]

@@ -1,0 +1,235 @@
+"""vCards of collected contacts: written (text and jCard) and read back. Pure.
+
+A collected contact is a vCard 4.0 (RFC 6350) with ``FN``, ``N``,
+``EMAIL;TYPE=work``, ``UID``, ``REV`` and ``PRODID``, lines ended by CRLF and
+folded at 75 octets without splitting a UTF-8 sequence.
+
+UID: ``urn:uuid:`` + a UUID version 5 of the address's comparison key
+(:func:`mailhub.collector.addresses.address_key`). Deterministic, so every
+instance, every redelivery and every restart writes the same address to the
+same resource (``{uuid}.vcf``), and ``If-None-Match: *`` makes the second
+writer a no-op. OpenPaaS used random uuid4 UIDs (so duplicates across
+instances were possible); tmail (2024) uses the hex SHA-1 of the address with
+its ``+detail`` stripped. mailhub keeps ``+detail`` (the user wrote to that
+address) and uses the UUID form RFC 6350 recommends for UIDs; duplicates with
+cards other programs wrote are prevented by the exact-email query instead.
+
+Reading (:func:`parse_vcard`) understands enough of vCard 3.0 and 4.0 to
+find the EMAIL values and FN of any card in any book, and :func:`with_name`
+rewrites a card's FN and N while keeping every other line.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import attrs
+
+PRODID = "-//mailhub//collector//EN"
+#: Fixed namespace of collected contacts' UIDs (uuid5 of a URL naming mailhub's collector).
+UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://mailhub.invalid/collector/contact")
+_FOLD = re.compile(r"\r?\n[ \t]")
+
+
+def contact_uuid(key: str) -> str:
+    """The UUID (text) of the collected contact of an address key."""
+    return str(uuid.uuid5(UID_NAMESPACE, key))
+
+
+def escape(value: str) -> str:
+    """Escape a TEXT value: backslash, comma, semicolon and newlines."""
+    return (value.replace("\\", "\\\\").replace(",", "\\,").replace(";", "\\;")
+            .replace("\r\n", "\\n").replace("\n", "\\n").replace("\r", "\\n"))
+
+
+def unescape(value: str) -> str:
+    """Undo :func:`escape` (``\\n`` and ``\\N`` are newlines)."""
+    out: list[str] = []
+    chars = iter(value)
+    for ch in chars:
+        if ch == "\\":
+            nxt = next(chars, "")
+            out.append("\n" if nxt in "nN" and nxt else nxt)
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def fold(line: str) -> str:
+    """Fold one content line at 75 octets, never inside a UTF-8 sequence.
+
+    Continuation lines start with one space, which counts in their 75.
+    """
+    data = line.encode("utf-8")
+    if len(data) <= 75:
+        return line
+    pieces: list[str] = []
+    start = 0
+    limit = 75
+    while start < len(data):
+        end = min(start + limit, len(data))
+        # Step back from a UTF-8 continuation byte (10xxxxxx).
+        while end < len(data) and end > start and (data[end] & 0xC0) == 0x80:
+            end -= 1
+        pieces.append(data[start:end].decode("utf-8"))
+        start = end
+        limit = 74
+    return "\r\n ".join(pieces)
+
+
+def unfold(text: str) -> list[str]:
+    """The logical content lines of a vCard text (folding removed, empty lines dropped)."""
+    return [line for line in _FOLD.sub("", text).replace("\r\n", "\n").split("\n")
+            if line.strip()]
+
+
+@attrs.frozen
+class Contact:
+    """A collected contact, before it is written."""
+
+    uid: str  # the bare UUID
+    email: str
+    fn: str
+    family: str = ""
+    given: str = ""
+    rev: datetime = attrs.field(factory=lambda: datetime.now(timezone.utc))
+
+    @property
+    def href_name(self) -> str:
+        """The resource name in the book: ``{uuid}.vcf``."""
+        return self.uid + ".vcf"
+
+
+def _rev(when: datetime) -> str:
+    return when.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def to_vcard(contact: Contact) -> str:
+    """The vCard 4.0 text of a contact (CRLF lines, folded)."""
+    lines = [
+        "BEGIN:VCARD",
+        "VERSION:4.0",
+        "PRODID:" + PRODID,
+        "UID:urn:uuid:" + contact.uid,
+        "FN:" + escape(contact.fn),
+        "N:%s;%s;;;" % (escape(contact.family), escape(contact.given)),
+        "EMAIL;TYPE=work:" + escape(contact.email),
+        "REV:" + _rev(contact.rev),
+        "END:VCARD",
+    ]
+    return "".join(fold(line) + "\r\n" for line in lines)
+
+
+def to_jcard(contact: Contact) -> list[Any]:
+    """The jCard (RFC 7095) of a contact: what ESN sends as ``vcard``."""
+    return ["vcard", [
+        ["version", {}, "text", "4.0"],
+        ["prodid", {}, "text", PRODID],
+        ["uid", {}, "uri", "urn:uuid:" + contact.uid],
+        ["fn", {}, "text", contact.fn],
+        ["n", {}, "text", [contact.family, contact.given, "", "", ""]],
+        ["email", {"type": "work"}, "text", contact.email],
+        ["rev", {}, "timestamp",
+         contact.rev.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")],
+    ]]
+
+
+@attrs.frozen
+class Property:
+    """One content line: group, upper-cased name, raw parameters and raw value."""
+
+    name: str
+    params: str
+    value: str
+    group: str = ""
+
+
+def split_line(line: str) -> Property | None:
+    """Split a content line at the first colon outside quoted parameter values."""
+    quoted = False
+    for i, ch in enumerate(line):
+        if ch == '"':
+            quoted = not quoted
+        elif ch == ":" and not quoted:
+            head, value = line[:i], line[i + 1:]
+            name, _, params = head.partition(";")
+            group, dot, bare = name.rpartition(".")
+            return Property(name=(bare if dot else name).strip().upper(),
+                            params=params, value=value, group=group if dot else "")
+    return None
+
+
+@attrs.frozen
+class ParsedCard:
+    """What the collector reads from any card: its emails, FN and UID."""
+
+    emails: tuple[str, ...]
+    fn: str
+    uid: str
+
+    def has_display_name(self) -> bool:
+        """False when FN is missing, empty, or just one of the card's addresses."""
+        fn = self.fn.strip()
+        if not fn:
+            return False
+        return fn.casefold() not in {e.strip().casefold() for e in self.emails}
+
+
+def parse_vcard(text: str) -> ParsedCard:
+    """Read the EMAIL values (``mailto:`` stripped), FN and UID of a vCard."""
+    emails: list[str] = []
+    fn = ""
+    uid = ""
+    for line in unfold(text):
+        prop = split_line(line)
+        if prop is None:
+            continue
+        if prop.name == "EMAIL":
+            value = unescape(prop.value).strip()
+            if value.lower().startswith("mailto:"):
+                value = value[7:]
+            if value:
+                emails.append(value)
+        elif prop.name == "FN" and not fn:
+            fn = unescape(prop.value).strip()
+        elif prop.name == "UID" and not uid:
+            uid = unescape(prop.value).strip()
+    return ParsedCard(tuple(emails), fn, uid)
+
+
+def with_name(text: str, fn: str, family: str, given: str,
+              now: datetime | None = None) -> str:
+    """The card with FN and N set (added if missing) and REV renewed.
+
+    Every other line is kept as it was (re-folded), so properties another
+    client added survive the fill-in.
+    """
+    out: list[str] = []
+    seen_n = False
+    seen_fn = False
+    for line in unfold(text):
+        prop = split_line(line)
+        name = prop.name if prop else ""
+        if name == "FN":
+            if not seen_fn:
+                out.append("FN:" + escape(fn))
+            seen_fn = True
+            continue
+        if name == "N":
+            if not seen_n:
+                out.append("N:%s;%s;;;" % (escape(family), escape(given)))
+            seen_n = True
+            continue
+        if name == "REV":
+            continue
+        if name == "END" and prop is not None and prop.value.strip().upper() == "VCARD":
+            if not seen_fn:
+                out.append("FN:" + escape(fn))
+            if not seen_n:
+                out.append("N:%s;%s;;;" % (escape(family), escape(given)))
+            out.append("REV:" + _rev(now or datetime.now(timezone.utc)))
+        out.append(line)
+    return "".join(fold(line) + "\r\n" for line in out)

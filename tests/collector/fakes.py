@@ -1,0 +1,189 @@
+"""In-memory fakes for the collector's unit tests: a CardDAV server and a user source.
+
+:class:`FakeCardDAV` is a twisted.web resource answering the part of RFC 6352
+the collector uses (PROPFIND Depth 1, addressbook-query with text-match
+``equals``, extended MKCOL, conditional PUT, GET), so the real
+:class:`~mailhub.collector.carddav.CardDAVClient` can be driven through
+``StubTreq`` with no socket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+from urllib.parse import unquote
+from xml.etree import ElementTree as ET
+
+from twisted.internet.defer import fail, succeed
+from twisted.web.resource import Resource
+from zope.interface import implementer
+
+from mailhub.collector.vcard import parse_vcard
+from mailhub.directory.interfaces import IUserSource
+from mailhub.directory.model import User
+from mailhub.errors import Unavailable
+
+DAV = "{DAV:}"
+CARD = "{urn:ietf:params:xml:ns:carddav}"
+
+
+def _etag(text: str) -> str:
+    return '"%s"' % hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+class FakeCardDAV(Resource):
+    """A CardDAV server in a dict: ``books[path] = {name: text}``; ``homes`` a set."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.homes: set[str] = set()
+        self.books: dict[str, dict[str, str]] = {}
+        self.log: list[tuple[str, str]] = []
+        self.fail_next: list[int] = []
+        self.auth: list[bytes | None] = []
+
+    # -- test helpers --
+    def add_card(self, book: str, name: str, text: str) -> None:
+        self.books.setdefault(book, {})[name] = text
+
+    def cards(self, book: str) -> dict[str, str]:
+        return self.books.get(book, {})
+
+    def methods(self) -> list[str]:
+        return [m for m, _ in self.log]
+
+    # -- the server --
+    def render(self, request: Any) -> bytes:
+        method = request.method.decode()
+        path = unquote(request.path.decode())
+        self.log.append((method, path))
+        self.auth.append(request.getHeader(b"authorization"))
+        if self.fail_next:
+            request.setResponseCode(self.fail_next.pop(0))
+            return b"injected failure"
+        body = request.content.read() if request.content else b""
+        handler = getattr(self, "do_" + method, None)
+        if handler is None:
+            request.setResponseCode(405)
+            return b""
+        return handler(request, path, body)
+
+    def _multistatus(self, request: Any, responses: list[str]) -> bytes:
+        request.setResponseCode(207)
+        request.setHeader(b"content-type", b"application/xml; charset=utf-8")
+        return ('<?xml version="1.0"?><d:multistatus xmlns:d="DAV:" '
+                'xmlns:c="urn:ietf:params:xml:ns:carddav">%s</d:multistatus>'
+                % "".join(responses)).encode("utf-8")
+
+    def do_PROPFIND(self, request: Any, path: str, body: bytes) -> bytes:
+        if path not in self.homes:
+            request.setResponseCode(404)
+            return b""
+        items = ['<d:response><d:href>%s</d:href><d:propstat><d:prop><d:resourcetype>'
+                 "<d:collection/></d:resourcetype></d:prop><d:status>HTTP/1.1 200 OK"
+                 "</d:status></d:propstat></d:response>" % path]
+        for book in sorted(self.books):
+            if book.startswith(path) and book.count("/") == path.count("/") + 1:
+                items.append(
+                    "<d:response><d:href>%s</d:href><d:propstat><d:prop><d:resourcetype>"
+                    "<d:collection/><c:addressbook/></d:resourcetype></d:prop><d:status>"
+                    "HTTP/1.1 200 OK</d:status></d:propstat></d:response>" % book)
+        return self._multistatus(request, items)
+
+    def do_REPORT(self, request: Any, path: str, body: bytes) -> bytes:
+        if path not in self.books:
+            request.setResponseCode(404)
+            return b""
+        root = ET.fromstring(body)
+        wanted = {(m.text or "").casefold() for m in root.iter(CARD + "text-match")}
+        for m in root.iter(CARD + "text-match"):
+            assert m.get("match-type") == "equals"
+            assert m.get("collation") == "i;unicode-casemap"
+        items = []
+        for name, text in sorted(self.books[path].items()):
+            if any(e.casefold() in wanted for e in parse_vcard(text).emails):
+                items.append(
+                    "<d:response><d:href>%s%s</d:href><d:propstat><d:prop>"
+                    "<d:getetag>%s</d:getetag><c:address-data>%s</c:address-data></d:prop>"
+                    "<d:status>HTTP/1.1 200 OK</d:status></d:propstat></d:response>"
+                    % (path, name, _etag(text).replace('"', "&quot;"),
+                       text.replace("&", "&amp;").replace("<", "&lt;")))
+        return self._multistatus(request, items)
+
+    def do_MKCOL(self, request: Any, path: str, body: bytes) -> bytes:
+        if path in self.books or path in self.homes:
+            request.setResponseCode(405)
+            return b""
+        if body:
+            root = ET.fromstring(body)
+            assert root.find(".//" + CARD + "addressbook") is not None
+            parent = path.rstrip("/").rsplit("/", 1)[0] + "/"
+            if parent not in self.homes:
+                request.setResponseCode(409)
+                return b""
+            self.books[path] = {}
+        else:
+            self.homes.add(path)
+        request.setResponseCode(201)
+        return b""
+
+    def _split(self, path: str) -> tuple[str, str]:
+        book, _, name = path.rpartition("/")
+        return book + "/", name
+
+    def do_PUT(self, request: Any, path: str, body: bytes) -> bytes:
+        book, name = self._split(path)
+        if book not in self.books:
+            request.setResponseCode(409)
+            return b""
+        existing = self.books[book].get(name)
+        if request.getHeader(b"if-none-match") == b"*" and existing is not None:
+            request.setResponseCode(412)
+            return b""
+        match = request.getHeader(b"if-match")
+        if match is not None and (existing is None or _etag(existing).encode() != match):
+            request.setResponseCode(412)
+            return b""
+        self.books[book][name] = body.decode("utf-8")
+        request.setResponseCode(204 if existing is not None else 201)
+        request.setHeader(b"etag", _etag(body.decode("utf-8")).encode())
+        return b""
+
+    def do_GET(self, request: Any, path: str, body: bytes) -> bytes:
+        book, name = self._split(path)
+        text = self.books.get(book, {}).get(name)
+        if text is None:
+            request.setResponseCode(404)
+            return b""
+        request.setHeader(b"etag", _etag(text).encode())
+        request.setHeader(b"content-type", b"text/vcard; charset=utf-8")
+        return text.encode("utf-8")
+
+
+@implementer(IUserSource)
+class FakeUsers:
+    """An IUserSource over a list of users; ``down`` makes every call Unavailable."""
+
+    name = "fake"
+
+    def __init__(self, users: list[User]) -> None:
+        self.users = users
+        self.down = False
+        self.finds: list[str] = []
+
+    def find(self, login: str) -> Any:
+        self.finds.append(login)
+        if self.down:
+            return fail(Unavailable("user source down"))
+        for user in self.users:
+            if user.login == login or user.id == login or user.owns(login):
+                return succeed(user)
+        return succeed(None)
+
+    def authenticate(self, login: str, password: str) -> Any:
+        return succeed(None)
+
+    async def pages(self, page_size: int) -> Any:
+        yield list(self.users)

@@ -1,0 +1,307 @@
+"""The collector engine against an in-memory CardDAV server, through StubTreq."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from mailhub.collector.carddav import BookLayout, CardDAVClient
+from mailhub.collector.engine import CONTACT_ADDED, CollectorEngine, decode_message
+from mailhub.collector.vcard import Contact, contact_uuid, parse_vcard, to_vcard
+from mailhub.directory.interfaces import IUserSource
+from mailhub.directory.model import User
+from mailhub.errors import Unavailable, ValidationError
+from mailhub.metrics import Metrics
+from mailhub.pubsub import Hub
+from tests.collector.fakes import FakeCardDAV, FakeUsers
+
+ALICE = User(login="alice@example.org", name="Alice", emails=("alice@example.org",
+                                                             "a.liddell@example.org"), id="A1")
+BOB = User(login="bob@example.org", name="Bob", emails=("bob@example.org",), id="B2")
+HOME = "/dav/alice@example.org/"
+COLLECTED = HOME + "collected/"
+
+
+def body(**message: Any) -> bytes:
+    return json.dumps(message).encode("utf-8")
+
+
+class EngineTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dav = FakeCardDAV()
+        self.dav.homes.add(HOME)
+        self.dav.books[HOME + "personal/"] = {}
+        self.users = FakeUsers([ALICE, BOB])
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.metrics = Metrics()
+        self.hub = Hub()
+        self.events: list[Any] = []
+        self.hub.local.topic(CONTACT_ADDED).subscribe(self.events.append)
+        client = CardDAVClient(StubTreq(self.dav), self.clock, credentials=("svc", "pw"),
+                               metrics=self.metrics)
+        self.engine = CollectorEngine(
+            self.users, client, BookLayout.from_config("http://dav.test/dav/", ""),
+            self.hub, self.metrics, self.clock)
+
+    def handle(self, **message: Any) -> Any:
+        return self.successResultOf(self.engine.handle(body(**message)))
+
+    def test_fake_user_source_is_an_IUserSource(self) -> None:
+        self.assertTrue(verifyObject(IUserSource, self.users))
+
+    def test_new_addresses_become_contacts_in_a_collected_book_made_on_demand(self) -> None:
+        outcome = self.handle(userId="A1", emails=["John Doe <john@x.org>", "k@y.org"])
+        self.assertEqual(sorted(outcome.created), ["john@x.org", "k@y.org"])
+        cards = self.dav.cards(COLLECTED)
+        self.assertEqual(len(cards), 2)
+        john = self.dav.cards(COLLECTED)[contact_uuid("john@x.org") + ".vcf"]
+        self.assertIn("FN:John Doe\r\n", john)
+        self.assertIn("N:Doe;John;;;\r\n", john)
+        self.assertIn("EMAIL;TYPE=work:john@x.org\r\n", john)
+        self.assertEqual(self.metrics.value("mailhub_collector_collected_total"), 2)
+        self.assertIn("MKCOL", self.dav.methods())
+
+    def test_every_request_carries_the_configured_basic_credentials(self) -> None:
+        self.handle(userId="A1", emails=["k@y.org"])
+        self.assertTrue(self.dav.auth)
+        self.assertTrue(all(a == b"Basic c3ZjOnB3" for a in self.dav.auth))
+
+    def test_user_id_wins_over_user_email(self) -> None:
+        outcome = self.handle(userId="A1", userEmail="bob@example.org", emails=["k@y.org"])
+        self.assertEqual(outcome.user, "alice@example.org")
+
+    def test_user_email_resolves_when_there_is_no_user_id(self) -> None:
+        outcome = self.handle(userEmail="BOB@example.org", emails=["k@y.org"])
+        self.assertEqual(outcome.user, "bob@example.org")
+        self.assertEqual(len(self.dav.cards("/dav/bob@example.org/collected/")), 1)
+
+    def test_poison_messages_fail_with_a_validation_error_saying_why(self) -> None:
+        cases = {
+            b"not json": "not JSON",
+            b"\xff\xfe": "not UTF-8",
+            b"[1]": "not a JSON object",
+            body(emails=["a@b.org"]): "no user",
+            body(userId="A1"): "no emails",
+            body(userId="A1", emails="a@b.org"): "not a list",
+            body(userId="A1", emails=[]): "empty",
+            body(userId="nobody", emails=["a@b.org"]): "unknown user",
+            body(userId=["A1"], emails=["a@b.org"]): "must be a string",
+        }
+        for raw, why in cases.items():
+            failure = self.failureResultOf(self.engine.handle(raw), ValidationError)
+            self.assertIn(why, str(failure.value), raw)
+        self.assertEqual(self.metrics.value("mailhub_collector_failed_total",
+                                            {"kind": "poison"}), len(cases))
+        self.assertEqual(self.dav.books.get(COLLECTED), None)
+
+    def test_own_and_site_user_addresses_are_skipped(self) -> None:
+        outcome = self.handle(userId="A1", emails=[
+            "A.Liddell@EXAMPLE.org", "Bob <bob@example.org>", "new@x.org"])
+        self.assertEqual(outcome.created, ["new@x.org"])
+        self.assertEqual(outcome.skipped, {"own": ["A.Liddell@example.org"],
+                                           "site_user": ["bob@example.org"]})
+        self.assertEqual(self.metrics.value("mailhub_collector_skipped_total",
+                                            {"reason": "site_user"}), 1)
+
+    def test_site_users_are_collected_when_configured_so(self) -> None:
+        client = CardDAVClient(StubTreq(self.dav), self.clock)
+        engine = CollectorEngine(self.users, client,
+                                 BookLayout.from_config("http://dav.test/dav/", ""),
+                                 self.hub, self.metrics, self.clock, skip_site_users=False)
+        outcome = self.successResultOf(engine.handle(body(userId="A1", emails=["bob@example.org"])))
+        self.assertEqual(outcome.created, ["bob@example.org"])
+
+    def test_junk_is_reported_and_the_rest_collected(self) -> None:
+        outcome = self.handle(userId="A1", emails=["junk", 42, "ok@x.org"])
+        self.assertEqual(outcome.created, ["ok@x.org"])
+        self.assertEqual([r for r, _ in outcome.rejected], ["junk", "42"])
+        self.assertEqual(self.metrics.value("mailhub_collector_skipped_total",
+                                            {"reason": "invalid"}), 2)
+
+    def test_an_address_in_any_book_is_not_collected_again(self) -> None:
+        self.dav.add_card(HOME + "personal/", "x.vcf",
+                          "BEGIN:VCARD\r\nVERSION:3.0\r\nFN:Known\r\nEMAIL:KNOWN@X.ORG\r\nEND:VCARD\r\n")
+        outcome = self.handle(userId="A1", emails=["known@x.org", "other@x.org"])
+        self.assertEqual(outcome.created, ["other@x.org"])
+        self.assertEqual(outcome.skipped, {"exists": ["known@x.org"]})
+        self.assertNotIn("known@x.org", " ".join(self.dav.cards(COLLECTED).values()))
+
+    def test_the_same_address_in_two_forms_is_one_contact_with_the_name(self) -> None:
+        outcome = self.handle(userId="A1", emails=["a@x.org", "Ann Example <A@X.org>",
+                                                   "a@X.ORG"])
+        self.assertEqual(outcome.created, ["A@x.org"])
+        (card,) = self.dav.cards(COLLECTED).values()
+        self.assertIn("FN:Ann Example", card)
+        self.assertEqual(len(self.events), 1)
+
+    def test_redelivery_makes_no_second_contact_and_no_second_event(self) -> None:
+        self.handle(userId="A1", emails=["Ann <a@x.org>"])
+        self.engine.known.forget("alice@example.org")
+        outcome = self.handle(userId="A1", emails=["Ann <a@x.org>"])
+        self.assertEqual(outcome.created, [])
+        self.assertEqual(len(self.dav.cards(COLLECTED)), 1)
+        self.assertEqual(len(self.events), 1)
+
+    def test_known_addresses_are_decided_without_any_request(self) -> None:
+        self.handle(userId="A1", emails=["Ann <a@x.org>", "b@x.org"])
+        before = len(self.dav.log)
+        outcome = self.handle(userId="A1", emails=["Ann <a@x.org>", "b@x.org"])
+        self.assertEqual(outcome.skipped, {"exists": ["a@x.org", "b@x.org"]})
+        self.assertEqual(len(self.dav.log), before)
+
+    def test_the_cache_expires(self) -> None:
+        self.handle(userId="A1", emails=["b@x.org"])
+        self.clock.advance(601)
+        before = len(self.dav.log)
+        self.handle(userId="A1", emails=["b@x.org"])
+        self.assertGreater(len(self.dav.log), before)
+
+    def test_a_contact_deleted_by_the_user_is_collected_again_after_the_cache(self) -> None:
+        self.handle(userId="A1", emails=["b@x.org"])
+        self.dav.books[COLLECTED].clear()
+        self.clock.advance(601)
+        outcome = self.handle(userId="A1", emails=["b@x.org"])
+        self.assertEqual(outcome.created, ["b@x.org"])
+
+    def test_a_nameless_collected_contact_gets_the_name(self) -> None:
+        self.handle(userId="A1", emails=["ann@x.org"])
+        outcome = self.handle(userId="A1", emails=["Ann  Smith <ann@x.org>"])
+        self.assertEqual(outcome.named, ["ann@x.org"])
+        (card,) = self.dav.cards(COLLECTED).values()
+        parsed = parse_vcard(card)
+        self.assertEqual(parsed.fn, "Ann Smith")
+        self.assertIn("N:Smith;Ann;;;", card)
+        self.assertEqual(len(self.events), 1)
+        self.assertEqual(self.metrics.value("mailhub_collector_named_total"), 1)
+
+    def test_a_nameless_contact_in_a_personal_book_is_left_alone(self) -> None:
+        text = "BEGIN:VCARD\r\nVERSION:4.0\r\nFN:p@x.org\r\nEMAIL:p@x.org\r\nEND:VCARD\r\n"
+        self.dav.add_card(HOME + "personal/", "p.vcf", text)
+        outcome = self.handle(userId="A1", emails=["Pat <p@x.org>"])
+        self.assertEqual(outcome.skipped, {"exists": ["p@x.org"]})
+        self.assertEqual(self.dav.cards(HOME + "personal/")["p.vcf"], text)
+
+    def test_a_named_contact_keeps_its_name(self) -> None:
+        self.handle(userId="A1", emails=["Ann <ann@x.org>"])
+        self.engine.known.forget("alice@example.org")
+        self.handle(userId="A1", emails=["Someone Else <ann@x.org>"])
+        (card,) = self.dav.cards(COLLECTED).values()
+        self.assertIn("FN:Ann\r\n", card)
+
+    def test_a_contact_written_meanwhile_elsewhere_is_named_through_the_412(self) -> None:
+        # Another instance wrote the nameless card after our REPORT: PUT says 412.
+        self.dav.books[COLLECTED] = {}
+        uid = contact_uuid("ann@x.org")
+        contact = Contact(uid=uid, email="ann@x.org", fn="ann@x.org")
+        original_report = self.dav.do_REPORT
+
+        def report_then_race(request: Any, path: str, raw: bytes) -> bytes:
+            answer = original_report(request, path, raw)
+            self.dav.books[COLLECTED][uid + ".vcf"] = to_vcard(contact)
+            return answer
+
+        self.dav.do_REPORT = report_then_race  # type: ignore[method-assign]
+        outcome = self.handle(userId="A1", emails=["Ann <ann@x.org>"])
+        self.assertEqual(outcome.created, [])
+        self.assertEqual(outcome.named, ["ann@x.org"])
+        self.assertEqual(self.events, [])
+
+    def test_the_event_has_esn_payload_with_a_jcard(self) -> None:
+        self.handle(userId="A1", emails=["John Doe <john@x.org>"])
+        (event,) = self.events
+        self.assertEqual(event["contactId"], contact_uuid("john@x.org"))
+        self.assertEqual(event["bookHome"], "alice@example.org")
+        self.assertEqual(event["bookId"], "alice@example.org")
+        self.assertEqual(event["bookName"], "collected")
+        self.assertEqual(event["user"]["_id"], "A1")
+        self.assertEqual(event["vcard"][0], "vcard")
+        props = {p[0]: p for p in event["vcard"][1]}
+        self.assertEqual(props["fn"][3], "John Doe")
+        self.assertEqual(props["email"], ["email", {"type": "work"}, "text", "john@x.org"])
+        json.dumps(event)
+
+    def test_the_event_is_forwarded_to_the_global_pubsub(self) -> None:
+        from mailhub.pubsub.local import LocalPubSub
+        global_ = LocalPubSub()
+        seen: list[Any] = []
+        global_.topic(CONTACT_ADDED).subscribe(seen.append)
+        self.hub.global_ = global_
+        self.handle(userId="A1", emails=["k@y.org"])
+        self.assertEqual(len(seen), 1)
+
+    def test_server_errors_are_transient_and_a_retry_finishes_the_job(self) -> None:
+        self.dav.fail_next = [503]
+        self.failureResultOf(self.engine.handle(body(userId="A1", emails=["k@y.org"])),
+                             Unavailable)
+        self.assertEqual(self.metrics.value("mailhub_collector_failed_total",
+                                            {"kind": "transient"}), 1)
+        outcome = self.handle(userId="A1", emails=["k@y.org"])
+        self.assertEqual(outcome.created, ["k@y.org"])
+
+    def test_a_failing_put_fails_the_message_so_it_is_retried(self) -> None:
+        self.dav.books[COLLECTED] = {}
+        # PROPFIND, REPORT x2 succeed; the first PUT gets a 500.
+        original_put = self.dav.do_PUT
+        calls = []
+
+        def put(request: Any, path: str, raw: bytes) -> bytes:
+            calls.append(path)
+            if len(calls) == 1:
+                request.setResponseCode(500)
+                return b""
+            return original_put(request, path, raw)
+
+        self.dav.do_PUT = put  # type: ignore[method-assign]
+        self.failureResultOf(self.engine.handle(body(userId="A1", emails=["a@x.org", "b@x.org"])),
+                             Unavailable)
+        outcome = self.handle(userId="A1", emails=["a@x.org", "b@x.org"])
+        self.assertEqual(len(self.dav.cards(COLLECTED)), 2)
+        self.assertEqual(len(outcome.created) + len(outcome.skipped.get("exists", [])), 2)
+
+    def test_user_source_down_is_transient(self) -> None:
+        self.users.down = True
+        self.failureResultOf(self.engine.handle(body(userId="A1", emails=["k@y.org"])),
+                             Unavailable)
+
+    def test_a_collected_book_deleted_meanwhile_is_made_again(self) -> None:
+        self.handle(userId="A1", emails=["k@y.org"])
+        original_propfind = self.dav.do_PROPFIND
+
+        def stale(request: Any, path: str, raw: bytes) -> bytes:
+            answer = original_propfind(request, path, raw)
+            self.dav.books.pop(COLLECTED, None)
+            return answer
+
+        self.dav.do_PROPFIND = stale  # type: ignore[method-assign]
+        outcome = self.handle(userId="A1", emails=["n@y.org"])
+        self.assertEqual(outcome.created, ["n@y.org"])
+        self.assertEqual(list(self.dav.cards(COLLECTED)), [contact_uuid("n@y.org") + ".vcf"])
+
+    def test_a_missing_home_is_made_before_the_book(self) -> None:
+        self.dav.homes.clear()
+        self.dav.books.clear()
+        outcome = self.handle(userId="A1", emails=["k@y.org"])
+        self.assertEqual(outcome.created, ["k@y.org"])
+        self.assertIn(HOME, self.dav.homes)
+
+    def test_idn_spellings_are_one_address(self) -> None:
+        self.dav.add_card(HOME + "personal/", "j.vcf",
+                          "BEGIN:VCARD\r\nVERSION:4.0\r\nFN:J\r\nEMAIL:j@xn--bcher-kva.de\r\nEND:VCARD\r\n")
+        outcome = self.handle(userId="A1", emails=["Jürgen <J@Bücher.de>"])
+        self.assertEqual(outcome.skipped, {"exists": ["J@bücher.de"]})
+
+
+class DecodeTests(SynchronousTestCase):
+    def test_every_problem_is_reported_at_once(self) -> None:
+        with self.assertRaises(ValidationError) as caught:
+            decode_message(b'{"emails": 3}')
+        self.assertEqual(len(caught.exception.messages), 2)
+
+    def test_a_numeric_user_id_is_read_as_text(self) -> None:
+        self.assertEqual(decode_message(b'{"userId": 7, "emails": ["a@b.org"]}')["userId"], "7")
