@@ -1,0 +1,248 @@
+"""The site's own users, password hashing, and the chain of user sources.
+
+:class:`SiteUserSource` answers from the directory store: a site user is a
+profile; they log in with any of their addresses (or their profile id), and
+their password, where one was set with ``mailhub user passwd``, is stored as
+an argon2id hash (argon2-cffi, RFC 9106 parameters). Verifying a hash costs
+tens of milliseconds of CPU and 64 MiB of memory on purpose, so it runs in a
+thread pool owned by :class:`HashingService`, never on the reactor thread.
+
+:class:`ChainedUserSource` asks several sources in order (the site's users,
+then LDAP): the first source that knows a login decides, and a source that
+cannot be asked (:class:`~mailhub.errors.Unavailable`) makes the whole
+answer unavailable rather than letting a later source say yes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from mailhub.directory.interfaces import IDirectoryStore, IUserSource
+from mailhub.directory.model import Profile, User, user_of
+from mailhub.errors import ValidationError
+
+T = TypeVar("T")
+
+#: Longest password accepted (bytes of UTF-8): a bound on hashing work.
+MAX_PASSWORD = 4096
+#: Longest login looked up; longer ones cannot exist and are refused at once.
+MAX_LOGIN = 320
+
+#: The hasher for stored passwords: argon2id with argon2-cffi's defaults
+#: (RFC 9106 "low memory" profile: t=3, m=64 MiB, p=4).
+DEFAULT_HASHER = PasswordHasher()
+
+_dummy_hashes: dict[int, str] = {}
+
+
+def hash_password(password: str, hasher: PasswordHasher = DEFAULT_HASHER) -> str:
+    """The argon2id hash to store for ``password`` (``mailhub user passwd``).
+
+    Raises ValidationError for an empty or oversized password: an empty one
+    could never be used (authentication refuses empty passwords).
+    """
+    if not password:
+        raise ValidationError("the password must not be empty")
+    if len(password.encode("utf-8")) > MAX_PASSWORD:
+        raise ValidationError("the password is longer than %d bytes" % MAX_PASSWORD)
+    return hasher.hash(password)
+
+
+def verify_password(password_hash: str | None, password: str,
+                    hasher: PasswordHasher = DEFAULT_HASHER) -> bool:
+    """Whether ``password`` matches the stored hash; blocking, call in a thread.
+
+    With no hash (no password set) a dummy hash is verified anyway, so the
+    answer takes as long as for a real user and timing does not tell which
+    logins exist. An empty password never matches.
+    """
+    if not password or len(password.encode("utf-8")) > MAX_PASSWORD:
+        return False
+    if not password_hash:
+        dummy = _dummy_hashes.get(id(hasher))
+        if dummy is None:
+            dummy = _dummy_hashes[id(hasher)] = hasher.hash("mailhub: no password set")
+        password_hash = dummy
+        matched = False
+    else:
+        matched = True
+    try:
+        hasher.verify(password_hash, password)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+    return matched
+
+
+class HashingService(Service):
+    """Owns the thread pool where password hashes are verified.
+
+    Small on purpose (default 2 threads): each verification takes 64 MiB and
+    a core for tens of milliseconds, and bounding the pool bounds both.
+    """
+
+    name = "password-hashing"
+
+    def __init__(self, threads: int = 2) -> None:
+        self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="mailhub-hashing")
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        self.pool.stop()
+
+
+def _deferred(method: Callable[..., Awaitable[T]]) -> Callable[..., "Deferred[T]"]:
+    """Make an ``async def`` method return a Deferred, as IUserSource promises."""
+
+    def wrapper(*args: Any, **kw: Any) -> "Deferred[T]":
+        return Deferred.fromCoroutine(method(*args, **kw))  # type: ignore[arg-type]
+
+    wrapper.__name__ = method.__name__
+    wrapper.__doc__ = method.__doc__
+    return wrapper
+
+
+@implementer(IUserSource)
+class SiteUserSource:
+    """The site's users: profiles in the directory store, with their passwords.
+
+    ``store`` is any IDirectoryStore (the SQL store, or the cache-backed
+    Directory when it offers the same methods); ``reactor`` and ``pool``
+    run the hash verification off the reactor thread.
+    """
+
+    name = "site"
+    log = Logger()
+
+    def __init__(self, store: IDirectoryStore, reactor: Any, pool: ThreadPool,
+                 hasher: PasswordHasher = DEFAULT_HASHER) -> None:
+        self.store = store
+        self.reactor = reactor
+        self.pool = pool
+        self.hasher = hasher
+
+    async def _profile(self, login: str) -> Profile | None:
+        login = login.strip()
+        if not login or len(login) > MAX_LOGIN:
+            return None
+        if "@" not in login:
+            return await maybeDeferred(self.store.get_profile, login)  # type: ignore[no-any-return]
+        return await maybeDeferred(self.store.find_profile, login)
+
+    @_deferred
+    async def find(self, login: str) -> User | None:
+        """The site user with this profile id or address, or None."""
+        profile = await self._profile(login)
+        return user_of(profile) if profile is not None else None
+
+    @_deferred
+    async def authenticate(self, login: str, password: str) -> User | None:
+        """The user if ``password`` is theirs; None otherwise (also with no password set)."""
+        if not password:
+            return None
+        profile = await self._profile(login)
+        password_hash = None
+        if profile is not None:
+            password_hash = await maybeDeferred(self.store.get_password_hash, profile.id)
+        matched = await deferToThreadPool(self.reactor, self.pool, verify_password,
+                                          password_hash, password, self.hasher)
+        if not matched or profile is None:
+            return None
+        if password_hash and self.hasher.check_needs_rehash(password_hash):
+            new_hash = await deferToThreadPool(self.reactor, self.pool, hash_password,
+                                               password, self.hasher)
+            await maybeDeferred(self.store.set_password_hash, profile.id, new_hash)
+        return user_of(profile)
+
+    async def pages(self, page_size: int) -> AsyncIterator[list[User]]:
+        """Every site user, in pages, ordered by login.
+
+        The store hands profiles over all at once (the site's users are held
+        in memory by the directory cache anyway); only LDAP needs real paging.
+        """
+        profiles = await maybeDeferred(self.store.load_profiles)
+        users = sorted((user_of(p) for p in profiles), key=lambda u: u.login.casefold())
+        del profiles
+        for start in range(0, len(users), max(page_size, 1)):
+            yield users[start:start + page_size]
+
+
+@implementer(IUserSource)
+class ChainedUserSource:
+    """Several user sources asked in order; the first that knows a login decides.
+
+    - ``find``: the first source's answer that is not None.
+    - ``authenticate``: the source that knows the login checks the password;
+      later sources are not asked (a site user's password cannot be
+      overridden by an LDAP entry with the same login). The last source is
+      asked to authenticate directly (it does its own lookup).
+    - If a source raises Unavailable before one knew the login, the answer
+      is Unavailable: never a success, never a failure that a retry would fix.
+    - ``pages``: every source's pages in order. A later source's user whose
+      login (case-insensitively) was already listed by an earlier source is
+      skipped, since it could not log in under that name anyway. Only the
+      logins of the sources before the last are remembered (the site's
+      users), so memory stays bounded by them, not by LDAP.
+    """
+
+    name = "chain"
+
+    def __init__(self, sources: Sequence[IUserSource]) -> None:
+        if not sources:
+            raise ValueError("a chain needs at least one user source")
+        self.sources = list(sources)
+
+    @_deferred
+    async def find(self, login: str) -> User | None:
+        """The first source's user with this login."""
+        for source in self.sources:
+            user = await source.find(login)
+            if user is not None:
+                return user
+        return None
+
+    @_deferred
+    async def authenticate(self, login: str, password: str) -> User | None:
+        """The user if the source that knows the login accepts the password."""
+        if not password or not login.strip():
+            return None
+        for source in self.sources[:-1]:
+            if await source.find(login) is not None:
+                return await source.authenticate(login, password)  # type: ignore[no-any-return]
+        return await self.sources[-1].authenticate(login, password)  # type: ignore[no-any-return]
+
+    async def pages(self, page_size: int) -> AsyncIterator[list[User]]:
+        """Every source's users in turn, later duplicates of a login skipped."""
+        seen: set[str] = set()
+        last = len(self.sources) - 1
+        for index, source in enumerate(self.sources):
+            iterator = source.pages(page_size).__aiter__()
+            try:
+                async for page in iterator:
+                    if seen:
+                        page = [u for u in page if u.login.casefold() not in seen]
+                    if index < last:
+                        seen.update(u.login.casefold() for u in page)
+                    if page:
+                        yield page
+            finally:
+                await _close(iterator)
+
+
+async def _close(iterator: Any) -> None:
+    close = getattr(iterator, "aclose", None)
+    if close is not None:
+        await close()
+

@@ -1,0 +1,85 @@
+"""The failure throttle slows guessing down and never locks the real user out."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailhub.directory.throttle import Throttle
+
+
+def fail(throttle: Throttle, login: str, client: str, times: int) -> None:
+    for _ in range(times):
+        throttle.after(login, client, False)
+
+
+class ThrottleTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.throttle = Throttle(self.clock, base=0.25, max_delay=15.0, free=1,
+                                 login_free=3, client_free=10, forget_after=900.0)
+
+    def test_a_first_attempt_and_a_single_typo_cost_nothing(self) -> None:
+        self.assertEqual(self.throttle.before("alice", "10.0.0.1"), 0.0)
+        self.throttle.after("alice", "10.0.0.1", False)
+        self.assertEqual(self.throttle.before("alice", "10.0.0.1"), 0.0)
+
+    def test_repeated_failures_double_the_delay_up_to_the_cap(self) -> None:
+        delays = []
+        for _ in range(10):
+            self.throttle.after("alice", "10.0.0.1", False)
+            delays.append(self.throttle.delay_of("alice", "10.0.0.1"))
+        self.assertEqual(delays[:7], [0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
+        self.assertEqual(delays[7:], [15.0, 15.0, 15.0])
+
+    def test_concurrent_attempts_on_one_pair_are_spaced_out_then_refused(self) -> None:
+        fail(self.throttle, "alice", "10.0.0.1", 6)  # pair delay now 4 s
+        waits = [self.throttle.before("alice", "10.0.0.1") for _ in range(5)]
+        # The first waits out the last failure's delay, each next one a delay
+        # more; past max_delay ahead they are refused without a check.
+        self.assertEqual(waits, [4.0, 8.0, 12.0, None, None])
+        # Another address, same login: not refused.
+        self.assertIsNotNone(self.throttle.before("alice", "10.0.0.2"))
+
+    def test_a_success_resets_the_pair(self) -> None:
+        fail(self.throttle, "alice", "10.0.0.1", 5)
+        self.throttle.after("alice", "10.0.0.1", True)
+        self.assertEqual(self.throttle.before("alice", "10.0.0.1"), 0.0)
+
+    def test_an_attacker_elsewhere_never_refuses_the_real_user(self) -> None:
+        # The real user logged in from home before the attack.
+        self.throttle.after("alice", "192.0.2.7", True)
+        for n in range(200):
+            client = "203.0.113.%d" % (n % 50)
+            self.throttle.before("alice", client)
+            self.throttle.after("alice", client, False)
+        # From home: no refusal and no delay at all.
+        self.assertEqual(self.throttle.before("alice", "192.0.2.7"), 0.0)
+        # From an address never seen: delayed (bounded), never refused.
+        wait = self.throttle.before("alice", "198.51.100.1")
+        self.assertIsNotNone(wait)
+        assert wait is not None
+        self.assertGreater(wait, 0.0)
+        self.assertLessEqual(wait, 15.0)
+
+    def test_one_address_spraying_many_logins_is_slowed_down(self) -> None:
+        for n in range(12):
+            self.throttle.after("user%d" % n, "203.0.113.9", False)
+        self.assertEqual(self.throttle.before("someone-else", "203.0.113.9"), 0.5)
+        self.assertEqual(self.throttle.before("someone-else", "198.51.100.1"), 0.0)
+
+    def test_failures_are_forgotten_after_a_quiet_period(self) -> None:
+        fail(self.throttle, "alice", "10.0.0.1", 8)
+        self.clock.advance(901)
+        self.assertEqual(self.throttle.before("alice", "10.0.0.1"), 0.0)
+        self.assertEqual(self.throttle.sizes()["pairs"], 0)
+
+    def test_logins_are_compared_case_insensitively(self) -> None:
+        fail(self.throttle, "Alice@Example.Test", "10.0.0.1", 4)
+        self.assertEqual(self.throttle.delay_of("alice@example.test", "10.0.0.1"), 1.0)
+
+    def test_memory_is_bounded_by_max_keys(self) -> None:
+        throttle = Throttle(self.clock, max_keys=100)
+        for n in range(1000):
+            throttle.after("user%d" % n, "10.0.%d.%d" % (n // 256, n % 256), False)
+        self.assertEqual(max(throttle.sizes().values()), 100)

@@ -1,0 +1,293 @@
+"""Site users, password hashing and the chain of user sources.
+
+The site-user tests run on the in-memory store, on a SQLite file and on a
+throwaway PostgreSQL database; hashing runs through the same thread-pool
+path as in production (an inline pool, so the tests stay synchronous).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterator
+
+import pytest
+from argon2 import PasswordHasher
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.python.failure import Failure
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from mailhub.directory.interfaces import IUserSource
+from mailhub.directory.memory import MemoryStore
+from mailhub.directory.model import Email, Profile, User
+from mailhub.directory.sql import SQLStore, dialect_for
+from mailhub.directory.users import (
+    ChainedUserSource, HashingService, SiteUserSource, hash_password, verify_password,
+)
+from mailhub.errors import Unavailable, ValidationError
+from tests.support.postgres import throwaway_database
+
+#: Cheap parameters so that the tests hash quickly; production uses the defaults.
+FAST = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+
+
+def result(d: "Deferred[Any]") -> Any:
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    if isinstance(out[0], Failure):
+        out[0].raiseException()
+    return out[0]
+
+
+def collect(source: Any, page_size: int) -> list[list[User]]:
+    async def run() -> list[list[User]]:
+        return [page async for page in source.pages(page_size)]
+
+    return result(Deferred.fromCoroutine(run()))  # type: ignore[no-any-return]
+
+
+class InlinePool:
+    """A ThreadPool stand-in that runs the work at once, on this thread."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def callInThreadWithCallback(self, on_result: Callable[..., None], f: Callable[..., Any],
+                                 *args: Any, **kw: Any) -> None:
+        self.calls += 1
+        try:
+            value = f(*args, **kw)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, value)
+
+
+class InlineReactor:
+    def callFromThread(self, f: Callable[..., Any], *args: Any, **kw: Any) -> None:
+        f(*args, **kw)
+
+
+ALICE = Profile(id="aliceAliceAliceAlice01", name="Alice Ædelstein", emails=(
+    Email("alice@example.test", verified=True, preferred=True),
+    Email("ALICE.other@example.test", verified=True),
+))
+BOB = Profile(id="bobBobBobBobBobBobBo02", name="Bob", emails=(
+    Email("bob@example.test", verified=True, preferred=True),))
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+def store(request: Any, tmp_path: Path) -> Iterator[SQLStore]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    if request.param == "sqlite":
+        made = SQLStore(dialect_for("sqlite:///%s/db.sqlite" % tmp_path))
+        result(made.migrate())
+        yield made
+        made.close_all()
+        return
+    with throwaway_database() as dsn:
+        made = SQLStore(dialect_for(dsn))
+        result(made.migrate())
+        yield made
+        made.close_all()
+
+
+@pytest.fixture
+def pool() -> InlinePool:
+    return InlinePool()
+
+
+@pytest.fixture
+def site(store: SQLStore, pool: InlinePool) -> SiteUserSource:
+    result(store.create_profile(ALICE))
+    result(store.create_profile(BOB))
+    result(store.set_password_hash(ALICE.id, hash_password("Grüße, Welt!", FAST)))
+    return SiteUserSource(store, InlineReactor(), pool, hasher=FAST)  # type: ignore[arg-type]
+
+
+# -- hashing -----------------------------------------------------------------
+
+
+def test_stored_hashes_are_argon2id_with_the_rfc_9106_parameters() -> None:
+    hashed = hash_password("correct horse")
+    assert hashed.startswith("$argon2id$v=19$m=65536,t=3,p=4$")
+    assert verify_password(hashed, "correct horse")
+    assert not verify_password(hashed, "correct hors")
+
+
+def test_the_same_password_hashes_differently_each_time() -> None:
+    assert hash_password("x", FAST) != hash_password("x", FAST)
+
+
+def test_an_empty_password_cannot_be_set_nor_match() -> None:
+    with pytest.raises(ValidationError):
+        hash_password("", FAST)
+    assert not verify_password(hash_password("a", FAST), "", FAST)
+
+
+def test_no_hash_or_a_garbage_hash_never_matches() -> None:
+    assert not verify_password(None, "anything", FAST)
+    assert not verify_password("not a hash", "anything", FAST)
+    assert not verify_password("$argon2id$v=19$m=8,t=1,p=1$garbage", "anything", FAST)
+
+
+def test_oversized_passwords_are_refused_without_hashing() -> None:
+    with pytest.raises(ValidationError):
+        hash_password("x" * 5000, FAST)
+    assert not verify_password(hash_password("x", FAST), "x" * 5000, FAST)
+
+
+def test_the_hashing_service_owns_and_stops_its_pool() -> None:
+    service = HashingService(threads=1)
+    service.startService()
+    assert service.pool.started
+    service.stopService()
+    assert not service.pool.started
+
+
+# -- site users ----------------------------------------------------------------
+
+
+def test_site_source_provides_the_interface(site: SiteUserSource) -> None:
+    verifyObject(IUserSource, site)
+
+
+def test_site_users_are_found_by_id_and_by_any_address(site: SiteUserSource) -> None:
+    for login in (ALICE.id, "alice@example.test", "alice.other@EXAMPLE.test", " alice@example.test "):
+        user = result(site.find(login))
+        assert user is not None, login
+        assert user.login == "alice@example.test"
+        assert user.name == "Alice Ædelstein"
+        assert user.emails == ("alice@example.test", "ALICE.other@example.test")
+        assert user.source == "site" and user.id == ALICE.id
+    assert result(site.find("nobody@example.test")) is None
+    assert result(site.find("")) is None
+
+
+def test_the_right_password_authenticates_through_the_pool(
+        site: SiteUserSource, pool: InlinePool) -> None:
+    user = result(site.authenticate("ALICE.other@example.test", "Grüße, Welt!"))
+    assert user is not None and user.id == ALICE.id
+    assert pool.calls >= 1
+
+
+@pytest.mark.parametrize("login,password", [
+    ("alice@example.test", "grüße, welt!"),
+    ("alice@example.test", ""),
+    ("bob@example.test", "Grüße, Welt!"),   # no password set
+    ("nobody@example.test", "Grüße, Welt!"),
+    ("", "Grüße, Welt!"),
+])
+def test_anything_else_fails(site: SiteUserSource, login: str, password: str) -> None:
+    assert result(site.authenticate(login, password)) is None
+
+
+def test_an_outdated_hash_is_upgraded_on_login(store: SQLStore, pool: InlinePool) -> None:
+    result(store.create_profile(ALICE))
+    weak = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1, salt_len=8)
+    result(store.set_password_hash(ALICE.id, weak.hash("pw")))
+    source = SiteUserSource(store, InlineReactor(), pool,  # type: ignore[arg-type]
+                            hasher=PasswordHasher(time_cost=2, memory_cost=8, parallelism=1))
+    assert result(source.authenticate("alice@example.test", "pw")) is not None
+    assert "t=2" in result(store.get_password_hash(ALICE.id))
+
+
+def test_site_users_are_listed_in_pages(site: SiteUserSource) -> None:
+    pages = collect(site, 1)
+    assert [[u.login for u in page] for page in pages] == [
+        ["alice@example.test"], ["bob@example.test"]]
+
+
+# -- the chain -------------------------------------------------------------------
+
+
+@implementer(IUserSource)
+class FakeSource:
+    """An in-memory IUserSource; ``down`` makes every call Unavailable."""
+
+    def __init__(self, name: str, users: dict[str, tuple[User, str]]) -> None:
+        self.name = name
+        self.users = users
+        self.down = False
+        self.asked: list[str] = []
+
+    def find(self, login: str) -> "Deferred[User | None]":
+        self.asked.append("find " + login)
+        if self.down:
+            return fail(Unavailable(self.name + " is down"))
+        found = self.users.get(login)
+        return succeed(found[0] if found else None)
+
+    def authenticate(self, login: str, password: str) -> "Deferred[User | None]":
+        self.asked.append("auth " + login)
+        if self.down:
+            return fail(Unavailable(self.name + " is down"))
+        found = self.users.get(login)
+        return succeed(found[0] if found and password and found[1] == password else None)
+
+    async def pages(self, page_size: int) -> AsyncIterator[list[User]]:
+        if self.down:
+            raise Unavailable(self.name + " is down")
+        users = [u for u, _ in self.users.values()]
+        for start in range(0, len(users), page_size):
+            yield users[start:start + page_size]
+
+
+def chain_of() -> tuple[ChainedUserSource, FakeSource, FakeSource]:
+    site = FakeSource("site", {
+        "carol": (User("carol", "Carol (site)", source="site"), "site-pw"),
+    })
+    ldap = FakeSource("ldap", {
+        "carol": (User("carol", "Carol (ldap)", source="ldap"), "ldap-pw"),
+        "dave": (User("dave", "Dave", source="ldap"), "dave-pw"),
+        "erin": (User("erin", "Erin", source="ldap"), "erin-pw"),
+    })
+    return ChainedUserSource([site, ldap]), site, ldap
+
+
+def test_chain_provides_the_interface() -> None:
+    chain, _, _ = chain_of()
+    verifyObject(IUserSource, chain)
+
+
+def test_chain_finds_in_the_first_source_that_knows_the_login() -> None:
+    chain, _, _ = chain_of()
+    assert result(chain.find("carol")).source == "site"
+    assert result(chain.find("dave")).source == "ldap"
+    assert result(chain.find("nobody")) is None
+
+
+def test_the_source_that_knows_the_user_decides() -> None:
+    chain, _, ldap = chain_of()
+    assert result(chain.authenticate("carol", "site-pw")).source == "site"
+    # LDAP's password for the same login does not open the site account.
+    assert result(chain.authenticate("carol", "ldap-pw")) is None
+    assert "auth carol" not in ldap.asked
+    assert result(chain.authenticate("dave", "dave-pw")).source == "ldap"
+    assert result(chain.authenticate("dave", "")) is None
+
+
+def test_an_unavailable_source_never_lets_a_later_one_succeed() -> None:
+    chain, site, ldap = chain_of()
+    site.down = True
+    out: list[Any] = []
+    chain.authenticate("dave", "dave-pw").addBoth(out.append)
+    assert isinstance(out[0], Failure) and out[0].check(Unavailable)
+    site.down = False
+    ldap.down = True
+    # The site still answers for its own users while LDAP is down...
+    assert result(chain.authenticate("carol", "site-pw")).source == "site"
+    # ...but nobody else can log in, and that is not a "wrong password".
+    out.clear()
+    chain.authenticate("dave", "dave-pw").addBoth(out.append)
+    assert isinstance(out[0], Failure) and out[0].check(Unavailable)
+
+
+def test_chain_lists_every_source_in_order_without_duplicate_logins() -> None:
+    chain, _, _ = chain_of()
+    pages = collect(chain, 2)
+    assert [[(u.login, u.source) for u in p] for p in pages] == [
+        [("carol", "site")], [("dave", "ldap")], [("erin", "ldap")]]
