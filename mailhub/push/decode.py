@@ -64,10 +64,12 @@ def _decode_word(charset: str, encoding: str, payload: str) -> str | None:
     except (binascii.Error, ValueError):
         return None
     try:
-        return raw.decode(charset, "replace")
+        text = raw.decode(charset, "replace")
     except (LookupError, UnicodeError, ValueError, TypeError):
         # Unknown or non-text charsets: UTF-8 is the likeliest truth.
-        return raw.decode("utf-8", "replace")
+        text = raw.decode("utf-8", "replace")
+    # Codecs such as unicode-escape can make lone surrogates: never pass one on.
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def decode_words(text: str) -> str:
