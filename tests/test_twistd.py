@@ -1,0 +1,110 @@
+"""``twistd mailhub`` as a user runs it: defaults, config files, the .tac, the wheel.
+
+These start the real process and talk to it over HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.support.postgres import throwaway_database
+from tests.support.process import TWISTD, Mailhub
+from tests.support.require import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_serve_on_sqlite_and_stop_cleanly_on_sigterm(tmp_path: Path) -> None:
+    mailhub = Mailhub(tmp_path).start()
+    status, health = mailhub.get("/healthz")
+    assert status == 200
+    assert health["dependencies"]["database"] == {"ok": True, "detail": "sqlite"}
+    assert (tmp_path / "mailhub-data" / "mailhub.sqlite").exists()
+    status, body = mailhub.get("/no/such/thing")
+    assert status == 404 and "no such resource" in body["error"]
+    # twistd shuts down, then ends itself with the signal it got, as
+    # systemd expects of a service stopped by SIGTERM.
+    assert mailhub.stop() == -signal.SIGTERM
+    log = mailhub.log.read_text()
+    assert "Server Shut Down." in log
+    assert "Traceback" not in log
+
+
+def test_config_file_selects_postgresql(tmp_path: Path) -> None:
+    with throwaway_database() as dsn:
+        with Mailhub(tmp_path, config="[database]\ndsn = %s\n" % dsn) as mailhub:
+            status, health = mailhub.get("/healthz")
+            assert health["dependencies"]["database"] == {"ok": True, "detail": "postgresql"}
+            status, metrics = mailhub.get("/metrics")
+            assert b'mailhub_http_requests_total{method="GET",route="/healthz",status="200"}' in metrics
+
+
+def test_bad_config_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "mailhub.ini"
+    config.write_text("[amqp]\nprefetch = lots\n")
+    done = subprocess.run([TWISTD, "-n", "--pidfile=", "mailhub", "--config", str(config)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines == ["mailhub: configuration error: %s: [amqp] prefetch: bad value: "
+                     "invalid literal for int() with base 10: 'lots'" % config]
+
+
+def test_oversized_body_is_refused_with_json_413(tmp_path: Path) -> None:
+    with Mailhub(tmp_path, config="[mailhub]\nmax_body = 1024\n") as mailhub:
+        status, body = mailhub.request("POST", "/gs-group-groups.json", b"x" * 10_000_000,
+                                       {"Content-Type": "application/x-www-form-urlencoded"})
+        assert status == 413
+        assert body == {"error": "request body larger than 1024 bytes"}
+
+
+def test_tac_file_runs_the_same_service(tmp_path: Path) -> None:
+    port = free_port()
+    env = dict(os.environ, MAILHUB_LISTEN="tcp:%d:interface=127.0.0.1" % port)
+    mailhub = Mailhub(tmp_path, port=port)
+    mailhub.args = [TWISTD, "-ny", str(ROOT / "tac" / "mailhub.tac"), "--pidfile="]
+    mailhub.env = env
+    with mailhub:
+        assert mailhub.get("/healthz")[0] == 200
+
+
+def test_installed_wheel_provides_the_twistd_plugin(tmp_path: Path) -> None:
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(wheels), str(ROOT)], check=True, capture_output=True,
+                   timeout=300)
+    (wheel,) = wheels.glob("mailhub-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "twisted/plugins/mailhub_plugin.py" in names
+    assert "twisted/plugins/__init__.py" not in names
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
+                    str(target), str(wheel)], check=True, capture_output=True, timeout=300)
+    # -S: no site-packages processing, so the checkout (on sys.path through the
+    # editable install's .pth) is not seen; only the wheel and the dependencies.
+    path = os.pathsep.join([str(target), sysconfig.get_paths()["purelib"]])
+    done = subprocess.run([sys.executable, "-S", "-c",
+                           "import sys; from twisted.scripts.twistd import run; "
+                           "sys.argv = ['twistd', '--help']; run()"],
+                          cwd=tmp_path, env=dict(os.environ, PYTHONPATH=path),
+                          capture_output=True, text=True, timeout=120)
+    assert "mailhub" in done.stdout, done.stdout + done.stderr
+    import_check = subprocess.run([sys.executable, "-S", "-c", "import mailhub; print(mailhub.__file__)"],
+                                  cwd=tmp_path, env=dict(os.environ, PYTHONPATH=path),
+                                  capture_output=True, text=True, timeout=60)
+    assert import_check.stdout.startswith(str(target))
+
+
+@pytest.mark.parametrize("argv", [["--version"]])
+def test_plugin_options(tmp_path: Path, argv: list[str]) -> None:
+    done = subprocess.run([TWISTD, "mailhub", *argv], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.strip() == "mailhub 0.1.0"
