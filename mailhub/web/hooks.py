@@ -1,0 +1,507 @@
+"""GroupServer's five web hooks, answered from the in-memory directory.
+
+Each hook is a form (query string and body both count) with a ``token``, the
+hook's fields, and an *action*: a parameter whose mere presence (``&search``,
+``&search=``) says what to do. Without an action a hook describes itself.
+Parameter names, action names, reply fields and status numbers are
+GroupServer's (REFERENCE.md section 2); its bugs are fixed: ``id`` and
+``name`` are strings, an invalid address or an unknown group is a validation
+error, addresses match exactly (case-insensitive, no wildcards), the token is
+compared in constant time and never echoed, and real HTTP codes are used:
+200 success, 400 validation error, 403 bad token, 413 body too large, always
+with GroupServer's error shape ``{"status": 100, "message": [...]}``.
+
+The read path (``/gs-search-people.json``) is served from the
+:class:`~mailhub.directory.cache.Directory`'s memory on the reactor thread,
+with each profile's JSON serialised once and reused until the profile object
+changes; only a miss is checked against the database.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Awaitable, Callable
+from zoneinfo import ZoneInfo
+
+import attrs
+from klein import Klein
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from mailhub.config import Config
+from mailhub.directory.cache import (
+    ADDED_EXISTING, ADDED_NEW, ALREADY_MEMBER, LEFT, NO_SUCH_GROUP, NO_SUCH_USER,
+    Directory,
+)
+from mailhub.directory.model import Profile
+from mailhub.errors import ValidationError
+from mailhub.metrics import Metrics
+from mailhub.web.common import JSON_TYPE, HTTPError, form_fields, handle_errors, json_bytes
+
+#: GroupServer's status for a validation error (and a refused token).
+VALIDATION_ERROR = 100
+#: GroupServer's status for "an unknown event occurred" in the add hook.
+UNKNOWN_EVENT = 257
+
+TOKEN_MISMATCH = "The authentication token does not match the one in the database."
+TOKEN_MISSING = "The authentication token (token) is required."
+
+_LOCAL_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010FFFF]+"
+_LOCAL = re.compile(r"^%s(?:\.%s)*$" % (_LOCAL_ATOM, _LOCAL_ATOM))
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9\-\u0080-\U0010FFFF]{1,63}(?<!-)$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_address(address: str) -> str | None:
+    """Why ``address`` is not a plain addr-spec we accept, or None when it is.
+
+    Strict on purpose: one ``local@domain`` with a dot-atom local part (UTF-8
+    allowed, RFC 6531) and a domain of at least two labels that IDNA can
+    encode; no display name, no comments, no spaces, at most 254 characters.
+    """
+    if len(address) > 254:
+        return "is longer than 254 characters"
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        return "is not an email address (local@domain)"
+    if len(local) > 64:
+        return "has a local part longer than 64 characters"
+    if not _LOCAL.match(local):
+        return "has a local part with characters an address cannot hold"
+    labels = domain.split(".")
+    if len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
+        return "has an invalid domain"
+    try:
+        domain.encode("idna")
+    except UnicodeError:
+        return "has a domain that cannot be written in IDNA"
+    return None
+
+
+@attrs.frozen
+class Argument:
+    """One field of a hook, as its self-description shows it."""
+
+    description: str
+    required: bool
+
+
+@attrs.frozen
+class HookSpec:
+    """What a hook is called, does and takes: its self-description."""
+
+    path: str
+    label: str
+    actions: tuple[tuple[str, str], ...]
+    arguments: tuple[tuple[str, Argument], ...]
+
+    def description(self) -> dict[str, Any]:
+        """GroupServer's answer when no action is given."""
+        return {
+            "message": ["", self.label],
+            "actions": {name: label for name, label in self.actions},
+            "arguments": {name: {"Description": a.description, "Required": a.required}
+                          for name, a in self.arguments},
+        }
+
+    def action(self, fields: dict[str, str]) -> str | None:
+        """The first of this hook's actions present in the form, as zope.formlib picks."""
+        for name, _ in self.actions:
+            if name in fields:
+                return name
+        return None
+
+
+TOKEN = ("token", Argument("The authentication token", True))
+
+GROUPS = HookSpec(
+    "/gs-group-groups.json", "Get the groups on the site",
+    (("get", "Get"),), (TOKEN,))
+MEMBER_ADD = HookSpec(
+    "/gs-group-member-add.json", "Add hook",
+    (("add", "Add"),),
+    (TOKEN,
+     ("groupId", Argument("The group to add the person to", True)),
+     ("email", Argument("The email address of the new member", True)),
+     ("fn", Argument("The name of the new member", True)),
+     ("biography", Argument("The HTML-formatted biography of the new member", False)),
+     ("tz", Argument("The timezone", False))))
+SEARCH = HookSpec(
+    "/gs-search-people.json", "Profile exists",
+    (("search", "Search"),),
+    (("user", Argument("The person that is being searched: a user identifier or an "
+                       "email address", True)),
+     TOKEN))
+SITE_MEMBERS = HookSpec(
+    "/gs-site-member-list.json", "List the site members",
+    (("users", "Users"), ("user_groups", "User groups")), (TOKEN,))
+LEAVE = HookSpec(
+    "/gs-group-member-leave.json", "Remove someone from the group",
+    (("leave", "Leave"),),
+    (("userId", Argument("The identifier of the person who is leaving the group", True)),
+     ("groupId", Argument("The identifier of the group that the user is leaving", True)),
+     TOKEN))
+
+#: Every hook, by the path it answers on (the alias included).
+HOOKS: dict[str, HookSpec] = {
+    GROUPS.path: GROUPS,
+    MEMBER_ADD.path: MEMBER_ADD,
+    SEARCH.path: SEARCH,
+    SITE_MEMBERS.path: SITE_MEMBERS,
+    "/gs-site-member.json": SITE_MEMBERS,
+    LEAVE.path: LEAVE,
+}
+
+MAX_NAME = 200
+MAX_BIOGRAPHY = 64 * 1024
+MAX_USER = 320
+
+
+class FailureThrottle:
+    """A growing, bounded delay for clients whose token keeps being wrong.
+
+    The first failure is answered at once; each following one within
+    ``forget_after`` seconds waits twice as long as the one before, from
+    ``base`` up to ``cap`` seconds. At most ``max_clients`` addresses are
+    remembered (the oldest is forgotten first), so memory stays bounded.
+    """
+
+    def __init__(self, clock: IReactorTime, base: float = 0.25, cap: float = 8.0,
+                 forget_after: float = 900.0, max_clients: int = 10000) -> None:
+        self.clock = clock
+        self.base = base
+        self.cap = cap
+        self.forget_after = forget_after
+        self.max_clients = max_clients
+        self.clients: dict[str, tuple[int, float]] = {}
+
+    def failed(self, client: str) -> float:
+        """Count one failure of ``client``; the delay its answer should wait."""
+        now = self.clock.seconds()
+        count, last = self.clients.pop(client, (0, now))
+        if now - last > self.forget_after:
+            count = 0
+        count += 1
+        self.clients[client] = (count, now)
+        while len(self.clients) > self.max_clients:
+            del self.clients[next(iter(self.clients))]
+        if count == 1:
+            return 0.0
+        return float(min(self.base * 2 ** (count - 2), self.cap))
+
+    def succeeded(self, client: str) -> None:
+        """Forget the failures of a client that has just shown the right token."""
+        self.clients.pop(client, None)
+
+
+def _client(request: IRequest) -> str:
+    address = request.getClientAddress()
+    return str(getattr(address, "host", address))
+
+
+def _invalid(messages: list[str]) -> HTTPError:
+    return HTTPError(400, {"status": VALIDATION_ERROR, "message": list(messages)})
+
+
+Handler = Callable[[IRequest, str, dict[str, str]], Awaitable[bytes]]
+
+
+class GroupHooks:
+    """The GroupServer web hooks of one site.
+
+    ``hub`` is the :class:`mailhub.pubsub.Hub`: changes are published on
+    ``hub.local`` and forwarded to ``hub.global_`` as ``member:added``,
+    ``member:left`` and ``profile:created``.
+    """
+
+    app = Klein()
+    log = Logger()
+
+    #: First path segments this surface answers, for the root resource.
+    paths: tuple[bytes, ...] = tuple(p.lstrip("/").encode("ascii") for p in HOOKS)
+
+    def __init__(self, directory: Directory, config: Config, metrics: Metrics, hub: Any,
+                 clock: IReactorTime | None = None) -> None:
+        self.directory = directory
+        self.hub = hub
+        self.site_url = config.mailhub.site_url.rstrip("/")
+        self.max_body = config.mailhub.max_body
+        self.clock = clock if clock is not None else directory.clock
+        self.throttle = FailureThrottle(self.clock)
+        self._failures = metrics.counter(
+            "mailhub_auth_failures_total", "Authentication failures, by surface",
+            ["surface"]).labels(surface="hooks")
+        self._answers = metrics.counter(
+            "mailhub_hook_requests_total", "Group hook requests answered, by hook and status",
+            ["hook", "status"])
+        self._answer_children: dict[tuple[str, int], Any] = {}
+        # profile id -> (the Profile object it was made from, its JSON bytes)
+        self._json: dict[str, tuple[Profile, bytes]] = {}
+        self._json_limit = 500_000
+
+    def resource(self) -> IResource:
+        """The Klein resource; it expects to see the whole request path."""
+        return self.app.resource()  # type: ignore[no-any-return]
+
+    # -- replies --------------------------------------------------------------
+
+    def _send(self, request: IRequest, hook: HookSpec, body: bytes, status: int = 200) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", JSON_TYPE)
+        request.setHeader(b"cache-control", b"no-store")
+        self._count(hook, status)
+        return body
+
+    def profile_json(self, profile: Profile) -> bytes:
+        """GroupServer's profile data as JSON, made once per profile version."""
+        cached = self._json.get(profile.id)
+        if cached is not None and cached[0] is profile:
+            return cached[1]
+        body = json_bytes(profile.data(self.site_url))
+        if len(self._json) >= self._json_limit:
+            self._json.clear()
+        self._json[profile.id] = (profile, body)
+        return body
+
+    def _publish(self, topic: str, data: dict[str, Any]) -> None:
+        d = self.hub.local.topic(topic).forward(self.hub.global_, data)
+        d.addErrback(lambda f: self.log.failure("cannot publish {topic}", f, topic=topic))
+
+    # -- the common path of every hook ------------------------------------------
+
+    async def _serve(self, request: IRequest, hook: HookSpec, handler: Handler) -> bytes:
+        try:
+            return await self._answer(request, hook, handler)
+        except ValidationError as e:
+            self._count(hook, 400)
+            raise _invalid(e.messages)
+        except HTTPError as e:
+            if e.status != 403:  # counted where the refusal is made
+                self._count(hook, e.status)
+            raise
+
+    async def _answer(self, request: IRequest, hook: HookSpec, handler: Handler) -> bytes:
+        try:
+            fields = form_fields(request, self.max_body)
+        except HTTPError as e:
+            message = e.body.get("error", "bad request") if isinstance(e.body, dict) else str(e.body)
+            raise HTTPError(e.status, {"status": VALIDATION_ERROR, "message": [message]},
+                            e.headers)
+        action = hook.action(fields)
+        if action is None:
+            return self._send(request, hook, json_bytes(hook.description()))
+        token = fields.get("token", "")
+        known = self.directory.check_token_cached(token) if token else False
+        if known is None:
+            known = await self.directory.check_token(token)
+        if not known:
+            await self._refuse(request, hook, "missing" if "token" not in fields
+                               else "empty" if not token else "wrong")
+        if self.throttle.clients:
+            self.throttle.succeeded(_client(request))
+        return await handler(request, action, fields)
+
+    async def _refuse(self, request: IRequest, hook: HookSpec, reason: str) -> None:
+        """Record, count and slow down a token mismatch; then answer 403."""
+        client = _client(request)
+        self._failures.inc()
+        self.log.warn("refused a {reason} token on {hook} from {client}",
+                      reason=reason, hook=hook.path, client=client)
+        try:
+            await self.directory.audit("token-mismatch", client,
+                                       "hook=%s token=%s" % (hook.path, reason))
+        except Exception:
+            self.log.failure("cannot write the audit log")
+        delay = self.throttle.failed(client)
+        if delay:
+            await deferLater(self.clock, delay, lambda: None)
+        self._count(hook, 403)
+        message = TOKEN_MISSING if reason == "missing" else TOKEN_MISMATCH
+        raise HTTPError(403, {"status": VALIDATION_ERROR, "message": [message]})
+
+    def _count(self, hook: HookSpec, status: int) -> None:
+        key = (hook.path, status)
+        child = self._answer_children.get(key)
+        if child is None:
+            child = self._answer_children[key] = self._answers.labels(
+                hook=hook.path, status=str(status))
+        child.inc()
+
+    # -- routes -----------------------------------------------------------------
+
+    @app.route("/gs-group-groups.json", methods=["POST", "GET"])
+    @handle_errors
+    async def groups_hook(self, request: IRequest) -> bytes:
+        """The site's groups (action ``get``)."""
+        return await self._serve(request, GROUPS, self._groups)
+
+    @app.route("/gs-group-member-add.json", methods=["POST", "GET"])
+    @handle_errors
+    async def member_add_hook(self, request: IRequest) -> bytes:
+        """Add someone to a group, making their profile if needed (action ``add``)."""
+        return await self._serve(request, MEMBER_ADD, self._add)
+
+    @app.route("/gs-search-people.json", methods=["POST", "GET"])
+    @handle_errors
+    async def search_hook(self, request: IRequest) -> bytes:
+        """One profile by id or address, or ``{}`` (action ``search``)."""
+        return await self._serve(request, SEARCH, self._search)
+
+    @app.route("/gs-site-member-list.json", methods=["POST", "GET"])
+    @app.route("/gs-site-member.json", methods=["POST", "GET"])
+    @handle_errors
+    async def site_members_hook(self, request: IRequest) -> bytes:
+        """The site's members (actions ``users`` and ``user_groups``)."""
+        return await self._serve(request, SITE_MEMBERS, self._site_members)
+
+    @app.route("/gs-group-member-leave.json", methods=["POST", "GET"])
+    @handle_errors
+    async def leave_hook(self, request: IRequest) -> bytes:
+        """Take someone out of a group (action ``leave``)."""
+        return await self._serve(request, LEAVE, self._leave)
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request: IRequest, failure: Any) -> bytes:
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", JSON_TYPE)
+        return json_bytes({"status": 404, "message": [
+            "no such hook: %s" % request.path.decode("utf-8", "replace")]})
+
+    @app.handle_errors(MethodNotAllowed)
+    def not_allowed(self, request: IRequest, failure: Any) -> bytes:
+        request.setResponseCode(405)
+        request.setHeader(b"content-type", JSON_TYPE)
+        request.setHeader(b"allow", b"GET, POST")
+        return json_bytes({"status": 405, "message": [
+            "the hooks answer GET and POST, not %s"
+            % request.method.decode("ascii", "replace")]})
+
+    # -- actions ------------------------------------------------------------------
+
+    async def _groups(self, request: IRequest, action: str, fields: dict[str, str]) -> bytes:
+        body = [g.data(self.site_url) for g in self.directory.groups()]
+        return self._send(request, GROUPS, json_bytes(body))
+
+    async def _search(self, request: IRequest, action: str, fields: dict[str, str]) -> bytes:
+        user = fields.get("user", "").strip()
+        if not user:
+            raise ValidationError("user: Required input is missing.")
+        profile = self.directory.lookup(user)
+        if profile is None:
+            if len(user) > MAX_USER:
+                raise ValidationError("user: must be a user identifier or an email address "
+                                      "(at most %d characters)" % MAX_USER)
+            if "<" in user:  # "Name <address>", as GroupServer's parseaddr allowed
+                from email.utils import parseaddr
+                user = parseaddr(user)[1] or user
+            profile = await self.directory.find(user)
+            if profile is None:
+                return self._send(request, SEARCH, b"{}")
+        return self._send(request, SEARCH, self.profile_json(profile))
+
+    async def _site_members(self, request: IRequest, action: str,
+                            fields: dict[str, str]) -> bytes:
+        members = sorted((p for p in self.directory.profiles() if p.groups), key=lambda p: p.id)
+        if action == "users":
+            return self._send(request, SITE_MEMBERS, json_bytes([p.id for p in members]))
+        parts = [self.profile_json(p) for p in members]
+        return self._send(request, SITE_MEMBERS, b"[" + b",".join(parts) + b"]")
+
+    async def _add(self, request: IRequest, action: str, fields: dict[str, str]) -> bytes:
+        errors = []
+        group_id = fields.get("groupId", "").strip()
+        email = fields.get("email", "").strip()
+        name = " ".join(fields.get("fn", "").split())
+        if not group_id:
+            errors.append("groupId: Required input is missing.")
+        if not email:
+            errors.append("email: Required input is missing.")
+        else:
+            wrong = check_address(email)
+            if wrong:
+                errors.append("email: %r %s." % (email, wrong))
+        if not name:
+            errors.append("fn: Required input is missing.")
+        elif len(name) > MAX_NAME:
+            errors.append("fn: the name is longer than %d characters." % MAX_NAME)
+        elif _CONTROL.search(fields.get("fn", "").replace("\t", " ")):
+            errors.append("fn: the name holds control characters.")
+        biography = fields.get("biography", "")
+        if len(biography) > MAX_BIOGRAPHY:
+            errors.append("biography: longer than %d characters." % MAX_BIOGRAPHY)
+        tz = fields.get("tz", "").strip()
+        if tz:
+            try:
+                ZoneInfo(tz)
+            except (ValueError, OSError, KeyError):
+                errors.append("tz: %r is not a known time zone." % tz)
+        if group_id and self.directory.group(group_id) is None and errors:
+            # The directory checks the store before refusing; with other
+            # errors already found, memory is enough to report this one too.
+            errors.append("groupId: there is no group %r on this site." % group_id)
+        if errors:
+            raise ValidationError(errors)
+        try:
+            status, profile = await self.directory.add_member(group_id, email, name)
+        except ValidationError as e:
+            if self.directory.group(group_id) is None:
+                raise ValidationError("groupId: there is no group %r on this site." % group_id)
+            raise ValidationError(e.messages)
+        group = self.directory.group(group_id)
+        group_name = group.name if group is not None else group_id
+        if status == ADDED_NEW:
+            message = "Created a new profile for {0} and added {0} to {1}".format(
+                profile.name, group_name)
+        elif status == ADDED_EXISTING:
+            message = "Added {0} to {1}".format(profile.name, group_name)
+        elif status == ALREADY_MEMBER:
+            message = "{0} is already a member of {1}".format(profile.name, group_name)
+        else:  # pragma: no cover - the directory returns only the three above
+            body = {"status": UNKNOWN_EVENT, "message": "An unknown event occurred."}
+            return self._send(request, MEMBER_ADD, json_bytes(body))
+        if status == ADDED_NEW:
+            self._publish("profile:created", {"userId": profile.id, "name": profile.name,
+                                              "email": email})
+        if status in (ADDED_NEW, ADDED_EXISTING):
+            self._publish("member:added", {"groupId": group_id, "userId": profile.id,
+                                           "email": email, "status": status})
+        body = {"status": status, "message": message, "user": profile.data(self.site_url)}
+        return self._send(request, MEMBER_ADD, json_bytes(body))
+
+    async def _leave(self, request: IRequest, action: str, fields: dict[str, str]) -> bytes:
+        group_id = fields.get("groupId", "").strip()
+        user_id = fields.get("userId", "").strip()
+        errors = []
+        if not user_id:
+            errors.append("userId: Required input is missing.")
+        if not group_id:
+            errors.append("groupId: Required input is missing.")
+        if errors:
+            raise ValidationError(errors)
+        profile = self.directory.lookup(user_id)
+        status = await self.directory.leave(group_id, user_id)
+        group = self.directory.group(group_id)
+        if profile is None:
+            profile = self.directory.lookup(user_id)
+        if status == NO_SUCH_GROUP:
+            message = 'No such group "{0}"'.format(group_id)
+        elif status == NO_SUCH_USER:
+            message = 'No such user "{0}"'.format(user_id)
+        else:
+            who = profile.name if profile is not None else user_id
+            where = group.name if group is not None else group_id
+            if status == LEFT:
+                message = "{0} has left {1}".format(who, where)
+                self._publish("member:left", {"groupId": group_id,
+                                              "userId": profile.id if profile else user_id})
+            else:  # NOT_A_MEMBER
+                message = "{0} is not a member of {1}".format(who, where)
+        body = {"status": status, "message": message, "groupId": group_id, "userId": user_id}
+        return self._send(request, LEAVE, json_bytes(body))
+
+
+__all__ = ["GroupHooks", "HOOKS", "HookSpec", "FailureThrottle", "check_address"]
