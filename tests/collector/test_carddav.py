@@ -1,0 +1,114 @@
+"""The CardDAV client: error mapping, timeouts, concurrency, templates."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailhub.collector.carddav import BookLayout, BookMissing, CardDAVClient, CardDAVError
+from mailhub.directory.model import User
+from mailhub.errors import Unavailable
+from tests.collector.fakes import FakeCardDAV
+
+
+class Hanging:
+    """A treq-like client whose requests never answer (counts them)."""
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred] = []
+
+    def request(self, method: str, url: str, **kw: Any) -> Deferred:
+        d: Deferred = Deferred()
+        self.pending.append(d)
+        return d
+
+
+class Refusing:
+    def request(self, method: str, url: str, **kw: Any) -> Deferred:
+        return fail(ConnectionRefusedError("nope"))
+
+
+class ClientTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.dav = FakeCardDAV()
+        self.client = CardDAVClient(StubTreq(self.dav), self.clock)
+
+    def test_connection_refused_is_unavailable(self) -> None:
+        client = CardDAVClient(Refusing(), self.clock)
+        self.failureResultOf(Deferred.fromCoroutine(client.list_books("http://x/h/")), Unavailable)
+
+    def test_a_timeout_is_unavailable(self) -> None:
+        http = Hanging()
+        client = CardDAVClient(http, self.clock, timeout=5)
+        d = Deferred.fromCoroutine(client.put_new("http://x/h/b/c.vcf", "x"))
+        self.assertNoResult(d)
+        self.clock.advance(5)
+        self.failureResultOf(d, Unavailable)
+
+    def test_no_more_than_concurrency_requests_are_in_flight(self) -> None:
+        http = Hanging()
+        client = CardDAVClient(http, self.clock, concurrency=2, timeout=100)
+        ds = [Deferred.fromCoroutine(client.get("http://x/%d" % i)) for i in range(5)]
+        self.assertEqual(len(http.pending), 2)
+        self.clock.advance(100)
+        self.assertEqual(len(http.pending), 4)
+        for d in ds:
+            d.addErrback(lambda f: None)
+        self.clock.advance(200)
+
+    def test_statuses_map_to_transient_or_broken(self) -> None:
+        for status, error in [(500, Unavailable), (503, Unavailable), (429, Unavailable),
+                              (401, Unavailable), (403, Unavailable), (400, CardDAVError)]:
+            self.dav.fail_next = [status]
+            self.failureResultOf(Deferred.fromCoroutine(
+                self.client.get("http://x/h/b/c.vcf")), error)
+
+    def test_put_into_a_missing_book_says_so(self) -> None:
+        self.failureResultOf(Deferred.fromCoroutine(
+            self.client.put_new("http://x/h/b/c.vcf", "x")), BookMissing)
+
+    def test_put_new_tells_created_from_existing(self) -> None:
+        self.dav.books["/h/b/"] = {}
+        self.assertTrue(self.successResultOf(Deferred.fromCoroutine(
+            self.client.put_new("http://x/h/b/c.vcf", "one"))))
+        self.assertFalse(self.successResultOf(Deferred.fromCoroutine(
+            self.client.put_new("http://x/h/b/c.vcf", "two"))))
+        self.assertEqual(self.dav.cards("/h/b/")["c.vcf"], "one")
+
+    def test_list_books_of_a_missing_home_is_empty(self) -> None:
+        self.assertEqual(self.successResultOf(Deferred.fromCoroutine(
+            self.client.list_books("http://x/nobody/"))), [])
+
+    def test_unparseable_xml_is_a_carddav_error(self) -> None:
+        class Garbage(FakeCardDAV):
+            def do_PROPFIND(self, request: Any, path: str, body: bytes) -> bytes:
+                request.setResponseCode(207)
+                return b"<not xml"
+        client = CardDAVClient(StubTreq(Garbage()), self.clock)
+        self.failureResultOf(Deferred.fromCoroutine(client.list_books("http://x/h/")),
+                             CardDAVError)
+
+
+class LayoutTests(SynchronousTestCase):
+    def test_default_layout_is_user_under_the_url(self) -> None:
+        layout = BookLayout.from_config("https://dav.example.org/radicale", "")
+        user = User(login="a b@x.org", id="42")
+        self.assertEqual(layout.book(user), "https://dav.example.org/radicale/a%20b@x.org/collected/")
+        self.assertEqual(layout.home(user), "https://dav.example.org/radicale/a%20b@x.org/")
+        self.assertEqual(layout.book_name, "collected")
+
+    def test_nextcloud_template_with_id(self) -> None:
+        layout = BookLayout.from_config(
+            "", "https://c.example.org/remote.php/dav/addressbooks/users/{id}/collected")
+        user = User(login="a@x.org", id="42")
+        self.assertEqual(layout.home(user),
+                         "https://c.example.org/remote.php/dav/addressbooks/users/42/")
+
+    def test_a_template_without_user_is_refused(self) -> None:
+        self.assertRaises(ValueError, BookLayout.from_config, "", "https://x/books/")
