@@ -1,0 +1,226 @@
+"""A throwaway OpenLDAP server (Debian's slapd) for tests and benchmarks.
+
+``with Slapd(tmpdir, users=1200) as ldap: ...`` writes a slapd.conf (core,
+cosine and inetOrgPerson schemas, an mdb database in ``tmpdir``), loads the
+generated users with ``slapadd`` (offline, fast even for 100,000 users),
+starts ``slapd`` on a free port of 127.0.0.1 and waits until it answers;
+leaving the block stops it and removes nothing but its process (the caller
+owns ``tmpdir``).
+
+The directory (base ``dc=example,dc=test``):
+
+- ``cn=admin,dc=example,dc=test`` (``rootdn``, password ``ROOT_PASSWORD``);
+- ``cn=reader,ou=services,...`` (``READER_PASSWORD``): the service account
+  mailhub binds as. Searches by it are limited to ``SIZE_LIMIT`` (500)
+  entries unless paged, like Active Directory's MaxPageSize, so a listing
+  that forgets to page is caught;
+- ``uid=userNNNNN,ou=people,...`` for N in ``range(users)``: cn with
+  non-ASCII letters, two ``mail`` values, password ``password(N)``;
+- ``uid=zoe``: "Zoë Ørsted-Ünal" with three mail values, password
+  ``"Pässwörd zoë"`` (non-ASCII password).
+
+``pause()``/``resume()`` stop and continue the process (SIGSTOP/SIGCONT):
+the server then accepts TCP connections but never answers, which is how a
+hung LDAP server looks to a client.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.support.require import free_port, missing
+
+SLAPD = "/usr/sbin/slapd"
+SLAPADD = "/usr/sbin/slapadd"
+SCHEMA = "/etc/ldap/schema"
+MODULES = "/usr/lib/ldap"
+BASE_DN = "dc=example,dc=test"
+ROOT_DN = "cn=admin," + BASE_DN
+ROOT_PASSWORD = "root-secret"
+READER_DN = "cn=reader,ou=services," + BASE_DN
+READER_PASSWORD = "reader-secret"
+SIZE_LIMIT = 500
+ZOE_PASSWORD = "Pässwörd zoë"
+
+
+def login(n: int) -> str:
+    """The uid of generated user ``n``."""
+    return "user%05d" % n
+
+
+def password(n: int) -> str:
+    """The password of generated user ``n``."""
+    return "pw-%05d-secret" % n
+
+
+def full_name(n: int) -> str:
+    """The cn of generated user ``n`` (non-ASCII on purpose)."""
+    return "Jörg Nüßlein %05d" % n
+
+
+def emails(n: int) -> list[str]:
+    """The mail values of generated user ``n``."""
+    return ["%s@example.test" % login(n), "j.nuesslein.%05d@mail.example.test" % n]
+
+
+def _value(name: str, value: str) -> str:
+    """An LDIF line, base64-encoded when the value is not plain ASCII."""
+    if value.isascii() and not value.startswith((" ", ":", "<")) and "\n" not in value:
+        return "%s: %s\n" % (name, value)
+    return "%s:: %s\n" % (name, base64.b64encode(value.encode("utf-8")).decode("ascii"))
+
+
+def _entry(dn: str, attributes: list[tuple[str, str]]) -> str:
+    return _value("dn", dn) + "".join(_value(k, v) for k, v in attributes) + "\n"
+
+
+def ldif(users: int) -> str:
+    """The whole test directory as LDIF."""
+    parts = [
+        _entry(BASE_DN, [("objectClass", "dcObject"), ("objectClass", "organization"),
+                         ("dc", "example"), ("o", "Example")]),
+        _entry("ou=people," + BASE_DN, [("objectClass", "organizationalUnit"), ("ou", "people")]),
+        _entry("ou=services," + BASE_DN, [("objectClass", "organizationalUnit"),
+                                          ("ou", "services")]),
+        _entry(READER_DN, [("objectClass", "organizationalRole"),
+                           ("objectClass", "simpleSecurityObject"),
+                           ("cn", "reader"), ("userPassword", READER_PASSWORD)]),
+        _entry("uid=zoe,ou=people," + BASE_DN, [
+            ("objectClass", "inetOrgPerson"), ("uid", "zoe"), ("cn", "Zoë Ørsted-Ünal"),
+            ("sn", "Ørsted-Ünal"), ("mail", "zoe@example.test"),
+            ("mail", "zoe.orsted@example.test"), ("mail", "Z.Orsted@Example.Test"),
+            ("userPassword", ZOE_PASSWORD)]),
+    ]
+    for n in range(users):
+        attributes = [("objectClass", "inetOrgPerson"), ("uid", login(n)),
+                      ("cn", full_name(n)), ("sn", "Nüßlein"),
+                      ("userPassword", password(n))]
+        attributes += [("mail", m) for m in emails(n)]
+        parts.append(_entry("uid=%s,ou=people,%s" % (login(n), BASE_DN), attributes))
+    return "".join(parts)
+
+
+def _config(directory: Path) -> str:
+    return """\
+include {schema}/core.schema
+include {schema}/cosine.schema
+include {schema}/inetorgperson.schema
+modulepath {modules}
+moduleload back_mdb
+pidfile {dir}/slapd.pid
+argsfile {dir}/slapd.args
+threads 4
+
+database mdb
+maxsize 4294967296
+suffix "{base}"
+rootdn "{root}"
+rootpw {root_password}
+directory {dir}/data
+index objectClass eq
+index uid,mail eq
+access to attrs=userPassword
+    by anonymous auth
+    by self write
+    by * none
+access to *
+    by * read
+limits dn.exact="{reader}" size.soft={limit} size.hard={limit} size.pr={limit} size.prtotal=unlimited
+limits anonymous size.soft={limit} size.hard={limit} size.pr={limit} size.prtotal=unlimited
+""".format(schema=SCHEMA, modules=MODULES, dir=directory, base=BASE_DN, root=ROOT_DN,
+           root_password=ROOT_PASSWORD, reader=READER_DN, limit=SIZE_LIMIT)
+
+
+class Slapd:
+    """One slapd process with the generated directory; a context manager."""
+
+    def __init__(self, directory: str | os.PathLike[str], users: int = 1200,
+                 start_timeout: float = 20.0) -> None:
+        self.directory = Path(directory)
+        self.users = users
+        self.start_timeout = start_timeout
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+        self._paused = False
+
+    @property
+    def url(self) -> str:
+        return "ldap://127.0.0.1:%d" % self.port
+
+    def settings(self, **overrides: Any) -> dict[str, Any]:
+        """Keyword arguments for LDAPSettings that point at this server."""
+        values: dict[str, Any] = {
+            "urls": (self.url,), "base_dn": BASE_DN, "bind_dn": READER_DN,
+            "bind_password": READER_PASSWORD,
+        }
+        values.update(overrides)
+        return values
+
+    def start(self) -> "Slapd":
+        if not (os.access(SLAPD, os.X_OK) and os.access(SLAPADD, os.X_OK)):
+            missing("slapd is not installed (Debian package slapd; tests/run installs it)")
+        (self.directory / "data").mkdir(parents=True, exist_ok=True)
+        conf = self.directory / "slapd.conf"
+        conf.write_text(_config(self.directory), encoding="utf-8")
+        data = self.directory / "users.ldif"
+        data.write_text(ldif(self.users), encoding="utf-8")
+        loaded = subprocess.run([SLAPADD, "-q", "-f", str(conf), "-l", str(data)],
+                                capture_output=True, timeout=600)
+        if loaded.returncode != 0:
+            raise RuntimeError("slapadd failed: %s" % loaded.stderr.decode("utf-8", "replace"))
+        data.unlink()
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [SLAPD, "-f", str(conf), "-h", self.url + "/", "-d", "0"],
+            stdout=subprocess.DEVNULL, stderr=open(self.directory / "slapd.log", "wb"),
+        )
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError("slapd exited with %s: %s" % (
+                    self.process.returncode,
+                    (self.directory / "slapd.log").read_text("utf-8", "replace")[-2000:]))
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("slapd did not listen within %s s" % self.start_timeout)
+
+    def pause(self) -> None:
+        """Freeze the server: connections are accepted, nothing is answered."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+        self._paused = True
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+        self._paused = False
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        if self._paused:
+            process.send_signal(signal.SIGCONT)
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def __enter__(self) -> "Slapd":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
