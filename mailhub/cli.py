@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import base64
 import getpass
+import math
 import os
 import re
 import socket
@@ -32,7 +33,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 import functools
-from typing import Any, Callable, NoReturn, Sequence, TextIO, TypeVar
+from typing import Any, Callable, NoReturn, Sequence, TextIO, TypeVar, cast
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import attrs
@@ -91,9 +92,12 @@ def result_of(d: "Deferred[T]") -> T:
 
 def redact(dsn_or_url: str) -> str:
     """A DSN or URL with its password replaced by ``***``, fit to print."""
-    parts = urlsplit(dsn_or_url)
-    if parts.password is None:
-        return dsn_or_url
+    try:
+        parts = urlsplit(dsn_or_url)
+        if parts.password is None:
+            return dsn_or_url
+    except ValueError:  # not even a URL: hide whatever sits between ':' and '@'
+        return re.sub(r"(//[^/:@]*):[^/@]*@", r"\1:***@", dsn_or_url)
     userinfo, _, hostport = parts.netloc.rpartition("@")
     netloc = "%s:***@%s" % (userinfo.partition(":")[0], hostport)
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
@@ -108,7 +112,7 @@ def checked_dialect(dsn: str) -> Dialect:
     """
     try:
         dialect = dialect_for(dsn)
-    except ConfigError:
+    except (ConfigError, ValueError):
         raise Exit(BAD, "bad DSN %s: expected sqlite:///PATH or postgresql://USER@HOST:PORT/DB"
                    % redact(dsn))
     if dialect.name == "postgresql":
@@ -595,9 +599,10 @@ def ldap_bind(url: str, config: Config) -> str:
         tls = ldap3.Tls(ca_certs_file=section.ca_file or None, validate=ssl.CERT_REQUIRED)
     timeout = min(section.timeout, CHECK_TIMEOUT)
     server = ldap3.Server(url, get_info=ldap3.NONE, tls=tls, connect_timeout=timeout)
+    # ldap3 packs receive_timeout into SO_RCVTIMEO as whole seconds.
     conn = ldap3.Connection(server, user=section.bind_dn or None,
-                            password=section.bind_password or None, receive_timeout=timeout,
-                            raise_exceptions=False)
+                            password=section.bind_password or None,
+                            receive_timeout=max(1, math.ceil(timeout)), raise_exceptions=False)
     who = section.bind_dn or "anonymous"
     try:
         if not conn.open() and conn.closed:
@@ -715,8 +720,9 @@ def parser(out: TextIO | None = None) -> argparse.ArgumentParser:
 
     Help text goes to ``out`` (default: sys.stdout).
     """
-    kind = functools.partial(_Parser, out=out)
-    config_option = argparse.ArgumentParser(add_help=False)
+    # Subparsers are made by argparse itself, so the stream rides on a partial.
+    kind = cast("type[_Parser]", functools.partial(_Parser, out=out))
+    config_option = _Parser(add_help=False)
     config_option.add_argument(
         "--config", metavar="FILE", default=argparse.SUPPRESS,
         help="the INI file twistd mailhub reads (default: built-in defaults, "
