@@ -1,0 +1,717 @@
+"""The global pubsub over RabbitMQ (AMQP 0-9-1, txamqp), ESN-compatible.
+
+:class:`Broker` is the one reconnecting connection of a mailhub process: a
+``ClientService`` with ``backoffPolicy()``, heartbeats on, whose
+``prepareConnection`` authenticates, opens a publisher channel in confirm mode
+and a control channel for declarations, then lets each user of the connection
+(:class:`GlobalPubSub`, :class:`~mailhub.pubsub.workqueue.WorkQueue`) set its
+channels up again. Publications go through the broker's
+:class:`~mailhub.pubsub.outbox.Outbox` (bounded, confirmed, kept across
+reconnections).
+
+:class:`GlobalPubSub` speaks ESN's wire format: one durable fanout exchange per
+topic, named as the topic; JSON text bodies; routing key ``''``; each
+subscription declares its own server-named, exclusive, auto-delete queue bound
+to that exchange. Exchanges are declared exactly as OpenPaaS declares them
+(amqplib's ``assertExchange(topic, 'fanout')``, whose default is
+``durable: true``), so both can share a topic without PRECONDITION_FAILED.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+from urllib.parse import unquote, urlsplit
+
+import attrs
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.protocol import Factory
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.logger import Logger
+from txamqp.client import ChannelClosed, Closed, TwistedDelegate
+from txamqp.content import Content
+from txamqp.protocol import AMQClient
+from txamqp.queue import Closed as QueueClosed
+from zope.interface import implementer
+
+from mailhub.errors import ConfigError, Unavailable
+from mailhub.metrics import Metrics
+from mailhub.pubsub.outbox import IPublishChannel, Outbox, Refused, Route
+
+RABBIT_SPEC = "/usr/share/amqp/specs/0-9-1-rabbit/amqp0-9-1.stripped.extended.xml"
+JSON_PROPERTIES = {"content-type": "application/json", "delivery-mode": 2}
+
+_specs: dict[str, Any] = {}
+
+
+def load_spec(path: str) -> Any:
+    """Load the AMQP 0-9-1 XML spec txamqp needs, or raise ConfigError.
+
+    Publisher confirms need RabbitMQ's ``confirm`` class, which Debian's plain
+    0-9-1 file lacks: when ``path`` has no such class, the RabbitMQ-extended
+    file of the same amqp-specs package (``0-9-1-rabbit/``) is used instead.
+    """
+    if path in _specs:
+        return _specs[path]
+    import txamqp.spec
+
+    if not os.path.isfile(path):
+        raise ConfigError(
+            "[amqp] spec: %s not found: install Debian's amqp-specs package "
+            "or set [amqp] spec to an AMQP 0-9-1 XML file" % path)
+    try:
+        spec = txamqp.spec.load(path)
+    except Exception as e:
+        raise ConfigError("[amqp] spec: %s is not an AMQP spec file: %s" % (path, e))
+    if "confirm" not in spec.classes.byname:
+        extended = Path(path).parent.parent / "0-9-1-rabbit" / "amqp0-9-1.stripped.extended.xml"
+        if not extended.is_file():
+            raise ConfigError(
+                "[amqp] spec: %s lacks RabbitMQ's confirm class: set [amqp] spec to %s "
+                "(Debian's amqp-specs package)" % (path, RABBIT_SPEC))
+        spec = load_spec(str(extended))
+    _specs[path] = spec
+    return spec
+
+
+@attrs.frozen
+class BrokerAddress:
+    """Where and how to connect, parsed from ``[amqp] url``."""
+
+    host: str
+    port: int
+    username: str
+    password: str = attrs.field(repr=False)
+    vhost: str
+    tls: bool
+
+    @classmethod
+    def from_url(cls, url: str) -> "BrokerAddress":
+        """Parse ``amqp[s]://user:password@host:port/vhost`` (RabbitMQ's URI spec)."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("amqp", "amqps"):
+            raise ConfigError("[amqp] url: expected amqp://user:password@host:port/vhost")
+        tls = parts.scheme == "amqps"
+        try:
+            port = parts.port or (5671 if tls else 5672)
+        except ValueError:
+            raise ConfigError("[amqp] url: bad port")
+        vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+        return cls(host=parts.hostname or "localhost", port=port,
+                   username=unquote(parts.username or "guest"),
+                   password=unquote(parts.password or "guest"),
+                   vhost=vhost, tls=tls)
+
+    def endpoint(self, reactor: Any, timeout: float = 30) -> Any:
+        tcp = HostnameEndpoint(reactor, self.host, self.port, timeout=timeout)
+        if self.tls:
+            return wrapClientTLS(optionsForClientTLS(self.host), tcp)
+        return tcp
+
+
+class _Delegate(TwistedDelegate):
+    """txamqp's delegate, plus a connection name and publisher confirms."""
+
+    def __init__(self, connection_name: str) -> None:
+        super().__init__()
+        self.connection_name = connection_name
+
+    def connection_start(self, ch: Any, msg: Any) -> None:
+        ch.connection_start_ok(
+            client_properties={"connection_name": self.connection_name,
+                               "product": "mailhub"},
+            mechanism=self.client.mechanism, response=self.client.response,
+            locale=self.client.locale)
+
+    def basic_ack(self, ch: Any, msg: Any) -> None:
+        self.client.confirmed(ch, msg.delivery_tag, msg.multiple, True)
+
+    def basic_nack(self, ch: Any, msg: Any) -> None:
+        self.client.confirmed(ch, msg.delivery_tag, msg.multiple, False)
+
+
+class _Client(AMQClient):
+    """An AMQClient that tells its session about confirms and channel failures."""
+
+    session: "Session | None" = None
+
+    def attach_session(self, session: "Session") -> None:
+        # A method, not an attribute write: ClientService hands
+        # prepareConnection a proxy that forwards calls but not assignments.
+        self.session = session
+
+    def confirmed(self, channel: Any, tag: int, multiple: bool, ok: bool) -> None:
+        if self.session is not None:
+            self.session.confirmed(channel, tag, multiple, ok)
+
+    def channel_failed(self, channel: Any, reason: Any) -> None:
+        if self.session is not None:
+            self.session.channel_failed(channel, reason)
+
+
+class _Factory(Factory):
+    def __init__(self, spec: Any, vhost: str, heartbeat: int, clock: Any, name: str) -> None:
+        self.spec = spec
+        self.vhost = vhost
+        self.heartbeat = heartbeat
+        self.clock = clock
+        self.name = name
+
+    def buildProtocol(self, addr: Any) -> _Client:
+        return _Client(_Delegate(self.name), vhost=self.vhost, spec=self.spec,
+                       heartbeat=self.heartbeat, clock=self.clock)
+
+
+def _reply_text(error: Exception) -> str:
+    reason = error.args[0] if error.args else error
+    code = getattr(reason, "reply_code", None)
+    text = getattr(reason, "reply_text", None)
+    if code is not None:
+        return "%s %s" % (code, text)
+    return str(reason)
+
+
+class Session:
+    """One live AMQP connection: its channels and declarations.
+
+    A new Session is made for every connection; users keep per-session state
+    and drop it when :meth:`Broker` reports the session lost.
+    """
+
+    log = Logger()
+
+    def __init__(self, client: _Client, outbox: Outbox) -> None:
+        self.client = client
+        self.outbox = outbox
+        self.publish_channel: Any = None
+        self._control: Any = None
+        self.lost = False
+
+    async def open_channel(self) -> Any:
+        """A new open channel, with the lowest free id."""
+        channel_id = 1
+        while channel_id in self.client.channels:
+            channel_id += 1
+        channel = await self.client.channel(channel_id)
+        await channel.channel_open()
+        return channel
+
+    def forget_channel(self, channel: Any) -> None:
+        """Free a closed channel's id for reuse."""
+        if self.client.channels.get(channel.id) is channel:
+            del self.client.channels[channel.id]
+
+    async def close_channel(self, channel: Any) -> None:
+        """Close a channel we opened (consumer cancelled)."""
+        try:
+            await channel.channel_close(reply_code=200, reply_text="bye",
+                                        class_id=0, method_id=0)
+        except Closed:
+            pass
+        channel.close(None)
+        self.forget_channel(channel)
+
+    async def start(self) -> None:
+        self.publish_channel = await self.open_channel()
+        await self.publish_channel.confirm_select()
+        self._control = await self.open_channel()
+
+    async def _on_control(self, call: Callable[[Any], Awaitable[Any]]) -> Any:
+        """Run one declaration on the control channel; a refusal closes only it."""
+        if self._control is None or self._control.closed:
+            self._control = await self.open_channel()
+        channel = self._control
+        try:
+            return await call(channel)
+        except ChannelClosed as e:
+            self.forget_channel(channel)
+            self._control = None
+            raise Refused(_reply_text(e))
+
+    async def declare_exchange(self, name: str) -> None:
+        """A durable fanout exchange, exactly as OpenPaaS declares its topics."""
+        await self._on_control(lambda ch: ch.exchange_declare(
+            exchange=name, type="fanout", durable=True))
+
+    async def declare_route(self, route: Route) -> None:
+        """Everything a publication on ``route`` needs on the broker."""
+        if route.exchange:
+            await self.declare_exchange(route.exchange)
+        if route.queue:
+            queue = route.queue
+            await self._on_control(lambda ch: ch.queue_declare(queue=queue, durable=True))
+            if route.exchange:
+                exchange = route.exchange
+                await self._on_control(lambda ch: ch.queue_bind(
+                    queue=queue, exchange=exchange, routing_key=""))
+
+    def confirmed(self, channel: Any, tag: int, multiple: bool, ok: bool) -> None:
+        if channel is not self.publish_channel or self.lost:
+            return
+        if ok:
+            self.outbox.ack(tag, multiple)
+        else:
+            self.outbox.nack(tag, multiple)
+
+    def channel_failed(self, channel: Any, reason: Any) -> None:
+        """The broker closed a channel other than the control one.
+
+        Consumers and the publisher cannot carry on with a half-dead
+        connection: drop it, and the ClientService connects again, setting
+        everything up afresh (unacked messages are redelivered).
+        """
+        if channel is self._control:
+            return
+        self.log.error("the broker closed AMQP channel {id}: {reason}; reconnecting",
+                       id=channel.id, reason=_reply_text(reason.value))
+        self.client.transport.loseConnection()
+
+
+@implementer(IPublishChannel)
+class _PublishChannel:
+    """The outbox's view of a session's confirm-mode channel."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def declare(self, route: Route) -> Deferred[None]:
+        return Deferred.fromCoroutine(self.session.declare_route(route))
+
+    def publish(self, route: Route, body: bytes, properties: dict[str, Any]) -> None:
+        d = self.session.publish_channel.basic_publish(
+            exchange=route.exchange, routing_key=route.routing_key,
+            content=Content(body, properties=dict(properties)))
+        # A closed channel means the connection is going: the outbox puts the
+        # publication back in line when it is told (detach).
+        d.addErrback(lambda f: None)
+
+
+class Delivery:
+    """One message delivered to one of our consumers (pubsub or work queue)."""
+
+    def __init__(self, channel: Any, message: Any) -> None:
+        self._channel = channel
+        self.tag = message.delivery_tag
+        self.redelivered = bool(message.redelivered)
+        content = message.content
+        body = content.body if content is not None else b""
+        self.body: bytes = body if isinstance(body, bytes) else body.encode("utf-8")
+        self.properties: dict[str, Any] = dict(content.properties) if content is not None else {}
+
+    def alive(self) -> bool:
+        """Whether it can still be acked (its channel is open)."""
+        return not self._channel.closed
+
+    def ack(self) -> Deferred[None]:
+        return self._channel.basic_ack(delivery_tag=self.tag, multiple=False)
+
+
+class Consumer:
+    """A basic.consume on its own channel, feeding deliveries to a function.
+
+    ``sequential``: wait for each delivery's handling before taking the next
+    (pubsub subscriptions keep order); otherwise up to ``prefetch`` messages
+    are handled at once (work queues). The loop ends when the connection
+    closes; the owner starts a new Consumer on the next session.
+    """
+
+    log = Logger()
+
+    def __init__(self, session: Session, channel: Any, tag: str, queue: Any) -> None:
+        self.session = session
+        self.channel = channel
+        self.tag = tag
+        self._queue = queue
+        self.cancelled = False
+
+    @classmethod
+    async def start(cls, session: Session, queue_name: str, prefetch: int,
+                    handle: Callable[[Delivery], Any], sequential: bool,
+                    channel: Any = None) -> "Consumer":
+        if channel is None:
+            channel = await session.open_channel()
+        await channel.basic_qos(prefetch_size=0, prefetch_count=prefetch, global_=False)
+        reply = await channel.basic_consume(queue=queue_name, no_ack=False)
+        queue = await session.client.queue(reply.consumer_tag)
+        consumer = cls(session, channel, reply.consumer_tag, queue)
+        d = Deferred.fromCoroutine(consumer._run(handle, sequential))
+        d.addErrback(lambda f: cls.log.failure("AMQP consumer {tag} stopped", f,
+                                               tag=consumer.tag))
+        return consumer
+
+    async def _run(self, handle: Callable[[Delivery], Any], sequential: bool) -> None:
+        while True:
+            try:
+                message = await self._queue.get()
+            except (QueueClosed, Closed):
+                return
+            result = handle(Delivery(self.channel, message))
+            if sequential and isinstance(result, Deferred):
+                await result
+
+    async def cancel(self) -> None:
+        """Stop consuming; unacked messages go back to the queue."""
+        if self.cancelled:
+            return
+        self.cancelled = True
+        try:
+            await self.channel.basic_cancel(consumer_tag=self.tag)
+        except Closed:
+            pass
+        self._queue.close()
+        self.session.client.queues.pop(self.tag, None)
+        await self.session.close_channel(self.channel)
+
+
+def call_handler(handler: Callable[[Any], Any], value: Any) -> Deferred[Any]:
+    """Call a handler that may return a value, a Deferred or a coroutine."""
+    def call() -> Any:
+        result = handler(value)
+        if inspect.iscoroutine(result):
+            return Deferred.fromCoroutine(result)
+        return result
+    return maybeDeferred(call)
+
+
+class Broker(Service):
+    """The reconnecting AMQP connection of one mailhub process.
+
+    A :class:`~twisted.application.service.IService` named ``amqp``: add it to
+    the application's MultiService. Users (the global pubsub, work queues)
+    register with :meth:`add` and get ``connected(session)`` (a coroutine) on
+    every new connection and ``disconnected(session)`` when it is lost.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, url: str, spec: str, heartbeat: int = 30,
+                 outbox: int = 10000, prefetch: int = 16,
+                 metrics: Metrics | None = None, connection_name: str | None = None,
+                 retry_policy: Callable[[int], float] | None = None) -> None:
+        self.setName("amqp")
+        self.reactor = reactor
+        self.address = BrokerAddress.from_url(url)
+        self.spec = load_spec(spec)
+        self.prefetch = prefetch
+        self.metrics = metrics or Metrics()
+        self.outbox = Outbox(outbox, self.metrics)
+        self.connection_name = connection_name or "mailhub %s pid %d" % (
+            socket.gethostname(), os.getpid())
+        self._users: list[Any] = []
+        self.session: Session | None = None
+        self._waiting: list[Deferred[Session]] = []
+        self._setup_failures = 0
+        self._policy = retry_policy or backoffPolicy(maxDelay=30)
+        self._connected = self.metrics.gauge(
+            "mailhub_amqp_connected", "1 while the AMQP broker is connected")
+        self._connections = self.metrics.counter(
+            "mailhub_amqp_connections_total", "AMQP connections made")
+        factory = _Factory(self.spec, self.address.vhost, heartbeat, reactor,
+                           self.connection_name)
+        self._service = ClientService(
+            self.address.endpoint(reactor), factory,
+            retryPolicy=self._retry_delay,
+            clock=reactor, prepareConnection=self._prepare)
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection is up and set up (for /healthz)."""
+        return self.session is not None
+
+    def health(self) -> dict[str, Any]:
+        """The broker's state for /healthz."""
+        return {"ok": self.connected,
+                "state": "connected" if self.connected else "disconnected",
+                "outbox": len(self.outbox)}
+
+    def add(self, user: Any) -> None:
+        """Register a user; set it up at once when already connected."""
+        self._users.append(user)
+        if self.session is not None:
+            session = self.session
+            d = Deferred.fromCoroutine(user.connected(session))
+            d.addErrback(self._user_failed, session)
+
+    def _user_failed(self, failure: Any, session: Session) -> None:
+        self.log.failure("AMQP set-up failed; reconnecting", failure)
+        if not session.lost:
+            session.client.transport.loseConnection()
+
+    def when_connected(self) -> Deferred[Session]:
+        """Fires with the session once a connection is up and set up."""
+        if self.session is not None:
+            return succeed(self.session)
+        d: Deferred[Session] = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def startService(self) -> None:
+        super().startService()
+        self._service.startService()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        session = self.session
+        d: Deferred[Any] = succeed(None)
+        if session is not None:
+            # A clean connection.close (bounded wait), so the broker does not
+            # log an abrupt disconnection.
+            d = session.client.close(within=2)
+            d.addErrback(lambda f: None)
+        d.addCallback(lambda _: self._service.stopService())
+        d.addCallback(lambda _: self.outbox.fail_all("mailhub is shutting down"))
+        return d
+
+    def _retry_delay(self, attempts: int) -> float:
+        # ClientService counts failed TCP connections only; a broker that
+        # accepts TCP and then refuses us (bad password, refused declaration)
+        # must back off too, so set-up failures count as well.
+        return self._policy(attempts + self._setup_failures)
+
+    def _prepare(self, client: _Client) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._set_up(client))
+
+    async def _set_up(self, client: _Client) -> None:
+        session = Session(client, self.outbox)
+        client.disconnected.wait().addCallback(lambda _: self._lost(session))
+        try:
+            auth = client.authenticate(self.address.username, self.address.password,
+                                       mechanism="PLAIN")
+            await auth.addTimeout(30, self.reactor)
+            client.attach_session(session)
+            await session.start()
+            for user in list(self._users):
+                await user.connected(session)
+            if session.lost:
+                raise Unavailable("the connection was lost during set-up")
+        except Exception as e:
+            self._setup_failures += 1
+            self.log.warn("AMQP set-up on {host}:{port} failed: {error}",
+                          host=self.address.host, port=self.address.port,
+                          error=_reply_text(e))
+            if session.lost:
+                raise
+            # ClientService neither closes a connection whose preparation
+            # failed nor expects it to close afterwards: let it count the
+            # connection as made, then close it, so the ordinary
+            # "disconnected, wait, retry" path runs (with our back-off).
+            self.reactor.callLater(0, client.transport.loseConnection)
+            return
+        self._setup_failures = 0
+        self.session = session
+        self._connected.set(1)
+        self._connections.inc()
+        self.log.info("AMQP connected to {host}:{port} as {name!r}",
+                      host=self.address.host, port=self.address.port,
+                      name=self.connection_name)
+        self.outbox.attach(_PublishChannel(session))
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(session)
+
+    def _lost(self, session: Session) -> None:
+        session.lost = True
+        if self.session is session:
+            self.session = None
+            self._connected.set(0)
+            self.outbox.detach()
+            self.log.warn("AMQP connection to {host}:{port} lost",
+                          host=self.address.host, port=self.address.port)
+        for user in list(self._users):
+            try:
+                user.disconnected(session)
+            except Exception:
+                self.log.failure("AMQP user {user!r} failed on disconnection", user=user)
+
+
+Subscriber = Callable[[Any], Any]
+
+
+@attrs.define(eq=False)
+class _Subscription:
+    topic: str
+    callback: Subscriber
+    consumer: Consumer | None = None
+    active: bool = False
+    waiting: list[Deferred[None]] = attrs.Factory(list)
+
+    def ready(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for d in waiting:
+            d.callback(None)
+
+
+class GlobalTopic:
+    """One topic of the :class:`GlobalPubSub`: ESN's topic API over AMQP."""
+
+    def __init__(self, owner: "GlobalPubSub", name: str) -> None:
+        self.owner = owner
+        self.name = name
+
+    def subscribe(self, callback: Subscriber) -> Deferred[None]:
+        """Call ``callback(data)`` for every publication on this topic, from any node.
+
+        The returned Deferred fires once the subscription's queue is bound on
+        the broker (later if the broker is away now); callers may ignore it.
+        """
+        return self.owner._subscribe(self.name, callback)
+
+    def unsubscribe(self, callback: Subscriber) -> None:
+        """Stop calling ``callback`` for this topic (each of its subscriptions)."""
+        self.owner._unsubscribe(self.name, callback)
+
+    def publish(self, data: Any) -> Deferred[None]:
+        """Publish ``data`` as JSON; fires when the broker has confirmed it.
+
+        Fails with :class:`~mailhub.errors.Unavailable` when the outbox is
+        full (the broker has been away too long) or the broker refused it.
+        """
+        try:
+            body = json.dumps(data, separators=(",", ":")).encode("utf-8")
+        except (TypeError, ValueError) as e:
+            return fail(TypeError("cannot publish %r on %s as JSON: %s" % (data, self.name, e)))
+        return self.owner.outbox.put(Route(self.name), body, JSON_PROPERTIES)
+
+    def forward(self, other: Any, data: Any) -> Deferred[None]:
+        """Publish here, then on ``other`` under the same name (ESN's forward)."""
+        here = self.publish(data)
+        if other is self.owner:
+            return here
+        there = other.topic(self.name).publish(data)
+        return DeferredList([here, there], fireOnOneErrback=True, consumeErrors=True
+                            ).addCallback(lambda _: None).addErrback(
+                                lambda f: f.value.subFailure)
+
+
+class GlobalPubSub:
+    """ESN's global pubsub: topics shared by every node on the broker.
+
+    Subscriptions outlive connections: each is set up again on every new
+    connection. A subscriber that raises or fails is logged and the others
+    (on this topic and every other) still run. Messages that are not JSON are
+    logged, counted and dropped (a raw publisher's mistake cannot stop a topic).
+    """
+
+    log = Logger()
+
+    def __init__(self, broker: Broker, metrics: Metrics | None = None) -> None:
+        self.broker = broker
+        self.outbox = broker.outbox
+        self.prefetch = broker.prefetch
+        self._topics: dict[str, GlobalTopic] = {}
+        self._subscriptions: list[_Subscription] = []
+        self._session: Session | None = None
+        metrics = metrics or broker.metrics
+        self._received = metrics.counter(
+            "mailhub_pubsub_received_total", "global pubsub messages received")
+        self._bad = metrics.counter(
+            "mailhub_pubsub_bad_messages_total",
+            "global pubsub messages dropped because they were not JSON")
+        self._subscriber_failures = metrics.counter(
+            "mailhub_pubsub_subscriber_failures_total", "global pubsub subscribers that failed")
+        broker.add(self)
+
+    def topic(self, name: str) -> GlobalTopic:
+        """The topic called ``name`` (an exchange of the same name)."""
+        found = self._topics.get(name)
+        if found is None:
+            found = self._topics[name] = GlobalTopic(self, name)
+        return found
+
+    def _subscribe(self, topic: str, callback: Subscriber) -> Deferred[None]:
+        subscription = _Subscription(topic, callback)
+        self._subscriptions.append(subscription)
+        ready: Deferred[None] = Deferred()
+        subscription.waiting.append(ready)
+        if self._session is not None:
+            self._start_soon(self._session, subscription)
+        return ready
+
+    def _unsubscribe(self, topic: str, callback: Subscriber) -> None:
+        for subscription in [s for s in self._subscriptions
+                             if s.topic == topic and s.callback == callback]:
+            self._subscriptions.remove(subscription)
+            subscription.active = False
+            subscription.ready()
+            consumer, subscription.consumer = subscription.consumer, None
+            if consumer is not None:
+                d = Deferred.fromCoroutine(consumer.cancel())
+                d.addErrback(lambda f: self.log.failure("cannot cancel a subscription", f))
+
+    async def connected(self, session: Session) -> None:
+        self._session = session
+        for subscription in list(self._subscriptions):
+            await self._start(session, subscription)
+
+    def disconnected(self, session: Session) -> None:
+        if self._session is session:
+            self._session = None
+        for subscription in self._subscriptions:
+            if subscription.consumer is not None and subscription.consumer.session is session:
+                subscription.consumer = None
+
+    def _start_soon(self, session: Session, subscription: _Subscription) -> None:
+        d = Deferred.fromCoroutine(self._start(session, subscription))
+        d.addErrback(lambda f: self.log.failure(
+            "cannot subscribe to {topic}", f, topic=subscription.topic))
+
+    async def _start(self, session: Session, subscription: _Subscription) -> None:
+        try:
+            await session.declare_exchange(subscription.topic)
+        except Refused as e:
+            self.log.error("cannot subscribe to {topic}: the broker refused its exchange: "
+                           "{reason}", topic=subscription.topic, reason=str(e))
+            return
+        channel = await session.open_channel()
+        reply = await channel.queue_declare(queue="", exclusive=True, auto_delete=True,
+                                            durable=False)
+        await channel.queue_bind(queue=reply.queue, exchange=subscription.topic,
+                                 routing_key="")
+
+        def handle(delivery: Delivery) -> Deferred[None]:
+            return self._deliver(subscription, delivery)
+
+        consumer = await Consumer.start(session, reply.queue, self.prefetch, handle,
+                                        sequential=True, channel=channel)
+        if subscription not in self._subscriptions:
+            # Unsubscribed while we were setting up.
+            await consumer.cancel()
+            return
+        subscription.consumer = consumer
+        subscription.active = True
+        subscription.ready()
+
+    def _deliver(self, subscription: _Subscription, delivery: Any) -> Deferred[None]:
+        """Hand one message to its subscriber, then ack it (failure or not)."""
+        self._received.inc()
+        try:
+            data = json.loads(delivery.body)
+        except ValueError:
+            self._bad.inc()
+            self.log.warn("dropping a message on {topic} that is not JSON ({size} bytes)",
+                          topic=subscription.topic, size=len(delivery.body))
+            return self._ack(delivery)
+        d = call_handler(subscription.callback, data)
+
+        def failed(failure: Any) -> None:
+            self._subscriber_failures.inc()
+            self.log.failure("subscriber {subscriber!r} of {topic} failed", failure,
+                             subscriber=subscription.callback, topic=subscription.topic)
+
+        d.addErrback(failed)
+        d.addCallback(lambda _: self._ack(delivery))
+        return d
+
+    def _ack(self, delivery: Any) -> Deferred[None]:
+        if not delivery.alive():
+            return succeed(None)
+        d = delivery.ack()
+        d.addErrback(lambda f: None)
+        return d

@@ -1,0 +1,80 @@
+"""Build the pubsub hub, the AMQP connection and work queues from the config.
+
+``make_pubsub(config, reactor, metrics)`` is what ``mailhub.tap`` calls:
+
+- without ``[amqp] url``: ``Hub(local)``, whose ``global_`` is the local
+  pubsub; no service; no work queues (the collector then takes its input
+  in process only);
+- with a URL: one :class:`~mailhub.pubsub.amqp.Broker` (an IService named
+  ``amqp`` to add to the MultiService) and a
+  :class:`~mailhub.pubsub.amqp.GlobalPubSub` as ``hub.global_``.
+
+A missing spec file or a bad URL raises :class:`~mailhub.errors.ConfigError`
+here, so start-up stops with one line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from mailhub.config import Config
+from mailhub.metrics import Metrics
+from mailhub.pubsub import Hub
+from mailhub.pubsub.amqp import Broker, GlobalPubSub
+from mailhub.pubsub.local import LocalPubSub
+from mailhub.pubsub.workqueue import WorkQueue
+
+
+@attrs.define
+class PubSub:
+    """The hub, the services to run, and the way to get work queues."""
+
+    hub: Hub
+    services: list[Any]
+    broker: Broker | None
+    reactor: Any
+    metrics: Metrics
+    _queues: dict[str, WorkQueue] = attrs.Factory(dict)
+
+    def work_queue(self, name: str, dead_letter: str | None = None,
+                   retry_initial: float = 1.0, retry_max: float = 300.0) -> WorkQueue | None:
+        """The shared work queue ``name`` (None without a broker).
+
+        Asking twice for a name gives the same queue.
+        """
+        if self.broker is None:
+            return None
+        found = self._queues.get(name)
+        if found is None:
+            found = self._queues[name] = WorkQueue(
+                self.broker.outbox, name, self.reactor, dead_letter=dead_letter,
+                retry_initial=retry_initial, retry_max=retry_max,
+                prefetch=self.broker.prefetch, metrics=self.metrics, broker=self.broker)
+        return found
+
+    def health(self) -> dict[str, Any]:
+        """The broker's state for /healthz: ``ok`` is False only when a
+        configured broker is not connected."""
+        if self.broker is None:
+            return {"ok": True, "state": "disabled"}
+        return self.broker.health()
+
+
+def make_pubsub(config: Config, reactor: Any, metrics: Metrics) -> PubSub:
+    """The pubsub side of a mailhub process, from its configuration."""
+    local = LocalPubSub()
+    amqp = config.amqp
+    if not amqp.url:
+        return PubSub(Hub(local, local), [], None, reactor, metrics)
+    broker = Broker(reactor, amqp.url, amqp.spec, heartbeat=amqp.heartbeat,
+                    outbox=amqp.outbox, prefetch=amqp.prefetch, metrics=metrics)
+    return PubSub(Hub(local, GlobalPubSub(broker, metrics)), [broker], broker,
+                  reactor, metrics)
+
+
+def make_hub(config: Config, reactor: Any, metrics: Metrics) -> tuple[Hub, list[Any]]:
+    """``(hub, services)``: the short form of :func:`make_pubsub`."""
+    made = make_pubsub(config, reactor, metrics)
+    return made.hub, made.services

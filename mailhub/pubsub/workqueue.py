@@ -1,0 +1,240 @@
+"""Point-to-point work queues (the collector's ``collector:email``).
+
+The wire layout is OpenPaaS's (REFERENCE.md section 1): a durable fanout
+exchange and a durable, non-exclusive queue with the same name, bound with
+``''``. Every mailhub process consuming the queue competes with the others,
+so each message is handled once. What mailhub adds:
+
+- publications are persistent and confirmed (through the broker's outbox);
+- a message is acked only after its handler succeeded;
+- a handler that raises :class:`~mailhub.errors.ValidationError` (the message
+  can never succeed) sends the message, properties kept, to a durable
+  dead-letter queue with the reason in the ``x-mailhub-reason`` header, and
+  only then acks the original;
+- any other failure is transient: the handler is tried again with exponential
+  backoff while the message stays unacked, so it is never dropped. If the
+  connection dies meanwhile, the retries stop and the broker redelivers the
+  message to whichever consumer is alive;
+- ``basic.qos`` prefetch bounds how many messages one process holds.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from zope.interface import Attribute, Interface
+
+from mailhub.errors import Unavailable, ValidationError
+from mailhub.metrics import Metrics
+from mailhub.pubsub.amqp import Consumer, call_handler
+from mailhub.pubsub.outbox import Outbox, Route
+
+REASON_HEADER = "x-mailhub-reason"
+QUEUE_HEADER = "x-mailhub-queue"
+
+Handler = Callable[[bytes], Any]
+
+
+class IDelivery(Interface):
+    """One message handed to a consumer."""
+
+    body = Attribute("the message body (bytes)")
+    properties = Attribute("its AMQP properties (dict, txamqp names: 'headers', ...)")
+    redelivered = Attribute("whether the broker delivered it before")
+
+    def alive() -> bool:
+        """Whether it can still be acked (its channel is open)."""
+
+    def ack() -> Deferred[None]:
+        """Acknowledge it: the broker forgets it."""
+
+
+class WorkQueue:
+    """A durable queue that mailhub processes share; see the module docstring.
+
+    Built by :meth:`mailhub.pubsub.wiring.PubSub.work_queue`; registers itself
+    with the broker connection when given one (``broker.add``).
+    """
+
+    log = Logger()
+
+    def __init__(self, outbox: Outbox, name: str, clock: Any,
+                 dead_letter: str | None = None, retry_initial: float = 1.0,
+                 retry_max: float = 300.0, prefetch: int = 16,
+                 metrics: Metrics | None = None, broker: Any = None) -> None:
+        self.outbox = outbox
+        self.name = name
+        self.dead_letter = dead_letter or name + ":dead"
+        self.clock = clock
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self.prefetch = prefetch
+        self._handler: Handler | None = None
+        self._consumer: Any = None
+        self._sleeping: dict[Deferred[None], Any] = {}
+        metrics = metrics or Metrics()
+        labels = {"queue": name}
+        self._acked = metrics.counter(
+            "mailhub_workqueue_acked_total", "work queue messages handled and acked",
+            ["queue"]).labels(**labels)
+        self._dead = metrics.counter(
+            "mailhub_workqueue_dead_lettered_total",
+            "work queue messages sent to the dead-letter queue", ["queue"]).labels(**labels)
+        self._retries = metrics.counter(
+            "mailhub_workqueue_retries_total",
+            "work queue handler failures that will be retried", ["queue"]).labels(**labels)
+        self._abandoned = metrics.counter(
+            "mailhub_workqueue_abandoned_total",
+            "work queue messages left to the broker to redeliver (connection lost)",
+            ["queue"]).labels(**labels)
+        self.in_progress = 0
+        if broker is not None:
+            broker.add(self)
+
+    @property
+    def route(self) -> Route:
+        return Route(self.name, "", queue=self.name)
+
+    @property
+    def dead_route(self) -> Route:
+        return Route("", self.dead_letter, queue=self.dead_letter)
+
+    def publish(self, data: Any) -> Deferred[None]:
+        """Publish one message (bytes as they are, anything else as JSON).
+
+        Persistent; fires when the broker confirmed it; fails with
+        :class:`~mailhub.errors.Unavailable` when the outbox is full.
+        """
+        if isinstance(data, bytes):
+            body = data
+        elif isinstance(data, str):
+            body = data.encode("utf-8")
+        else:
+            body = json.dumps(data, separators=(",", ":")).encode("utf-8")
+        return self.outbox.put(self.route, body,
+                               {"content-type": "application/json", "delivery-mode": 2})
+
+    def consume(self, handler: Handler) -> None:
+        """Hand every message's body to ``handler`` (value, Deferred or coroutine).
+
+        Consumption starts on the current connection, if any, and on each new one.
+        """
+        if self._handler is not None:
+            raise ValueError("work queue %s already has a consumer" % self.name)
+        self._handler = handler
+
+    # Broker connection life cycle -------------------------------------
+
+    async def connected(self, session: Any) -> None:
+        """Declare the queues; start consuming when a handler is set."""
+        await session.declare_route(self.route)
+        await session.declare_route(self.dead_route)
+        if self._handler is not None:
+            self._consumer = await Consumer.start(session, self.name, self.prefetch,
+                                                  self.handle, sequential=False)
+
+    def disconnected(self, session: Any) -> None:
+        """Stop retrying messages whose channel died: the broker redelivers them."""
+        if self._consumer is not None and self._consumer.session is session:
+            self._consumer = None
+        for sleep, delivery in list(self._sleeping.items()):
+            if not delivery.alive():
+                sleep.cancel()
+
+    def stop(self) -> None:
+        """Cancel every pending retry (at shutdown)."""
+        for sleep in list(self._sleeping):
+            sleep.cancel()
+
+    # One message ------------------------------------------------------
+
+    def handle(self, delivery: IDelivery) -> Deferred[None]:
+        """Handle one delivery until it is acked, dead-lettered or abandoned."""
+        return Deferred.fromCoroutine(self._handle(delivery))
+
+    async def _handle(self, delivery: IDelivery) -> None:
+        assert self._handler is not None
+        self.in_progress += 1
+        try:
+            delay = self.retry_initial
+            while True:
+                if not delivery.alive():
+                    self._abandon()
+                    return
+                try:
+                    await call_handler(self._handler, delivery.body)
+                except ValidationError as e:
+                    await self._send_to_dead_letter(delivery, e)
+                    return
+                except Exception:
+                    self._retries.inc()
+                    self.log.failure("handling a message from {queue} failed; retrying in "
+                                     "{delay} s", queue=self.name, delay=delay)
+                    if not await self._sleep(delivery, delay):
+                        self._abandon()
+                        return
+                    delay = min(delay * 2, self.retry_max)
+                    continue
+                if await self._ack(delivery):
+                    self._acked.inc()
+                return
+        finally:
+            self.in_progress -= 1
+
+    async def _send_to_dead_letter(self, delivery: IDelivery, error: ValidationError) -> None:
+        reason = "; ".join(error.messages)
+        self.log.warn("message from {queue} can never succeed, dead-lettered to "
+                      "{dead}: {reason}", queue=self.name, dead=self.dead_letter,
+                      reason=reason)
+        properties = dict(delivery.properties)
+        headers = dict(properties.get("headers") or {})
+        headers[REASON_HEADER] = reason
+        headers[QUEUE_HEADER] = self.name
+        properties["headers"] = headers
+        properties["delivery-mode"] = 2
+        delay = self.retry_initial
+        while True:
+            try:
+                await self.outbox.put(self.dead_route, delivery.body, properties)
+                break
+            except Unavailable as e:
+                self.log.warn("cannot dead-letter a message from {queue} yet: {error}",
+                              queue=self.name, error=str(e))
+                if not await self._sleep(delivery, delay):
+                    self._abandon()
+                    return
+                delay = min(delay * 2, self.retry_max)
+        if await self._ack(delivery):
+            self._dead.inc()
+
+    async def _sleep(self, delivery: IDelivery, delay: float) -> bool:
+        """Wait ``delay`` seconds; False when cancelled (connection lost, shutdown)."""
+        sleep: Deferred[None] = deferLater(self.clock, delay, lambda: None)
+        self._sleeping[sleep] = delivery
+        try:
+            await sleep
+        except CancelledError:
+            return False
+        finally:
+            self._sleeping.pop(sleep, None)
+        return delivery.alive()
+
+    async def _ack(self, delivery: IDelivery) -> bool:
+        if not delivery.alive():
+            self._abandon()
+            return False
+        try:
+            await delivery.ack()
+        except Exception:
+            self._abandon()
+            return False
+        return True
+
+    def _abandon(self) -> None:
+        self._abandoned.inc()
+        self.log.info("a message from {queue} was left to the broker to redeliver "
+                      "(its connection is gone)", queue=self.name)
