@@ -224,20 +224,39 @@ class ChainedUserSource:
         return await self.sources[-1].authenticate(login, password)  # type: ignore[no-any-return]
 
     async def pages(self, page_size: int) -> AsyncIterator[list[User]]:
-        """Every source's users in turn, later duplicates of a login skipped."""
+        """Every source's users in turn, later duplicates of a login skipped.
+
+        The first page of every source is fetched before anything is yielded,
+        so a source that is down fails the listing before it has begun (a
+        503 for MailStore) rather than half-way through; memory holds one
+        page per source at most for that.
+        """
         seen: set[str] = set()
         last = len(self.sources) - 1
-        for index, source in enumerate(self.sources):
-            iterator = source.pages(page_size).__aiter__()
-            try:
-                async for page in iterator:
+        iterators = [source.pages(page_size).__aiter__() for source in self.sources]
+        try:
+            firsts: list[list[User] | None] = []
+            for iterator in iterators:
+                try:
+                    firsts.append(await iterator.__anext__())
+                except StopAsyncIteration:
+                    firsts.append(None)
+            for index, iterator in enumerate(iterators):
+                page = firsts[index]
+                firsts[index] = None
+                while page is not None:
                     if seen:
                         page = [u for u in page if u.login.casefold() not in seen]
                     if index < last:
                         seen.update(u.login.casefold() for u in page)
                     if page:
                         yield page
-            finally:
+                    try:
+                        page = await iterator.__anext__()
+                    except StopAsyncIteration:
+                        page = None
+        finally:
+            for iterator in iterators:
                 await _close(iterator)
 
 

@@ -291,3 +291,18 @@ def test_chain_lists_every_source_in_order_without_duplicate_logins() -> None:
     pages = collect(chain, 2)
     assert [[(u.login, u.source) for u in p] for p in pages] == [
         [("carol", "site")], [("dave", "ldap")], [("erin", "ldap")]]
+
+
+def test_a_later_source_down_fails_the_listing_before_any_page() -> None:
+    chain, _, ldap = chain_of()
+    ldap.down = True
+    got: list[list[User]] = []
+
+    async def run() -> None:
+        async for page in chain.pages(2):
+            got.append(page)
+
+    out: list[Any] = []
+    Deferred.fromCoroutine(run()).addBoth(out.append)
+    assert isinstance(out[0], Failure) and out[0].check(Unavailable)
+    assert got == []
