@@ -1,0 +1,301 @@
+"""Where collector messages come from inside mailhub: sent mail and calendar events.
+
+Both sources turn what they see into the ``collector:email`` message
+(``{"userId" | "userEmail", "emails": [...]}``) and hand it to a dispatcher:
+
+- :class:`QueueDispatcher` publishes it on the work queue (persistent,
+  confirmed), so with a broker every message gets the queue's guarantees
+  (ack after collection, retries, dead letters, one consumer among instances);
+- :class:`InProcessDispatcher` (no broker) calls the engine directly and
+  retries transient failures with exponential backoff, bounded in number of
+  messages held. Messages held for a retry are lost if the process stops:
+  without a broker there is nowhere durable to keep them.
+
+:class:`MailSource` listens to the local ``mail:append`` topic (the push
+receiver's MessageAppend events) and collects the recipients of messages
+appended to a sent folder. :class:`CalendarSource` listens to the global
+``calendar:event:created`` / ``calendar:event:updated`` topics in ESN's shape.
+:func:`ical_addresses` reads the same attendees from an iCalendar text, for
+the HTTP surface in :mod:`mailhub.web.calendar`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Iterable
+
+import vobject
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from mailhub.collector.addresses import format_address
+from mailhub.collector.engine import message_body
+from mailhub.errors import Unavailable, ValidationError
+from mailhub.metrics import Metrics
+
+CALENDAR_TOPICS = ("calendar:event:created", "calendar:event:updated")
+MAIL_APPEND = "mail:append"
+
+
+class QueueDispatcher:
+    """Submit messages to the work queue (``WorkQueue.publish``)."""
+
+    def __init__(self, publish: Callable[[bytes], Deferred[Any]]) -> None:
+        self._publish = publish
+
+    def submit(self, body: bytes) -> Deferred[Any]:
+        return self._publish(body)
+
+
+class InProcessDispatcher:
+    """Without a broker: run the engine now, and retry transient failures later.
+
+    ``handler`` is :meth:`CollectorEngine.handle`. A ValidationError drops the
+    message (logged, counted); any other failure retries after
+    ``retry_initial`` seconds, doubling up to ``retry_max``. At most ``limit``
+    messages are held (running or waiting); beyond that ``submit`` fails with
+    Unavailable so the caller can push back.
+    """
+
+    log = Logger()
+
+    def __init__(self, handler: Callable[[bytes], Deferred[Any]], clock: IReactorTime,
+                 retry_initial: float = 1.0, retry_max: float = 300.0, limit: int = 1000,
+                 metrics: Metrics | None = None) -> None:
+        self._handler = handler
+        self._clock = clock
+        self._initial = retry_initial
+        self._max = retry_max
+        self._limit = limit
+        self._waiting: set[Any] = set()
+        self.held = 0
+        metrics = metrics or Metrics()
+        self._retries = metrics.counter(
+            "mailhub_collector_retries_total", "In-process collector retries (no broker)")
+        self._dropped = metrics.counter(
+            "mailhub_collector_dropped_total",
+            "In-process collector messages dropped: poison, or too many held", ["reason"])
+        metrics.gauge_callback("mailhub_collector_held", "In-process collector messages held",
+                               lambda: self.held)
+
+    def submit(self, body: bytes) -> Deferred[Any]:
+        """Accept a message (fires at once); the engine runs it, retrying as needed."""
+        if self.held >= self._limit:
+            self._dropped.labels(reason="full").inc()
+            raise Unavailable("collector is holding %d messages already" % self.held)
+        self.held += 1
+        self._run(body, self._initial)
+        return succeed(None)
+
+    def _run(self, body: bytes, delay: float) -> None:
+        d = maybeDeferred(self._handler, body)
+
+        def failed(failure: Any) -> None:
+            if failure.check(ValidationError):
+                self.held -= 1
+                self._dropped.labels(reason="poison").inc()
+                self.log.warn("collector message dropped: {reason}",
+                              reason=failure.getErrorMessage())
+                return
+            self._retries.inc()
+            self.log.info("collector message failed ({reason}); retrying in {delay}s",
+                          reason=failure.getErrorMessage(), delay=delay)
+            call = self._clock.callLater(delay, self._retry, body, min(delay * 2, self._max))
+            self._waiting.add(call)
+
+        d.addCallbacks(lambda _: self._finished(), failed)
+
+    def _finished(self) -> None:
+        self.held -= 1
+
+    def _retry(self, body: bytes, delay: float) -> None:
+        self._waiting = {c for c in self._waiting if c.active()}
+        self._run(body, delay)
+
+    def stop(self) -> None:
+        """Cancel waiting retries (at shutdown); their messages are lost."""
+        for call in self._waiting:
+            if call.active():
+                call.cancel()
+        self._waiting.clear()
+
+
+def folder_matches(mailbox: str, folders: Iterable[str]) -> bool:
+    """True when ``mailbox`` (or its last hierarchy level) is one of ``folders``.
+
+    Case-insensitive; ``/`` and ``.`` separate levels, so ``Sent`` matches
+    ``Sent``, ``INBOX.Sent`` and ``INBOX/Sent``; ``Sent Items`` must be listed
+    as such.
+    """
+    name = mailbox.strip().casefold()
+    last = re.split(r"[/.]", name)[-1]
+    wanted = {f.strip().casefold() for f in folders}
+    return name in wanted or last in wanted
+
+
+class MailSource:
+    """Collect the recipients of messages appended to a user's sent folder."""
+
+    log = Logger()
+
+    def __init__(self, hub: Any, dispatcher: Any, sent_folders: Iterable[str],
+                 metrics: Metrics | None = None) -> None:
+        self._hub = hub
+        self._dispatcher = dispatcher
+        self._folders = tuple(sent_folders)
+        metrics = metrics or Metrics()
+        self._seen = metrics.counter("mailhub_collector_source_messages_total",
+                                     "Collector messages made by the built-in sources",
+                                     ["source"])
+
+    def start(self) -> None:
+        self._hub.local.topic(MAIL_APPEND).subscribe(self.on_append)
+
+    def stop(self) -> None:
+        self._hub.local.topic(MAIL_APPEND).unsubscribe(self.on_append)
+
+    def on_append(self, data: Any) -> Deferred[Any] | None:
+        """A ``mail:append`` payload: submit its recipients if it went to a sent folder."""
+        if not isinstance(data, dict):
+            return None
+        mailbox = data.get("mailbox")
+        user = data.get("user")
+        special = data.get("special_use") or []
+        is_sent = "\\Sent" in special if isinstance(special, list) else False
+        if not isinstance(user, str) or not user or not isinstance(mailbox, str):
+            return None
+        if not (is_sent or folder_matches(mailbox, self._folders)):
+            return None
+        emails = [data[k] for k in ("to", "cc", "bcc")
+                  if isinstance(data.get(k), str) and data[k].strip()]
+        if not emails and isinstance(data.get("to_address"), str) and data["to_address"]:
+            name = data.get("to_display_name")
+            emails = [format_address(name if isinstance(name, str) else "", data["to_address"])]
+        if not emails:
+            return None
+        self._seen.labels(source="mail").inc()
+        return self._dispatcher.submit(message_body(emails, user_email=user))
+
+
+def _cal_address(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return None
+    value = value.strip()
+    if value.lower().startswith("mailto:"):
+        value = value[7:]
+    return value or None
+
+
+def _param(params: dict[str, Any], name: str) -> str:
+    for key, value in params.items():
+        if key.lower() == name:
+            if isinstance(value, list):
+                value = value[0] if value else ""
+            return value if isinstance(value, str) else ""
+    return ""
+
+
+def attendee_entries(props: Iterable[tuple[str, dict[str, Any], Any]]) -> list[str]:
+    """``Name <address>`` entries of ATTENDEE/ORGANIZER properties.
+
+    ``props`` gives (name, params, value) triples; resources (CUTYPE=RESOURCE,
+    and ROOM, which is a resource too) are dropped; ``mailto:`` is stripped;
+    CN becomes the display name (OpenPaaS threw it away).
+    """
+    out: list[str] = []
+    for name, params, value in props:
+        if name.lower() not in ("attendee", "organizer"):
+            continue
+        if _param(params, "cutype").upper() in ("RESOURCE", "ROOM"):
+            continue
+        address = _cal_address(value)
+        if address:
+            out.append(format_address(_param(params, "cn"), address))
+    return list(dict.fromkeys(out))
+
+
+def jcal_addresses(jcal: Any) -> list[str]:
+    """Attendees and organizers of every component of a jCal (RFC 7265) value."""
+    triples: list[tuple[str, dict[str, Any], Any]] = []
+
+    def walk(component: Any) -> None:
+        if not (isinstance(component, list) and len(component) >= 2):
+            return
+        for prop in component[1] if isinstance(component[1], list) else []:
+            if isinstance(prop, list) and len(prop) >= 4 and isinstance(prop[0], str):
+                triples.append((prop[0], prop[1] if isinstance(prop[1], dict) else {}, prop[3]))
+        if len(component) >= 3 and isinstance(component[2], list):
+            for sub in component[2]:
+                walk(sub)
+
+    walk(jcal)
+    return attendee_entries(triples)
+
+
+def ical_addresses(text: str) -> list[str]:
+    """Attendees and organizers of every event of an iCalendar text.
+
+    Raises ValidationError when the text is not iCalendar.
+    """
+    triples: list[tuple[str, dict[str, Any], Any]] = []
+    try:
+        found = False
+        for calendar in vobject.readComponents(text):
+            found = True
+            for component in calendar.getChildren():
+                for child in getattr(component, "getChildren", lambda: [])():
+                    if child.name in ("ATTENDEE", "ORGANIZER"):
+                        triples.append((child.name, dict(child.params), child.value))
+        if not found:
+            raise ValidationError("the body holds no iCalendar object")
+    except ValidationError:
+        raise
+    except Exception as e:  # vobject raises many types on bad input
+        raise ValidationError("the body is not iCalendar: %s" % (str(e).splitlines() or [""])[0])
+    return attendee_entries(triples)
+
+
+def user_of_event_path(path: str) -> str | None:
+    """The user id of an ESN event path ``/calendars/{userId}/{calendarId}/{uid}.ics``."""
+    parts = [p for p in path.split("/") if p]
+    if len(parts) >= 2 and parts[0] == "calendars":
+        return parts[1]
+    return None
+
+
+class CalendarSource:
+    """Collect attendees of events created or updated in ESN's calendar (global topics)."""
+
+    log = Logger()
+
+    def __init__(self, hub: Any, dispatcher: Any, metrics: Metrics | None = None) -> None:
+        self._hub = hub
+        self._dispatcher = dispatcher
+        metrics = metrics or Metrics()
+        self._seen = metrics.counter("mailhub_collector_source_messages_total",
+                                     "Collector messages made by the built-in sources",
+                                     ["source"])
+
+    def start(self) -> None:
+        for topic in CALENDAR_TOPICS:
+            self._hub.global_.topic(topic).subscribe(self.on_event)
+
+    def stop(self) -> None:
+        for topic in CALENDAR_TOPICS:
+            self._hub.global_.topic(topic).unsubscribe(self.on_event)
+
+    def on_event(self, data: Any) -> Deferred[Any] | None:
+        """An ESN calendar event: ``{eventPath, event (jCal), import}``."""
+        if not isinstance(data, dict) or data.get("import") is True:
+            return None
+        path = data.get("eventPath")
+        user = user_of_event_path(path) if isinstance(path, str) else None
+        if user is None:
+            self.log.warn("calendar event without a usable eventPath ignored")
+            return None
+        emails = jcal_addresses(data.get("event"))
+        if not emails:
+            return None
+        self._seen.labels(source="calendar").inc()
+        return self._dispatcher.submit(message_body(emails, user_id=user))

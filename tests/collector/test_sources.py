@@ -1,0 +1,185 @@
+"""Sources: sent mail, ESN calendar events, the iCalendar HTTP surface, dispatchers."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from treq.testing import StubTreq
+from twisted.internet.defer import fail, succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailhub.collector.sources import (
+    CalendarSource, InProcessDispatcher, MailSource, QueueDispatcher, folder_matches,
+    ical_addresses, jcal_addresses)
+from mailhub.errors import Unavailable, ValidationError
+from mailhub.metrics import Metrics
+from mailhub.pubsub import Hub
+from mailhub.pubsub.local import LocalPubSub
+from mailhub.web.calendar import CalendarCollect
+
+ICS = """BEGIN:VCALENDAR\r
+VERSION:2.0\r
+PRODID:-//test//EN\r
+BEGIN:VEVENT\r
+UID:1\r
+DTSTAMP:20240101T000000Z\r
+DTSTART:20240101T100000Z\r
+ORGANIZER;CN="Doe, Jane":mailto:jane@x.org\r
+ATTENDEE;CN=Bob Smith;PARTSTAT=ACCEPTED:mailto:bob@x.org\r
+ATTENDEE;CUTYPE=RESOURCE;CN=Projector:mailto:projector@x.org\r
+ATTENDEE;CUTYPE=ROOM;CN=Room 1:mailto:room1@x.org\r
+ATTENDEE:MAILTO:plain@x.org\r
+END:VEVENT\r
+END:VCALENDAR\r
+"""
+
+JCAL = ["vcalendar", [], [["vevent", [
+    ["uid", {}, "text", "1"],
+    ["organizer", {"cn": "Jane"}, "cal-address", "mailto:jane@x.org"],
+    ["attendee", {"cn": "Bob", "partstat": "NEEDS-ACTION"}, "cal-address", "mailto:bob@x.org"],
+    ["attendee", {"cutype": "RESOURCE"}, "cal-address", "mailto:room@x.org"],
+    ["attendee", {}, "cal-address", "mailto:bob@x.org"],
+], []]]]
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+
+    def submit(self, body: bytes) -> Any:
+        self.bodies.append(json.loads(body))
+        return succeed(None)
+
+
+class MailSourceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.hub = Hub()
+        self.out = Recorder()
+        MailSource(self.hub, self.out, ["Sent", "Sent Items"]).start()
+
+    def append(self, **data: Any) -> None:
+        self.successResultOf(self.hub.local.topic("mail:append").publish(data))
+
+    def test_recipients_of_a_sent_message_are_submitted(self) -> None:
+        self.append(user="alice@example.org", mailbox="INBOX/Sent",
+                    to='"Doe, J" <j@y.org>, k@z.org', to_address="j@y.org")
+        self.assertEqual(self.out.bodies, [{"userEmail": "alice@example.org",
+                                            "emails": ['"Doe, J" <j@y.org>, k@z.org']}])
+
+    def test_other_folders_are_ignored(self) -> None:
+        self.append(user="a@x.org", mailbox="INBOX", to="j@y.org")
+        self.append(user="a@x.org", mailbox="Drafts", to="j@y.org")
+        self.assertEqual(self.out.bodies, [])
+
+    def test_special_use_sent_counts_whatever_the_name(self) -> None:
+        self.append(user="a@x.org", mailbox="Gesendet", special_use=["\\Sent"], to="j@y.org")
+        self.assertEqual(len(self.out.bodies), 1)
+
+    def test_first_address_fields_are_the_fallback(self) -> None:
+        self.append(user="a@x.org", mailbox="sent items", to_address="j@y.org",
+                    to_display_name="J Y")
+        self.assertEqual(self.out.bodies[0]["emails"], ['"J Y" <j@y.org>'])
+
+    def test_folder_matching(self) -> None:
+        self.assertTrue(folder_matches("INBOX.Sent", ["sent"]))
+        self.assertTrue(folder_matches("Sent Items", ["Sent Items"]))
+        self.assertFalse(folder_matches("Sent Items", ["Sent"]))
+        self.assertFalse(folder_matches("Unsent", ["Sent"]))
+
+
+class CalendarSourceTests(SynchronousTestCase):
+    def test_attendees_and_organizer_without_resources_with_names(self) -> None:
+        self.assertEqual(jcal_addresses(JCAL), ['"Jane" <jane@x.org>', '"Bob" <bob@x.org>',
+                                                "bob@x.org"])
+        self.assertEqual(ical_addresses(ICS), ['"Doe, Jane" <jane@x.org>',
+                                               '"Bob Smith" <bob@x.org>', "plain@x.org"])
+
+    def test_events_on_the_global_topics_are_submitted_unless_imported(self) -> None:
+        global_ = LocalPubSub()
+        hub = Hub(LocalPubSub(), global_)
+        out = Recorder()
+        CalendarSource(hub, out).start()
+        event = {"eventPath": "/calendars/U1/cal/1.ics", "event": JCAL, "import": False}
+        self.successResultOf(global_.topic("calendar:event:created").publish(event))
+        self.successResultOf(global_.topic("calendar:event:updated").publish(
+            dict(event, **{"import": True})))
+        self.successResultOf(global_.topic("calendar:event:updated").publish({"nonsense": 1}))
+        self.assertEqual(len(out.bodies), 1)
+        self.assertEqual(out.bodies[0]["userId"], "U1")
+
+    def test_junk_icalendar_is_a_validation_error(self) -> None:
+        self.assertRaises(ValidationError, ical_addresses, "hello")
+        self.assertRaises(ValidationError, ical_addresses, "BEGIN:VCALENDAR\r\nBROKEN")
+
+
+class DispatcherTests(SynchronousTestCase):
+    def test_transient_failures_are_retried_with_backoff(self) -> None:
+        clock = Clock()
+        calls: list[bytes] = []
+
+        def handler(body: bytes) -> Any:
+            calls.append(body)
+            return fail(Unavailable("down")) if len(calls) < 3 else succeed(None)
+
+        d = InProcessDispatcher(handler, clock, retry_initial=1, retry_max=10)
+        self.successResultOf(d.submit(b"m"))
+        self.assertEqual(len(calls), 1)
+        clock.advance(1)
+        self.assertEqual(len(calls), 2)
+        clock.advance(1.5)
+        self.assertEqual(len(calls), 2)
+        clock.advance(0.5)
+        self.assertEqual(len(calls), 3)
+        self.assertEqual(d.held, 0)
+
+    def test_poison_is_dropped_and_a_full_dispatcher_pushes_back(self) -> None:
+        metrics = Metrics()
+        d = InProcessDispatcher(lambda b: fail(ValidationError("bad")), Clock(), limit=1,
+                                metrics=metrics)
+        self.successResultOf(d.submit(b"x"))
+        self.assertEqual(d.held, 0)
+        self.assertEqual(metrics.value("mailhub_collector_dropped_total", {"reason": "poison"}), 1)
+        stuck = InProcessDispatcher(lambda b: fail(Unavailable("x")), Clock(), limit=1)
+        stuck.submit(b"x")
+        self.assertRaises(Unavailable, stuck.submit, b"y")
+        stuck.stop()
+
+    def test_queue_dispatcher_publishes_the_body(self) -> None:
+        sent: list[bytes] = []
+        QueueDispatcher(lambda b: succeed(sent.append(b))).submit(b"{}")
+        self.assertEqual(sent, [b"{}"])
+
+
+class CalendarWebTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.out = Recorder()
+        self.web = CalendarCollect(self.out, lambda t: succeed(t == "s3cret"), max_body=4096)
+        self.http = StubTreq(self.web.resource())
+
+    def post(self, query: str, body: str, headers: dict[str, str] | None = None) -> Any:
+        response = self.successResultOf(self.http.post(
+            "http://x/collector/v1/calendar" + query, data=body.encode("utf-8"),
+            headers=headers or {"Content-Type": "text/calendar"}))
+        return response.code, json.loads(self.successResultOf(response.content()))
+
+    def test_attendees_are_submitted_for_the_named_user(self) -> None:
+        code, answer = self.post("?user=alice@example.org&token=s3cret", ICS)
+        self.assertEqual(code, 202)
+        self.assertEqual(len(answer["emails"]), 3)
+        self.assertEqual(self.out.bodies[0]["userEmail"], "alice@example.org")
+
+    def test_bearer_token(self) -> None:
+        code, _ = self.post("?user=a", ICS, {"Authorization": "Bearer s3cret"})
+        self.assertEqual(code, 202)
+
+    def test_bad_token_missing_user_junk_and_oversize(self) -> None:
+        self.assertEqual(self.post("?user=a&token=wrong", ICS)[0], 403)
+        self.assertEqual(self.post("?user=a", ICS)[0], 403)
+        self.assertEqual(self.post("?token=s3cret", ICS)[0], 400)
+        code, answer = self.post("?user=a&token=s3cret", "not a calendar")
+        self.assertEqual(code, 400)
+        self.assertIn("iCalendar", answer["error"])
+        self.assertEqual(self.post("?user=a&token=s3cret", "x" * 5000)[0], 413)
+        self.assertEqual(self.out.bodies, [])
