@@ -26,6 +26,7 @@ import math
 import os
 import re
 import socket
+import sqlite3
 import ssl
 import struct
 import sys
@@ -814,6 +815,19 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None,
     except Unavailable as e:
         io.stderr.write("mailhub: %s\n" % e)
         return UNREACHABLE
+    except _database_errors() as e:
+        # Reached, but unusable: not a database, no permission, a broken schema.
+        io.stderr.write("mailhub: the database cannot be used: %s\n" % _first_line(e))
+        return UNREACHABLE
+
+
+def _database_errors() -> tuple[type[BaseException], ...]:
+    """The DB-API error classes of the drivers loaded so far."""
+    errors: list[type[BaseException]] = [sqlite3.Error]
+    psycopg = sys.modules.get("psycopg")
+    if psycopg is not None:
+        errors.append(psycopg.Error)
+    return tuple(errors)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import secrets
 import socket
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from mailhub.directory.cache import Directory
 from mailhub.directory.model import BASE62
 from mailhub.directory.sql import SQLStore, dialect_for
 from mailhub.directory.users import verify_password
-from tests.support.postgres import throwaway_database
+from tests.support.postgres import SERVER, throwaway_database
 from tests.support.require import free_port, missing, require_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -216,6 +217,33 @@ def test_token_create_when_the_sqlite_folder_cannot_be_made_exits_2(
                   "--config", site)
     assert ran.code == 2, ran
     assert ran.out == ""
+
+
+def test_token_create_on_a_file_that_is_not_a_database_exits_2(site: str, tmp_path: Path) -> None:
+    (tmp_path / "junk.sqlite").write_bytes(b"this is not SQLite" * 100)
+    ran = mailhub("token", "create", "sqlite:///%s/junk.sqlite" % tmp_path, "--config", site)
+    assert ran.code == 2, ran
+    assert ran.out == ""
+    assert "cannot be used" in ran.err
+
+
+def test_token_create_as_a_postgresql_user_without_rights_exits_2(site: str) -> None:
+    import psycopg
+
+    role = "mailhub_cli_" + secrets.token_hex(4)
+    try:
+        with throwaway_database() as dsn:
+            with psycopg.connect(dsn, autocommit=True) as admin:
+                admin.execute('CREATE ROLE "%s" LOGIN' % role)
+                admin.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+            ran = mailhub("token", "create", dsn.replace("postgres@", role + "@", 1),
+                          "--config", site)
+            assert ran.code == 2, ran
+            assert ran.out == ""
+            assert "cannot be used" in ran.err
+    finally:
+        with psycopg.connect(SERVER, autocommit=True) as admin:
+            admin.execute('DROP ROLE IF EXISTS "%s"' % role)
 
 
 # -- configuration --------------------------------------------------------------
