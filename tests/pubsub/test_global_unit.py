@@ -1,0 +1,158 @@
+"""The global pubsub's ESN format and subscriber isolation, without a broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailhub.config import DEFAULT_SPEC, AMQPSection, Config
+from mailhub.errors import ConfigError
+from mailhub.metrics import Metrics
+from mailhub.pubsub.amqp import BrokerAddress, GlobalPubSub, _Subscription, load_spec
+from mailhub.pubsub.local import LocalPubSub
+from mailhub.pubsub.outbox import Route
+from mailhub.pubsub.wiring import make_hub, make_pubsub
+
+from tests.pubsub.fakes import FakeBroker, FakeChannel, FakeDelivery
+
+
+class GlobalPubSubTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.broker = FakeBroker()
+        self.channel = FakeChannel()
+        self.broker.outbox.attach(self.channel)
+        self.pubsub = GlobalPubSub(self.broker)  # type: ignore[arg-type]
+
+    def test_publish_uses_esn_wire_format(self) -> None:
+        d = self.pubsub.topic("contacts:contact:add").publish({"contactId": "c1"})
+        [(route, body, properties)] = self.channel.published
+        # One fanout exchange per topic, named as the topic, routing key ''.
+        self.assertEqual(route, Route("contacts:contact:add", ""))
+        self.assertEqual(json.loads(body.decode("utf-8")), {"contactId": "c1"})
+        self.assertEqual(properties["delivery-mode"], 2)
+        self.assertEqual(properties["content-type"], "application/json")
+        self.assertNoResult(d)
+        self.broker.outbox.ack(1, False)
+        self.successResultOf(d)
+
+    def test_unencodable_data_fails_at_once(self) -> None:
+        self.failureResultOf(self.pubsub.topic("t").publish({"x": object()}), TypeError)
+        self.assertEqual(self.channel.published, [])
+
+    def test_a_failing_subscriber_is_logged_acked_and_others_still_run(self) -> None:
+        seen = []
+
+        def broken(data: object) -> None:
+            raise RuntimeError("subscriber bug")
+
+        first = _Subscription("t", broken)
+        second = _Subscription("t", seen.append)
+        one, two = FakeDelivery(b'{"a":1}'), FakeDelivery(b'{"a":1}')
+        self.successResultOf(self.pubsub._deliver(first, one))
+        self.successResultOf(self.pubsub._deliver(second, two))
+        self.assertEqual(seen, [{"a": 1}])
+        self.assertEqual((one.acks, two.acks), (1, 1))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(
+            self.broker.metrics.value("mailhub_pubsub_subscriber_failures_total"), 1)
+
+    def test_ack_waits_for_an_asynchronous_subscriber(self) -> None:
+        pending: Deferred[None] = Deferred()
+        delivery = FakeDelivery(b"[1]")
+        d = self.pubsub._deliver(_Subscription("t", lambda data: pending), delivery)
+        self.assertEqual(delivery.acks, 0)
+        pending.callback(None)
+        self.successResultOf(d)
+        self.assertEqual(delivery.acks, 1)
+
+    def test_message_that_is_not_json_is_dropped_and_counted(self) -> None:
+        seen = []
+        delivery = FakeDelivery(b"\xff not json")
+        self.successResultOf(self.pubsub._deliver(_Subscription("t", seen.append), delivery))
+        self.assertEqual(seen, [])
+        self.assertEqual(delivery.acks, 1)
+        self.assertEqual(self.broker.metrics.value("mailhub_pubsub_bad_messages_total"), 1)
+
+    def test_subscribe_waits_for_a_connection(self) -> None:
+        d = self.pubsub.topic("t").subscribe(lambda data: None)
+        self.assertNoResult(d)
+
+    def test_unsubscribe_before_connection_releases_the_waiter(self) -> None:
+        callback = lambda data: None  # noqa: E731
+        d = self.pubsub.topic("t").subscribe(callback)
+        self.pubsub.topic("t").unsubscribe(callback)
+        self.successResultOf(d)
+        self.assertEqual(self.pubsub._subscriptions, [])
+
+    def test_forward_publishes_here_and_on_the_other_pubsub(self) -> None:
+        local = LocalPubSub()
+        seen = []
+        local.topic("t").subscribe(seen.append)
+        d = self.pubsub.topic("t").forward(local, {"n": 1})
+        self.assertEqual(seen, [{"n": 1}])
+        self.assertEqual(len(self.channel.published), 1)
+        self.broker.outbox.ack(1, False)
+        self.successResultOf(d)
+
+
+class ConfigurationTests(SynchronousTestCase):
+    def test_missing_spec_names_the_package_and_the_key(self) -> None:
+        error = self.assertRaises(ConfigError, load_spec, "/nonexistent/amqp.xml")
+        self.assertIn("amqp-specs", str(error))
+        self.assertIn("[amqp] spec", str(error))
+        self.assertEqual(len(str(error).splitlines()), 1)
+
+    def test_debian_default_spec_gets_rabbitmq_confirms(self) -> None:
+        if not os.path.isfile(DEFAULT_SPEC):
+            self.skipTest("Debian's amqp-specs is not installed")
+        spec = load_spec(DEFAULT_SPEC)
+        self.assertIn("confirm", spec.classes.byname)
+
+    def test_spec_without_confirms_and_no_rabbitmq_file_is_refused(self) -> None:
+        if not os.path.isfile(DEFAULT_SPEC):
+            self.skipTest("Debian's amqp-specs is not installed")
+        folder = self.mktemp()
+        os.makedirs(os.path.join(folder, "0-9-1"))
+        copy = os.path.join(folder, "0-9-1", "spec.xml")
+        shutil.copy(DEFAULT_SPEC, copy)
+        error = self.assertRaises(ConfigError, load_spec, copy)
+        self.assertIn("confirm", str(error))
+
+    def test_url_parsing(self) -> None:
+        address = BrokerAddress.from_url("amqps://u%40x:p%3Aw@rabbit.example:5000/%2Fprod")
+        self.assertEqual((address.host, address.port, address.username, address.password,
+                          address.vhost, address.tls),
+                         ("rabbit.example", 5000, "u@x", "p:w", "/prod", True))
+        default = BrokerAddress.from_url("amqp://127.0.0.1")
+        self.assertEqual((default.port, default.vhost, default.username), (5672, "/", "guest"))
+        self.assertNotIn("p:w", repr(address))
+
+    def test_without_broker_global_topics_are_local(self) -> None:
+        made = make_pubsub(Config(), Clock(), Metrics())
+        self.assertIs(made.hub.global_, made.hub.local)
+        self.assertEqual(made.services, [])
+        self.assertIsNone(made.work_queue("collector:email"))
+        self.assertEqual(made.health(), {"ok": True, "state": "disabled"})
+
+    def test_missing_spec_stops_start_up(self) -> None:
+        config = Config(amqp=AMQPSection(url="amqp://127.0.0.1", spec="/nonexistent.xml"))
+        self.assertRaises(ConfigError, make_hub, config, Clock(), Metrics())
+
+    def test_with_broker_one_named_service_and_shared_work_queues(self) -> None:
+        if not os.path.isfile(DEFAULT_SPEC):
+            self.skipTest("Debian's amqp-specs is not installed")
+        config = Config(amqp=AMQPSection(url="amqp://127.0.0.1", outbox=5, prefetch=3))
+        made = make_pubsub(config, Clock(), Metrics())
+        self.assertIsInstance(made.hub.global_, GlobalPubSub)
+        [service] = made.services
+        self.assertEqual(service.name, "amqp")
+        queue = made.work_queue("collector:email")
+        self.assertIs(made.work_queue("collector:email"), queue)
+        self.assertEqual((queue.prefetch, queue.dead_letter), (3, "collector:email:dead"))
+        self.assertEqual(made.broker.outbox.limit, 5)
+        self.assertEqual(made.health(), {"ok": False, "state": "disconnected", "outbox": 0})
