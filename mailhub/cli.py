@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import getpass
 import math
 import os
@@ -34,7 +35,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 import functools
-from typing import Any, Callable, NoReturn, Sequence, TextIO, TypeVar, cast
+from typing import Any, Callable, Iterator, NoReturn, Sequence, TextIO, TypeVar, cast
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import attrs
@@ -43,8 +44,12 @@ from twisted.python.failure import Failure
 
 from mailhub import config as configuration
 from mailhub.config import Config
-from mailhub.directory.model import GROUP_ID, PRIVACY, Email, Group, Profile, new_profile_id, new_token
-from mailhub.directory.sql import MIGRATIONS, Dialect, SQLiteDialect, SQLStore, dialect_for, run_inline
+from mailhub.directory.model import (
+    GROUP_ID, PRIVACY, Email, Group, Profile, new_profile_id, new_token,
+)
+from mailhub.directory.sql import (
+    MIGRATIONS, Dialect, SQLiteDialect, SQLStore, dialect_for, run_inline,
+)
 from mailhub.directory.users import hash_password
 from mailhub.errors import ConfigError, NotFound, Unavailable, ValidationError
 
@@ -60,7 +65,10 @@ TOKEN_UPDATE = "Please update the relevant configuration files."
 #: Seconds that ``check`` waits for any one dependency.
 CHECK_TIMEOUT = 5.0
 
-_ADDRESS = re.compile(r"^[^@\s<>()\[\],;:\"\\]+@[^@\s<>()\[\],;:\"\\.]+(\.[^@\s<>()\[\],;:\"\\.]+)*$")
+#: A plain address (local@domain): no spaces, brackets, quotes or list separators.
+_ATOM = r"[^@\s<>()\[\],;:\"\\]"
+_LABEL = r"[^@\s<>()\[\],;:\"\\.]+"
+_ADDRESS = re.compile(r"^%s+@%s(\.%s)*$" % (_ATOM, _LABEL, _LABEL))
 
 
 class Exit(Exception):
@@ -311,20 +319,14 @@ def user_remove(config: Config, args: argparse.Namespace, io: "IO") -> int:
     return OK
 
 
-class stored:
-    """``with stored(config) as store``: the migrated store, closed afterwards."""
-
-    def __init__(self, config: Config) -> None:
-        self._config = config
-        self._store: SQLStore | None = None
-
-    def __enter__(self) -> SQLStore:
-        self._store = open_store(self._config.dsn, self._config.mailhub.site_id)
-        return self._store
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._store is not None
-        self._store.close_all()
+@contextlib.contextmanager
+def stored(config: Config) -> Iterator[SQLStore]:
+    """``with stored(config) as store``: the migrated store, its connection closed afterwards."""
+    store = open_store(config.dsn, config.mailhub.site_id)
+    try:
+        yield store
+    finally:
+        store.close_all()
 
 
 # -- check ----------------------------------------------------------------------
@@ -340,6 +342,7 @@ class Row:
 
     @property
     def fine(self) -> bool:
+        """Whether this row lets ``check`` exit 0."""
         return self.status != "FAIL"
 
 
@@ -449,7 +452,8 @@ class _Frames:
             header = self.exactly(7)
             if header.startswith(b"AMQP"):
                 version = header[4:] + self.exactly(1)
-                raise CheckFailed("the broker speaks AMQP %d-%d-%d, not 0-9-1" % tuple(version[1:4]))
+                raise CheckFailed("the broker speaks AMQP %d-%d-%d, not 0-9-1"
+                                  % tuple(version[1:4]))
             kind, _channel, size = struct.unpack(">BHI", header)
             payload = self.exactly(size + 1)[:-1]
             if kind == 8:  # heartbeat
