@@ -160,7 +160,10 @@ class PostgreSQLDialect(Dialect):
 
 def dialect_for(dsn: str) -> Dialect:
     """The backend a DSN names; ConfigError for anything else."""
-    parts = urlsplit(dsn)
+    try:
+        parts = urlsplit(dsn)
+    except ValueError as e:
+        raise ConfigError("%s: not a DSN: %s" % (dsn, e))
     if parts.scheme == "sqlite":
         path = unquote(parts.path)
         if parts.netloc:

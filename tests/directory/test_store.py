@@ -172,7 +172,7 @@ def test_audit_keeps_time_client_and_event(store: SQLStore) -> None:
 
 
 def test_bad_dsns_are_configuration_errors() -> None:
-    for dsn in ("mysql://x", "sqlite://host/x", "sqlite:///", "nonsense"):
+    for dsn in ("mysql://x", "sqlite://host/x", "sqlite:///", "nonsense", "postgresql://[unclosed/x"):
         with pytest.raises(ConfigError):
             dialect_for(dsn)
 
