@@ -191,7 +191,14 @@ class CardDAVClient:
 
     async def _exchange(self, method: str, url: str, headers: Headers,
                         body: bytes | None) -> Answer:
-        response = await self._http.request(method, url, headers=headers, data=body)
+        try:
+            response = await self._http.request(method, url, headers=headers, data=body)
+        except web_client.ResponseNeverReceived:
+            # Usually a pooled keep-alive connection the server had closed
+            # (Radicale's own server does); Twisted retries that only for GET
+            # and friends. Every request here is idempotent or conditional, so
+            # one fresh attempt is safe.
+            response = await self._http.request(method, url, headers=headers, data=body)
         content = await response.content()
         return Answer(response.code, response.headers, content)
 

@@ -168,10 +168,12 @@ class FakeUsers:
 
     name = "fake"
 
-    def __init__(self, users: list[User]) -> None:
+    def __init__(self, users: list[User], passwords: dict[str, str] | None = None) -> None:
         self.users = users
+        self.passwords = passwords or {}
         self.down = False
         self.finds: list[str] = []
+        self.authentications = 0
 
     def find(self, login: str) -> Any:
         self.finds.append(login)
@@ -183,6 +185,13 @@ class FakeUsers:
         return succeed(None)
 
     def authenticate(self, login: str, password: str) -> Any:
+        self.authentications += 1
+        if self.down:
+            return fail(Unavailable("user source down"))
+        for user in self.users:
+            if (user.login == login or user.owns(login)) and password and \
+                    self.passwords.get(user.login) == password:
+                return succeed(user)
         return succeed(None)
 
     async def pages(self, page_size: int) -> Any:

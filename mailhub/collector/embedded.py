@@ -1,0 +1,313 @@
+"""The embedded CardDAV store: Radicale, in process, at ``/dav/``.
+
+With ``[carddav] url = embedded`` (the default) a newcomer needs no other
+server: collected contacts live under ``{[mailhub] data}/dav`` and any CardDAV
+client (Thunderbird, DAVx5, Apple Contacts) syncs them from
+``{site_url}/dav/{login}/collected/`` with the user's own mailhub login and
+password.
+
+Pieces:
+
+- :func:`radicale_app`: a ``radicale.Application`` configured with
+  ``remote_user`` authentication (Radicale trusts ``REMOTE_USER``, which only
+  :class:`Guard` sets) and ``owner_only`` rights (each user sees only
+  ``/{login}/...``);
+- :class:`Guard`: WSGI middleware that checks the Basic credentials against the
+  site's :class:`~mailhub.directory.interfaces.IUserSource`. WSGI runs in a
+  worker thread, so it calls back into the reactor with
+  ``blockingCallFromThread`` (which blocks only that worker). Successful
+  logins are remembered for a minute (keyed by an HMAC of login and password
+  under a per-process key), so a syncing client does not pay a password hash
+  per request;
+- :class:`EmbeddedDAV`: the Service owning the thread pool, handing out the
+  ``/dav/`` resource (for the site) and an in-process HTTP client (for the
+  collector).
+
+How the collector authenticates: it does not go through HTTP at all. Its
+in-process client calls the Radicale application directly (in the same
+thread pool) with ``REMOTE_USER`` set to the first path segment, i.e. the user
+whose book it writes; Radicale's ``owner_only`` rights still apply. No
+service password exists, so none can leak, and the ``/dav/`` mount accepts
+only users' own credentials.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import io
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+from urllib.parse import unquote, urlsplit
+
+import attrs
+import radicale
+import radicale.config
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import blockingCallFromThread, deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from twisted.web.http_headers import Headers
+from twisted.web.resource import IResource, Resource
+from twisted.web.wsgi import WSGIResource
+
+from mailhub.errors import Unavailable
+
+#: Base URL the collector uses for the embedded store (never resolved: the
+#: in-process client ignores scheme and host).
+EMBEDDED_URL = "http://mailhub.embedded/dav/"
+REALM = "mailhub CardDAV"
+
+StartResponse = Callable[..., Any]
+
+
+def radicale_app(folder: Path) -> Any:
+    """A Radicale WSGI application storing under ``folder``, trusting REMOTE_USER."""
+    folder.mkdir(parents=True, exist_ok=True)
+    configuration = radicale.config.load()
+    configuration.update({
+        "auth": {"type": "remote_user", "delay": "0"},
+        "rights": {"type": "owner_only"},
+        "storage": {"filesystem_folder": str(folder)},
+        "web": {"type": "none"},
+        "server": {"delay_on_error": "0"},
+    }, "mailhub embedded CardDAV", privileged=True)
+    return radicale.Application(configuration)
+
+
+def _fix_text(environ: dict[str, Any], key: str) -> None:
+    # PEP 3333 hands paths over as latin-1-decoded bytes; Radicale wants text.
+    value = environ.get(key)
+    if isinstance(value, str):
+        try:
+            environ[key] = value.encode("latin-1").decode("utf-8")
+        except (UnicodeEncodeError, UnicodeDecodeError):
+            pass
+
+
+class Guard:
+    """WSGI middleware: Basic credentials checked by mailhub, REMOTE_USER for Radicale."""
+
+    log = Logger()
+
+    def __init__(self, app: Any, users: Any, reactor: Any, ttl: float = 60.0,
+                 size: int = 1000) -> None:
+        self._app = app
+        self._users = users
+        self._reactor = reactor
+        self._ttl = ttl
+        self._size = size
+        self._key = secrets.token_bytes(32)
+        self._lock = threading.Lock()
+        self._logins: dict[bytes, tuple[str, float]] = {}
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        _fix_text(environ, "PATH_INFO")
+        _fix_text(environ, "SCRIPT_NAME")
+        for key in ("REMOTE_USER", "HTTP_X_REMOTE_USER", "HTTP_REMOTE_USER",
+                    "HTTP_X_SCRIPT_NAME"):
+            environ.pop(key, None)
+        credentials = _basic(environ.pop("HTTP_AUTHORIZATION", ""))
+        if credentials is None:
+            if environ.get("REQUEST_METHOD") == "OPTIONS":
+                return self._app(environ, start_response)
+            return _deny(start_response)
+        try:
+            login = self._login(*credentials)
+        except Unavailable:
+            start_response("503 Service Unavailable",
+                           [("Content-Type", "text/plain"), ("Retry-After", "5")])
+            return [b"the user directory is unavailable, try again"]
+        if login is None:
+            return _deny(start_response)
+        environ["REMOTE_USER"] = login
+        return self._app(environ, start_response)
+
+    def _login(self, login: str, password: str) -> str | None:
+        """The canonical login of the user these credentials are, or None."""
+        if not login or not password:
+            return None
+        key = hmac.new(self._key, ("%s\0%s" % (login, password)).encode("utf-8"),
+                       hashlib.sha256).digest()
+        now = time.monotonic()
+        with self._lock:
+            known = self._logins.get(key)
+            if known is not None and known[1] > now:
+                return known[0]
+        # This runs in a WSGI worker thread: wait for the reactor's answer here.
+        user = blockingCallFromThread(self._reactor, self._users.authenticate, login, password)
+        if user is None:
+            self.log.info("CardDAV login failed for {login}", login=login)
+            return None
+        with self._lock:
+            if len(self._logins) >= self._size:
+                self._logins = {k: v for k, v in self._logins.items() if v[1] > now}
+                if len(self._logins) >= self._size:
+                    self._logins.clear()
+            self._logins[key] = (user.login, now + self._ttl)
+        return str(user.login)
+
+
+def _basic(header: str) -> tuple[str, str] | None:
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    return (user, password) if sep else None
+
+
+def _deny(start_response: StartResponse) -> list[bytes]:
+    start_response("401 Unauthorized", [
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("WWW-Authenticate", 'Basic realm="%s", charset="UTF-8"' % REALM)])
+    return [b"authentication required"]
+
+
+class DAVMount(Resource):
+    """The WSGI resource, mounted under one path segment of the site.
+
+    The site hands surfaces the whole path; this moves the mount segment into
+    SCRIPT_NAME so Radicale sees ``/{login}/...`` and writes ``/dav/...`` hrefs.
+    """
+
+    isLeaf = True
+
+    def __init__(self, wsgi: IResource, segment: bytes) -> None:
+        super().__init__()
+        self._wsgi = wsgi
+        self._segment = segment
+
+    def render(self, request: Any) -> Any:
+        if request.postpath and request.postpath[0] == self._segment:
+            request.prepath.append(request.postpath.pop(0))
+        return self._wsgi.render(request)
+
+
+@attrs.frozen
+class _Response:
+    code: int
+    headers: Headers
+    body: bytes
+
+    def content(self) -> Deferred[bytes]:
+        return succeed(self.body)
+
+
+class InProcessHTTP:
+    """A treq-like client that calls the Radicale application in the thread pool.
+
+    ``request(method, url, headers=, data=)`` answers like treq; the user is
+    the first path segment after the mount, given to Radicale as REMOTE_USER.
+    """
+
+    def __init__(self, app: Any, pool: ThreadPool, reactor: Any, mount: str = "/dav") -> None:
+        self._app = app
+        self._pool = pool
+        self._reactor = reactor
+        self._mount = mount.rstrip("/")
+
+    def request(self, method: str, url: str, headers: Headers | None = None,
+                data: bytes | None = None, **kw: Any) -> Deferred[_Response]:
+        return deferToThreadPool(self._reactor, self._pool, self._call, method, url,
+                                 headers or Headers(), data or b"")
+
+    def _call(self, method: str, url: str, headers: Headers, data: bytes) -> _Response:
+        parts = urlsplit(url)
+        path = unquote(parts.path)
+        if path.startswith(self._mount + "/"):
+            path = path[len(self._mount):]
+        user = path.strip("/").split("/", 1)[0]
+        environ: dict[str, Any] = {
+            "REQUEST_METHOD": method,
+            "SCRIPT_NAME": self._mount,
+            "PATH_INFO": path,
+            "QUERY_STRING": parts.query,
+            "SERVER_NAME": "mailhub.embedded",
+            "SERVER_PORT": "80",
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "REMOTE_ADDR": "127.0.0.1",
+            "REMOTE_USER": user,
+            "CONTENT_LENGTH": str(len(data)),
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "http",
+            "wsgi.input": io.BytesIO(data),
+            "wsgi.errors": io.StringIO(),
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": False,
+            "wsgi.run_once": False,
+        }
+        for name, values in headers.getAllRawHeaders():
+            key = name.decode("latin-1").upper().replace("-", "_")
+            if key == "AUTHORIZATION":
+                continue
+            value = ", ".join(v.decode("latin-1") for v in values)
+            if key == "CONTENT_TYPE":
+                environ["CONTENT_TYPE"] = value
+            else:
+                environ["HTTP_" + key] = value
+        status: list[str] = []
+        out_headers: list[tuple[str, str]] = []
+
+        def start_response(s: str, h: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            status[:] = [s]
+            out_headers[:] = h
+            return lambda chunk: None
+
+        chunks = self._app(environ, start_response)
+        try:
+            body = b"".join(chunks)
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+        raw = Headers()
+        for name, value in out_headers:
+            raw.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+        return _Response(int(status[0].split(" ", 1)[0]), raw, body)
+
+
+class EmbeddedDAV(Service):
+    """Owns the Radicale application and its thread pool; gives out the mount and a client."""
+
+    name = "dav"
+
+    def __init__(self, reactor: Any, folder: Path, users: Any, threads: int = 4,
+                 segment: bytes = b"dav") -> None:
+        self.reactor = reactor
+        self.folder = folder
+        self.app = radicale_app(folder)
+        self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="mailhub-dav")
+        self.guard = Guard(self.app, users, reactor)
+        self.segment = segment
+
+    def startService(self) -> None:
+        self.pool.start()
+        super().startService()
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        self.pool.stop()
+        return None
+
+    def resource(self) -> IResource:
+        """The resource to mount at ``/dav/`` on the site."""
+        return DAVMount(WSGIResource(self.reactor, self.pool, self.guard), self.segment)
+
+    def http_client(self) -> InProcessHTTP:
+        """The collector's client: straight into Radicale, no HTTP, no credential."""
+        return InProcessHTTP(self.app, self.pool, self.reactor, "/" + self.segment.decode())
+
+    @property
+    def url(self) -> str:
+        """The base URL to build the collector's BookLayout from."""
+        return EMBEDDED_URL.replace("/dav/", "/%s/" % self.segment.decode())
