@@ -1,0 +1,46 @@
+"""mailhub's MailStore surface alone, for bench/mailstore/run.py (a subprocess).
+
+Usage: server.py PORT LDAP_URL BASE_DN BIND_DN BIND_PASSWORD THREADS
+Prints "ready" when listening. The chain is the production one: site users
+(an empty in-memory store) first, then LDAP.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.internet import reactor
+from twisted.web.server import Site
+
+from mailhub.config import Config, LDAPSection, MailStoreSection
+from mailhub.directory.ldap import LDAPService, LDAPSettings
+from mailhub.directory.memory import MemoryStore
+from mailhub.directory.throttle import Throttle
+from mailhub.directory.users import ChainedUserSource, HashingService, SiteUserSource
+from mailhub.metrics import Metrics
+from mailhub.pubsub import Hub
+from mailhub.web.mailstore import MailStoreIntegration
+
+
+def main() -> None:
+    port, url, base, bind_dn, bind_password, threads = sys.argv[1:7]
+    settings = LDAPSettings(urls=(url,), base_dn=base, bind_dn=bind_dn,
+                            bind_password=bind_password, timeout=10.0)
+    ldap = LDAPService(reactor, settings, threads=int(threads))
+    hashing = HashingService()
+    ldap.startService()
+    hashing.startService()
+    chain = ChainedUserSource([SiteUserSource(MemoryStore(), reactor, hashing.pool), ldap.source])
+    config = Config(mailstore=MailStoreSection(username="mailstore", password="bench"),
+                    ldap=LDAPSection(page_size=500))
+    surface = MailStoreIntegration(config, chain, Hub(), Metrics(), reactor,
+                                   throttle=Throttle(reactor))
+    reactor.listenTCP(int(port), Site(surface.resource()), interface="127.0.0.1")
+    reactor.addSystemEventTrigger("before", "shutdown", ldap.stopService)
+    reactor.addSystemEventTrigger("before", "shutdown", hashing.stopService)
+    print("ready", flush=True)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
