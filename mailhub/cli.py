@@ -43,7 +43,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from mailhub import config as configuration
-from mailhub.config import Config
+from mailhub.config import Config, redact
 from mailhub.directory.model import (
     GROUP_ID, PRIVACY, Email, Group, Profile, new_profile_id, new_token,
 )
@@ -97,19 +97,6 @@ def result_of(d: "Deferred[T]") -> T:
     if isinstance(result, Failure):
         result.raiseException()
     return result  # type: ignore[no-any-return]
-
-
-def redact(dsn_or_url: str) -> str:
-    """A DSN or URL with its password replaced by ``***``, fit to print."""
-    try:
-        parts = urlsplit(dsn_or_url)
-        if parts.password is None:
-            return dsn_or_url
-    except ValueError:  # not even a URL: hide whatever sits between ':' and '@'
-        return re.sub(r"(//[^/:@]*):[^/@]*@", r"\1:***@", dsn_or_url)
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    netloc = "%s:***@%s" % (userinfo.partition(":")[0], hostport)
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def checked_dialect(dsn: str) -> Dialect:

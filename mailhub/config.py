@@ -16,7 +16,8 @@ import configparser
 import os
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlsplit
+import re
+from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 
@@ -217,7 +218,7 @@ def _check(section: str, key: str, value: Any) -> None:
     if section == "database" and key == "dsn" and value:
         scheme = urlsplit(value).scheme
         if scheme not in ("sqlite", "postgresql", "postgres"):
-            raise ValueError("expected sqlite:///PATH or postgresql://..., not %r" % value)
+            raise ValueError("expected sqlite:///PATH or postgresql://..., not %r" % redact(value))
     if section == "amqp" and key == "url" and value:
         if urlsplit(value).scheme not in ("amqp", "amqps"):
             raise ValueError("expected amqp://user:password@host:port/vhost")
@@ -233,6 +234,19 @@ def _check(section: str, key: str, value: Any) -> None:
     if section == "mailhub" and key == "site_url":
         if urlsplit(value).scheme not in ("http", "https"):
             raise ValueError("expected an http(s) URL")
+
+
+def redact(dsn_or_url: str) -> str:
+    """A DSN or URL with its password replaced by ``***``, fit to print."""
+    try:
+        parts = urlsplit(dsn_or_url)
+        if parts.password is None:
+            return dsn_or_url
+    except ValueError:  # not even a URL: hide whatever sits between ':' and '@'
+        return re.sub(r"(//[^/:@]*):[^/@]*@", r"\1:***@", dsn_or_url)
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    netloc = "%s:***@%s" % (userinfo.partition(":")[0], hostport)
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def parse(text: str, path: str = "<string>",

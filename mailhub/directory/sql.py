@@ -30,6 +30,7 @@ from zope.interface import implementer
 
 from mailhub.directory.interfaces import IDirectoryStore
 from mailhub.directory.model import Email, Group, Profile, normalise_email
+from mailhub.config import redact
 from mailhub.errors import ConfigError, Unavailable, ValidationError
 
 T = TypeVar("T")
@@ -163,17 +164,17 @@ def dialect_for(dsn: str) -> Dialect:
     try:
         parts = urlsplit(dsn)
     except ValueError as e:
-        raise ConfigError("%s: not a DSN: %s" % (dsn, e))
+        raise ConfigError("%s: not a DSN: %s" % (redact(dsn), e))
     if parts.scheme == "sqlite":
         path = unquote(parts.path)
         if parts.netloc:
-            raise ConfigError("%s: sqlite DSNs are sqlite:///PATH (three slashes)" % dsn)
+            raise ConfigError("%s: sqlite DSNs are sqlite:///PATH (three slashes)" % redact(dsn))
         if path in ("", "/"):
             raise ConfigError("%s: the sqlite DSN names no file" % dsn)
         return SQLiteDialect(":memory:" if path == "/:memory:" else path)
     if parts.scheme in ("postgresql", "postgres"):
         return PostgreSQLDialect(dsn)
-    raise ConfigError("%s: expected sqlite:///PATH or postgresql://..." % dsn)
+    raise ConfigError("%s: expected sqlite:///PATH or postgresql://..." % redact(dsn))
 
 
 Runner = Callable[[Callable[[], T]], "Deferred[T]"]
