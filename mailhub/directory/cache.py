@@ -41,8 +41,9 @@ class Directory(Service):
     name = "directory"
 
     def __init__(self, store: IDirectoryStore, clock: IReactorTime,
-                 poll_interval: float = 0.25) -> None:
+                 poll_interval: float = 0.25, hub: Any = None) -> None:
         self.store = store
+        self.hub = hub
         self.clock = clock
         self.poll_interval = poll_interval
         self.token: str | None = None
@@ -117,6 +118,9 @@ class Directory(Service):
             self._groups = {g.id: g for g in groups}
         elif kind == "token":
             self.token = await self.store.get_token()
+            if self.hub is not None:
+                # Never the token itself: subscribers learn that it changed.
+                self.hub.local.topic("token:rotated").forward(self.hub.global_, {"site": key})
 
     def _put(self, profile: Profile) -> None:
         self._drop(profile.id)
@@ -246,7 +250,3 @@ class Directory(Service):
 
     async def audit(self, event: str, client: str, detail: str = "") -> None:
         await self.store.audit(event, client, detail)
-
-
-def profile_list(profiles: Iterable[Profile], site_url: str) -> list[dict[str, Any]]:
-    return [p.data(site_url) for p in profiles]

@@ -15,6 +15,7 @@ from mailhub.directory.cache import (
 from mailhub.directory.memory import MemoryStore
 from mailhub.directory.model import Email, Group, Profile, new_profile_id
 from mailhub.errors import ValidationError
+from mailhub.pubsub import Hub
 
 
 class DirectoryTests(SynchronousTestCase):
@@ -44,6 +45,15 @@ class DirectoryTests(SynchronousTestCase):
         self.clock.advance(0.25)
         self.assertFalse(self.wait(self.directory.check_token("A" * 32)))
         self.assertTrue(self.wait(self.directory.check_token("B" * 32)))
+
+    def test_a_rotation_seen_in_the_change_log_is_published_without_the_token(self) -> None:
+        hub = Hub()
+        seen: list[object] = []
+        hub.global_.topic("token:rotated").subscribe(seen.append)
+        self.directory.hub = hub
+        self.successResultOf(self.store.set_token("C" * 32))
+        self.clock.advance(0.25)
+        self.assertEqual(seen, [{"site": "main"}])
 
     def test_profiles_written_elsewhere_appear_after_a_poll(self) -> None:
         profile = Profile(new_profile_id(), "A Person",
