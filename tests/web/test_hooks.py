@@ -511,3 +511,23 @@ class UnitTests(SynchronousTestCase):
     def test_paths_cover_every_hook(self) -> None:
         self.assertEqual(set(GroupHooks.paths), {p.lstrip("/").encode() for p in HOOKS})
         self.assertTrue(attrs.has(type(HOOKS["/gs-search-people.json"])))
+
+
+class OpenAPITests(SynchronousTestCase):
+    def test_document_lists_every_hook_and_the_extra_paths(self) -> None:
+        from mailhub.web.openapi import openapi_document
+
+        extra = {"/push/v1/notify": {"post": {"responses": {"204": {"description": "ok"}}}}}
+        doc = openapi_document(extra, {"Extra": {"type": "object"}})
+        self.assertEqual(doc["openapi"], "3.1.0")
+        self.assertEqual(set(doc["paths"]), set(HOOKS) | set(extra))
+        for path in HOOKS:
+            for method in ("get", "post"):
+                responses = doc["paths"][path][method]["responses"]
+                self.assertEqual(set(responses), {"200", "400", "403", "413"})
+        form = doc["paths"]["/gs-search-people.json"]["post"]["requestBody"]["content"]
+        self.assertEqual(set(form["application/x-www-form-urlencoded"]["schema"]["properties"]),
+                         {"token", "user", "search"})
+        self.assertIn("Extra", doc["components"]["schemas"])
+        self.assertIn("ProfileData", doc["components"]["schemas"])
+        json.dumps(doc)  # serialisable as /openapi.json serves it
