@@ -18,11 +18,14 @@ from twisted.python import usage
 from mailhub import __version__
 from mailhub.config import Config, load
 from mailhub.directory.cache import Directory
+from mailhub.directory.ldap import LDAPService
 from mailhub.directory.sql import StoreService
+from mailhub.directory.users import ChainedUserSource, HashingService, SiteUserSource
 from mailhub.errors import ConfigError
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from mailhub.service import AfterReady
+from mailhub.web.mailstore import MailStoreIntegration
 from mailhub.web.ops import Operations
 from mailhub.web.site import MailhubSite, Root
 
@@ -75,7 +78,7 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
         raise SystemExit("mailhub: configuration error: %s" % e)
     database.setServiceParent(top)
 
-    directory = Directory(database.store, reactor, config.database.poll_interval)
+    directory = Directory(database.store, reactor, config.database.poll_interval, hub)
 
     async def database_check() -> tuple[bool, str]:
         await database.store.ping()
@@ -84,12 +87,30 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
     checks: dict[str, Any] = {"database": database_check}
     routes: dict[bytes, Any] = {}
 
+    # Users: the site's own first, then LDAP when configured.
+    hashing = HashingService(threads=2)
+    hashing.setServiceParent(top)
+    sources: list[Any] = [SiteUserSource(database.store, reactor, hashing.pool)]
+    ldap = LDAPService.from_config(reactor, config.ldap)
+    if ldap is not None:
+        ldap.setServiceParent(top)
+        sources.append(ldap.source)
+
+        async def ldap_check() -> tuple[bool, str]:
+            ok = await ldap.source.ping()
+            return bool(ok), "a server answered" if ok else "no server answered"
+
+        checks["ldap"] = ldap_check
+    users = ChainedUserSource(sources)
+    mailstore = MailStoreIntegration(config, users, hub, metrics, reactor)
+
     ops = Operations(metrics, checks, lambda: {"openapi": "3.1.0",
                                                 "info": {"title": "mailhub", "version": __version__},
                                                 "paths": {}})
     for name in (b"healthz", b"metrics", b"openapi.json"):
         routes[name] = ops.resource()
     root = Root(metrics, routes)
+    root.mount_at(config.mailstore.path, mailstore.resource())
     site = MailhubSite(root, config.mailhub.max_body)
 
     async def prepare() -> None:

@@ -189,3 +189,26 @@ def handle_errors(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Await
             return reply(request, {"error": "internal error"}, 500)
 
     return wrapper
+
+
+def json_routing_errors(app: Any) -> None:
+    """Answer a Klein app's unknown paths (404) and methods (405) in JSON.
+
+    Klein's defaults are HTML pages; every mailhub surface speaks JSON.
+    """
+    from werkzeug.exceptions import MethodNotAllowed, NotFound as RouteNotFound
+
+    # Class-bound Klein apps pass the instance first: take the last two.
+    @app.handle_errors(RouteNotFound)
+    def not_found(*args: Any) -> bytes:
+        request, failure = args[-2:]
+        return reply(request, {"error": "no such resource: %s"
+                               % request.path.decode("utf-8", "replace")}, 404)
+
+    @app.handle_errors(MethodNotAllowed)
+    def not_allowed(*args: Any) -> bytes:
+        request, failure = args[-2:]
+        allowed = sorted(getattr(failure.value, "valid_methods", None) or [])
+        headers = {b"allow": ", ".join(allowed).encode("ascii")} if allowed else {}
+        return reply(request, {"error": "method %s not allowed here"
+                               % request.method.decode("ascii", "replace")}, 405, headers)

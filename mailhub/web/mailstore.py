@@ -48,6 +48,7 @@ from mailhub.web.common import (
     form_fields,
     handle_errors,
     json_bytes,
+    json_routing_errors,
     reply,
     same_secret,
     unauthorized,
@@ -101,6 +102,7 @@ class MailStoreIntegration:
     """
 
     app = Klein()
+    json_routing_errors(app)
     log = Logger()
 
     def __init__(self, config: Config, users: IUserSource, hub: Hub, metrics: Metrics,

@@ -16,7 +16,7 @@ from twisted.web.resource import IResource
 
 from mailhub import __version__
 from mailhub.metrics import Metrics
-from mailhub.web.common import handle_errors, reply
+from mailhub.web.common import handle_errors, json_routing_errors, reply
 
 #: A dependency check: fires with (ok, detail) or fails (counted as not ok).
 Check = Callable[[], "Deferred[tuple[bool, str]] | Awaitable[tuple[bool, str]] | tuple[bool, str]"]
@@ -35,6 +35,7 @@ class Operations:
     """Liveness, metrics and the API description."""
 
     app = Klein()
+    json_routing_errors(app)
 
     def __init__(self, metrics: Metrics, checks: dict[str, Check],
                  openapi: Callable[[], dict[str, Any]]) -> None:
@@ -61,7 +62,8 @@ class Operations:
             state[name] = {"ok": bool(ok), "detail": detail}
         body = {"status": "ok" if healthy else "degraded", "version": __version__,
                 "dependencies": state}
-        ready = request.args is not None and b"ready" in request.args
+        query = request.uri.partition(b"?")[2]
+        ready = any(part.partition(b"=")[0] == b"ready" for part in query.split(b"&"))
         return reply(request, body, 503 if (ready and not healthy) else 200)
 
     @app.route("/metrics", methods=["GET"])

@@ -96,6 +96,7 @@ class Root(Resource):
                  clock: Callable[[], float] = time.perf_counter) -> None:
         super().__init__()
         self.routes = dict(routes or {})
+        self.mounted: dict[bytes, tuple[list[bytes], IResource]] = {}
         self.not_found = _NotFound()
         self._clock = clock
         self._requests = metrics.counter(
@@ -107,15 +108,34 @@ class Root(Resource):
             "mailhub_http_errors_total", "HTTP requests answered 5xx, by route", ["route"])
 
     def mount(self, segment: bytes, resource: IResource) -> None:
+        """Hand requests whose first segment is ``segment`` to ``resource``,
+        which sees the whole path."""
         self.routes[segment] = resource
 
+    def mount_at(self, path: str, resource: IResource) -> None:
+        """Hand requests for ``path`` (and below) to ``resource``, which sees
+        the path relative to it (``/``), as Klein apps mounted as children do.
+        """
+        segments = [s.encode("utf-8") for s in path.strip("/").split("/")]
+        self.mounted[segments[0]] = (segments[1:], resource)
+
     def getChildWithDefault(self, name: bytes, request: Any) -> IResource:
+        route = "/" + name.decode("utf-8", "replace")
+        mounted = self.mounted.get(name)
+        if mounted is not None:
+            rest, resource = mounted
+            if request.postpath[:len(rest)] == rest:
+                for _ in rest:
+                    request.prepath.append(request.postpath.pop(0))
+                if not request.postpath:
+                    # "/mailstore" is the surface's "/", not a redirect to "/mailstore/".
+                    request.postpath.append(b"")
+                self._observe(request, "/" + b"/".join([name, *rest]).decode("utf-8", "replace"))
+                return resource
         target = self.routes.get(name)
         if target is None:
             target = self.not_found
             route = "other"
-        else:
-            route = "/" + name.decode("utf-8", "replace")
         # Let the surface see the whole path: undo the traversal of this segment.
         request.postpath.insert(0, request.prepath.pop())
         self._observe(request, route)
