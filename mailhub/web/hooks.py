@@ -383,6 +383,9 @@ class GroupHooks:
     # -- actions ------------------------------------------------------------------
 
     async def _groups(self, request: IRequest, action: str, fields: dict[str, str]) -> bytes:
+        # Lists are rare: follow the change log first, so a group made a
+        # moment ago by the CLI or another instance is listed.
+        await self.directory.refresh()
         body = [g.data(self.site_url) for g in self.directory.groups()]
         return self._send(request, GROUPS, json_bytes(body))
 
@@ -405,6 +408,7 @@ class GroupHooks:
 
     async def _site_members(self, request: IRequest, action: str,
                             fields: dict[str, str]) -> bytes:
+        await self.directory.refresh()
         members = sorted((p for p in self.directory.profiles() if p.groups), key=lambda p: p.id)
         if action == "users":
             return self._send(request, SITE_MEMBERS, json_bytes([p.id for p in members]))

@@ -148,6 +148,11 @@ class GroupsHookTests(HooksCase):
              "email": "test@groups.example.com", "type": "announcement", "privacy": "secret"},
         ])
 
+    def test_group_made_elsewhere_is_listed_at_once(self) -> None:
+        self.ok(self.store.create_group(Group("fresh", "Fresh")))
+        status, body = self.call("/gs-group-groups.json", {"token": TOKEN, "get": ""})
+        self.assertEqual([g["id"] for g in body], ["example", "fresh", "test"])
+
     def test_get_works_as_a_get_with_a_bare_action_in_the_query(self) -> None:
         status, body = self.call("/gs-group-groups.json", method="GET",
                                  query="token=%s&get" % TOKEN)
@@ -327,6 +332,11 @@ class SiteMembersHookTests(HooksCase):
         self.assertEqual(by_id[ALICE.id], alice_data())
         for entry in body:
             self.assertEqual(set(entry), {"id", "name", "url", "email", "groups"})
+
+    def test_membership_made_elsewhere_is_listed_at_once(self) -> None:
+        self.ok(self.store.add_member("test", BOB.id))
+        status, body = self.call("/gs-site-member-list.json", {"token": TOKEN, "users": ""})
+        self.assertEqual(body, sorted([ALICE.id, BOB.id, UNDER.id]))
 
     def test_alias_path_answers_the_same(self) -> None:
         status, body = self.call("/gs-site-member.json", {"token": TOKEN, "users": ""})
