@@ -110,6 +110,8 @@ class CollectorSection:
     dead_letter: str = "collector:email:dead"
     retry_initial: float = 1.0
     retry_max: float = 300.0
+    cache_ttl: float = 600.0  # seconds a known-address answer is trusted
+    cache_size: int = 100000  # known addresses remembered (all users)
 
 
 @attrs.frozen
