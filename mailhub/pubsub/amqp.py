@@ -47,6 +47,7 @@ from mailhub.pubsub.outbox import IPublishChannel, Outbox, Refused, Route
 
 RABBIT_SPEC = "/usr/share/amqp/specs/0-9-1-rabbit/amqp0-9-1.stripped.extended.xml"
 JSON_PROPERTIES = {"content-type": "application/json", "delivery-mode": 2}
+encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 _specs: dict[str, Any] = {}
 
@@ -274,6 +275,10 @@ class Session:
         self.client.transport.loseConnection()
 
 
+def _ignore(failure: Any) -> None:
+    return None
+
+
 @implementer(IPublishChannel)
 class _PublishChannel:
     """The outbox's view of a session's confirm-mode channel."""
@@ -287,10 +292,10 @@ class _PublishChannel:
     def publish(self, route: Route, body: bytes, properties: dict[str, Any]) -> None:
         d = self.session.publish_channel.basic_publish(
             exchange=route.exchange, routing_key=route.routing_key,
-            content=Content(body, properties=dict(properties)))
+            content=Content(body, properties=properties))
         # A closed channel means the connection is going: the outbox puts the
         # publication back in line when it is told (detach).
-        d.addErrback(lambda f: None)
+        d.addErrback(_ignore)
 
 
 class Delivery:
@@ -554,6 +559,7 @@ class GlobalTopic:
     def __init__(self, owner: "GlobalPubSub", name: str) -> None:
         self.owner = owner
         self.name = name
+        self._route = Route(name)
 
     def subscribe(self, callback: Subscriber) -> Deferred[None]:
         """Call ``callback(data)`` for every publication on this topic, from any node.
@@ -574,10 +580,10 @@ class GlobalTopic:
         full (the broker has been away too long) or the broker refused it.
         """
         try:
-            body = json.dumps(data, separators=(",", ":")).encode("utf-8")
+            body = encode_json(data).encode("utf-8")
         except (TypeError, ValueError) as e:
             return fail(TypeError("cannot publish %r on %s as JSON: %s" % (data, self.name, e)))
-        return self.owner.outbox.put(Route(self.name), body, JSON_PROPERTIES)
+        return self.owner.outbox.put(self._route, body, JSON_PROPERTIES)
 
     def forward(self, other: Any, data: Any) -> Deferred[None]:
         """Publish here, then on ``other`` under the same name (ESN's forward)."""

@@ -155,8 +155,10 @@ class Outbox:
 
     def ack(self, tag: int, multiple: bool) -> None:
         """The broker confirmed ``tag`` (and every earlier one if ``multiple``)."""
-        for pending in self._settle(tag, multiple):
-            self._confirmed.inc()
+        settled = self._settle(tag, multiple)
+        if settled:
+            self._confirmed.inc(len(settled))
+        for pending in settled:
             pending.done.callback(None)
 
     def nack(self, tag: int, multiple: bool) -> None:
@@ -180,49 +182,57 @@ class Outbox:
         if not multiple:
             found = self._inflight.pop(tag, None)
             return [] if found is None else [found]
+        # Tags are handed out in increasing order and dicts keep insertion
+        # order: the settled ones are at the front.
         settled = []
-        for t in [t for t in self._inflight if t <= tag]:
-            settled.append(self._inflight.pop(t))
+        inflight = self._inflight
+        while inflight:
+            first = next(iter(inflight))
+            if first > tag:
+                break
+            settled.append(inflight.pop(first))
         return settled
 
     def _pump(self) -> None:
-        if self._pumping or self._channel is None or not self._queued:
+        """Send what waits, synchronously while no declaration is needed."""
+        if self._pumping:
             return
-        self._pumping = True
-        d = Deferred.fromCoroutine(self._send_queued())
-        d.addErrback(lambda f: self.log.failure("AMQP outbox stopped sending", f))
+        while self._queued and self._channel is not None:
+            channel = self._channel
+            pending = self._queued[0]
+            if pending.route not in self._declared:
+                self._pumping = True
+                d = Deferred.fromCoroutine(self._declare(channel, pending))
+                d.addErrback(lambda f: self.log.failure("AMQP outbox stopped sending", f))
+                return
+            self._queued.popleft()
+            self._tag += 1
+            self._inflight[self._tag] = pending
+            channel.publish(pending.route, pending.body, pending.properties)
 
-    async def _send_queued(self) -> None:
+    async def _declare(self, channel: IPublishChannel, pending: _Pending) -> None:
+        """Declare ``pending``'s route on ``channel``, then carry on sending."""
         try:
-            while self._queued and self._channel is not None:
-                channel = self._channel
-                pending = self._queued[0]
-                if pending.route not in self._declared:
-                    try:
-                        await channel.declare(pending.route)
-                    except Refused as e:
-                        if channel is not self._channel:
-                            continue
-                        self._queued.popleft()
-                        self._refused.inc()
-                        self.log.error("the broker refused to declare {route!r}: {reason}",
-                                       route=pending.route, reason=str(e))
-                        pending.done.errback(Unavailable(
-                            "the broker refused %r: %s" % (pending.route.exchange, e)))
-                        continue
-                    except Exception:
-                        # The connection is going away: the publication waits
-                        # for the next one (attach() starts sending again,
-                        # unless it already did while we waited).
-                        if channel is self._channel:
-                            return
-                        continue
-                    if channel is self._channel:
-                        self._declared.add(pending.route)
-                    continue
+            await channel.declare(pending.route)
+        except Refused as e:
+            if channel is self._channel and self._queued and self._queued[0] is pending:
                 self._queued.popleft()
-                self._tag += 1
-                self._inflight[self._tag] = pending
-                channel.publish(pending.route, pending.body, pending.properties)
+                self._refused.inc()
+                self.log.error("the broker refused to declare {route!r}: {reason}",
+                               route=pending.route, reason=str(e))
+                pending.done.errback(Unavailable(
+                    "the broker refused %r: %s" % (pending.route.exchange, e)))
+        except Exception:
+            # The connection is going away: the publication waits for the
+            # next one. attach() starts sending again, or already did while
+            # we waited (then go on with the new channel).
+            self._pumping = False
+            if channel is not self._channel:
+                self._pump()
+            return
+        else:
+            if channel is self._channel:
+                self._declared.add(pending.route)
         finally:
             self._pumping = False
+        self._pump()

@@ -20,7 +20,6 @@ so each message is handled once. What mailhub adds:
 
 from __future__ import annotations
 
-import json
 from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -30,7 +29,7 @@ from zope.interface import Attribute, Interface
 
 from mailhub.errors import Unavailable, ValidationError
 from mailhub.metrics import Metrics
-from mailhub.pubsub.amqp import Consumer, call_handler
+from mailhub.pubsub.amqp import JSON_PROPERTIES, Consumer, call_handler, encode_json
 from mailhub.pubsub.outbox import Outbox, Route
 
 REASON_HEADER = "x-mailhub-reason"
@@ -114,9 +113,8 @@ class WorkQueue:
         elif isinstance(data, str):
             body = data.encode("utf-8")
         else:
-            body = json.dumps(data, separators=(",", ":")).encode("utf-8")
-        return self.outbox.put(self.route, body,
-                               {"content-type": "application/json", "delivery-mode": 2})
+            body = encode_json(data).encode("utf-8")
+        return self.outbox.put(self.route, body, JSON_PROPERTIES)
 
     def consume(self, handler: Handler) -> None:
         """Hand every message's body to ``handler`` (value, Deferred or coroutine).
