@@ -271,15 +271,15 @@ class InProcessHTTP:
             if close is not None:
                 close()
         raw = Headers()
-        for name, value in out_headers:
-            raw.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+        for header, text in out_headers:
+            raw.addRawHeader(header.encode("latin-1"), text.encode("latin-1"))
         return _Response(int(status[0].split(" ", 1)[0]), raw, body)
 
 
 class EmbeddedDAV(Service):
     """Owns the Radicale application and its thread pool; gives out the mount and a client."""
 
-    name = "dav"
+    name = "dav"  # type: ignore[assignment]
 
     def __init__(self, reactor: Any, folder: Path, users: Any, threads: int = 4,
                  segment: bytes = b"dav") -> None:

@@ -235,6 +235,21 @@ class EngineTests(SynchronousTestCase):
         self.handle(userId="A1", emails=["k@y.org"])
         self.assertEqual(len(seen), 1)
 
+    def test_a_failing_publication_does_not_fail_the_written_contact(self) -> None:
+        class BrokenGlobal:
+            def topic(self, name: str) -> Any:
+                return self
+
+            def publish(self, data: Any) -> Any:
+                from twisted.internet.defer import fail
+                return fail(RuntimeError("broker down"))
+
+        self.hub.global_ = BrokenGlobal()
+        outcome = self.handle(userId="A1", emails=["k@y.org"])
+        self.assertEqual(outcome.created, ["k@y.org"])
+        self.assertEqual(self.metrics.value("mailhub_collector_publish_failed_total"), 1)
+        self.flushLoggedErrors(RuntimeError)
+
     def test_server_errors_are_transient_and_a_retry_finishes_the_job(self) -> None:
         self.dav.fail_next = [503]
         self.failureResultOf(self.engine.handle(body(userId="A1", emails=["k@y.org"])),
