@@ -46,6 +46,12 @@ FLAG_BITS = ((0x01, "\\Answered"), (0x02, "\\Flagged"), (0x04, "\\Deleted"),
 _ENCODED_WORD = re.compile(r"=\?([^?\s*]+)(?:\*[^?\s]*)?\?([QqBb])\?([^?\s]*)\?=")
 _INTEGER = re.compile(r"^\s*([+-]?\d{1,20})(?:\.0*)?\s*$")
 
+#: The payload of mail:new and mail:append, in order.
+MESSAGE_FIELDS = ("user", "event", "driver", "mailbox", "uid", "uid_validity", "date", "tz",
+                  "from", "to", "from_address", "from_display_name", "to_address",
+                  "to_display_name", "subject", "snippet", "message_id", "flags", "keywords",
+                  "unseen")
+
 # Header fields whose value may hold RFC 2047 encoded-words.
 _WORD_FIELDS = ("from", "to", "subject", "from_display_name", "to_display_name")
 
@@ -341,9 +347,12 @@ def decode_ox(body: bytes) -> list[PushEvent]:
     assert user is not None
     events = []
     for uid in uids:
-        payload = _message_payload(_Fields({}, "notification"), user, "message_new", "ox",
-                                   folder, uid, uid_validity, unseen)
-        payload.update({"from": sender, "subject": subject, "snippet": snippet})
+        payload = dict.fromkeys(MESSAGE_FIELDS)
+        payload.update({
+            "user": user, "event": "message_new", "driver": "ox", "mailbox": folder,
+            "uid": uid, "uid_validity": uid_validity, "from": sender, "subject": subject,
+            "snippet": snippet, "flags": [], "keywords": [], "unseen": unseen,
+        })
         events.append(PushEvent("mail:new", payload))
     return events
 

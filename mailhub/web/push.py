@@ -21,11 +21,13 @@ bounded buffer.
 
 from __future__ import annotations
 
+import base64
 import functools
+import hmac
 import ipaddress
 import secrets
 from collections import deque
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import attrs
 from klein import Klein
@@ -33,8 +35,10 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
+from zope.interface import implementer
 
 from mailhub.config import Config
 from mailhub.directory.model import User, normalise_email
@@ -69,6 +73,16 @@ RETRY_AFTER = b"1"
 STREAM_TOPICS: tuple[str, ...] = TOPICS + ("contacts:contact:add",)
 
 
+def _ox_answer(count: int) -> dict[str, bool]:
+    """OX App Suite's answer, whatever the count."""
+    return {"success": True}
+
+
+def same_bytes(given: bytes, expected: bytes) -> bool:
+    """Constant-time comparison of two byte strings."""
+    return hmac.compare_digest(given, expected)
+
+
 def _is_loopback(request: IRequest) -> bool:
     host = getattr(request.getClientAddress(), "host", None)
     if not host:
@@ -77,24 +91,6 @@ def _is_loopback(request: IRequest) -> bool:
         return ipaddress.ip_address(host.split("%")[0]).is_loopback
     except ValueError:
         return False
-
-
-Handler = Callable[..., Awaitable[Any]]
-
-
-def _counted(driver: str) -> Callable[[Handler], Handler]:
-    """Count every answer of one push endpoint by driver and status."""
-
-    def decorate(handler: Handler) -> Handler:
-        @functools.wraps(handler)
-        async def wrapper(self: "PushReceiver", request: IRequest) -> Any:
-            result = await handler(self, request)
-            self._requests.labels(driver, str(request.code)).inc()
-            return result
-
-        return wrapper
-
-    return decorate
 
 
 class PushReceiver:
@@ -133,10 +129,22 @@ class PushReceiver:
                                "Push requests accepted and not yet published",
                                lambda: len(self._queue))
         self._warned_open = False
+        self._counters: dict[tuple[str, int], Any] = {}
+        self._published_by_topic: dict[str, Any] = {}
+        self._local_only = hub.global_ is hub.local
+        self._expected_header = b"Basic " + base64.b64encode(
+            ("%s:%s" % (self._settings.username, self._settings.password)).encode("utf-8"))
 
     def resource(self) -> IResource:
-        """The Klein resource to mount at the root of the site."""
-        return self.app.resource()
+        """The resource to mount at the root of the site (it sees the whole path).
+
+        PUT and POST on the two notify paths go straight to the synchronous
+        handlers (no routing table, no Deferred: the receiver's rate is
+        bounded by twisted.web, not by the framework); every other request
+        goes to the Klein app, which routes the same paths to the same
+        handlers and answers 404 and 405.
+        """
+        return _Direct(self, self.app.resource())
 
     def pending(self) -> int:
         """Requests accepted whose events are not yet handed to the pubsub."""
@@ -145,20 +153,44 @@ class PushReceiver:
     # -- the endpoints ------------------------------------------------------
 
     @app.route("/preliminary/http-notify/v1/notify", methods=["PUT", "POST"])
-    @_counted("ox")
-    @handle_errors
     async def ox(self, request: IRequest) -> bytes:
         """Dovecot's OX driver: one ``messageNew`` per delivered message."""
-        self._accept(request, "ox", decode_ox)
-        return reply(request, {"success": True})
+        return self.handle_ox(request)
 
     @app.route("/push/v1/notify", methods=["POST", "PUT"])
-    @_counted("lua")
-    @handle_errors
     async def lua(self, request: IRequest) -> bytes:
         """mailhub's Lua script (every event of a transaction), or a form body."""
-        count = self._accept(request, "lua", decode_lua)
-        return reply(request, {"success": True, "events": count})
+        return self.handle_lua(request)
+
+    def handle_ox(self, request: IRequest) -> bytes:
+        """Answer one OX driver request, synchronously: ``{"success": true}``."""
+        return self._handle(request, "ox", decode_ox, _ox_answer)
+
+    def handle_lua(self, request: IRequest) -> bytes:
+        """Answer one Lua script request, synchronously."""
+        return self._handle(request, "lua", decode_lua,
+                            lambda count: {"success": True, "events": count})
+
+    def _handle(self, request: IRequest, driver: str,
+                decode: Callable[[bytes], list[PushEvent]],
+                answer: Callable[[int], Any]) -> bytes:
+        # Synchronous on purpose: nothing here waits, so no Deferred is made
+        # (the hot path of every delivery). Errors map as handle_errors does.
+        try:
+            body = reply(request, answer(self._accept(request, driver, decode)))
+        except HTTPError as e:
+            body = reply(request, e.body, e.status, e.headers)
+        except ValidationError as e:
+            body = reply(request, {"error": e.messages[0], "messages": e.messages}, 400)
+        except Exception:
+            self.log.failure("unhandled error in {path}", path=request.path)
+            body = reply(request, {"error": "internal error"}, 500)
+        counter = self._counters.get((driver, request.code))
+        if counter is None:
+            counter = self._counters[(driver, request.code)] = self._requests.labels(
+                driver, str(request.code))
+        counter.inc()
+        return body
 
     def _accept(self, request: IRequest, driver: str,
                 decode: Callable[[bytes], list[PushEvent]]) -> int:
@@ -189,6 +221,9 @@ class PushReceiver:
                               "(or allow_loopback = yes)")
             self._auth_failures.labels(driver).inc()
             raise unauthorized(PUSH_REALM)
+        header = request.getHeader(b"authorization")
+        if header is not None and same_bytes(header, self._expected_header):
+            return  # the exact header Dovecot sends: no decoding needed
         given = basic_credentials(request)
         # Both compared every time, in constant time, so timing tells nothing.
         good = given is not None
@@ -218,15 +253,25 @@ class PushReceiver:
     def _publish(self, event: PushEvent) -> None:
         self._in_flight += 1
         try:
-            d = self._hub.local.topic(event.topic).forward(self._hub.global_, event.data)
+            topic = self._hub.local.topic(event.topic)
+            if self._local_only:  # no broker: forward() would publish once, the same
+                d = topic.publish(event.data)
+            else:
+                d = topic.forward(self._hub.global_, event.data)
         except Exception:
             self._in_flight -= 1
             self._publish_errors.labels(event.topic).inc()
             self.log.failure("publishing {topic} failed", topic=event.topic)
             return
 
+        if d.called and not isinstance(getattr(d, "result", None), Failure):
+            # Fired already (in-process subscribers): count it, no callbacks.
+            self._in_flight -= 1
+            self._count_published(event.topic)
+            return
+
         def published(_: object) -> None:
-            self._published.labels(event.topic).inc()
+            self._count_published(event.topic)
 
         def failed(failure: Any) -> None:
             self._publish_errors.labels(event.topic).inc()
@@ -238,6 +283,12 @@ class PushReceiver:
 
         d.addCallbacks(published, failed).addBoth(finished)
 
+    def _count_published(self, topic: str) -> None:
+        counter = self._published_by_topic.get(topic)
+        if counter is None:
+            counter = self._published_by_topic[topic] = self._published.labels(topic)
+        counter.inc()
+
     def stop(self) -> None:
         """Publish whatever is still queued now (on shutdown) and stop draining."""
         if self._drain_call is not None and self._drain_call.active():
@@ -246,6 +297,32 @@ class PushReceiver:
         while self._queue:
             for event in self._queue.popleft():
                 self._publish(event)
+
+
+@implementer(IResource)
+class _Direct:
+    """The receiver's resource: the notify paths directly, the rest through Klein."""
+
+    isLeaf = True
+
+    def __init__(self, receiver: PushReceiver, klein: IResource) -> None:
+        self._routes = {
+            b"/preliminary/http-notify/v1/notify": receiver.handle_ox,
+            b"/push/v1/notify": receiver.handle_lua,
+        }
+        self._klein = klein
+
+    def render(self, request: IRequest) -> Any:
+        handler = self._routes.get(request.path)
+        if handler is not None and request.method in (b"PUT", b"POST"):
+            return handler(request)
+        return self._klein.render(request)
+
+    def getChildWithDefault(self, name: bytes, request: IRequest) -> IResource:
+        return self  # a leaf: never asked, but IResource wants it
+
+    def putChild(self, path: bytes, child: IResource) -> None:
+        raise NotImplementedError("the push receiver has no children")
 
 
 # -- Server-Sent Events ------------------------------------------------------
@@ -282,11 +359,25 @@ def _user_keys(user: User) -> frozenset[str]:
     return frozenset(keys)
 
 
-@attrs.frozen
+@attrs.define
 class _Buffered:
+    """One event as kept for streaming: encoded only when someone reads it."""
+
     seq: int
-    frame: bytes
+    topic: str
+    data: Any
     keys: frozenset[str]
+    encoded: bytes | None = None
+
+    def frame(self, epoch: bytes) -> bytes | None:
+        if self.encoded is None:
+            try:
+                payload = json_bytes(self.data)
+            except (TypeError, ValueError):
+                return None
+            self.encoded = b"id: %s-%d\nevent: %s\ndata: %s\n\n" % (
+                epoch, self.seq, self.topic.encode("utf-8"), payload)
+        return self.encoded
 
 
 @attrs.define(eq=False)
@@ -321,6 +412,7 @@ class EventStream:
         self._users = user_source
         self._clock = clock
         self._epoch = secrets.token_hex(4)
+        self._epoch_bytes = self._epoch.encode("ascii")
         self._seq = 0
         self._buffer: deque[_Buffered] = deque(maxlen=self._settings.sse_buffer)
         self._by_key: dict[str, set[_Client]] = {}
@@ -423,17 +515,10 @@ class EventStream:
 
     def _on_event(self, topic: str, data: Any) -> None:
         self._seq += 1
-        keys = _event_keys(data)
-        try:
-            payload = json_bytes(data)
-        except (TypeError, ValueError):
-            self.log.warn("event on {topic} is not JSON, not streamed", topic=topic)
-            return
-        frame = b"id: %s-%d\nevent: %s\ndata: %s\n\n" % (
-            self._epoch.encode("ascii"), self._seq, topic.encode("utf-8"), payload)
-        self._buffer.append(_Buffered(self._seq, frame, keys))
-        for client in self._matching(keys):
-            self._write(client, frame)
+        item = _Buffered(self._seq, topic, data, _event_keys(data))
+        self._buffer.append(item)
+        for client in self._matching(item.keys):
+            self._write(client, item)
 
     def _matching(self, keys: Iterable[str]) -> set[_Client]:
         found: set[_Client] = set()
@@ -454,10 +539,14 @@ class EventStream:
             return
         for item in self._buffer:
             if item.seq > seq and item.keys & client.keys:
-                self._write(client, item.frame)
+                self._write(client, item)
 
-    def _write(self, client: _Client, frame: bytes) -> None:
+    def _write(self, client: _Client, item: _Buffered) -> None:
         if client.done.called:
+            return
+        frame = item.frame(self._epoch_bytes)
+        if frame is None:
+            self.log.warn("event on {topic} is not JSON, not streamed", topic=item.topic)
             return
         client.request.write(frame)
         self._sent.inc()

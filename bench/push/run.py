@@ -1,0 +1,172 @@
+"""Benchmark: OX push notifications accepted per second, mailhub vs a bare handler.
+
+Starts two servers in turn on 127.0.0.1, each in its own process on one core:
+
+- ``mailhub``: the real :class:`mailhub.web.push.PushReceiver` (Basic auth,
+  body limit, decoding, bounded queue, publication on the local pubsub to a
+  live :class:`~mailhub.web.push.EventStream`) in a plain twisted.web Site;
+- ``baseline``: a bare twisted.web resource that reads the body and answers
+  ``{"success":true}``;
+
+and drives each with ``wrk`` (Debian package ``wrk``) on the other core, same
+concurrency, same body, keep-alive, for a bounded time, alternating rounds.
+Prints both rates and the ratio (target: 0.6 or more).
+
+    .venv/bin/python bench/push/run.py [--seconds 6] [--rounds 3] [--connections 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PATH = "/preliminary/http-notify/v1/notify"
+BODY = {
+    "user": "alice@example.org", "event": "messageNew", "folder": "INBOX",
+    "imap-uidvalidity": 1700000000, "imap-uid": 4242,
+    "from": "=?utf-8?q?Bj=C3=B6rn?= <bjorn@example.org>",
+    "subject": "=?ISO-8859-1?Q?R=E9union?= tomorrow",
+    "snippet": "Hello, shall we meet tomorrow at ten?", "unseen": 3,
+}
+AUTH = "Basic ZG92ZWNvdDpiZW5jaC1zZWNyZXQ="  # dovecot:bench-secret
+
+
+def serve(kind: str, port: int) -> None:
+    """Run one server until killed (the child process)."""
+    sys.path.insert(0, str(ROOT))
+    from twisted.internet import reactor
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    if kind == "mailhub":
+        from mailhub.config import Config, PushSection
+        from mailhub.metrics import Metrics
+        from mailhub.pubsub import Hub
+        from mailhub.web.push import EventStream, PushReceiver
+
+        config = Config(push=PushSection(username="dovecot", password="bench-secret",
+                                         queue=10000))
+        hub, metrics = Hub(), Metrics()
+        EventStream(config, hub, metrics, None, reactor)  # subscribed, as in production
+        resource = PushReceiver(config, hub, metrics, reactor).resource()
+    else:
+        class Bare(Resource):
+            isLeaf = True
+
+            def render_PUT(self, request):  # noqa: N802 (twisted.web's name)
+                request.content.read()
+                request.setHeader(b"content-type", b"application/json; charset=utf-8")
+                return b'{"success":true}'
+
+        resource = Bare()
+    reactor.listenTCP(port, Site(resource), interface="127.0.0.1", backlog=1024)
+    reactor.run()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_listening(port: int) -> None:
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("server on port %d did not start" % port)
+
+
+def pinned(argv: list[str], cpu: int) -> list[str]:
+    taskset = shutil.which("taskset")
+    return [taskset, "-c", str(cpu)] + argv if taskset and (os.cpu_count() or 1) > 1 else argv
+
+
+def run_wrk(wrk: str, script: str, port: int, seconds: int, connections: int) -> dict[str, float]:
+    out = subprocess.run(
+        pinned([wrk, "-t1", "-c%d" % connections, "-d%ds" % seconds, "--timeout", "5s",
+                "-s", script, "http://127.0.0.1:%d%s" % (port, PATH)], 1),
+        capture_output=True, text=True, timeout=seconds + 30, check=True).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors:.*", out)
+    total = re.search(r"(\d+) requests in", out)
+    return {"rate": rate, "non2xx": float(bad.group(1)) if bad else 0.0,
+            "requests": float(total.group(1)) if total else 0.0,
+            "socket_errors": 1.0 if errors else 0.0}
+
+
+def measure(kind: str, wrk: str, script: str, seconds: int, connections: int) -> dict[str, float]:
+    port = free_port()
+    server = subprocess.Popen(pinned([sys.executable, __file__, "--serve", kind,
+                                      "--port", str(port)], 0))
+    try:
+        wait_listening(port)
+        run_wrk(wrk, script, port, 2, connections)  # warm-up
+        return run_wrk(wrk, script, port, seconds, connections)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--serve", choices=["mailhub", "baseline"])
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--seconds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=16)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve, args.port)
+        return
+    wrk = shutil.which("wrk")
+    if not wrk:
+        raise SystemExit("wrk is not installed: apt-get install wrk")
+    args.seconds = max(1, min(args.seconds, 30))
+    args.rounds = max(1, min(args.rounds, 5))
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write('wrk.method = "PUT"\nwrk.body = %s\n'
+                'wrk.headers["Content-Type"] = "application/json; charset=utf-8"\n'
+                'wrk.headers["Authorization"] = "%s"\n'
+                % (json.dumps(json.dumps(BODY)), AUTH))
+        script = f.name
+    try:
+        results: dict[str, list[dict[str, float]]] = {"mailhub": [], "baseline": []}
+        for _ in range(args.rounds):
+            for kind in ("baseline", "mailhub"):
+                result = measure(kind, wrk, script, args.seconds, args.connections)
+                results[kind].append(result)
+                print("%-8s %9.0f req/s  (%d requests, %d non-2xx)"
+                      % (kind, result["rate"], result["requests"], result["non2xx"]),
+                      flush=True)
+    finally:
+        os.unlink(script)
+    # Neighbours share the cores: compare each mailhub run with the baseline run
+    # just before it, and report the median of those paired ratios.
+    ratios = sorted(m["rate"] / b["rate"] for b, m in zip(results["baseline"], results["mailhub"]))
+    median = ratios[len(ratios) // 2] if len(ratios) % 2 else (
+        ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2
+    best = {kind: max(r["rate"] for r in runs) for kind, runs in results.items()}
+    print("baseline (bare twisted.web handler): best %.0f notifications/s" % best["baseline"])
+    print("mailhub PushReceiver (OX driver):    best %.0f notifications/s" % best["mailhub"])
+    print("paired ratios: %s" % ", ".join("%.2f" % r for r in ratios))
+    print("ratio (median of paired rounds): %.2f (target 0.6)" % median)
+    if any(r["non2xx"] for r in results["mailhub"]):
+        print("WARNING: mailhub answered non-2xx responses (queue full?)")
+
+
+if __name__ == "__main__":
+    main()
