@@ -228,6 +228,17 @@ class PushReceiverTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertEqual(self.call(stub, "PUT", OX_URL, OX_BODY)[0], 200)
 
+    def test_the_klein_routes_answer_the_same_as_the_direct_path(self) -> None:
+        receiver, _, hub, clock, _ = make()
+        seen = record(hub, "mail:new")
+        klein = StubTreq(receiver.app.resource())
+        self.assertEqual(self.call(klein, "PUT", OX_URL, OX_BODY)[:2], (200, {"success": True}))
+        self.assertEqual(self.call(klein, "POST", LUA_URL, b"user=bob")[:2],
+                         (200, {"success": True, "events": 1}))
+        self.assertEqual(self.call(klein, "PUT", OX_URL, OX_BODY, auth=None)[0], 401)
+        clock.advance(0)
+        self.assertEqual([d["user"] for _, d in seen], ["alice", "bob"])
+
     def test_get_is_not_allowed(self) -> None:
         _, stub, _, _, _ = make()
         d = stub.get(OX_URL, auth=AUTH)
