@@ -43,6 +43,7 @@ from zope.interface import implementer
 
 from mailhub.errors import ConfigError, Unavailable
 from mailhub.metrics import Metrics
+from mailhub.pubsub.frames import pack_frame, unpack_frame
 from mailhub.pubsub.outbox import IPublishChannel, Outbox, Refused, Route
 
 RABBIT_SPEC = "/usr/share/amqp/specs/0-9-1-rabbit/amqp0-9-1.stripped.extended.xml"
@@ -155,6 +156,13 @@ class _Client(AMQClient):
     def channel_failed(self, channel: Any, reason: Any) -> None:
         if self.session is not None:
             self.session.channel_failed(channel, reason)
+
+    # Bodies as bytes and complete header tables: see mailhub.pubsub.frames.
+    def _unpack_frame(self, data: bytes) -> Any:
+        return unpack_frame(self.spec, self.FRAME_END, data)
+
+    def _pack_frame(self, frame: Any) -> bytes:
+        return pack_frame(self.spec, self.FRAME_END, frame)
 
 
 class _Factory(Factory):

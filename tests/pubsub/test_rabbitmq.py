@@ -302,3 +302,35 @@ class WorkQueueTests(RabbitMQTestCase):
             "mailhub_workqueue_acked_total", {"queue": name}), 1)
         await broker.stopService()
         self.assertEqual(await self.ready_count(raw, name), 0)
+
+    @inline
+    async def test_foreign_headers_and_large_text_bodies_reach_the_dead_letter_intact(self) -> None:
+        await self.raw()
+        name = self.queue_name()
+        broker = await self.broker()
+        queue = await self.work_queue(name, broker)
+        received: list[bytes] = []
+
+        def handler(body: bytes) -> None:
+            received.append(body)
+            raise ValidationError("unknown user")
+
+        queue.consume(handler)
+        session = await broker.when_connected()
+        # Bigger than RabbitMQ's frame size, full of two-byte characters, so
+        # frame borders cut characters; headers of types other clients write.
+        body = ("é" * 200_000).encode("utf-8")
+        headers = {"origin": "james", "big": 2 ** 40, "flag": True, "ratio": 0.25,
+                   "list": [1, "two"], "raw": b"\x00\xff"}
+        await broker.outbox.put(queue.route, body, {"headers": headers, "delivery-mode": 2,
+                                                    "message-id": "m-42"})
+        await wait_for(lambda: broker.metrics.value(
+            "mailhub_workqueue_dead_lettered_total", {"queue": name}) == 1)
+        self.assertEqual(received, [body])
+        channel = await session.open_channel()
+        dead = await channel.basic_get(queue=name + ":dead", no_ack=True)
+        self.assertEqual(dead.content.body, body)
+        kept = dead.content.properties
+        self.assertEqual(kept["message-id"], "m-42")
+        self.assertEqual(kept["headers"], dict(headers, **{
+            REASON_HEADER: "unknown user", "x-mailhub-queue": name}))
