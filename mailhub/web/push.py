@@ -185,10 +185,10 @@ class PushReceiver:
         except Exception:
             self.log.failure("unhandled error in {path}", path=request.path)
             body = reply(request, {"error": "internal error"}, 500)
-        counter = self._counters.get((driver, request.code))
+        code: int = request.code  # type: ignore[attr-defined]
+        counter = self._counters.get((driver, code))
         if counter is None:
-            counter = self._counters[(driver, request.code)] = self._requests.labels(
-                driver, str(request.code))
+            counter = self._counters[(driver, code)] = self._requests.labels(driver, str(code))
         counter.inc()
         return body
 
@@ -471,7 +471,7 @@ class EventStream:
             if not client.done.called:
                 client.done.callback(None)
 
-        request.notifyFinish().addBoth(ended)
+        request.notifyFinish().addBoth(ended)  # type: ignore[attr-defined]
         client.keepalive = LoopingCall(self._ping, client)
         client.keepalive.clock = self._clock
         client.keepalive.start(self._settings.keepalive, now=False)
