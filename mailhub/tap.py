@@ -8,14 +8,23 @@ names the file, the section and the key.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Callable
 
+import treq
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from mailhub import __version__
+from mailhub.collector.carddav import BookLayout, CardDAVClient
+from mailhub.collector.embedded import EmbeddedDAV
+from mailhub.collector.engine import CollectorEngine
+from mailhub.collector.sources import (
+    CalendarSource, InProcessDispatcher, MailSource, QueueDispatcher,
+)
 from mailhub.config import Config, load
 from mailhub.directory.cache import Directory
 from mailhub.directory.ldap import LDAPService
@@ -23,11 +32,17 @@ from mailhub.directory.sql import StoreService
 from mailhub.directory.users import ChainedUserSource, HashingService, SiteUserSource
 from mailhub.errors import ConfigError
 from mailhub.metrics import Metrics
-from mailhub.pubsub import Hub
+from mailhub.pubsub.wiring import PubSub, make_pubsub
 from mailhub.service import AfterReady
+from mailhub.web.calendar import CalendarCollect
+from mailhub.web.hooks import GroupHooks
 from mailhub.web.mailstore import MailStoreIntegration
+from mailhub.web.openapi import openapi_document
 from mailhub.web.ops import Operations
+from mailhub.web.push import EventStream, PushReceiver
 from mailhub.web.site import MailhubSite, Root
+
+Check = Callable[[], Any]
 
 
 class Options(usage.Options):
@@ -61,33 +76,97 @@ def makeService(options: usage.Options) -> IService:
 
     config = load_config(options)
     listen = options["listen"] or config.mailhub.listen
-    return build(config, listen, reactor)
+    try:
+        return build(config, listen, reactor)
+    except (ConfigError, ValueError) as e:
+        raise SystemExit("mailhub: configuration error: %s" % e)
+
+
+class OnStop(Service):
+    """Calls each function at shutdown (flush queues, end streams)."""
+
+    def __init__(self, *calls: Callable[[], Any]) -> None:
+        self.calls = calls
+
+    def stopService(self) -> None:
+        super().stopService()
+        for call in self.calls:
+            call()
 
 
 def build(config: Config, listen: str, reactor: Any) -> MultiService:
     """Wire every part for ``config``, listening on ``listen``."""
     top = MultiService()
     metrics = Metrics()
-    hub = Hub()
+    pubsub = make_pubsub(config, reactor, metrics)
+    hub = pubsub.hub
+    for service in pubsub.services:
+        service.setServiceParent(top)
 
-    try:
-        database = StoreService(config.dsn, config.mailhub.site_id, reactor,
-                                threads=config.mailhub.threads)
-        endpoint = serverFromString(reactor, listen)
-    except (ConfigError, ValueError) as e:
-        raise SystemExit("mailhub: configuration error: %s" % e)
+    database = StoreService(config.dsn, config.mailhub.site_id, reactor,
+                            threads=config.mailhub.threads)
+    endpoint = serverFromString(reactor, listen)
     database.setServiceParent(top)
-
     directory = Directory(database.store, reactor, config.database.poll_interval, hub)
 
     async def database_check() -> tuple[bool, str]:
         await database.store.ping()
         return True, database.dialect.name
 
-    checks: dict[str, Any] = {"database": database_check}
-    routes: dict[bytes, Any] = {}
+    checks: dict[str, Check] = {"database": database_check, "amqp": _amqp_check(pubsub)}
+    users = _users(config, database, directory, reactor, top, checks)
 
-    # Users: the site's own first, then LDAP when configured.
+    root = Root(metrics)
+    hooks = GroupHooks(directory, config, metrics, hub)
+    for name in GroupHooks.paths:
+        root.mount(name, hooks.resource())
+    push = PushReceiver(config, hub, metrics, reactor)
+    events = EventStream(config, hub, metrics, users, reactor)
+    root.mount(b"preliminary", push.resource())
+    root.mount(b"push", push.resource())
+    root.mount(b"api", events.resource())
+    mailstore = MailStoreIntegration(config, users, hub, metrics, reactor)
+    root.mount_at(config.mailstore.path, mailstore.resource())
+
+    stops: list[Callable[[], Any]] = [push.stop, events.close]
+    if config.collector.enabled:
+        dispatcher, dav = _collector(config, pubsub, users, metrics, reactor, top, stops)
+        calendar = CalendarCollect(
+            dispatcher, lambda token: Deferred.fromCoroutine(directory.check_token(token)),
+            config.mailhub.max_body)
+        root.mount(b"collector", calendar.resource())
+        if dav is not None:
+            root.mount(dav.segment, dav.resource())
+
+    ops = Operations(metrics, checks, openapi_document)
+    for name in (b"healthz", b"metrics", b"openapi.json"):
+        root.mount(name, ops.resource())
+    site = MailhubSite(root, config.mailhub.max_body)
+
+    async def prepare() -> None:
+        await database.store.migrate()
+        await directory.load()
+
+    ready = AfterReady(prepare, reactor)
+    ready.setServiceParent(top)
+    directory.setServiceParent(ready)
+    OnStop(*stops).setServiceParent(ready)
+    web = StreamServerEndpointService(endpoint, site)
+    web.setName("web")
+    web.setServiceParent(ready)
+    return top
+
+
+def _amqp_check(pubsub: PubSub) -> Check:
+    def check() -> tuple[bool, str]:
+        state = pubsub.health()
+        return bool(state["ok"]), str(state.get("state", ""))
+    return check
+
+
+def _users(config: Config, database: StoreService, directory: Directory, reactor: Any,
+           top: MultiService, checks: dict[str, Check]) -> ChainedUserSource:
+    """The site's users first, then LDAP when ``[ldap] url`` is set."""
     hashing = HashingService(threads=2)
     hashing.setServiceParent(top)
     sources: list[Any] = [SiteUserSource(database.store, reactor, hashing.pool)]
@@ -101,26 +180,48 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
             return bool(ok), "a server answered" if ok else "no server answered"
 
         checks["ldap"] = ldap_check
-    users = ChainedUserSource(sources)
-    mailstore = MailStoreIntegration(config, users, hub, metrics, reactor)
+    return ChainedUserSource(sources)
 
-    ops = Operations(metrics, checks, lambda: {"openapi": "3.1.0",
-                                                "info": {"title": "mailhub", "version": __version__},
-                                                "paths": {}})
-    for name in (b"healthz", b"metrics", b"openapi.json"):
-        routes[name] = ops.resource()
-    root = Root(metrics, routes)
-    root.mount_at(config.mailstore.path, mailstore.resource())
-    site = MailhubSite(root, config.mailhub.max_body)
 
-    async def prepare() -> None:
-        await database.store.migrate()
-        await directory.load()
-
-    ready = AfterReady(prepare, reactor)
-    ready.setServiceParent(top)
-    directory.setServiceParent(ready)
-    web = StreamServerEndpointService(endpoint, site)
-    web.setName("web")
-    web.setServiceParent(ready)
-    return top
+def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, reactor: Any,
+               top: MultiService, stops: list[Callable[[], Any]]) -> tuple[Any, EmbeddedDAV | None]:
+    """The contact collector: CardDAV client, engine, queue consumer and sources."""
+    dav: EmbeddedDAV | None = None
+    credentials: tuple[str, str] | None = None
+    if config.embedded_carddav:
+        dav = EmbeddedDAV(reactor, config.data_dir / "dav", users, threads=config.mailhub.threads)
+        dav.setServiceParent(top)
+        http: Any = dav.http_client()
+        base = dav.url
+    else:
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = config.carddav.concurrency
+        http = treq.client.HTTPClient(Agent(reactor, pool=pool))
+        base = config.carddav.url
+        credentials = (config.carddav.username, config.carddav.password)
+    try:
+        layout = BookLayout.from_config(base, config.carddav.addressbook)
+    except ValueError as e:
+        raise ConfigError("%s: [carddav] addressbook: bad value: %s" % (config.path, e))
+    carddav = CardDAVClient(http, reactor, credentials=credentials,
+                            timeout=config.carddav.timeout,
+                            concurrency=config.carddav.concurrency, metrics=metrics)
+    collector = config.collector
+    engine = CollectorEngine(users, carddav, layout, pubsub.hub, metrics, reactor,
+                             skip_site_users=collector.skip_site_users,
+                             cache_ttl=collector.cache_ttl, cache_size=collector.cache_size)
+    queue = pubsub.work_queue(collector.queue, dead_letter=collector.dead_letter,
+                              retry_initial=collector.retry_initial,
+                              retry_max=collector.retry_max)
+    dispatcher: Any
+    if queue is not None:
+        queue.consume(engine.handle)
+        stops.append(queue.stop)
+        dispatcher = QueueDispatcher(queue.publish)
+    else:
+        dispatcher = InProcessDispatcher(engine.handle, reactor, collector.retry_initial,
+                                         collector.retry_max, metrics=metrics)
+        stops.append(dispatcher.stop)
+    MailSource(pubsub.hub, dispatcher, collector.sent_folders, metrics).start()
+    CalendarSource(pubsub.hub, dispatcher, metrics).start()
+    return dispatcher, dav
