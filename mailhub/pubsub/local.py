@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 
 Subscriber = Callable[[Any], Any]
@@ -36,13 +36,27 @@ class LocalTopic:
             pass
 
     def publish(self, data: Any) -> Deferred[None]:
-        waits = []
+        """Call every subscriber with ``data``; fire when their work is done.
+
+        Subscribers that return plain values cost no Deferred: this is on the
+        push receiver's path for every notification.
+        """
+        waits: list[Deferred[Any]] = []
         for callback in list(self._subscribers):
-            d = maybeDeferred(self._call, callback, data)
-            d.addErrback(self._failed, callback)
-            waits.append(d)
+            try:
+                result = callback(data)
+            except Exception:
+                self.log.failure("subscriber {subscriber!r} of {topic} failed",
+                                 subscriber=callback, topic=self.name)
+                continue
+            if inspect.iscoroutine(result):
+                result = Deferred.fromCoroutine(result)
+            if isinstance(result, Deferred):
+                waits.append(result.addErrback(self._failed, callback))
         if not waits:
             return succeed(None)
+        if len(waits) == 1:
+            return waits[0].addCallback(lambda _: None)
         return DeferredList(waits).addCallback(lambda _: None)
 
     def forward(self, other: Any, data: Any) -> Deferred[None]:
@@ -54,13 +68,6 @@ class LocalTopic:
 
     def _owner(self) -> Any:
         return getattr(self, "owner", None)
-
-    @staticmethod
-    def _call(callback: Subscriber, data: Any) -> Any:
-        result = callback(data)
-        if inspect.iscoroutine(result):
-            return Deferred.fromCoroutine(result)
-        return result
 
     def _failed(self, failure: Any, callback: Subscriber) -> None:
         self.log.failure("subscriber {subscriber!r} of {topic} failed", failure,
