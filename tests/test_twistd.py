@@ -10,11 +10,14 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from mailhub.cli import result_of
+from mailhub.directory.sql import SQLStore, dialect_for
 from tests.support.postgres import throwaway_database
 from tests.support.process import TWISTD, Mailhub
 from tests.support.require import free_port
@@ -108,3 +111,47 @@ def test_plugin_options(tmp_path: Path, argv: list[str]) -> None:
     done = subprocess.run([TWISTD, "mailhub", *argv], cwd=tmp_path, capture_output=True,
                           text=True, timeout=60)
     assert done.stdout.strip() == "mailhub 0.1.0"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_hooks_follow_the_cli_without_a_restart(tmp_path: Path, backend: str) -> None:
+    mailhub_cli = str(Path(sys.executable).with_name("mailhub"))
+
+    def run(config: Path, *args: str) -> str:
+        done = subprocess.run([mailhub_cli, *args, "--config", str(config)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60, check=True)
+        return done.stdout
+
+    def scenario(config_text: str) -> None:
+        with Mailhub(tmp_path, config=config_text) as mailhub:
+            config = tmp_path / "mailhub.ini"
+            first = run(config, "token", "create").splitlines()[1]
+            run(config, "group", "add", "example", "--name", "Example")
+            status, groups = mailhub.post_form("/gs-group-groups.json", "token=%s&get" % first)
+            assert (status, [g["id"] for g in groups]) == (200, ["example"])
+            second = run(config, "token", "create").splitlines()[1]
+            # The new token works at once; the old one is refused once the
+            # change log has been read (every poll_interval).
+            status, _ = mailhub.post_form("/gs-group-groups.json", "token=%s&get" % second)
+            assert status == 200
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                status, body = mailhub.post_form("/gs-group-groups.json", "token=%s&get" % first)
+                if status == 403:
+                    break
+                time.sleep(0.1)
+            assert status == 403 and body["status"] == 100
+        store = SQLStore(dialect_for(dsn))
+        try:
+            rows = [r for r in result_of(store.audit_log(50)) if r["event"] == "token-mismatch"]
+        finally:
+            store.close_all()
+        assert rows and rows[0]["client"] == "127.0.0.1"
+        assert all(first not in r["detail"] and second not in r["detail"] for r in rows)
+
+    if backend == "sqlite":
+        dsn = "sqlite:///%s" % (tmp_path / "hub.sqlite")
+        scenario("[database]\ndsn = %s\n" % dsn)
+    else:
+        with throwaway_database() as dsn:
+            scenario("[database]\ndsn = %s\n" % dsn)
