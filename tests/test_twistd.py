@@ -155,3 +155,18 @@ def test_hooks_follow_the_cli_without_a_restart(tmp_path: Path, backend: str) ->
     else:
         with throwaway_database() as dsn:
             scenario("[database]\ndsn = %s\n" % dsn)
+
+
+def test_multipart_forms_are_parsed_and_malformed_ones_get_json_400(tmp_path: Path) -> None:
+    with Mailhub(tmp_path) as mailhub:
+        good = (b"--XyZ\r\nContent-Disposition: form-data; name=\"search\"\r\n\r\n\r\n"
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"user\"\r\n\r\nnobody@example.com\r\n"
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"token\"\r\n\r\nwrong\r\n--XyZ--\r\n")
+        status, body = mailhub.request("POST", "/gs-search-people.json", good,
+                                       {"Content-Type": "multipart/form-data; boundary=XyZ"})
+        # The fields were read: the action and the (wrong) token count.
+        assert status == 403 and body["status"] == 100
+        status, body = mailhub.request("POST", "/gs-search-people.json", b"--nope\r\ngarbage",
+                                       {"Content-Type": "multipart/form-data; boundary=XyZ"})
+        assert status == 400
+        assert body == {"status": 100, "message": ["the multipart/form-data body is malformed"]}

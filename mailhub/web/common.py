@@ -97,7 +97,7 @@ def form_fields(request: IRequest, limit: int) -> dict[str, str]:
     body = read_body(request, limit)
     if body:
         ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
-        text = decode_text(body, "the request body")
+        text = "" if ctype == b"multipart/form-data" else decode_text(body, "the request body")
         if ctype == b"application/json":
             try:
                 data = json.loads(text)
@@ -112,11 +112,29 @@ def form_fields(request: IRequest, limit: int) -> dict[str, str]:
                     raise ValidationError("field %r must be text" % key)
                 fields[str(key)] = str(value)
         elif ctype == b"multipart/form-data":
-            for key, values in (request.args or {}).items():
-                name = decode_text(key, "a field name")
-                fields[name] = decode_text(values[-1], "field %r" % name) if values else ""
+            fields.update(_multipart(request.getHeader(b"content-type") or b"", body))
         else:
             _merge_form(fields, text, "the request body")
+    return fields
+
+
+def _multipart(content_type: bytes, body: bytes) -> dict[str, str]:
+    """The text fields of a multipart/form-data body (twisted.web's own
+    parsing is off: it answers malformed bodies with an empty 400)."""
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    message = BytesParser(policy=HTTP).parsebytes(
+        b"Content-Type: " + content_type + b"\r\n\r\n" + body)
+    if not message.is_multipart() or message.defects:
+        raise ValidationError("the multipart/form-data body is malformed")
+    fields: dict[str, str] = {}
+    for part in message.iter_parts():  # type: ignore[attr-defined]
+        name = part.get_param("name", header="content-disposition")
+        if not name:
+            raise ValidationError("a multipart/form-data part has no name")
+        payload = part.get_payload(decode=True) or b""
+        fields[str(name)] = decode_text(payload, "field %r" % str(name))
     return fields
 
 

@@ -26,6 +26,13 @@ class LimitedRequest(Request):
     too_large = False
     _received = 0
 
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        # Surfaces parse their own bodies (common.form_fields); twisted.web's
+        # parse would be done twice, and it answers a malformed multipart
+        # body with an empty, non-JSON 400.
+        self._parsePOSTFormSubmission = False
+
     def _limit(self) -> int:
         site = getattr(self.channel, "site", None)
         return int(getattr(site, "max_body", 1024 * 1024))
