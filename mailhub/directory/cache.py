@@ -38,7 +38,7 @@ class Directory(Service):
     """Profiles, groups and the token, in memory, following the store."""
 
     log = Logger()
-    name = "directory"
+    name = "directory"  # type: ignore[assignment]
 
     def __init__(self, store: IDirectoryStore, clock: IReactorTime,
                  poll_interval: float = 0.25, hub: Any = None) -> None:

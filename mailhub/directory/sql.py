@@ -543,7 +543,7 @@ def _first_line(error: BaseException) -> str:
 class StoreService(Service):
     """Owns the store's thread pool: started with mailhub, stopped with it."""
 
-    name = "database"
+    name = "database"  # type: ignore[assignment]
 
     def __init__(self, dsn: str, site_id: str, reactor: Any, threads: int = 4) -> None:
         self.dialect = dialect_for(dsn)

@@ -133,7 +133,9 @@ def _multipart(content_type: bytes, body: bytes) -> dict[str, str]:
         name = part.get_param("name", header="content-disposition")
         if not name:
             raise ValidationError("a multipart/form-data part has no name")
-        payload = part.get_payload(decode=True) or b""
+        payload = part.get_payload(decode=True)
+        if not isinstance(payload, bytes):
+            raise ValidationError("field %r is not a simple value" % str(name))
         fields[str(name)] = decode_text(payload, "field %r" % str(name))
     return fields
 

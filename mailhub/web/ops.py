@@ -57,7 +57,7 @@ class Operations:
             if succeeded:
                 ok, detail = value
             else:
-                ok, detail = False, value.getErrorMessage()
+                ok, detail = False, value.getErrorMessage()  # type: ignore[attr-defined]
             healthy = healthy and bool(ok)
             state[name] = {"ok": bool(ok), "detail": detail}
         body = {"status": "ok" if healthy else "degraded", "version": __version__,
