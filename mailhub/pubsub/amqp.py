@@ -35,11 +35,12 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from txamqp.client import ChannelClosed, Closed, TwistedDelegate
 from txamqp.content import Content
 from txamqp.protocol import AMQClient
 from txamqp.queue import Closed as QueueClosed
-from zope.interface import implementer
+from zope.interface import Attribute, Interface, implementer
 
 from mailhub.errors import ConfigError, Unavailable
 from mailhub.metrics import Metrics
@@ -127,8 +128,11 @@ class _Delegate(TwistedDelegate):
 
     def connection_start(self, ch: Any, msg: Any) -> None:
         ch.connection_start_ok(
-            client_properties={"connection_name": self.connection_name,
-                               "product": "mailhub"},
+            client_properties={
+                "connection_name": self.connection_name, "product": "mailhub",
+                "capabilities": {"publisher_confirms": True, "basic.nack": True,
+                                 "consumer_cancel_notify": True,
+                                 "authentication_failure_close": True}},
             mechanism=self.client.mechanism, response=self.client.response,
             locale=self.client.locale)
 
@@ -137,6 +141,12 @@ class _Delegate(TwistedDelegate):
 
     def basic_nack(self, ch: Any, msg: Any) -> None:
         self.client.confirmed(ch, msg.delivery_tag, msg.multiple, False)
+
+    def basic_cancel(self, ch: Any, msg: Any) -> None:
+        # The broker cancelled one of our consumers (its queue was deleted,
+        # or a cluster node holding it went away): start afresh, which
+        # declares every queue again and consumes from it.
+        self.client.consumer_cancelled(ch, msg.consumer_tag)
 
 
 class _Client(AMQClient):
@@ -156,6 +166,10 @@ class _Client(AMQClient):
     def channel_failed(self, channel: Any, reason: Any) -> None:
         if self.session is not None:
             self.session.channel_failed(channel, reason)
+
+    def consumer_cancelled(self, channel: Any, tag: str) -> None:
+        Session.log.warn("the broker cancelled AMQP consumer {tag}; reconnecting", tag=tag)
+        self.transport.loseConnection()
 
     # Bodies as bytes and complete header tables: see mailhub.pubsub.frames.
     def _unpack_frame(self, data: bytes) -> Any:
@@ -180,6 +194,8 @@ class _Factory(Factory):
 
 def _reply_text(error: Exception) -> str:
     reason = error.args[0] if error.args else error
+    if isinstance(reason, Failure):
+        return reason.getErrorMessage() or reason.type.__name__
     code = getattr(reason, "reply_code", None)
     text = getattr(reason, "reply_text", None)
     if code is not None:
@@ -306,6 +322,21 @@ class _PublishChannel:
         d.addErrback(_ignore)
 
 
+class IDelivery(Interface):
+    """One message handed to a consumer."""
+
+    body = Attribute("the message body (bytes)")
+    properties = Attribute("its AMQP properties (dict, txamqp names: 'headers', ...)")
+    redelivered = Attribute("whether the broker delivered it before")
+
+    def alive() -> bool:
+        """Whether it can still be acked (its channel is open)."""
+
+    def ack() -> Deferred[None]:
+        """Acknowledge it: the broker forgets it."""
+
+
+@implementer(IDelivery)
 class Delivery:
     """One message delivered to one of our consumers (pubsub or work queue)."""
 
@@ -346,7 +377,7 @@ class Consumer:
 
     @classmethod
     async def start(cls, session: Session, queue_name: str, prefetch: int,
-                    handle: Callable[[Delivery], Any], sequential: bool,
+                    handle: Callable[[IDelivery], Any], sequential: bool,
                     channel: Any = None) -> "Consumer":
         if channel is None:
             channel = await session.open_channel()
@@ -359,7 +390,7 @@ class Consumer:
                                                tag=consumer.tag))
         return consumer
 
-    async def _run(self, handle: Callable[[Delivery], Any], sequential: bool) -> None:
+    async def _run(self, handle: Callable[[IDelivery], Any], sequential: bool) -> None:
         while True:
             try:
                 message = await self._queue.get()
@@ -421,15 +452,16 @@ class Broker(Service):
         self.session: Session | None = None
         self._waiting: list[Deferred[Session]] = []
         self._setup_failures = 0
+        self._preparing: tuple[Any, Deferred[None]] | None = None
         self._policy = retry_policy or backoffPolicy(maxDelay=30)
         self._connected = self.metrics.gauge(
             "mailhub_amqp_connected", "1 while the AMQP broker is connected")
         self._connections = self.metrics.counter(
             "mailhub_amqp_connections_total", "AMQP connections made")
-        factory = _Factory(self.spec, self.address.vhost, heartbeat, reactor,
-                           self.connection_name)
+        self._factory = _Factory(self.spec, self.address.vhost, heartbeat, reactor,
+                                 self.connection_name)
         self._service = ClientService(
-            self.address.endpoint(reactor), factory,
+            self.address.endpoint(reactor), self._factory,
             retryPolicy=self._retry_delay,
             clock=reactor, prepareConnection=self._prepare)
 
@@ -478,6 +510,15 @@ class Broker(Service):
             # log an abrupt disconnection.
             d = session.client.close(within=2)
             d.addErrback(lambda f: None)
+        elif self._preparing is not None:
+            # Stopping ClientService during prepareConnection would cancel
+            # the preparation and leave the socket open: close the socket
+            # instead, let the preparation end (ClientService sees the
+            # connection made, then lost) and stop after that.
+            client, preparing = self._preparing
+            d = Deferred()
+            preparing.addBoth(lambda _: d.callback(None))
+            client.transport.loseConnection()
         d.addCallback(lambda _: self._service.stopService())
         d.addCallback(lambda _: self.outbox.fail_all("mailhub is shutting down"))
         return d
@@ -488,8 +529,11 @@ class Broker(Service):
         # must back off too, so set-up failures count as well.
         return self._policy(attempts + self._setup_failures)
 
-    def _prepare(self, client: _Client) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._set_up(client))
+    def _prepare(self, client: Any) -> Deferred[None]:
+        d = Deferred.fromCoroutine(self._set_up(client))
+        if not d.called:
+            self._preparing = (client, d)
+        return d
 
     async def _set_up(self, client: _Client) -> None:
         session = Session(client, self.outbox)
@@ -509,14 +553,18 @@ class Broker(Service):
             self.log.warn("AMQP set-up on {host}:{port} failed: {error}",
                           host=self.address.host, port=self.address.port,
                           error=_reply_text(e))
-            if session.lost:
-                raise
-            # ClientService neither closes a connection whose preparation
-            # failed nor expects it to close afterwards: let it count the
-            # connection as made, then close it, so the ordinary
-            # "disconnected, wait, retry" path runs (with our back-off).
+            # ClientService (Twisted 26) neither closes a connection whose
+            # preparation failed nor accepts that connection being lost
+            # afterwards. So the preparation never fails: ClientService
+            # counts the connection as made, then sees it lost, and takes
+            # its ordinary "disconnected, wait, retry" path (with our
+            # back-off, see _retry_delay). A connection lost during set-up
+            # makes its awaits fail inside connectionLost, before
+            # ClientService hears of the loss, so that path holds too.
             self.reactor.callLater(0, client.transport.loseConnection)
             return
+        finally:
+            self._preparing = None
         self._setup_failures = 0
         self.session = session
         self._connected.set(1)
@@ -689,7 +737,7 @@ class GlobalPubSub:
         await channel.queue_bind(queue=reply.queue, exchange=subscription.topic,
                                  routing_key="")
 
-        def handle(delivery: Delivery) -> Deferred[None]:
+        def handle(delivery: IDelivery) -> Deferred[None]:
             return self._deliver(subscription, delivery)
 
         consumer = await Consumer.start(session, reply.queue, self.prefetch, handle,

@@ -176,6 +176,17 @@ def encode_header(header: Header, enc: Codec) -> None:
     enc.encode_longbytes(c.stream.getvalue())
 
 
+def encode_method(method: Any, enc: Codec) -> None:
+    """Write a method frame's payload, tables (client properties) with :class:`FullCodec`."""
+    c = FullCodec(BytesIO())
+    c.encode_short(method.method.klass.id)
+    c.encode_short(method.method.id)
+    for field, arg in zip(method.method.fields, method.args):
+        c.encode(field.type, arg)
+    c.flush()
+    enc.encode_longbytes(c.stream.getvalue())
+
+
 def unpack_frame(spec: Any, frame_end: int, data: bytes) -> Frame:
     """Decode one frame: bodies as bytes, headers with full tables, the rest as txamqp does."""
     from txamqp.spec import pythonize
@@ -196,12 +207,14 @@ def unpack_frame(spec: Any, frame_end: int, data: bytes) -> Frame:
 
 
 def pack_frame(spec: Any, frame_end: int, frame: Frame) -> bytes:
-    """Encode one frame; header frames with full tables."""
+    """Encode one frame; header and method frames with full tables."""
     c = FullCodec(BytesIO())
     c.encode_octet(spec.constants.bypyname[frame.payload.type].id)
     c.encode_short(frame.channel)
     if frame.payload.type == Frame.HEADER:
         encode_header(frame.payload, c)
+    elif frame.payload.type == Frame.METHOD:
+        encode_method(frame.payload, c)
     else:
         frame.payload.encode(c)
     c.encode_octet(frame_end)

@@ -25,31 +25,18 @@ from typing import Any, Callable
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from zope.interface import Attribute, Interface
 
 from mailhub.errors import Unavailable, ValidationError
 from mailhub.metrics import Metrics
-from mailhub.pubsub.amqp import JSON_PROPERTIES, Consumer, call_handler, encode_json
+from mailhub.pubsub.amqp import JSON_PROPERTIES, Consumer, IDelivery, call_handler, encode_json
 from mailhub.pubsub.outbox import Outbox, Route
 
 REASON_HEADER = "x-mailhub-reason"
 QUEUE_HEADER = "x-mailhub-queue"
 
+__all__ = ["IDelivery", "WorkQueue", "REASON_HEADER", "QUEUE_HEADER"]
+
 Handler = Callable[[bytes], Any]
-
-
-class IDelivery(Interface):
-    """One message handed to a consumer."""
-
-    body = Attribute("the message body (bytes)")
-    properties = Attribute("its AMQP properties (dict, txamqp names: 'headers', ...)")
-    redelivered = Attribute("whether the broker delivered it before")
-
-    def alive() -> bool:
-        """Whether it can still be acked (its channel is open)."""
-
-    def ack() -> Deferred[None]:
-        """Acknowledge it: the broker forgets it."""
 
 
 class WorkQueue:

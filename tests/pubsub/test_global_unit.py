@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mailhub.config import DEFAULT_SPEC, AMQPSection, Config
 from mailhub.errors import ConfigError
 from mailhub.metrics import Metrics
-from mailhub.pubsub.amqp import BrokerAddress, GlobalPubSub, _Subscription, load_spec
+from mailhub.pubsub.amqp import Broker, BrokerAddress, GlobalPubSub, _Subscription, load_spec
 from mailhub.pubsub.local import LocalPubSub
 from mailhub.pubsub.outbox import Route
 from mailhub.pubsub.wiring import make_hub, make_pubsub
@@ -156,3 +156,14 @@ class ConfigurationTests(SynchronousTestCase):
         self.assertEqual((queue.prefetch, queue.dead_letter), (3, "collector:email:dead"))
         self.assertEqual(made.broker.outbox.limit, 5)
         self.assertEqual(made.health(), {"ok": False, "state": "disconnected", "outbox": 0})
+
+    def test_connections_ask_for_heartbeats_and_carry_a_name(self) -> None:
+        if not os.path.isfile(DEFAULT_SPEC):
+            self.skipTest("Debian's amqp-specs is not installed")
+        clock = Clock()
+        broker = Broker(clock, "amqp://127.0.0.1", DEFAULT_SPEC, heartbeat=7,
+                        connection_name="node-1")
+        client = broker._factory.buildProtocol(None)
+        self.assertEqual(client.heartbeatInterval, 7)
+        self.assertIs(client.clock, clock)
+        self.assertEqual(client.delegate.connection_name, "node-1")

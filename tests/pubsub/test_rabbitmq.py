@@ -171,6 +171,30 @@ class GlobalPubSubTests(RabbitMQTestCase):
         self.assertEqual(gone, [])
 
 
+class ConnectionTests(RabbitMQTestCase):
+    @inline
+    async def test_refused_login_keeps_publications_and_backs_off(self) -> None:
+        attempts: list[int] = []
+
+        def policy(n: int) -> float:
+            attempts.append(n)
+            return 0.05
+
+        broker = Broker(reactor, URL.replace("guest:guest", "guest:wrong"), SPEC,
+                        metrics=Metrics(), connection_name=unique("conn"), retry_policy=policy)
+        broker.startService()
+        pending = GlobalPubSub(broker).topic(self.topic_name()).publish({"n": 1})
+        await wait_for(lambda: len(attempts) >= 3, what="three attempts")
+        self.assertFalse(broker.connected)
+        self.assertEqual(broker.health()["state"], "disconnected")
+        # Failed logins count as failures: the delay grows.
+        self.assertEqual(attempts[:3], sorted(attempts[:3]))
+        self.assertGreater(attempts[2], attempts[0])
+        self.assertNoResult(pending)
+        await broker.stopService()
+        self.failureResultOf(pending, Unavailable)
+
+
 class WorkQueueTests(RabbitMQTestCase):
     def queue_name(self) -> str:
         name = unique("queue")
@@ -334,3 +358,21 @@ class WorkQueueTests(RabbitMQTestCase):
         self.assertEqual(kept["message-id"], "m-42")
         self.assertEqual(kept["headers"], dict(headers, **{
             REASON_HEADER: "unknown user", "x-mailhub-queue": name}))
+
+    @inline
+    async def test_consumption_comes_back_when_the_queue_is_deleted_under_it(self) -> None:
+        raw = await self.raw()
+        name = self.queue_name()
+        broker = await self.broker()
+        queue = await self.work_queue(name, broker)
+        got: list[bytes] = []
+        queue.consume(got.append)
+        await broker.when_connected()
+        await raw.channel.queue_delete(queue=name)
+        # The broker cancels our consumer; mailhub reconnects, declares the
+        # queue again and consumes from it.
+        await wait_for(lambda: broker.metrics.value("mailhub_amqp_connections_total") == 2,
+                       what="the reconnection")
+        await broker.when_connected()
+        await queue.publish(b"after")
+        await wait_for(lambda: got == [b"after"])
