@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -116,7 +117,8 @@ class ConfigurationTests(SynchronousTestCase):
     def test_spec_without_confirms_and_no_rabbitmq_file_is_refused(self) -> None:
         if not os.path.isfile(DEFAULT_SPEC):
             self.skipTest("Debian's amqp-specs is not installed")
-        folder = self.mktemp()
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
         os.makedirs(os.path.join(folder, "0-9-1"))
         copy = os.path.join(folder, "0-9-1", "spec.xml")
         shutil.copy(DEFAULT_SPEC, copy)
