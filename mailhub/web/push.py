@@ -43,6 +43,7 @@ from zope.interface import implementer
 from mailhub.config import Config
 from mailhub.directory.model import User, normalise_email
 from mailhub.errors import ValidationError
+from mailhub.events import login_event, publish
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from mailhub.push import TOPICS, PushEvent, decode_lua, decode_ox
@@ -496,19 +497,19 @@ class EventStream:
             if len(self._failures) > 10000:
                 self._failures.clear()
             self._failures[login] = failures
+            client = getattr(request.getClientAddress(), "host", None)
             self.log.info("event stream login refused for {login} from {client}",
-                          login=login,
-                          client=getattr(request.getClientAddress(), "host", "?"))
-            self._hub.local.topic("login:failure").forward(self._hub.global_, {
-                "login": login, "service": "events",
-                "client": getattr(request.getClientAddress(), "host", None),
-            }).addErrback(lambda f: self.log.failure("publishing login:failure", f))
+                          login=login, client=client)
+            publish(self._hub, *login_event(False, login, "events", client, self._clock.seconds()))
             # Repeated failures for one login are answered more and more slowly.
             delay = min(0.5 * (failures - 1), 5.0)
             if delay:
                 await deferLater(self._clock, delay, lambda: None)
             raise unauthorized(EVENTS_REALM)
         self._failures.pop(login, None)
+        publish(self._hub, *login_event(True, user.login, "events",
+                                        getattr(request.getClientAddress(), "host", None),
+                                        self._clock.seconds()))
         return user
 
     # -- events ------------------------------------------------------------

@@ -161,7 +161,9 @@ class EventStreamTests(SynchronousTestCase):
             self.assertEqual(json.loads(self.successResultOf(response.content())),
                              {"error": "authentication required"})
         self.assertEqual(self.metrics.value("mailhub_sse_auth_failures_total"), 4)
-        self.assertEqual([f["login"] for f in failures], ["alice", "nobody"])
+        self.assertEqual([(f["user"], f["source"]) for f in failures],
+                         [("alice", "events"), ("nobody", "events")])
+        self.assertTrue(all(f["at"].endswith("Z") for f in failures))
         self.assertEqual(self.stream.clients(), 0)
 
     def test_repeated_failures_for_one_login_are_slowed_down(self) -> None:
