@@ -35,3 +35,13 @@ def test_every_page_of_the_toctree_exists() -> None:
     assert pages
     for page in pages:
         assert (DOC / (page + ".rst")).exists(), page
+
+
+def test_the_manual_builds_without_warnings(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "sphinx", "-W", "-q", "-b", "html",
+                           str(DOC), str(tmp_path / "html")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
