@@ -79,7 +79,10 @@ def makeService(options: usage.Options) -> IService:
     try:
         return build(config, listen, reactor)
     except (ConfigError, ValueError) as e:
-        raise SystemExit("mailhub: configuration error: %s" % e)
+        message = str(e)
+        if config.path and not message.startswith(config.path):
+            message = "%s: %s" % (config.path, message)
+        raise SystemExit("mailhub: configuration error: %s" % message)
 
 
 class OnStop(Service):

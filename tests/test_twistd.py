@@ -170,3 +170,23 @@ def test_multipart_forms_are_parsed_and_malformed_ones_get_json_400(tmp_path: Pa
                                        {"Content-Type": "multipart/form-data; boundary=XyZ"})
         assert status == 400
         assert body == {"status": 100, "message": ["the multipart/form-data body is malformed"]}
+
+
+@pytest.mark.parametrize("text, says", [
+    ("[amqp]\nurl = amqp://guest:guest@127.0.0.1:5672/\nspec = /nonexistent/amqp.xml\n",
+     "[amqp] spec: /nonexistent/amqp.xml not found: install Debian's amqp-specs package"),
+    ("[mailhub]\nlisten = nonsense:1\n", "Unknown endpoint type"),
+    ("[carddav]\nurl = https://dav.example.com/\naddressbook = https://dav.example.com/books/\n",
+     "[carddav] addressbook: bad value"),
+])
+def test_unusable_settings_found_while_wiring_stop_start_up_with_one_line(
+        tmp_path: Path, text: str, says: str) -> None:
+    config = tmp_path / "mailhub.ini"
+    config.write_text(text)
+    done = subprocess.run([TWISTD, "-n", "--pidfile=", "mailhub", "--config", str(config)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("mailhub: configuration error: %s: " % config)
+    assert says in lines[0]
