@@ -7,6 +7,7 @@ names the file, the section and the key.
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any, Callable
 
@@ -37,7 +38,7 @@ from mailhub.service import AfterReady
 from mailhub.web.calendar import CalendarCollect
 from mailhub.web.hooks import GroupHooks
 from mailhub.web.mailstore import MailStoreIntegration
-from mailhub.web.openapi import openapi_document
+from mailhub.web.openapi import site_document
 from mailhub.web.ops import Operations
 from mailhub.web.push import EventStream, PushReceiver
 from mailhub.web.site import MailhubSite, Root
@@ -141,7 +142,8 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
         if dav is not None:
             root.mount(dav.segment, dav.resource())
 
-    ops = Operations(metrics, checks, openapi_document)
+    ops = Operations(metrics, checks, functools.partial(
+        site_document, config.mailstore.path, config.collector.enabled))
     for name in (b"healthz", b"metrics", b"openapi.json"):
         root.mount(name, ops.resource())
     site = MailhubSite(root, config.mailhub.max_body)

@@ -24,7 +24,9 @@ from twisted.web.resource import IResource
 from mailhub.collector.engine import message_body
 from mailhub.collector.sources import ical_addresses
 from mailhub.errors import ValidationError
-from mailhub.web.common import HTTPError, decode_text, handle_errors, read_body, reply
+from mailhub.web.common import (
+    HTTPError, decode_text, handle_errors, json_routing_errors, read_body, reply,
+)
 
 CheckToken = Callable[[str], Awaitable[bool]]
 
@@ -33,6 +35,7 @@ class CalendarCollect:
     """The calendar collector's HTTP surface."""
 
     app = Klein()
+    json_routing_errors(app)
 
     def __init__(self, dispatcher: Any, check_token: Callable[[str], Any],
                  max_body: int = 1024 * 1024) -> None:

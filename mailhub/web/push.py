@@ -52,6 +52,7 @@ from mailhub.web.common import (
     basic_credentials,
     handle_errors,
     json_bytes,
+    json_routing_errors,
     read_body,
     reply,
     same_secret,
@@ -105,6 +106,7 @@ class PushReceiver:
     """
 
     app = Klein()
+    json_routing_errors(app)
     log = Logger()
 
     def __init__(self, config: Config, hub: Hub, metrics: Metrics,
@@ -404,6 +406,7 @@ class EventStream:
     """
 
     app = Klein()
+    json_routing_errors(app)
     log = Logger()
 
     def __init__(self, config: Config, hub: Hub, metrics: Metrics, user_source: Any,
