@@ -2,7 +2,10 @@
 
 Usage: server.py PORT LDAP_URL BASE_DN BIND_DN BIND_PASSWORD THREADS
 Prints "ready" when listening. The chain is the production one: site users
-(an empty in-memory store) first, then LDAP.
+(an empty in-memory store, looked up through the loaded in-memory Directory
+as mailhub.tap wires it) first, then LDAP. THREADS is ``[ldap] pool_size``:
+run.py passes its concurrency, so mailhub has as many LDAP connections as
+the raw baseline has threads.
 """
 
 from __future__ import annotations
@@ -10,9 +13,11 @@ from __future__ import annotations
 import sys
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.web.server import Site
 
 from mailhub.config import Config, LDAPSection, MailStoreSection
+from mailhub.directory.cache import Directory
 from mailhub.directory.ldap import LDAPService, LDAPSettings
 from mailhub.directory.memory import MemoryStore
 from mailhub.directory.throttle import Throttle
@@ -30,7 +35,11 @@ def main() -> None:
     hashing = HashingService()
     ldap.startService()
     hashing.startService()
-    chain = ChainedUserSource([SiteUserSource(MemoryStore(), reactor, hashing.pool), ldap.source])
+    store = MemoryStore()
+    directory = Directory(store, reactor)
+    Deferred.fromCoroutine(directory.load())  # the in-memory store answers at once
+    site = SiteUserSource(store, reactor, hashing.pool, directory=directory)
+    chain = ChainedUserSource([site, ldap.source])
     config = Config(mailstore=MailStoreSection(username="mailstore", password="bench"),
                     ldap=LDAPSection(page_size=500))
     surface = MailStoreIntegration(config, chain, Hub(), Metrics(), reactor,

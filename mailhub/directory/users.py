@@ -15,12 +15,12 @@ answer unavailable rather than letting a later source say yes.
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -29,6 +29,9 @@ from zope.interface import implementer
 from mailhub.directory.interfaces import IDirectoryStore, IUserSource
 from mailhub.directory.model import Profile, User, user_of
 from mailhub.errors import ValidationError
+
+if TYPE_CHECKING:  # cache imports the web layer; only the type is needed here
+    from mailhub.directory.cache import Directory
 
 T = TypeVar("T")
 
@@ -118,22 +121,48 @@ def _deferred(method: Callable[..., Awaitable[T]]) -> Callable[..., "Deferred[T]
 class SiteUserSource:
     """The site's users: profiles in the directory store, with their passwords.
 
-    ``store`` is any IDirectoryStore (the SQL store, or the cache-backed
-    Directory when it offers the same methods); ``reactor`` and ``pool``
-    run the hash verification off the reactor thread.
+    ``store`` is any IDirectoryStore (the SQL store); ``reactor`` and
+    ``pool`` run the hash verification off the reactor thread.
+
+    ``directory``, when given, is the in-memory :class:`~mailhub.directory.cache.Directory`
+    that follows the same store: once it has loaded, "is this a site user,
+    and which?" is answered from memory on the reactor thread, so a login
+    that is not a site user (every LDAP login) costs no SQL query and no
+    thread hop. The password hash itself is still read from the store, and
+    only for a profile that has one. A profile written by another process
+    is seen within the directory's ``poll_interval``; until then the login
+    is decided as it was a moment before the write (a removed profile's
+    hash is gone from the store, so it fails rather than succeeds).
     """
 
     name = "site"
     log = Logger()
 
     def __init__(self, store: IDirectoryStore, reactor: Any, pool: ThreadPool,
-                 hasher: PasswordHasher = DEFAULT_HASHER) -> None:
+                 hasher: PasswordHasher = DEFAULT_HASHER, *,
+                 directory: "Directory | None" = None) -> None:
         self.store = store
         self.reactor = reactor
         self.pool = pool
         self.hasher = hasher
+        self.directory = directory
+
+    def _cached(self, login: str) -> tuple[bool, Profile | None]:
+        """``(True, profile or None)`` when memory can answer; ``(False, None)`` when not."""
+        directory = self.directory
+        if directory is None or not directory.loaded:
+            return False, None
+        login = login.strip()
+        if not login or len(login) > MAX_LOGIN:
+            return True, None
+        if "@" not in login:
+            return True, directory.profile(login)
+        return True, directory.profile_by_email(login)
 
     async def _profile(self, login: str) -> Profile | None:
+        cached, profile = self._cached(login)
+        if cached:
+            return profile
         login = login.strip()
         if not login or len(login) > MAX_LOGIN:
             return None
@@ -141,9 +170,15 @@ class SiteUserSource:
             return await maybeDeferred(self.store.get_profile, login)  # type: ignore[no-any-return]
         return await maybeDeferred(self.store.find_profile, login)
 
-    @_deferred
-    async def find(self, login: str) -> User | None:
+    def find(self, login: str) -> "Deferred[User | None]":
         """The site user with this profile id or address, or None."""
+        cached, profile = self._cached(login)
+        if cached:
+            # The hot path of every LDAP login in the chain: no coroutine, no hop.
+            return succeed(user_of(profile) if profile is not None else None)
+        return Deferred.fromCoroutine(self._find(login))
+
+    async def _find(self, login: str) -> User | None:
         profile = await self._profile(login)
         return user_of(profile) if profile is not None else None
 
@@ -152,9 +187,13 @@ class SiteUserSource:
         """The user if ``password`` is theirs; None otherwise (also with no password set)."""
         if not password:
             return None
-        profile = await self._profile(login)
+        cached, profile = self._cached(login)
+        if not cached:
+            profile = await self._profile(login)
         password_hash = None
-        if profile is not None:
+        # From memory, a profile without a password needs no query: the
+        # dummy hash below is verified all the same, so timing tells nothing.
+        if profile is not None and (profile.has_password or not cached):
             password_hash = await maybeDeferred(self.store.get_password_hash, profile.id)
         matched = await deferToThreadPool(self.reactor, self.pool, verify_password,
                                           password_hash, password, self.hasher)

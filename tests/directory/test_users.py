@@ -306,3 +306,109 @@ def test_a_later_source_down_fails_the_listing_before_any_page() -> None:
     Deferred.fromCoroutine(run()).addBoth(out.append)
     assert isinstance(out[0], Failure) and out[0].check(Unavailable)
     assert got == []
+
+
+# -- site users answered from the in-memory directory ------------------------------
+
+
+class CountingStore:
+    """Any IDirectoryStore, with every call it receives counted by method name."""
+
+    def __init__(self, store: SQLStore) -> None:
+        self._store = store
+        self.calls: dict[str, int] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._store, name)
+
+        def counted(*args: Any, **kw: Any) -> Any:
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return method(*args, **kw)
+
+        return counted
+
+
+def cached_site(pool: InlinePool, directory_loaded: bool = True) -> tuple[
+        SiteUserSource, CountingStore, Any]:
+    from twisted.internet.task import Clock
+
+    from mailhub.directory.cache import Directory
+
+    store = MemoryStore()
+    result(store.create_profile(ALICE))
+    result(store.create_profile(BOB))
+    result(store.set_password_hash(ALICE.id, hash_password("Grüße, Welt!", FAST)))
+    counting = CountingStore(store)
+    directory = Directory(store, Clock())
+    if directory_loaded:
+        result(Deferred.fromCoroutine(directory.load()))
+    site = SiteUserSource(counting, InlineReactor(), pool,  # type: ignore[arg-type]
+                          hasher=FAST, directory=directory)
+    return site, counting, directory
+
+
+def test_a_login_that_is_no_site_user_costs_no_store_call(pool: InlinePool) -> None:
+    site, store, _ = cached_site(pool)
+    ldap = FakeSource("ldap", {"dave": (User("dave", "Dave", source="ldap"), "dave-pw")})
+    chain = ChainedUserSource([site, ldap])
+    assert result(chain.authenticate("dave", "dave-pw")).source == "ldap"
+    assert result(chain.authenticate("dave@example.test", "dave-pw")) is None
+    assert result(chain.find("dave")).source == "ldap"
+    assert store.calls == {}
+    assert pool.calls == 0  # no hashing either: the site source never decided
+
+
+def test_cached_site_users_are_found_by_id_and_by_any_address(pool: InlinePool) -> None:
+    site, store, _ = cached_site(pool)
+    for login in (ALICE.id, "alice@example.test", "alice.other@EXAMPLE.test",
+                  " alice@example.test "):
+        user = result(site.find(login))
+        assert user is not None and user.id == ALICE.id and user.source == "site", login
+    assert result(site.find("nobody@example.test")) is None
+    assert result(site.find("")) is None
+    assert result(site.find("x" * 400)) is None
+    assert store.calls == {}
+
+
+def test_a_cached_site_user_checks_the_hash_from_the_store(pool: InlinePool) -> None:
+    site, store, _ = cached_site(pool)
+    assert result(site.authenticate("alice@example.test", "Grüße, Welt!")).id == ALICE.id
+    assert result(site.authenticate("alice@example.test", "grüße, welt!")) is None
+    assert store.calls == {"get_password_hash": 2}
+    # A site user also decides for the chain: LDAP's same login is not asked.
+    ldap = FakeSource("ldap", {"alice@example.test": (User("alice@example.test", "A"), "ldap")})
+    chain = ChainedUserSource([site, ldap])
+    assert result(chain.authenticate("alice@example.test", "ldap")) is None
+    assert ldap.asked == []
+
+
+def test_a_cached_site_user_without_a_password_fails_without_a_query(pool: InlinePool) -> None:
+    site, store, _ = cached_site(pool)
+    assert result(site.authenticate("bob@example.test", "anything")) is None
+    assert result(site.authenticate("bob@example.test", "")) is None
+    assert store.calls == {}
+    assert pool.calls == 1  # the dummy hash was still verified: timing tells nothing
+
+
+def test_a_password_set_later_is_seen_once_the_directory_follows(pool: InlinePool) -> None:
+    site, store, directory = cached_site(pool)
+    result(store.set_password_hash(BOB.id, hash_password("bob-pw", FAST)))
+    result(Deferred.fromCoroutine(directory.refresh()))
+    assert result(site.authenticate("bob@example.test", "bob-pw")).id == BOB.id
+
+
+def test_a_removed_site_user_fails_even_before_the_directory_follows(pool: InlinePool) -> None:
+    site, store, _ = cached_site(pool)
+    result(store.remove_profile(ALICE.id))
+    assert result(site.authenticate("alice@example.test", "Grüße, Welt!")) is None
+
+
+def test_until_the_directory_has_loaded_the_store_answers(pool: InlinePool) -> None:
+    site, store, directory = cached_site(pool, directory_loaded=False)
+    assert result(site.find("alice@example.test")).id == ALICE.id
+    assert result(site.authenticate("alice@example.test", "Grüße, Welt!")).id == ALICE.id
+    assert store.calls["find_profile"] == 2
+    result(Deferred.fromCoroutine(directory.load()))
+    store.calls.clear()
+    assert result(site.find("alice@example.test")).id == ALICE.id
+    assert store.calls == {}
