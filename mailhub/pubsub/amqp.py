@@ -33,6 +33,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -218,6 +219,7 @@ class Session:
         self.publish_channel: Any = None
         self._control: Any = None
         self.lost = False
+        self.closing = False
 
     async def open_channel(self) -> Any:
         """A new open channel, with the lowest free id."""
@@ -292,8 +294,8 @@ class Session:
         connection: drop it, and the ClientService connects again, setting
         everything up afresh (unacked messages are redelivered).
         """
-        if channel is self._control:
-            return
+        if channel is self._control or self.closing or self.lost:
+            return  # our own shutdown, or the connection is already gone
         self.log.error("the broker closed AMQP channel {id}: {reason}; reconnecting",
                        id=channel.id, reason=_reply_text(reason.value))
         self.client.transport.loseConnection()
@@ -501,11 +503,34 @@ class Broker(Service):
         super().startService()
         self._service.startService()
 
+    #: Seconds a shutdown waits for messages in progress and unconfirmed
+    #: publications before closing the connection.
+    drain_timeout = 10.0
+
+    async def _drain(self) -> None:
+        """Let consumers finish what they hold, then wait for the confirms."""
+        for user in self._users:
+            drain = getattr(user, "drain", None)
+            if drain is not None:
+                await drain(self.drain_timeout)
+        waited = 0.0
+        while len(self.outbox) and self.session is not None and waited < self.drain_timeout:
+            await deferLater(self.reactor, 0.05, lambda: None)
+            waited += 0.05
+
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        if self.session is not None:
+            d = Deferred.fromCoroutine(self._drain())
+            d.addErrback(lambda f: self.log.failure("draining before shutdown failed", f))
+            return d.addCallback(lambda _: self._close())
+        return self._close()
+
+    def _close(self) -> Deferred[None]:
         session = self.session
         d: Deferred[Any] = succeed(None)
         if session is not None:
+            session.closing = True
             # A clean connection.close (bounded wait), so the broker does not
             # log an abrupt disconnection.
             d = session.client.close(within=2)

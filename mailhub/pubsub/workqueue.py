@@ -135,6 +135,30 @@ class WorkQueue:
         for sleep in list(self._sleeping):
             sleep.cancel()
 
+    async def drain(self, timeout: float) -> None:
+        """At shutdown: take no new message, let those being handled finish.
+
+        Messages waiting for a retry are left to the broker (unacked, so it
+        redelivers them to another instance); messages being handled get up
+        to ``timeout`` seconds to finish, so that the work they started (a
+        contact written, its announcement published) is not cut in half.
+        """
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            try:
+                await consumer.cancel()
+            except Exception:
+                self.log.failure("cancelling the consumer of {queue} failed", queue=self.name)
+        self.stop()
+        waited = 0.0
+        while self.in_progress and waited < timeout:
+            await deferLater(self.clock, 0.05, lambda: None)
+            waited += 0.05
+        if self.in_progress:
+            self.log.warn("{count} message(s) from {queue} still in progress at shutdown; "
+                          "the broker will redeliver them", count=self.in_progress,
+                          queue=self.name)
+
     # One message ------------------------------------------------------
 
     def handle(self, delivery: IDelivery) -> Deferred[None]:

@@ -184,3 +184,48 @@ class WorkQueueTests(SynchronousTestCase):
     def test_one_consumer_per_queue(self) -> None:
         self.queue.consume(Flaky(0))
         self.assertRaises(ValueError, self.queue.consume, Flaky(0))
+
+
+class DrainTests(SynchronousTestCase):
+    """At shutdown, messages in hand finish; waiting retries go back to the broker."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.broker = FakeBroker()
+        self.queue = WorkQueue(self.broker.outbox, "collector:email", self.clock,
+                               retry_initial=1.0, retry_max=4.0,
+                               metrics=self.broker.metrics, broker=self.broker)
+
+    def test_drain_waits_for_messages_in_progress(self) -> None:
+        held: Deferred[None] = Deferred()
+        self.queue.consume(lambda body: held)
+        delivery = FakeDelivery(b"{}")
+        handling = self.queue.handle(delivery)
+        drained = Deferred.fromCoroutine(self.queue.drain(10.0))
+        self.clock.advance(1)
+        self.assertNoResult(drained)
+        held.callback(None)
+        self.successResultOf(handling)
+        self.clock.advance(0.05)
+        self.successResultOf(drained)
+        self.assertEqual(delivery.acks, 1)
+
+    def test_drain_gives_up_after_its_timeout_without_acking(self) -> None:
+        self.queue.consume(lambda body: Deferred())
+        delivery = FakeDelivery(b"{}")
+        self.queue.handle(delivery)
+        drained = Deferred.fromCoroutine(self.queue.drain(2.0))
+        self.clock.pump([0.05] * 41)
+        self.successResultOf(drained)
+        self.assertEqual(delivery.acks, 0)
+
+    def test_drain_cancels_waiting_retries(self) -> None:
+        self.queue.consume(Flaky(100))
+        delivery = FakeDelivery(b"{}")
+        handling = self.queue.handle(delivery)
+        drained = Deferred.fromCoroutine(self.queue.drain(10.0))
+        self.clock.advance(0.05)
+        self.successResultOf(drained)
+        self.successResultOf(handling)
+        self.assertEqual(delivery.acks, 0)
+        self.flushLoggedErrors(ConnectionRefusedError)
