@@ -51,6 +51,13 @@ _TRANSIENT = (
 )
 
 
+def _closed_connection(e: Any) -> bool:
+    """Whether a request failed only because its connection was closed under it."""
+    reasons = getattr(e, "reasons", None) or []
+    return bool(reasons) and all(
+        r.check(error.ConnectionDone, error.ConnectionLost) for r in reasons)
+
+
 class CardDAVError(MailhubError):
     """The CardDAV server answered something this client cannot use."""
 
@@ -147,6 +154,9 @@ class CardDAVClient:
         self._clock = clock
         self._timeout = timeout
         self._limit = DeferredSemaphore(concurrency)
+        # The production pool keeps at most ``concurrency`` idle connections
+        # per host (tap.py), so this many attempts always reach a fresh one.
+        self._stale_attempts = concurrency + 2
         self._auth: bytes | None = None
         if credentials and credentials[0]:
             pair = ("%s:%s" % credentials).encode("utf-8")
@@ -191,14 +201,25 @@ class CardDAVClient:
 
     async def _exchange(self, method: str, url: str, headers: Headers,
                         body: bytes | None) -> Answer:
-        try:
-            response = await self._http.request(method, url, headers=headers, data=body)
-        except web_client.ResponseNeverReceived:
-            # Usually a pooled keep-alive connection the server had closed
-            # (Radicale's own server does); Twisted retries that only for GET
-            # and friends. Every request here is idempotent or conditional, so
-            # one fresh attempt is safe.
-            response = await self._http.request(method, url, headers=headers, data=body)
+        attempts = self._stale_attempts
+        while True:
+            try:
+                response = await self._http.request(method, url, headers=headers, data=body)
+                break
+            except (web_client.ResponseNeverReceived,
+                    web_client.RequestTransmissionFailed) as e:
+                # A pooled connection that the server had already closed.
+                # Radicale's own server answers HTTP/1.0 and closes after
+                # every response, without "Connection: close"; Twisted's pool
+                # keeps such connections all the same, so the next requests
+                # can meet one closed connection per idle pooled one. Twisted
+                # retries only GET and friends without a body. Every request
+                # here is idempotent or conditional, so trying again is safe;
+                # each failure drops one stale connection, so after as many
+                # attempts as the pool can hold a fresh connection is made.
+                attempts -= 1
+                if attempts <= 0 or not _closed_connection(e):
+                    raise
         content = await response.content()
         return Answer(response.code, response.headers, content)
 

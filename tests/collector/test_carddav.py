@@ -6,9 +6,12 @@ from typing import Any
 
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseNeverReceived
+from twisted.web._newclient import RequestTransmissionFailed
 
 from mailhub.collector.carddav import BookLayout, BookMissing, CardDAVClient, CardDAVError
 from mailhub.directory.model import User
@@ -33,6 +36,27 @@ class Refusing:
         return fail(ConnectionRefusedError("nope"))
 
 
+class StalePool:
+    """A treq-like client whose first ``stale`` requests meet a closed pooled connection.
+
+    As Twisted's pool behaves against Radicale's built-in server, which
+    answers HTTP/1.0 and closes every connection after one response.
+    """
+
+    def __init__(self, real: Any, stale: int) -> None:
+        self.real = real
+        self.stale = stale
+        self.calls = 0
+
+    def request(self, method: str, url: str, **kw: Any) -> Deferred:
+        self.calls += 1
+        if self.stale > 0:
+            self.stale -= 1
+            kind = ResponseNeverReceived if self.stale % 2 else RequestTransmissionFailed
+            return fail(kind([Failure(ConnectionDone("closed cleanly"))]))
+        return self.real.request(method, url, **kw)
+
+
 class ClientTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
@@ -42,6 +66,22 @@ class ClientTests(SynchronousTestCase):
     def test_connection_refused_is_unavailable(self) -> None:
         client = CardDAVClient(Refusing(), self.clock)
         self.failureResultOf(Deferred.fromCoroutine(client.list_books("http://x/h/")), Unavailable)
+
+    def test_stale_pooled_connections_are_tried_past_until_a_fresh_one(self) -> None:
+        self.dav.books["/h/b/"] = {}
+        http = StalePool(StubTreq(self.dav), stale=4)
+        client = CardDAVClient(http, self.clock, concurrency=3)
+        self.assertTrue(self.successResultOf(Deferred.fromCoroutine(
+            client.put_new("http://x/h/b/c.vcf", "one"))))
+        self.assertEqual(http.calls, 5)
+        self.assertIn("c.vcf", self.dav.books["/h/b/"])
+
+    def test_a_server_that_always_closes_is_unavailable_after_bounded_attempts(self) -> None:
+        http = StalePool(Refusing(), stale=100)
+        client = CardDAVClient(http, self.clock, concurrency=3)
+        self.failureResultOf(Deferred.fromCoroutine(client.get("http://x/h/b/c.vcf")),
+                             Unavailable)
+        self.assertEqual(http.calls, 5)
 
     def test_a_timeout_is_unavailable(self) -> None:
         http = Hanging()
