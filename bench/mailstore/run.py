@@ -9,9 +9,14 @@ Starts a throwaway slapd (tests.support.slapd) with N users, then:
 - auth: cmd=auth per second through mailhub vs raw ldap3 (search the entry,
   then bind as it: what any correct login has to do) at the same
   concurrency, plus raw binds with the DN already known, for reference;
-  target: mailhub at 0.8 or more of the raw search+bind rate.
+  target: mailhub at 0.8 or more of the raw search+bind rate. mailhub's
+  LDAP pool (``[ldap] pool_size``) is set to the concurrency, so it has as
+  many LDAP connections (one search and one bind connection per thread) as
+  the baseline has threads. The two sides alternate for ``--rounds``
+  rounds; the best rate of each is compared and every round is printed.
 
-Usage: .venv/bin/python bench/mailstore/run.py [--users 100000] [--seconds 8] [--concurrency 8]
+Usage: .venv/bin/python bench/mailstore/run.py [--users 100000] [--seconds 6] [--concurrency 8]
+       [--rounds 2]
 Load stays on 127.0.0.1; each phase is bounded in time.
 """
 
@@ -176,7 +181,7 @@ class RawSearchBind:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=100_000)
-    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
@@ -201,13 +206,23 @@ def main() -> None:
                       % (listed, min(ours), min(theirs), min(ours) / min(theirs)))
                 print("  peak memory: mailhub process %.0f MiB (%.0f MiB before listing), "
                       "raw ldap3 process %.0f MiB" % (hwm / 1024, rss_before / 1024, raw_rss / 1024))
-                ours_rate = run_threads(args.concurrency, args.seconds, MailhubAuth(port, args.users))
-                raw_rate = run_threads(args.concurrency, args.seconds, RawSearchBind(slapd, args.users))
+                # Alternate the two sides each round, so a burst of load from
+                # elsewhere on the machine hits both; report the best of each.
+                ours_rates, raw_rates = [], []
+                for _ in range(args.rounds):
+                    ours_rates.append(run_threads(args.concurrency, args.seconds,
+                                                  MailhubAuth(port, args.users)))
+                    raw_rates.append(run_threads(args.concurrency, args.seconds,
+                                                 RawSearchBind(slapd, args.users)))
                 bind_rate = run_threads(args.concurrency, args.seconds,
                                         RawSearchBind(slapd, args.users, search=False))
-                print("auth at concurrency %d: mailhub %.0f/s, raw ldap3 search+bind %.0f/s, "
-                      "ratio %.2f (target >= 0.8)"
-                      % (args.concurrency, ours_rate, raw_rate, ours_rate / raw_rate))
+                ours_rate, raw_rate = max(ours_rates), max(raw_rates)
+                print("auth at concurrency %d (mailhub LDAP pool %d): mailhub %.0f/s, raw ldap3 "
+                      "search+bind %.0f/s, ratio %.2f (target >= 0.8)"
+                      % (args.concurrency, args.concurrency, ours_rate, raw_rate,
+                         ours_rate / raw_rate))
+                print("  each round (mailhub/raw): %s" % ", ".join(
+                    "%.0f/%.0f = %.2f" % (o, r, o / r) for o, r in zip(ours_rates, raw_rates)))
                 print("  raw ldap3 bind alone (DN known, no search) %.0f/s, ratio %.2f"
                       % (bind_rate, ours_rate / bind_rate))
             finally:
