@@ -202,7 +202,8 @@ def sites(tmp_path: Path, vhost: VirtualHost,
 
 def external(radicale: RadicaleServer) -> str:
     """The [carddav] section for the test Radicale, with the collector's service login."""
-    return ("[carddav]\nurl = %s\nusername = %s\npassword = %s\naddressbook = %s{user}/collected/\n"
+    return ("[carddav]\nurl = %s\nusername = %s\npassword = %s\n"
+            "addressbook = %s{user}/collected/\n"
             % (radicale.url, radicale.service[0], radicale.service[1], radicale.url))
 
 

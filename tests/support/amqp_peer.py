@@ -110,7 +110,8 @@ class WorkQueuePeer:
                                      % (count, self.queue, self.ready()[1]))
             time.sleep(0.05)
 
-    def dead_letters(self, count: int, timeout: float = 20.0) -> list[tuple[bytes, dict[str, Any]]]:
+    def dead_letters(self, count: int,
+                     timeout: float = 20.0) -> list[tuple[bytes, dict[str, Any]]]:
         """Take ``count`` messages off the dead-letter queue: (body, headers) each."""
         found: list[tuple[bytes, dict[str, Any]]] = []
         deadline = time.monotonic() + timeout
