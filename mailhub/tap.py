@@ -174,7 +174,8 @@ def _users(config: Config, database: StoreService, directory: Directory, reactor
     """The site's users first, then LDAP when ``[ldap] url`` is set."""
     hashing = HashingService(threads=2)
     hashing.setServiceParent(top)
-    sources: list[Any] = [SiteUserSource(database.store, reactor, hashing.pool)]
+    sources: list[Any] = [SiteUserSource(database.store, reactor, hashing.pool,
+                                         directory=directory)]
     ldap = LDAPService.from_config(reactor, config.ldap)
     if ldap is not None:
         ldap.setServiceParent(top)
