@@ -72,7 +72,7 @@ def start_mailhub(slapd: fixture.Slapd, threads: int) -> tuple[subprocess.Popen[
 def mailhub_list(port: int, output: Path) -> float:
     started = time.monotonic()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-    conn.request("POST", "/", body="cmd=list", headers={
+    conn.request("POST", "/mailstore", body="cmd=list", headers={
         "Authorization": AUTH, "Content-Type": "application/x-www-form-urlencoded"})
     response = conn.getresponse()
     assert response.status == 200, response.status
@@ -139,7 +139,7 @@ class MailhubAuth:
 
     def once(self, conn: http.client.HTTPConnection, rng: random.Random) -> None:
         n = rng.randrange(self.users)
-        conn.request("POST", "/", body=urlencode({"cmd": "auth", "user": fixture.login(n),
+        conn.request("POST", "/mailstore", body=urlencode({"cmd": "auth", "user": fixture.login(n),
                                                   "pass": fixture.password(n)}),
                      headers={"Authorization": AUTH,
                               "Content-Type": "application/x-www-form-urlencoded"})

@@ -14,7 +14,7 @@ import sys
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.web.server import Site
+from mailhub.web.site import MailhubSite, Root
 
 from mailhub.config import Config, LDAPSection, MailStoreSection
 from mailhub.directory.cache import Directory
@@ -44,7 +44,12 @@ def main() -> None:
                     ldap=LDAPSection(page_size=500))
     surface = MailStoreIntegration(config, chain, Hub(), Metrics(), reactor,
                                    throttle=Throttle(reactor))
-    reactor.listenTCP(int(port), Site(surface.resource()), interface="127.0.0.1")
+    # mailhub's own Site and Root, as twistd mailhub serves it.
+    metrics = Metrics()
+    root = Root(metrics)
+    root.mount_at("/mailstore", surface.resource())
+    reactor.listenTCP(int(port), MailhubSite(root, config.mailhub.max_body),
+                      interface="127.0.0.1")
     reactor.addSystemEventTrigger("before", "shutdown", ldap.stopService)
     reactor.addSystemEventTrigger("before", "shutdown", hashing.stopService)
     print("ready", flush=True)

@@ -97,8 +97,8 @@ class LDAPSettings:
     base_dn: str
     bind_dn: str = ""
     bind_password: str = attrs.field(default="", repr=False)
-    user_filter: str = attrs.fields(LDAPSection).user_filter.default
-    list_filter: str = attrs.fields(LDAPSection).list_filter.default
+    user_filter: str = LDAPSection().user_filter
+    list_filter: str = LDAPSection().list_filter
     login_attribute: str = "uid"
     name_attribute: str = "cn"
     mail_attributes: tuple[str, ...] = ("mail",)
@@ -562,7 +562,7 @@ def _reason(error: BaseException) -> str:
 class LDAPUserSource:
     """IUserSource over :class:`LDAPClient`, every call in the LDAP thread pool."""
 
-    name = "ldap"
+    name = "ldap"  # type: ignore[assignment]
     log = Logger()
 
     def __init__(self, client: LDAPClient, reactor: Any, pool: ThreadPool) -> None:
@@ -617,7 +617,7 @@ class LDAPService(Service):
     ``source`` is the :class:`LDAPUserSource` to put in the user chain.
     """
 
-    name = "ldap"
+    name = "ldap"  # type: ignore[assignment]
 
     def __init__(self, reactor: Any, settings: LDAPSettings, threads: int = 4) -> None:
         self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="mailhub-ldap")

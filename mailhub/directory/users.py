@@ -92,7 +92,7 @@ class HashingService(Service):
     a core for tens of milliseconds, and bounding the pool bounds both.
     """
 
-    name = "password-hashing"
+    name = "password-hashing"  # type: ignore[assignment]
 
     def __init__(self, threads: int = 2) -> None:
         self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="mailhub-hashing")

@@ -222,7 +222,7 @@ class MailStoreIntegration:
         d = self._hub.local.topic(topic).forward(self._hub.global_, payload)
         d.addErrback(lambda f: self.log.failure("publishing {topic} failed", f, topic=topic))
 
-    async def _list(self, request: IRequest) -> Any:
+    async def _list(self, request: Any) -> Any:
         pages = self._users.pages(self._page_size).__aiter__()
         started = False
         pacer = _Pacer()
@@ -282,7 +282,7 @@ class MailStoreIntegration:
                 await close()
 
 
-async def _abort(request: IRequest) -> None:
+async def _abort(request: Any) -> None:
     """Cut the connection mid-body and wait until twisted.web has noticed."""
     finished = request.notifyFinish()
     try:
