@@ -4,7 +4,7 @@ Starts two servers in turn on 127.0.0.1, each in its own process on one core:
 
 - ``mailhub``: the real :class:`mailhub.web.push.PushReceiver` (Basic auth,
   body limit, decoding, bounded queue, publication on the local pubsub to a
-  live :class:`~mailhub.web.push.EventStream`) in a plain twisted.web Site;
+  live :class:`~mailhub.web.push.EventStream`) in mailhub's own Site and Root;
 - ``baseline``: a bare twisted.web resource that reads the body and answers
   ``{"success":true}``;
 
@@ -57,8 +57,14 @@ def serve(kind: str, port: int) -> None:
         config = Config(push=PushSection(username="dovecot", password="bench-secret",
                                          queue=10000))
         hub, metrics = Hub(), Metrics()
+        from mailhub.web.site import MailhubSite, Root
+
         EventStream(config, hub, metrics, None, reactor)  # subscribed, as in production
-        resource = PushReceiver(config, hub, metrics, reactor).resource()
+        # mailhub's own Site and Root (body limit, per-route metrics), as
+        # twistd mailhub serves it.
+        root = Root(metrics)
+        root.mount(b"preliminary", PushReceiver(config, hub, metrics, reactor).resource())
+        site = MailhubSite(root, config.mailhub.max_body)
     else:
         class Bare(Resource):
             isLeaf = True
@@ -68,8 +74,8 @@ def serve(kind: str, port: int) -> None:
                 request.setHeader(b"content-type", b"application/json; charset=utf-8")
                 return b'{"success":true}'
 
-        resource = Bare()
-    reactor.listenTCP(port, Site(resource), interface="127.0.0.1", backlog=1024)
+        site = Site(Bare())
+    reactor.listenTCP(port, site, interface="127.0.0.1", backlog=1024)
     reactor.run()
 
 

@@ -20,6 +20,12 @@ from mailhub.metrics import Metrics
 from mailhub.web.common import json_bytes
 
 
+#: Methods counted under their own name; any other is counted as "other".
+KNOWN_METHODS = frozenset([b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS",
+                           b"PROPFIND", b"PROPPATCH", b"REPORT", b"MKCOL", b"MOVE", b"COPY",
+                           b"LOCK", b"UNLOCK"])
+
+
 class LimitedRequest(Request):
     """A request whose body may not exceed ``channel.site.max_body`` bytes."""
 
@@ -54,6 +60,12 @@ class LimitedRequest(Request):
                 self.content.truncate()
             return
         super().handleContentChunk(data)
+
+    def finish(self) -> None:
+        super().finish()
+        observed = getattr(self, "mailhub_observed", None)
+        if observed is not None:
+            observed[0].finished(self)
 
     def process(self) -> None:
         if self.too_large:
@@ -114,6 +126,7 @@ class Root(Resource):
             "mailhub_http_request_seconds", "Time to answer HTTP requests, by route", ["route"])
         self._errors = metrics.counter(
             "mailhub_http_errors_total", "HTTP requests answered 5xx, by route", ["route"])
+        self._instruments: dict[tuple[str, bytes, int], tuple[Any, Any, Any]] = {}
 
     def mount(self, segment: bytes, resource: IResource) -> None:
         """Hand requests whose first segment is ``segment`` to ``resource``,
@@ -154,14 +167,26 @@ class Root(Resource):
         return self.not_found.render(request)
 
     def _observe(self, request: Any, route: str) -> None:
-        started = self._clock()
-        method = request.method.decode("ascii", "replace")
+        request.mailhub_observed = (self, route, self._clock())
+        if not isinstance(request, LimitedRequest):
+            # Requests made by other Sites (tests' StubTreq) have no finish hook.
+            request.notifyFinish().addBoth(lambda _: self.finished(request))
 
-        def done(_: Any) -> None:
-            status = request.code
-            self._requests.labels(route=route, method=method, status=str(status)).inc()
-            self._latency.labels(route=route).observe(self._clock() - started)
-            if status >= 500:
-                self._errors.labels(route=route).inc()
-
-        request.notifyFinish().addBoth(done)
+    def finished(self, request: Any) -> None:
+        """Count a request that has been answered (called once per request)."""
+        _, route, started = request.mailhub_observed
+        method = request.method if request.method in KNOWN_METHODS else b"other"
+        key = (route, method, request.code)
+        instruments = self._instruments.get(key)
+        if instruments is None:
+            # Labelled children are looked up once per (route, method, status).
+            instruments = self._instruments[key] = (
+                self._requests.labels(route=route, method=method.decode("ascii"),
+                                      status=str(request.code)),
+                self._latency.labels(route=route),
+                self._errors.labels(route=route) if request.code >= 500 else None)
+        count, latency, errors = instruments
+        count.inc()
+        latency.observe(self._clock() - started)
+        if errors is not None:
+            errors.inc()
