@@ -36,7 +36,7 @@ import urllib.request
 from pathlib import Path
 import functools
 from typing import Any, Callable, Iterator, NoReturn, Sequence, TextIO, TypeVar, cast
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import attrs
 from twisted.internet.defer import Deferred

@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import Any, Awaitable, Callable
 
 from twisted.application.internet import backoffPolicy
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 
 from mailhub.errors import Unavailable
 
@@ -79,3 +80,22 @@ class AfterReady(MultiService):
             return super().stopService()
         self.running = 0
         return None
+
+
+class ThreadPoolService(Service):
+    """Owns a thread pool for a blocking library: started and stopped with mailhub.
+
+    Worker threads never touch the reactor; callers reach the pool through
+    ``deferToThreadPool``.
+    """
+
+    def __init__(self, threads: int, name: str) -> None:
+        self.pool = ThreadPool(minthreads=0, maxthreads=threads, name=name)
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        self.pool.stop()

@@ -18,12 +18,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 
 from mailhub import cli
 from mailhub.config import load
@@ -33,6 +32,7 @@ from mailhub.directory.sql import SQLStore, dialect_for
 from mailhub.directory.users import verify_password
 from tests.support.postgres import SERVER, throwaway_database
 from tests.support.require import free_port, missing, require_port
+from tests.support.deferreds import result
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = re.compile("^[%s]{32}$" % BASE62)
@@ -56,15 +56,6 @@ def mailhub(*argv: str, stdin: str = "") -> Ran:
     out, err = io.StringIO(), io.StringIO()
     code = cli.main(list(argv), stdin=io.StringIO(stdin), stdout=out, stderr=err)
     return Ran(code, out.getvalue(), err.getvalue())
-
-
-def result(d: "Deferred[Any]") -> Any:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
 
 
 def write_config(path: Path, **sections: dict[str, str]) -> str:

@@ -10,7 +10,6 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
 
 from tests.support.doc_examples import masked, run_examples
 from tests.support.process import Mailhub

@@ -33,8 +33,6 @@ only users' own credentials.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import hmac
 import io
@@ -58,6 +56,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.wsgi import WSGIResource
 
 from mailhub.errors import Unavailable
+from mailhub.web.common import parse_basic
 
 #: Base URL the collector uses for the embedded store (never resolved: the
 #: in-process client ignores scheme and host).
@@ -113,7 +112,7 @@ class Guard:
         for key in ("REMOTE_USER", "HTTP_X_REMOTE_USER", "HTTP_REMOTE_USER",
                     "HTTP_X_SCRIPT_NAME"):
             environ.pop(key, None)
-        credentials = _basic(environ.pop("HTTP_AUTHORIZATION", ""))
+        credentials = parse_basic(environ.pop("HTTP_AUTHORIZATION", "").encode("latin-1"))
         if credentials is None:
             if environ.get("REQUEST_METHOD") == "OPTIONS":
                 return self._app(environ, start_response)
@@ -152,18 +151,6 @@ class Guard:
                     self._logins.clear()
             self._logins[key] = (user.login, now + self._ttl)
         return str(user.login)
-
-
-def _basic(header: str) -> tuple[str, str] | None:
-    scheme, _, encoded = header.partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    user, sep, password = decoded.partition(":")
-    return (user, password) if sep else None
 
 
 def _deny(start_response: StartResponse) -> list[bytes]:

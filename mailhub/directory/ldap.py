@@ -42,7 +42,6 @@ from ldap3 import (
 from ldap3.core.exceptions import LDAPException
 from ldap3.strategy.sync import SyncStrategy
 from ldap3.utils.conv import escape_filter_chars
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -54,6 +53,7 @@ from mailhub.directory import ber
 from mailhub.directory.interfaces import IUserSource
 from mailhub.directory.model import User, unique
 from mailhub.errors import Unavailable
+from mailhub.service import ThreadPoolService
 
 T = TypeVar("T")
 
@@ -611,7 +611,7 @@ class LDAPUserSource:
             await self._call(self.client.close_listing, listing)
 
 
-class LDAPService(Service):
+class LDAPService(ThreadPoolService):
     """Owns the LDAP thread pool and the connections its threads open.
 
     ``source`` is the :class:`LDAPUserSource` to put in the user chain.
@@ -620,7 +620,7 @@ class LDAPService(Service):
     name = "ldap"  # type: ignore[assignment]
 
     def __init__(self, reactor: Any, settings: LDAPSettings, threads: int = 4) -> None:
-        self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="mailhub-ldap")
+        super().__init__(threads, "mailhub-ldap")
         self.client = LDAPClient(settings)
         self.source = LDAPUserSource(self.client, reactor, self.pool)
 
@@ -631,12 +631,7 @@ class LDAPService(Service):
             return None
         return cls(reactor, LDAPSettings.from_config(section), threads=section.pool_size)
 
-    def startService(self) -> None:
-        super().startService()
-        self.pool.start()
-
     def stopService(self) -> Any:
         super().stopService()
-        self.pool.stop()
         self.client.close_all()
 

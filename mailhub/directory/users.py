@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Seque
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -29,6 +28,7 @@ from zope.interface import implementer
 from mailhub.directory.interfaces import IDirectoryStore, IUserSource
 from mailhub.directory.model import Profile, User, user_of
 from mailhub.errors import ValidationError
+from mailhub.service import ThreadPoolService
 
 if TYPE_CHECKING:  # cache imports the web layer; only the type is needed here
     from mailhub.directory.cache import Directory
@@ -85,7 +85,7 @@ def verify_password(password_hash: str | None, password: str,
     return matched
 
 
-class HashingService(Service):
+class HashingService(ThreadPoolService):
     """Owns the thread pool where password hashes are verified.
 
     Small on purpose (default 2 threads): each verification takes 64 MiB and
@@ -95,15 +95,7 @@ class HashingService(Service):
     name = "password-hashing"  # type: ignore[assignment]
 
     def __init__(self, threads: int = 2) -> None:
-        self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="mailhub-hashing")
-
-    def startService(self) -> None:
-        super().startService()
-        self.pool.start()
-
-    def stopService(self) -> Any:
-        super().stopService()
-        self.pool.stop()
+        super().__init__(threads, "mailhub-hashing")
 
 
 def _deferred(method: Callable[..., Awaitable[T]]) -> Callable[..., "Deferred[T]"]:

@@ -157,8 +157,11 @@ def _merge_form(fields: dict[str, str], text: str, what: str) -> None:
 def basic_credentials(request: IRequest) -> tuple[str, str] | None:
     """(user, password) from an ``Authorization: Basic`` header, or None."""
     header = request.getHeader(b"authorization")
-    if not header:
-        return None
+    return parse_basic(header) if header else None
+
+
+def parse_basic(header: bytes) -> tuple[str, str] | None:
+    """(user, password) of an ``Authorization`` header value, if Basic and well formed."""
     scheme, _, encoded = header.partition(b" ")
     if scheme.lower() != b"basic":
         return None

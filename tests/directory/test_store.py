@@ -10,8 +10,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from mailhub.directory.interfaces import IDirectoryStore
@@ -20,16 +18,7 @@ from mailhub.directory.model import Email, Group, Profile, new_profile_id, new_t
 from mailhub.directory.sql import SQLStore, dialect_for
 from mailhub.errors import ConfigError, Unavailable, ValidationError
 from tests.support.postgres import throwaway_database
-
-
-def result(d: "Deferred[Any]") -> Any:
-    """The result of a Deferred that has fired, re-raising its failure."""
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
+from tests.support.deferreds import result
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgresql"])

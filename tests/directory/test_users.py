@@ -26,18 +26,10 @@ from mailhub.directory.users import (
 )
 from mailhub.errors import Unavailable, ValidationError
 from tests.support.postgres import throwaway_database
+from tests.support.deferreds import result
 
 #: Cheap parameters so that the tests hash quickly; production uses the defaults.
 FAST = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
-
-
-def result(d: "Deferred[Any]") -> Any:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
 
 
 def collect(source: Any, page_size: int) -> list[list[User]]:
