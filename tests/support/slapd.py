@@ -22,6 +22,14 @@ The directory (base ``dc=example,dc=test``):
 ``pause()``/``resume()`` stop and continue the process (SIGSTOP/SIGCONT):
 the server then accepts TCP connections but never answers, which is how a
 hung LDAP server looks to a client.
+
+``Slapd(tmpdir, tls=True)`` also serves TLS: a throwaway CA and a server
+certificate (for ``tls_names``, by default 127.0.0.1 and localhost) are
+written to ``tmpdir/tls`` by :func:`make_certificates`, and slapd listens
+on ``url`` (plain, offering StartTLS) and on ``ldaps_url`` (TLS from the
+first byte). ``ca_file`` is the CA a client must trust. slapd runs as the
+user running the tests (it is never told to switch user), so the key file
+is that user's own, mode 0600.
 """
 
 from __future__ import annotations
@@ -32,8 +40,11 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from ipaddress import ip_address
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from tests.support.require import free_port, missing
 
@@ -107,8 +118,90 @@ def ldif(users: int) -> str:
     return "".join(parts)
 
 
-def _config(directory: Path) -> str:
+@dataclass(frozen=True)
+class TLSFiles:
+    """The PEM files of one throwaway CA and the server certificate it signed."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+def make_certificates(directory: str | os.PathLike[str],
+                      names: Sequence[str] = ("127.0.0.1", "localhost")) -> TLSFiles:
+    """A new CA and a server certificate for ``names`` (IP addresses or DNS names).
+
+    Written as PEM into ``directory`` (created): ``ca.pem``, ``server.pem``
+    and ``server.key`` (mode 0600). ECDSA P-256, valid from an hour ago
+    for a day: made in milliseconds, no network.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
+                                            "mailhub test CA %s" % os.urandom(4).hex())])
+    ca = (x509.CertificateBuilder()
+          .subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number())
+          .not_valid_before(now - timedelta(hours=1))
+          .not_valid_after(now + timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(
+              digital_signature=True, content_commitment=False, key_encipherment=False,
+              data_encipherment=False, key_agreement=False, key_cert_sign=True,
+              crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                         critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    alternatives: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            alternatives.append(x509.IPAddress(ip_address(name)))
+        except ValueError:
+            alternatives.append(x509.DNSName(name))
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(hours=1))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName(alternatives), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    files = TLSFiles(folder / "ca.pem", folder / "server.pem", folder / "server.key")
+    files.ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    files.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    descriptor = os.open(files.key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as out:
+        out.write(key.private_bytes(serialization.Encoding.PEM,
+                                    serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()))
+    return files
+
+
+def _tls_config(files: TLSFiles) -> str:
     return """\
+TLSCACertificateFile {ca}
+TLSCertificateFile {cert}
+TLSCertificateKeyFile {key}
+""".format(ca=files.ca_file, cert=files.cert_file, key=files.key_file)
+
+
+def _config(directory: Path, tls: TLSFiles | None = None) -> str:
+    return (_tls_config(tls) if tls is not None else "") + """\
 include {schema}/core.schema
 include {schema}/cosine.schema
 include {schema}/inetorgperson.schema
@@ -142,17 +235,38 @@ class Slapd:
     """One slapd process with the generated directory; a context manager."""
 
     def __init__(self, directory: str | os.PathLike[str], users: int = 1200,
-                 start_timeout: float = 20.0) -> None:
+                 start_timeout: float = 20.0, tls: bool = False,
+                 tls_names: Sequence[str] = ("127.0.0.1", "localhost")) -> None:
         self.directory = Path(directory)
         self.users = users
         self.start_timeout = start_timeout
+        self.tls = tls
+        self.tls_names = tuple(tls_names)
         self.port = 0
+        #: The ldaps:// port (0 without ``tls``).
+        self.tls_port = 0
+        #: The CA, server certificate and key files (None without ``tls``).
+        self.tls_files: TLSFiles | None = None
         self.process: subprocess.Popen[bytes] | None = None
         self._paused = False
 
     @property
     def url(self) -> str:
         return "ldap://127.0.0.1:%d" % self.port
+
+    @property
+    def ldaps_url(self) -> str:
+        """The LDAPS URL (only with ``tls``)."""
+        if not self.tls_port:
+            raise RuntimeError("this slapd serves no LDAPS (start it with tls=True)")
+        return "ldaps://127.0.0.1:%d" % self.tls_port
+
+    @property
+    def ca_file(self) -> str:
+        """The CA certificate (PEM) that signed the server's certificate."""
+        if self.tls_files is None:
+            raise RuntimeError("this slapd has no certificate (start it with tls=True)")
+        return str(self.tls_files.ca_file)
 
     def settings(self, **overrides: Any) -> dict[str, Any]:
         """Keyword arguments for LDAPSettings that point at this server."""
@@ -167,8 +281,10 @@ class Slapd:
         if not (os.access(SLAPD, os.X_OK) and os.access(SLAPADD, os.X_OK)):
             missing("slapd is not installed (Debian package slapd; tests/run installs it)")
         (self.directory / "data").mkdir(parents=True, exist_ok=True)
+        if self.tls:
+            self.tls_files = make_certificates(self.directory / "tls", self.tls_names)
         conf = self.directory / "slapd.conf"
-        conf.write_text(_config(self.directory), encoding="utf-8")
+        conf.write_text(_config(self.directory, self.tls_files), encoding="utf-8")
         data = self.directory / "users.ldif"
         data.write_text(ldif(self.users), encoding="utf-8")
         loaded = subprocess.run([SLAPADD, "-q", "-f", str(conf), "-l", str(data)],
@@ -177,8 +293,16 @@ class Slapd:
             raise RuntimeError("slapadd failed: %s" % loaded.stderr.decode("utf-8", "replace"))
         data.unlink()
         self.port = free_port()
+        listeners = [self.url + "/"]
+        ports = [self.port]
+        if self.tls:
+            self.tls_port = free_port()
+            while self.tls_port == self.port:
+                self.tls_port = free_port()
+            listeners.append(self.ldaps_url + "/")
+            ports.append(self.tls_port)
         self.process = subprocess.Popen(
-            [SLAPD, "-f", str(conf), "-h", self.url + "/", "-d", "0"],
+            [SLAPD, "-f", str(conf), "-h", " ".join(listeners), "-d", "0"],
             stdout=subprocess.DEVNULL, stderr=open(self.directory / "slapd.log", "wb"),
         )
         deadline = time.monotonic() + self.start_timeout
@@ -188,7 +312,8 @@ class Slapd:
                     self.process.returncode,
                     (self.directory / "slapd.log").read_text("utf-8", "replace")[-2000:]))
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                for port in ports:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
                 return self
             except OSError:
                 time.sleep(0.05)
