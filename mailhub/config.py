@@ -231,6 +231,8 @@ def _check(section: str, key: str, value: Any) -> None:
         for url in value.split():
             if urlsplit(url).scheme not in ("ldap", "ldaps"):
                 raise ValueError("expected ldap:// or ldaps:// URLs, not %r" % url)
+    if section == "ldap" and key == "ca_file" and value and not os.path.isfile(value):
+        raise ValueError("no such file: %s" % value)
     if section == "mailstore" and key == "path" and not value.startswith("/"):
         raise ValueError("must start with /")
     if section == "mailhub" and key == "site_url":

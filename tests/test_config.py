@@ -64,6 +64,7 @@ sent_folders = Sent, Sent Items
     ("[mailstore]\npath = mailstore\n", "[mailstore] path: bad value"),
     ("[push]\npassword = env:MAILHUB_TEST_UNSET_VARIABLE\n", "[push] password: bad value"),
     ("not an ini file", "cannot parse"),
+    ("[ldap]\nca_file = /nonexistent/ca.pem\n", "[ldap] ca_file: bad value: no such file"),
 ])
 def test_mistakes_name_file_section_and_key(text: str, names: str) -> None:
     with pytest.raises(ConfigError) as caught:
