@@ -103,6 +103,8 @@ def form_fields(request: IRequest, limit: int) -> dict[str, str]:
                 data = json.loads(text)
             except ValueError as e:
                 raise ValidationError("the request body is not valid JSON: %s" % e)
+            except RecursionError:
+                raise ValidationError("the JSON body is nested too deeply")
             if not isinstance(data, dict):
                 raise ValidationError("the JSON body must be an object")
             for key, value in data.items():

@@ -457,7 +457,8 @@ class BadInputTests(HooksCase):
         self.assertIn("larger than", body["message"][0])
 
     def test_bad_json_body(self) -> None:
-        for raw in (b"{", b"[1]", b'{"token": {"a": 1}}'):
+        for raw in (b"{", b"[1]", b'{"token": {"a": 1}}', b"[" * 100_000,
+                    b'{"a":' * 100_000):
             status, body = self.call("/gs-search-people.json", body=raw,
                                      headers={b"content-type": [b"application/json"]})
             self.assertEqual(status, 400, raw)
