@@ -155,6 +155,9 @@ SECTIONS: dict[str, type] = {
     "collector": CollectorSection,
 }
 
+#: Keys that are set together or not at all.
+PAIRS = {"mailstore": [("username", "password")], "push": [("username", "password")]}
+
 SECRETS = {("carddav", "password"), ("ldap", "bind_password"),
            ("mailstore", "password"), ("push", "password")}
 
@@ -282,6 +285,12 @@ def parse(text: str, path: str = "<string>",
             except ValueError as e:
                 raise ConfigError("%s: [%s] %s: bad value: %s" % (path, section, key, e))
             values[key] = value
+        for first, second in PAIRS.get(section, ()):
+            if bool(values.get(first)) != bool(values.get(second)):
+                missing_key = second if values.get(first) else first
+                raise ConfigError("%s: [%s] %s: must be set too (%s and %s go together; "
+                                  "an empty password would be accepted by nobody)"
+                                  % (path, section, missing_key, first, second))
         sections[section] = cls(**values)
     return Config(path=path, **sections)
 

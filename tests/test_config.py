@@ -40,6 +40,7 @@ start_tls = yes
 path = /ms
 [push]
 username = dovecot
+password = secret
 [collector]
 sent_folders = Sent, Sent Items
 """)
@@ -64,6 +65,8 @@ sent_folders = Sent, Sent Items
     ("[mailstore]\npath = mailstore\n", "[mailstore] path: bad value"),
     ("[push]\npassword = env:MAILHUB_TEST_UNSET_VARIABLE\n", "[push] password: bad value"),
     ("not an ini file", "cannot parse"),
+    ("[mailstore]\nusername = ms\n", "[mailstore] password: must be set too"),
+    ("[push]\npassword = secret\n", "[push] username: must be set too"),
     ("[ldap]\nca_file = /nonexistent/ca.pem\n", "[ldap] ca_file: bad value: no such file"),
 ])
 def test_mistakes_name_file_section_and_key(text: str, names: str) -> None:
@@ -78,7 +81,7 @@ def test_mistakes_name_file_section_and_key(text: str, names: str) -> None:
 def test_secrets_come_from_the_environment_or_a_file(tmp_path: Path) -> None:
     secret = tmp_path / "ldap-password"
     secret.write_text("s3cret\n")
-    config = parse("[push]\npassword = env:PUSH_PASSWORD\n[ldap]\nbind_password = file:%s\n" % secret,
+    config = parse("[push]\nusername = dovecot\npassword = env:PUSH_PASSWORD\n[ldap]\nbind_password = file:%s\n" % secret,
                    environ={"PUSH_PASSWORD": "from-env"})
     assert config.push.password == "from-env"
     assert config.ldap.bind_password == "s3cret"

@@ -161,11 +161,11 @@ class MailStoreIntegration:
     def _check_credentials(self, request: IRequest) -> None:
         expected_user = self._settings.username
         expected_password = self._settings.password
-        if not expected_user and not expected_password:
+        if not expected_user or not expected_password:
             if not self._warned_unconfigured:
                 self._warned_unconfigured = True
                 self.log.warn("MailStore request refused: [mailstore] username and "
-                              "password are not set")
+                              "password are not both set")
             self._refused.inc()
             raise unauthorized(REALM)
         given = basic_credentials(request)

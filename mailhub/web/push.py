@@ -215,7 +215,7 @@ class PushReceiver:
 
     def _authorize(self, request: IRequest, driver: str) -> None:
         username, password = self._settings.username, self._settings.password
-        if not username and not password:
+        if not username or not password:
             if self._settings.allow_loopback and _is_loopback(request):
                 return
             if not self._warned_open:

@@ -154,6 +154,10 @@ class PushReceiverTests(SynchronousTestCase):
         self.assertEqual(self.call(stub, "PUT", OX_URL, OX_BODY, auth=None)[0], 401)
         self.assertEqual(self.call(stub, "PUT", OX_URL, OX_BODY, auth=("", ""))[0], 401)
 
+    def test_a_username_without_a_password_refuses_the_empty_password(self) -> None:
+        _, stub, _, _, _ = make(username="dovecot", password="")
+        self.assertEqual(self.call(stub, "PUT", OX_URL, OX_BODY, auth=("dovecot", ""))[0], 401)
+
     def test_allow_loopback_accepts_local_peers_without_credentials(self) -> None:
         _, stub, _, _, _ = make(username="", password="", allow_loopback=True)
         # StubTreq's requests come from 127.0.0.1.

@@ -203,6 +203,14 @@ class MailStoreUnitTests(SynchronousTestCase):
                                                    headers=basic("", "")))
         self.assertEqual(response.code, 401)
 
+    def test_a_username_without_a_password_refuses_the_empty_password(self) -> None:
+        config = Config(mailstore=MailStoreSection(username="mailstore", password=""))
+        surface = MailStoreIntegration(config, self.users, self.hub, self.metrics, self.clock)
+        stub = StubTreq(surface.resource())
+        response = self.successResultOf(stub.post(URL, data={"cmd": "list"},
+                                                   headers=basic("mailstore", "")))
+        self.assertEqual(response.code, 401)
+
     def test_unknown_or_missing_cmd_is_a_400_with_a_reason(self) -> None:
         for form in ({"cmd": "delete"}, {}, {"user": "x"}):
             response, body = self.post(form)
