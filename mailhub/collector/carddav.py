@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import base64
 import time
+from collections import deque
 from typing import Any, Iterable
 from urllib.parse import quote, unquote, urljoin, urlsplit
 from xml.etree import ElementTree as ET
 
 import attrs
 from twisted.internet import defer, error
-from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web import client as web_client
@@ -56,6 +57,53 @@ def _closed_connection(e: Any) -> bool:
     reasons = getattr(e, "reasons", None) or []
     return bool(reasons) and all(
         r.check(error.ConnectionDone, error.ConnectionLost) for r in reasons)
+
+
+class Lanes:
+    """A concurrency limit with two queues: reads that gate whole batches go first.
+
+    A lookup (PROPFIND, REPORT) holds back every message of its batch, while a
+    PUT holds back only its own: when both wait for a slot, the lookup gets it,
+    so the next batch is known while the current one's PUTs still keep the
+    server busy. Within each lane, first come first served.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.free = max(1, size)
+        self._waiting: tuple[deque[Deferred[None]], deque[Deferred[None]]] = (deque(), deque())
+
+    def acquire(self, urgent: bool) -> Deferred[None]:
+        """A Deferred that fires when a slot is this caller's."""
+        if self.free > 0:
+            self.free -= 1
+            return defer.succeed(None)
+        d: Deferred[None] = Deferred(canceller=self._cancelled)
+        self._waiting[0 if urgent else 1].append(d)
+        return d
+
+    def _cancelled(self, d: Deferred[None]) -> None:
+        for lane in self._waiting:
+            if d in lane:
+                lane.remove(d)
+
+    def release(self) -> None:
+        """Give the slot to the first urgent waiter, else the first other one."""
+        for lane in self._waiting:
+            if lane:
+                lane.popleft().callback(None)
+                return
+        self.free += 1
+
+    def run(self, urgent: bool, f: Any, *args: Any) -> Deferred[Any]:
+        """Call ``f(*args)`` (returning a Deferred) holding a slot."""
+        def call(_: None) -> Any:
+            return defer.maybeDeferred(f, *args).addBoth(done)
+
+        def done(result: Any) -> Any:
+            self.release()
+            return result
+
+        return self.acquire(urgent).addCallback(call)
 
 
 class CardDAVError(MailhubError):
@@ -153,7 +201,7 @@ class CardDAVClient:
         self._http = http
         self._clock = clock
         self._timeout = timeout
-        self._limit = DeferredSemaphore(concurrency)
+        self._limit = Lanes(concurrency)
         # The production pool keeps at most ``concurrency`` idle connections
         # per host (tap.py), so this many attempts always reach a fresh one.
         self._stale_attempts = concurrency + 2
@@ -169,9 +217,14 @@ class CardDAVClient:
     # -- the wire ---------------------------------------------------------
 
     def request(self, method: str, url: str, headers: dict[bytes, bytes] | None = None,
-                body: bytes | None = None, depth: str | None = None) -> Deferred[Answer]:
-        """One request, bounded by the semaphore and the timeout; body always read."""
-        return self._limit.run(self._timed, method, url, headers or {}, body, depth)
+                body: bytes | None = None, depth: str | None = None,
+                urgent: bool = False) -> Deferred[Answer]:
+        """One request, bounded by the concurrency limit and the timeout; body always read.
+
+        ``urgent`` requests (the lookups every message of a batch waits for)
+        take the next free slot before the others.
+        """
+        return self._limit.run(urgent, self._timed, method, url, headers or {}, body, depth)
 
     def _timed(self, method: str, url: str, headers: dict[bytes, bytes],
                body: bytes | None, depth: str | None) -> Deferred[Answer]:
@@ -242,7 +295,7 @@ class CardDAVClient:
                 '<d:propfind xmlns:d="DAV:"><d:prop><d:resourcetype/></d:prop></d:propfind>')
         answer = self._check(
             await self.request("PROPFIND", home, {b"content-type": XML_TYPE},
-                               body.encode("utf-8"), depth="1"),
+                               body.encode("utf-8"), depth="1", urgent=True),
             "PROPFIND", home, (207, 404))
         if answer.code == 404:
             return []
@@ -273,7 +326,7 @@ class CardDAVClient:
                 "</c:prop-filter></c:filter></c:addressbook-query>" % (CARD, matches))
         answer = self._check(
             await self.request("REPORT", book, {b"content-type": XML_TYPE},
-                               body.encode("utf-8"), depth="1"),
+                               body.encode("utf-8"), depth="1", urgent=True),
             "REPORT", book, (207, 404))
         if answer.code == 404:
             return []

@@ -12,7 +12,8 @@ because every write is idempotent).
 For each address, in order: reject what is not an address; skip the user's
 own addresses; skip addresses of site users ([collector] skip_site_users);
 skip addresses with a contact in any of the user's books (one exact-email
-REPORT per book for the whole message); fill in the display name of an
+REPORT per book, shared by the messages of one user that are in flight: see
+:class:`Coalescer`); fill in the display name of an
 existing *collected* contact that has none; create the rest with
 ``If-None-Match: *`` at a UID derived from the address, so each address is
 one contact across redeliveries and competing instances. Each creation
@@ -37,6 +38,7 @@ import attrs
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailhub.collector.addresses import Parsed, Recipient, address_key, parse_entries
 from mailhub.collector.carddav import BookLayout, BookMissing, Card, CardDAVClient, same_collection
@@ -110,6 +112,80 @@ class KnownAddresses:
             del self._entries[entry]
 
 
+class _Batch:
+    """Recipients of the messages waiting for one user's next lookup, and their waiters."""
+
+    def __init__(self, user: User) -> None:
+        self.user = user
+        self.recipients: list[Recipient] = []
+        self.waiters: list[Deferred[dict[str, list[Card]]]] = []
+
+
+class Coalescer:
+    """At most one book lookup per user in flight; messages arriving meanwhile share the next.
+
+    Radicale (like most CardDAV servers) answers an addressbook-query by
+    reading every card of the book, under a storage lock that also holds up
+    every write. One lookup per message made the collector read each book
+    once per message; with up to ``prefetch`` messages of one user in flight
+    (a mailing, a calendar invitation to many), that was most of the server's
+    work. Here the first message of a user starts its lookup at once (no
+    added delay); messages for that user arriving while it runs wait and go
+    together into the next one, a single PROPFIND plus one REPORT per book for
+    the whole batch. Each lookup starts after every message it answers
+    arrived, so each message still sees the books as they were when it was
+    handled, exactly as before. A failed lookup fails every message that
+    waited for it (each is retried by its queue); none is dropped. Other
+    users' lookups never wait for this user's.
+    """
+
+    def __init__(self, find: Callable[[User, list[Recipient]],
+                                      Awaitable[dict[str, list[Card]]]]) -> None:
+        self._find = find
+        self._running: set[str] = set()
+        self._next: dict[str, _Batch] = {}
+
+    def __len__(self) -> int:
+        """How many users have a lookup running or waiting (for tests and metrics)."""
+        return len(self._running | set(self._next))
+
+    def lookup(self, key: str, user: User,
+               recipients: list[Recipient]) -> Deferred[dict[str, list[Card]]]:
+        """Cards by address key for ``recipients``, from a lookup that starts no earlier than now.
+
+        ``key`` names the user's books (the collected book's URL). The result
+        may hold more keys (other messages of the batch); read only yours.
+        """
+        batch = self._next.get(key)
+        if batch is None:
+            batch = self._next[key] = _Batch(user)
+        batch.recipients.extend(recipients)
+        d: Deferred[dict[str, list[Card]]] = Deferred()
+        batch.waiters.append(d)
+        if key not in self._running:
+            self._running.add(key)
+            Deferred.fromCoroutine(self._drain(key))
+        return d
+
+    async def _drain(self, key: str) -> None:
+        try:
+            while key in self._next:
+                batch = self._next.pop(key)
+                try:
+                    found = await self._find(batch.user, batch.recipients)
+                except Exception:
+                    failure = Failure()
+                    for d in batch.waiters:
+                        if not d.called:  # a waiter may have been cancelled
+                            d.errback(failure)
+                else:
+                    for d in batch.waiters:
+                        if not d.called:
+                            d.callback(found)
+        finally:
+            self._running.discard(key)
+
+
 async def _settle(calls: Iterable[Awaitable[T]]) -> list[T]:
     """Await every call; when one failed, raise the first failure after all settled."""
     ds = [Deferred.fromCoroutine(c) if not isinstance(c, Deferred) else c  # type: ignore
@@ -140,6 +216,7 @@ class CollectorEngine:
         self._skip_site_users = skip_site_users
         self._book_display_name = book_display_name
         self.known = KnownAddresses(clock, cache_ttl, cache_size)
+        self.lookups = Coalescer(self._find)
         self._messages = metrics.counter(
             "mailhub_collector_messages_total", "Collector messages handled, by outcome",
             ["outcome"])
@@ -230,19 +307,32 @@ class CollectorEngine:
         outcome.skip(reason, r.email)
         self._skipped.labels(reason=reason).inc()
 
-    async def _write(self, user: User, todo: list[Recipient], outcome: Outcome) -> None:
+    async def _find(self, user: User, todo: list[Recipient]) -> dict[str, list[Card]]:
+        """One lookup for a batch: cards by key in any of the user's books.
+
+        Lists the books (PROPFIND), asks each for the batch's addresses
+        (REPORT), and makes the collected book when it is missing and some
+        address has no card yet (every such address is about to be PUT).
+        """
         collected = self._layout.book(user)
-        home = self._layout.home(user)
-        books = await self._dav.list_books(home)
-        has_collected = any(same_collection(b, collected) for b in books)
+        books = await self._dav.list_books(self._layout.home(user))
         by_key: dict[str, list[Card]] = {r.key: [] for r in todo}
         spellings = [s for r in todo for s in (r.forms or (r.email,))]
         for found in await _settle(self._dav.find_emails(b, spellings) for b in books):
             for card in found:
                 for email in parse_vcard(card.text).emails:
                     key = address_key(email)
-                    if key in by_key:
+                    if key in by_key and card not in by_key[key]:
                         by_key[key].append(card)
+        has_collected = any(same_collection(b, collected) for b in books)
+        if not has_collected and not all(by_key.values()):
+            await self._dav.create_book(collected, self._book_display_name)
+        return by_key
+
+    async def _write(self, user: User, todo: list[Recipient], outcome: Outcome) -> None:
+        collected = self._layout.book(user)
+        home = self._layout.home(user)
+        by_key = await self.lookups.lookup(collected, user, todo)
         new: list[Recipient] = []
         fills = []
         for r in todo:
@@ -260,8 +350,6 @@ class CollectorEngine:
         await _settle(fills)
         if not new:
             return
-        if not has_collected:
-            await self._dav.create_book(collected, self._book_display_name)
         try:
             await _settle(self._create(user, r, collected, home, outcome) for r in new)
         except BookMissing:

@@ -16,6 +16,7 @@ from xml.etree import ElementTree as ET
 
 from twisted.internet.defer import fail, succeed
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from mailhub.collector.vcard import parse_vcard
@@ -43,6 +44,9 @@ class FakeCardDAV(Resource):
         self.log: list[tuple[str, str]] = []
         self.fail_next: list[int] = []
         self.auth: list[bytes | None] = []
+        #: Methods whose requests wait (unanswered) until :meth:`release`.
+        self.hold: set[str] = set()
+        self.held: list[tuple[Any, str, str, bytes]] = []
 
     # -- test helpers --
     def add_card(self, book: str, name: str, text: str) -> None:
@@ -54,16 +58,30 @@ class FakeCardDAV(Resource):
     def methods(self) -> list[str]:
         return [m for m, _ in self.log]
 
+    def release(self) -> None:
+        """Answer every held request, in order (then flush the StubTreq)."""
+        held, self.held = self.held, []
+        for request, method, path, body in held:
+            answer = self._answer(request, method, path, body)
+            request.write(answer)
+            request.finish()
+
     # -- the server --
     def render(self, request: Any) -> bytes:
         method = request.method.decode()
         path = unquote(request.path.decode())
         self.log.append((method, path))
         self.auth.append(request.getHeader(b"authorization"))
+        body = request.content.read() if request.content else b""
+        if method in self.hold:
+            self.held.append((request, method, path, body))
+            return NOT_DONE_YET  # type: ignore[no-any-return]
+        return self._answer(request, method, path, body)
+
+    def _answer(self, request: Any, method: str, path: str, body: bytes) -> bytes:
         if self.fail_next:
             request.setResponseCode(self.fail_next.pop(0))
             return b"injected failure"
-        body = request.content.read() if request.content else b""
         handler = getattr(self, "do_" + method, None)
         if handler is None:
             request.setResponseCode(405)

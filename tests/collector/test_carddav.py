@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -13,7 +13,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseNeverReceived
 from twisted.web._newclient import RequestTransmissionFailed
 
-from mailhub.collector.carddav import BookLayout, BookMissing, CardDAVClient, CardDAVError
+from mailhub.collector.carddav import (BookLayout, BookMissing, CardDAVClient, CardDAVError,
+                                       Lanes)
 from mailhub.directory.model import User
 from mailhub.errors import Unavailable
 from tests.collector.fakes import FakeCardDAV
@@ -24,10 +25,12 @@ class Hanging:
 
     def __init__(self) -> None:
         self.pending: list[Deferred] = []
+        self.methods: list[str] = []
 
     def request(self, method: str, url: str, **kw: Any) -> Deferred:
         d: Deferred = Deferred()
         self.pending.append(d)
+        self.methods.append(method)
         return d
 
 
@@ -102,6 +105,21 @@ class ClientTests(SynchronousTestCase):
             d.addErrback(lambda f: None)
         self.clock.advance(200)
 
+    def test_a_waiting_lookup_goes_before_waiting_puts(self) -> None:
+        http = Hanging()
+        client = CardDAVClient(http, self.clock, concurrency=1, timeout=100)
+        puts = [Deferred.fromCoroutine(client.put_new("http://x/h/b/%d.vcf" % i, "x"))
+                for i in range(2)]
+        report = Deferred.fromCoroutine(client.find_emails("http://x/h/b/", ["a@x.org"]))
+        self.assertEqual(http.methods, ["PUT"])
+        http.pending[0].callback(Answered(201))
+        self.assertEqual(http.methods, ["PUT", "REPORT"])
+        http.pending[1].callback(Answered(207, b'<d:multistatus xmlns:d="DAV:"/>'))
+        self.assertEqual(self.successResultOf(report), [])
+        self.assertEqual(http.methods, ["PUT", "REPORT", "PUT"])
+        http.pending[2].callback(Answered(201))
+        self.assertEqual([self.successResultOf(d) for d in puts], [True, True])
+
     def test_statuses_map_to_transient_or_broken(self) -> None:
         for status, error in [(500, Unavailable), (503, Unavailable), (429, Unavailable),
                               (401, Unavailable), (403, Unavailable), (400, CardDAVError)]:
@@ -133,6 +151,51 @@ class ClientTests(SynchronousTestCase):
         client = CardDAVClient(StubTreq(Garbage()), self.clock)
         self.failureResultOf(Deferred.fromCoroutine(client.list_books("http://x/h/")),
                              CardDAVError)
+
+
+class Answered:
+    """A treq-like response with a status and a body."""
+
+    def __init__(self, code: int, body: bytes = b"") -> None:
+        from twisted.web.http_headers import Headers
+        self.code = code
+        self.headers = Headers()
+        self._body = body
+
+    def content(self) -> Deferred:
+        return succeed(self._body)
+
+
+class LanesTests(SynchronousTestCase):
+    def test_urgent_waiters_first_then_first_come_first_served(self) -> None:
+        lanes = Lanes(1)
+        order: list[str] = []
+        held = lanes.acquire(urgent=False)
+        self.successResultOf(held)
+        for name, urgent in (("put1", False), ("put2", False), ("report", True)):
+            lanes.acquire(urgent).addCallback(lambda _, n=name: order.append(n))
+        for _ in range(3):
+            lanes.release()
+        self.assertEqual(order, ["report", "put1", "put2"])
+        lanes.release()
+        self.assertEqual(lanes.free, 1)
+
+    def test_a_cancelled_waiter_gives_up_its_place(self) -> None:
+        lanes = Lanes(1)
+        lanes.acquire(urgent=False)
+        gone = lanes.acquire(urgent=True)
+        kept = lanes.acquire(urgent=False)
+        gone.cancel()
+        self.failureResultOf(gone)
+        lanes.release()
+        self.successResultOf(kept)
+        self.assertEqual(lanes.free, 0)
+
+    def test_run_releases_the_slot_after_a_failure(self) -> None:
+        lanes = Lanes(1)
+        failed = lanes.run(False, lambda: fail(RuntimeError("boom")))
+        self.failureResultOf(failed, RuntimeError)
+        self.assertEqual(lanes.free, 1)
 
 
 class LayoutTests(SynchronousTestCase):

@@ -43,7 +43,8 @@ class EngineTests(SynchronousTestCase):
         self.hub = Hub()
         self.events: list[Any] = []
         self.hub.local.topic(CONTACT_ADDED).subscribe(self.events.append)
-        client = CardDAVClient(StubTreq(self.dav), self.clock, credentials=("svc", "pw"),
+        self.stub = StubTreq(self.dav)
+        client = CardDAVClient(self.stub, self.clock, credentials=("svc", "pw"),
                                metrics=self.metrics)
         self.engine = CollectorEngine(
             self.users, client, BookLayout.from_config("http://dav.test/dav/", ""),
@@ -310,6 +311,104 @@ class EngineTests(SynchronousTestCase):
                           "BEGIN:VCARD\r\nVERSION:4.0\r\nFN:J\r\nEMAIL:j@xn--bcher-kva.de\r\nEND:VCARD\r\n")
         outcome = self.handle(userId="A1", emails=["Jürgen <J@Bücher.de>"])
         self.assertEqual(outcome.skipped, {"exists": ["J@bücher.de"]})
+
+
+class CoalescingTests(SynchronousTestCase):
+    """Messages of one user in flight together share one lookup."""
+
+    setUp = EngineTests.setUp
+
+    def start(self, user: str, *emails: str) -> Any:
+        return self.engine.handle(body(userId=user, emails=list(emails)))
+
+    def release(self) -> None:
+        while self.dav.held:
+            self.dav.release()
+            self.stub.flush()
+
+    def test_messages_arriving_during_a_lookup_share_the_next_one(self) -> None:
+        self.dav.books[COLLECTED] = {}
+        self.dav.hold = {"PROPFIND"}
+        first = self.start("A1", "a@x.org")
+        second = self.start("A1", "Bee <b@x.org>", "c@x.org")
+        third = self.start("A1", "d@x.org", "a@x.org")
+        self.assertNoResult(first)
+        self.assertNoResult(second)
+        self.assertNoResult(third)
+        self.release()
+        outcomes = [self.successResultOf(d) for d in (first, second, third)]
+        # One lookup for the first message, one for the two that waited:
+        # a PROPFIND and one REPORT per book (personal, collected) each.
+        self.assertEqual(self.dav.methods().count("PROPFIND"), 2)
+        self.assertEqual(self.dav.methods().count("REPORT"), 4)
+        self.assertEqual(outcomes[0].created, ["a@x.org"])
+        self.assertEqual(outcomes[1].created, ["b@x.org", "c@x.org"])
+        # a@x.org was written by the first message before the batch's lookup.
+        self.assertEqual(outcomes[2].created, ["d@x.org"])
+        self.assertEqual(outcomes[2].skipped, {"exists": ["a@x.org"]})
+        self.assertEqual(len(self.dav.cards(COLLECTED)), 4)
+        self.assertEqual(len(self.events), 4)
+        self.assertEqual(len(self.engine.lookups), 0)
+
+    def test_one_address_in_two_messages_of_a_batch_is_one_contact(self) -> None:
+        self.dav.hold = {"PROPFIND"}
+        first = self.start("A1", "z@x.org")
+        second = self.start("A1", "Ann <ann@x.org>")
+        third = self.start("A1", "ann@X.org")
+        self.release()
+        for d in (first, second, third):
+            self.successResultOf(d)
+        self.assertEqual(self.dav.methods().count("MKCOL"), 1)
+        cards = self.dav.cards(COLLECTED)
+        self.assertEqual(len(cards), 2)
+        self.assertIn("FN:Ann\r\n", cards[contact_uuid("ann@x.org") + ".vcf"])
+        self.assertEqual(len(self.events), 2)
+
+    def test_a_message_for_another_user_is_not_held_up(self) -> None:
+        self.dav.homes.add("/dav/bob@example.org/")
+        self.dav.hold = {"PROPFIND"}
+        alice = self.start("A1", "a@x.org")
+        self.assertEqual(len(self.dav.held), 1)
+        self.dav.hold = set()
+        bob = self.start("B2", "q@x.org")
+        self.assertEqual(self.successResultOf(bob).created, ["q@x.org"])
+        self.assertNoResult(alice)
+        self.release()
+        self.assertEqual(self.successResultOf(alice).created, ["a@x.org"])
+
+    def test_a_failed_shared_lookup_fails_each_message_and_retries_lose_nothing(self) -> None:
+        self.dav.books[COLLECTED] = {}
+        self.dav.hold = {"PROPFIND"}
+        first = self.start("A1", "a@x.org")
+        second = self.start("A1", "b@x.org")
+        third = self.start("A1", "c@x.org")
+        # The first lookup succeeds; the shared one meets a 503.
+        self.dav.release()
+        self.stub.flush()
+        self.dav.fail_next = [503]
+        self.release()
+        self.assertEqual(self.successResultOf(first).created, ["a@x.org"])
+        self.failureResultOf(second, Unavailable)
+        self.failureResultOf(third, Unavailable)
+        self.assertEqual(self.metrics.value("mailhub_collector_failed_total",
+                                            {"kind": "transient"}), 2)
+        self.assertEqual(len(self.engine.lookups), 0)
+        # The queue redelivers both: nothing was lost.
+        self.dav.hold = set()
+        self.assertEqual(self.successResultOf(self.start("A1", "b@x.org")).created, ["b@x.org"])
+        self.assertEqual(self.successResultOf(self.start("A1", "c@x.org")).created, ["c@x.org"])
+        self.assertEqual(len(self.dav.cards(COLLECTED)), 3)
+
+    def test_a_cancelled_waiter_does_not_break_the_batch(self) -> None:
+        self.dav.hold = {"PROPFIND"}
+        first = self.start("A1", "a@x.org")
+        second = self.start("A1", "b@x.org")
+        third = self.start("A1", "c@x.org")
+        second.cancel()
+        self.failureResultOf(second)
+        self.release()
+        self.assertEqual(self.successResultOf(first).created, ["a@x.org"])
+        self.assertEqual(self.successResultOf(third).created, ["c@x.org"])
 
 
 class DecodeTests(SynchronousTestCase):
