@@ -12,7 +12,7 @@ from typing import Any, Awaitable, Callable
 
 from twisted.application.internet import backoffPolicy
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -80,6 +80,28 @@ class AfterReady(MultiService):
             return super().stopService()
         self.running = 0
         return None
+
+
+class InOrder(MultiService):
+    """Starts its children in order and stops them one by one, in reverse.
+
+    MultiService stops every child at once; mailhub needs the web site and
+    the AMQP consumers to finish what they hold (draining) before the thread
+    pools they use go away.
+    """
+
+    log = Logger()
+
+    async def _stop_each(self) -> None:
+        for service in reversed(list(self)):
+            try:
+                await maybeDeferred(service.stopService)
+            except Exception:
+                self.log.failure("stopping {service} failed", service=service.name)
+
+    def stopService(self) -> "Deferred[None]":
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_each())
 
 
 class ThreadPoolService(Service):

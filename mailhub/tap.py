@@ -34,7 +34,7 @@ from mailhub.directory.users import ChainedUserSource, HashingService, SiteUserS
 from mailhub.errors import ConfigError
 from mailhub.metrics import Metrics
 from mailhub.pubsub.wiring import PubSub, make_pubsub
-from mailhub.service import AfterReady
+from mailhub.service import AfterReady, InOrder
 from mailhub.web.calendar import CalendarCollect
 from mailhub.web.hooks import GroupHooks
 from mailhub.web.mailstore import MailStoreIntegration
@@ -100,17 +100,19 @@ class OnStop(Service):
 
 def build(config: Config, listen: str, reactor: Any) -> MultiService:
     """Wire every part for ``config``, listening on ``listen``."""
-    top = MultiService()
+    # Stopped in reverse: the web site and its surfaces first, then the
+    # broker (which drains its consumers), then the thread pools they used.
+    top = InOrder()
+    pools = MultiService()
+    pools.setServiceParent(top)
     metrics = Metrics()
     pubsub = make_pubsub(config, reactor, metrics)
     hub = pubsub.hub
-    for service in pubsub.services:
-        service.setServiceParent(top)
 
     database = StoreService(config.dsn, config.mailhub.site_id, reactor,
                             threads=config.mailhub.threads)
     endpoint = serverFromString(reactor, listen)
-    database.setServiceParent(top)
+    database.setServiceParent(pools)
     directory = Directory(database.store, reactor, config.database.poll_interval, hub)
 
     async def database_check() -> tuple[bool, str]:
@@ -118,7 +120,7 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
         return True, database.dialect.name
 
     checks: dict[str, Check] = {"database": database_check, "amqp": _amqp_check(pubsub)}
-    users = _users(config, database, directory, reactor, top, checks)
+    users = _users(config, database, directory, reactor, pools, checks)
 
     root = Root(metrics)
     hooks = GroupHooks(directory, config, metrics, hub)
@@ -134,7 +136,7 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
 
     stops: list[Callable[[], Any]] = [push.stop, events.close]
     if config.collector.enabled:
-        dispatcher, dav = _collector(config, pubsub, users, metrics, reactor, top, stops)
+        dispatcher, dav = _collector(config, pubsub, users, metrics, reactor, pools, stops)
         calendar = CalendarCollect(
             dispatcher, lambda token: Deferred.fromCoroutine(directory.check_token(token)),
             config.mailhub.max_body)
@@ -152,6 +154,8 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
         await database.store.migrate()
         await directory.load()
 
+    for service in pubsub.services:
+        service.setServiceParent(top)
     ready = AfterReady(prepare, reactor)
     ready.setServiceParent(top)
     directory.setServiceParent(ready)
@@ -203,6 +207,7 @@ def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, rea
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = config.carddav.concurrency
         http = treq.client.HTTPClient(Agent(reactor, pool=pool))
+        stops.append(pool.closeCachedConnections)
         base = config.carddav.url
         credentials = (config.carddav.username, config.carddav.password)
     try:
