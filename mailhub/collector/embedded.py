@@ -15,10 +15,13 @@ Pieces:
 - :class:`Guard`: WSGI middleware that checks the Basic credentials against the
   site's :class:`~mailhub.directory.interfaces.IUserSource`. WSGI runs in a
   worker thread, so it calls back into the reactor with
-  ``blockingCallFromThread`` (which blocks only that worker). Successful
-  logins are remembered for a minute (keyed by an HMAC of login and password
-  under a per-process key), so a syncing client does not pay a password hash
-  per request;
+  ``blockingCallFromThread`` (which blocks only that worker); on the reactor
+  side every check is throttled (:class:`~mailhub.directory.throttle.Throttle`),
+  counted (``mailhub_dav_logins_total{result}``) and published as
+  ``login:success`` / ``login:failure`` (source ``dav``). Successful logins are
+  remembered for ten seconds (keyed by an HMAC of login and password under a
+  per-process key), so a syncing client's burst of requests pays one password
+  check; :meth:`Guard.invalidate` forgets them when a site user changes;
 - :class:`EmbeddedDAV`: the Service owning the thread pool, handing out the
   ``/dav/`` resource (for the site) and an in-process HTTP client (for the
   collector).
@@ -38,7 +41,6 @@ import hmac
 import io
 import secrets
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 from urllib.parse import unquote, urlsplit
@@ -48,6 +50,8 @@ import radicale
 import radicale.config
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.internet.threads import blockingCallFromThread, deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -55,7 +59,12 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource, Resource
 from twisted.web.wsgi import WSGIResource
 
+from mailhub.directory.model import User
+from mailhub.directory.throttle import Throttle
 from mailhub.errors import Unavailable
+from mailhub.events import MAX_PUBLISHED_LOGIN, login_event, publish
+from mailhub.metrics import Metrics
+from mailhub.pubsub import Hub
 from mailhub.web.common import parse_basic
 
 #: Base URL the collector uses for the embedded store (never resolved: the
@@ -91,19 +100,46 @@ def _fix_text(environ: dict[str, Any], key: str) -> None:
 
 
 class Guard:
-    """WSGI middleware: Basic credentials checked by mailhub, REMOTE_USER for Radicale."""
+    """WSGI middleware: Basic credentials checked by mailhub, REMOTE_USER for Radicale.
+
+    It runs in a WSGI worker thread. A login not in the success cache makes
+    one hop to the reactor (``blockingCallFromThread``) where :meth:`check`
+    does everything that must happen there: the throttle's wait (a Deferred
+    on ``clock``: the worker waits, the reactor does not), the user source,
+    the ``mailhub_dav_logins_total{result}`` counter and the
+    ``login:success`` / ``login:failure`` events (source ``dav``).
+
+    The success cache maps an HMAC of (login, password) under a per-process
+    random key to the canonical login: never a password, nor anything a
+    password can be recovered from without the key, which never leaves
+    memory. An entry lives ``ttl`` seconds and :meth:`invalidate` drops them
+    all (call it when a site user's profile or password changes); a check
+    that began before an invalidation does not store its answer.
+    """
 
     log = Logger()
 
-    def __init__(self, app: Any, users: Any, reactor: Any, ttl: float = 60.0,
-                 size: int = 1000) -> None:
+    def __init__(self, app: Any, users: Any, reactor: Any, ttl: float = 10.0,
+                 size: int = 1000, *, hub: Any = None, metrics: Metrics | None = None,
+                 clock: IReactorTime | None = None, throttle: Throttle | None = None,
+                 max_wait: float = 2.0) -> None:
         self._app = app
         self._users = users
         self._reactor = reactor
+        self._clock: IReactorTime = clock if clock is not None else reactor
+        self._hub = hub if hub is not None else Hub()
+        metrics = metrics if metrics is not None else Metrics()
+        self._logins_total = metrics.counter(
+            "mailhub_dav_logins_total",
+            "/dav/ password checks by result (success, failure, throttled, unavailable)",
+            ["result"])
+        self._throttle = throttle if throttle is not None else Throttle(self._clock)
+        self._max_wait = max_wait
         self._ttl = ttl
         self._size = size
         self._key = secrets.token_bytes(32)
         self._lock = threading.Lock()
+        self._generation = 0
         self._logins: dict[bytes, tuple[str, float]] = {}
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -114,11 +150,14 @@ class Guard:
             environ.pop(key, None)
         credentials = parse_basic(environ.pop("HTTP_AUTHORIZATION", "").encode("latin-1"))
         if credentials is None:
+            # No attempt was made (clients ask without credentials first): a
+            # challenge, not an authentication failure.
             if environ.get("REQUEST_METHOD") == "OPTIONS":
                 return self._app(environ, start_response)
             return _deny(start_response)
+        client = str(environ.get("REMOTE_ADDR") or "unknown")
         try:
-            login = self._login(*credentials)
+            login = self._login(credentials[0], credentials[1], client)
         except Unavailable:
             start_response("503 Service Unavailable",
                            [("Content-Type", "text/plain"), ("Retry-After", "5")])
@@ -128,29 +167,87 @@ class Guard:
         environ["REMOTE_USER"] = login
         return self._app(environ, start_response)
 
-    def _login(self, login: str, password: str) -> str | None:
-        """The canonical login of the user these credentials are, or None."""
-        if not login or not password:
-            return None
+    def invalidate(self) -> None:
+        """Forget every remembered login (a password or a site user changed)."""
+        with self._lock:
+            self._generation += 1
+            self._logins.clear()
+
+    def directory_changed(self, kind: str, key: str) -> None:
+        """A change-log callback: any profile change forgets remembered logins."""
+        if kind == "profile":
+            self.invalidate()
+
+    def _login(self, login: str, password: str, client: str) -> str | None:
+        """The canonical login of the user these credentials are, or None.
+
+        Runs in a WSGI worker thread.
+        """
         key = hmac.new(self._key, ("%s\0%s" % (login, password)).encode("utf-8"),
                        hashlib.sha256).digest()
-        now = time.monotonic()
+        now = self._clock.seconds()
         with self._lock:
             known = self._logins.get(key)
-            if known is not None and known[1] > now:
+            # A stamp in the future means the clock went back: check again.
+            if known is not None and known[1] - self._ttl <= now < known[1]:
                 return known[0]
-        # This runs in a WSGI worker thread: wait for the reactor's answer here.
-        user = blockingCallFromThread(self._reactor, self._users.authenticate, login, password)
+            generation = self._generation
+        # Wait here (this worker only) for the reactor's answer.
+        user: User | None = blockingCallFromThread(
+            self._reactor, self.check, login, password, client)  # type: ignore[arg-type]
         if user is None:
-            self.log.info("CardDAV login failed for {login}", login=login)
             return None
         with self._lock:
+            if generation != self._generation:
+                # Invalidated while we checked: answer, but do not remember.
+                return str(user.login)
             if len(self._logins) >= self._size:
                 self._logins = {k: v for k, v in self._logins.items() if v[1] > now}
                 if len(self._logins) >= self._size:
                     self._logins.clear()
-            self._logins[key] = (user.login, now + self._ttl)
+            self._logins[key] = (str(user.login), now + self._ttl)
         return str(user.login)
+
+    def check(self, login: str, password: str, client: str) -> "Deferred[User | None]":
+        """On the reactor: throttle, verify, count and publish one attempt."""
+        return Deferred.fromCoroutine(self._check(login, password, client))
+
+    async def _check(self, login: str, password: str, client: str) -> User | None:
+        shown = login[:MAX_PUBLISHED_LOGIN]
+        if not login.strip() or not password:
+            self._failed(login, client, "failure")
+            return None
+        # Looked at before reserving: a wait longer than max_wait would hold
+        # a worker thread (shared with the collector), so it is refused now.
+        wait: float | None = self._throttle.delay_of(login, client)
+        if wait is not None and wait <= self._max_wait:
+            wait = self._throttle.before(login, client)
+        if wait is None or wait > self._max_wait:
+            self.log.info("CardDAV login for {user!r} from {client} refused: "
+                          "too many failures", user=shown, client=client)
+            self._failed(login, client, "throttled")
+            return None
+        if wait > 0:
+            await deferLater(self._clock, wait, lambda: None)
+        try:
+            user: User | None = await self._users.authenticate(login, password)
+        except Unavailable:
+            self._logins_total.labels("unavailable").inc()
+            raise
+        self._throttle.after(login, client, user is not None)
+        if user is None:
+            self.log.info("CardDAV login failed for {user!r} from {client}",
+                          user=shown, client=client)
+            self._failed(login, client, "failure")
+            return None
+        self._logins_total.labels("success").inc()
+        publish(self._hub, *login_event(True, user.login, "dav", client, self._clock.seconds()))
+        return user
+
+    def _failed(self, login: str, client: str, result: str) -> None:
+        self._logins_total.labels(result).inc()
+        if login.strip():
+            publish(self._hub, *login_event(False, login, "dav", client, self._clock.seconds()))
 
 
 def _deny(start_response: StartResponse) -> list[bytes]:
@@ -269,13 +366,19 @@ class EmbeddedDAV(Service):
     name = "dav"  # type: ignore[assignment]
 
     def __init__(self, reactor: Any, folder: Path, users: Any, threads: int = 4,
-                 segment: bytes = b"dav") -> None:
+                 segment: bytes = b"dav", *, hub: Any = None, metrics: Metrics | None = None,
+                 clock: IReactorTime | None = None, throttle: Throttle | None = None) -> None:
         self.reactor = reactor
         self.folder = folder
         self.app = radicale_app(folder)
         self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="mailhub-dav")
-        self.guard = Guard(self.app, users, reactor)
+        self.guard = Guard(self.app, users, reactor, hub=hub, metrics=metrics, clock=clock,
+                           throttle=throttle)
         self.segment = segment
+
+    def directory_changed(self, kind: str, key: str) -> None:
+        """Hook for the directory's change log: a profile change forgets cached logins."""
+        self.guard.directory_changed(kind, key)
 
     def startService(self) -> None:
         self.pool.start()

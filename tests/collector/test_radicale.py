@@ -112,7 +112,10 @@ class EmbeddedTests(TestCase):
         self.addCleanup(shutil.rmtree, folder, True)
         self.users = FakeUsers([ALICE, BOB], {"alice@example.org": "pw-a",
                                               "bob@example.org": "pw-b"})
-        self.embedded = EmbeddedDAV(reactor, folder / "dav", self.users, threads=2)
+        self.dav_metrics = Metrics()
+        self.dav_hub = Hub()
+        self.embedded = EmbeddedDAV(reactor, folder / "dav", self.users, threads=2,
+                                    hub=self.dav_hub, metrics=self.dav_metrics)
         self.embedded.startService()
         self.addCleanup(self.embedded.stopService)
         root = _Root(self.embedded)
@@ -158,6 +161,18 @@ class EmbeddedTests(TestCase):
         code, _ = await self.get("alice@example.org/collected/", ("bob@example.org", "pw-b"),
                                  "PROPFIND")
         self.assertIn(code, (403, 404))
+
+    async def test_wrong_passwords_are_counted_and_published_through_the_worker_hop(
+            self) -> None:
+        failures: list[Any] = []
+        self.dav_hub.local.topic("login:failure").subscribe(failures.append)
+        code, _ = await self.get("alice@example.org/", ("alice@example.org", "nope"), "PROPFIND")
+        self.assertEqual(code, 401)
+        self.assertEqual(self.dav_metrics.value("mailhub_dav_logins_total",
+                                                {"result": "failure"}), 1)
+        self.assertEqual([(f["user"], f["source"], f["client"]) for f in failures],
+                         [("alice@example.org", "dav", "127.0.0.1")])
+        self.assertNotIn("nope", json.dumps(failures))
 
     async def test_logins_are_remembered_briefly(self) -> None:
         for _ in range(3):
