@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
 from zope.interface import implementer
 
+from mailhub.config import DEFAULT_SPEC
 from mailhub.metrics import Metrics
 from mailhub.pubsub.outbox import IPublishChannel, Outbox, Refused, Route
 from mailhub.pubsub.workqueue import IDelivery
+
+from tests.support.require import missing
+
+
+def require_spec(path: str = DEFAULT_SPEC) -> None:
+    """missing() (a failure under CI=true) unless Debian's amqp-specs file is there."""
+    if not os.path.isfile(path):
+        missing("Debian's amqp-specs is not installed (%s)" % path)
 
 
 @implementer(IPublishChannel)
@@ -54,6 +65,8 @@ class FakeDelivery:
         self.properties = properties or {}
         self.redelivered = False
         self.acks = 0
+        self.requeues = 0
+        self.settled = False
         self._alive = True
 
     def alive(self) -> bool:
@@ -66,6 +79,14 @@ class FakeDelivery:
         if not self._alive:
             return fail(Exception("channel closed"))
         self.acks += 1
+        self.settled = True
+        return succeed(None)
+
+    def requeue(self) -> Deferred[None]:
+        if self.settled or not self._alive:
+            return succeed(None)
+        self.requeues += 1
+        self.settled = True
         return succeed(None)
 
 
@@ -76,6 +97,7 @@ class FakeBroker:
         self.metrics = Metrics()
         self.outbox = Outbox(limit, self.metrics)
         self.prefetch = prefetch
+        self.reactor = Clock()
         self.users: list[Any] = []
 
     def add(self, user: Any) -> None:

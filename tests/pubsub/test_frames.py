@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from decimal import Decimal
 from io import BytesIO
 
@@ -12,6 +11,8 @@ from txamqp.connection import Body, Frame, Header
 from mailhub.config import DEFAULT_SPEC
 from mailhub.pubsub.amqp import load_spec
 from mailhub.pubsub.frames import FullCodec, Timestamp, pack_frame, unpack_frame
+
+from tests.pubsub.fakes import require_spec
 
 HEADERS = {
     "text": "été", "flag": True, "off": False, "small": 7, "negative": -3,
@@ -23,8 +24,7 @@ HEADERS = {
 
 class FrameTests(SynchronousTestCase):
     def setUp(self) -> None:
-        if not os.path.isfile(DEFAULT_SPEC):
-            self.skipTest("Debian's amqp-specs is not installed")
+        require_spec()
         self.spec = load_spec(DEFAULT_SPEC)
         self.end = self.spec.constants.bypyname["frame_end"].id
         self.basic = self.spec.classes.byname["basic"]

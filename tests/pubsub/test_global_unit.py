@@ -19,7 +19,7 @@ from mailhub.pubsub.local import LocalPubSub
 from mailhub.pubsub.outbox import Route
 from mailhub.pubsub.wiring import make_hub, make_pubsub
 
-from tests.pubsub.fakes import FakeBroker, FakeChannel, FakeDelivery
+from tests.pubsub.fakes import FakeBroker, FakeChannel, FakeDelivery, require_spec
 
 
 class GlobalPubSubTests(SynchronousTestCase):
@@ -79,6 +79,15 @@ class GlobalPubSubTests(SynchronousTestCase):
         self.assertEqual(delivery.acks, 1)
         self.assertEqual(self.broker.metrics.value("mailhub_pubsub_bad_messages_total"), 1)
 
+    def test_json_nested_too_deep_to_decode_is_dropped_counted_and_acked(self) -> None:
+        # json.loads raises RecursionError here, not ValueError.
+        seen = []
+        delivery = FakeDelivery(b"[" * 200000)
+        self.successResultOf(self.pubsub._deliver(_Subscription("t", seen.append), delivery))
+        self.assertEqual(seen, [])
+        self.assertEqual(delivery.acks, 1)
+        self.assertEqual(self.broker.metrics.value("mailhub_pubsub_bad_messages_total"), 1)
+
     def test_subscribe_waits_for_a_connection(self) -> None:
         d = self.pubsub.topic("t").subscribe(lambda data: None)
         self.assertNoResult(d)
@@ -109,14 +118,12 @@ class ConfigurationTests(SynchronousTestCase):
         self.assertEqual(len(str(error).splitlines()), 1)
 
     def test_debian_default_spec_gets_rabbitmq_confirms(self) -> None:
-        if not os.path.isfile(DEFAULT_SPEC):
-            self.skipTest("Debian's amqp-specs is not installed")
+        require_spec()
         spec = load_spec(DEFAULT_SPEC)
         self.assertIn("confirm", spec.classes.byname)
 
     def test_spec_without_confirms_and_no_rabbitmq_file_is_refused(self) -> None:
-        if not os.path.isfile(DEFAULT_SPEC):
-            self.skipTest("Debian's amqp-specs is not installed")
+        require_spec()
         folder = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, folder)
         os.makedirs(os.path.join(folder, "0-9-1"))
@@ -146,8 +153,7 @@ class ConfigurationTests(SynchronousTestCase):
         self.assertRaises(ConfigError, make_hub, config, Clock(), Metrics())
 
     def test_with_broker_one_named_service_and_shared_work_queues(self) -> None:
-        if not os.path.isfile(DEFAULT_SPEC):
-            self.skipTest("Debian's amqp-specs is not installed")
+        require_spec()
         config = Config(amqp=AMQPSection(url="amqp://127.0.0.1", outbox=5, prefetch=3))
         made = make_pubsub(config, Clock(), Metrics())
         self.assertIsInstance(made.hub.global_, GlobalPubSub)
@@ -160,8 +166,7 @@ class ConfigurationTests(SynchronousTestCase):
         self.assertEqual(made.health(), {"ok": False, "state": "disconnected", "outbox": 0})
 
     def test_connections_ask_for_heartbeats_and_carry_a_name(self) -> None:
-        if not os.path.isfile(DEFAULT_SPEC):
-            self.skipTest("Debian's amqp-specs is not installed")
+        require_spec()
         clock = Clock()
         broker = Broker(clock, "amqp://127.0.0.1", DEFAULT_SPEC, heartbeat=7,
                         connection_name="node-1")
