@@ -68,6 +68,11 @@ MAX_IN_FLIGHT = 256
 #: Requests taken from the queue per reactor turn, so answering new requests
 #: interleaves with publishing.
 DRAIN_BATCH = 100
+#: Bytes an event stream may queue for a client that does not read before
+#: it is ended (the client reconnects with Last-Event-ID).
+MAX_UNREAD = 256 * 1024
+#: Event streams one user may hold open at once.
+MAX_STREAMS_PER_USER = 16
 #: What a full queue asks Dovecot to wait before retrying (seconds).
 RETRY_AFTER = b"1"
 
@@ -390,6 +395,23 @@ class _Client:
     keys: frozenset[str]
     done: Deferred[None]
     keepalive: LoopingCall | None = None
+    #: Bytes written while the transport asked us to pause (the client is
+    #: not reading); past MAX_UNREAD the stream is ended.
+    unread: int = 0
+    paused: bool = False
+
+    # IPushProducer, registered on the request: the transport tells us when
+    # the client stops reading.
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.unread = 0
+
+    def stopProducing(self) -> None:
+        if not self.done.called:
+            self.done.callback(None)
 
 
 class EventStream:
@@ -458,11 +480,15 @@ class EventStream:
     async def events(self, request: IRequest) -> None:
         """Stream the authenticated user's events until they disconnect."""
         user = await self._authenticate(request)
+        if sum(1 for c in self._clients if c.user.login == user.login) >= MAX_STREAMS_PER_USER:
+            raise HTTPError(429, {"error": "too many event streams open for this user"},
+                            {b"retry-after": b"30"})
         request.setResponseCode(200)
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-accel-buffering", b"no")
         client = _Client(request, user, _user_keys(user), Deferred())
+        request.registerProducer(client, True)  # type: ignore[attr-defined]
         request.write(b"retry: 5000\n: connected\n\n")
         last = request.getHeader(b"last-event-id")
         if last is not None:
@@ -552,16 +578,31 @@ class EventStream:
         if frame is None:
             self.log.warn("event on {topic} is not JSON, not streamed", topic=item.topic)
             return
-        client.request.write(frame)
+        self._send(client, frame)
         self._sent.inc()
 
     def _ping(self, client: _Client) -> None:
         if not client.done.called:
-            client.request.write(b": keepalive\n\n")
+            self._send(client, b": keepalive\n\n")
+
+    def _send(self, client: _Client, data: bytes) -> None:
+        """Write to a stream; end it when its client has stopped reading."""
+        if client.paused:
+            client.unread += len(data)
+            if client.unread > MAX_UNREAD:
+                self.log.info("event stream of {user} ended: the client is not reading",
+                              user=client.user.login)
+                client.done.callback(None)
+                return
+        client.request.write(data)
 
     def _forget(self, client: _Client) -> None:
         if client.keepalive is not None and client.keepalive.running:
             client.keepalive.stop()
+        try:
+            client.request.unregisterProducer()  # type: ignore[attr-defined]
+        except Exception:
+            pass  # the connection is already gone
         self._clients.discard(client)
         for key in client.keys:
             found = self._by_key.get(key)

@@ -51,7 +51,9 @@ class Collector(Protocol):
         return out
 
 
-class EventStreamTests(SynchronousTestCase):
+class StreamCase(SynchronousTestCase):
+    """An event stream over fakes, driven by a Clock."""
+
     def setUp(self) -> None:
         self.users = FakeUserSource()
         self.users.add(ALICE, "wonderland")
@@ -82,6 +84,9 @@ class EventStreamTests(SynchronousTestCase):
         body.transport.stopProducing()
         self.stub.flush()
 
+
+
+class EventStreamTests(StreamCase):
     def test_fake_user_source_provides_the_interface(self) -> None:
         self.assertTrue(verifyObject(IUserSource, self.users))
 
@@ -182,3 +187,37 @@ class EventStreamTests(SynchronousTestCase):
         self.stub.flush()
         self.assertIsNotNone(body.ended)
         self.assertEqual(self.stream.clients(), 0)
+
+
+class BoundedStreamTests(StreamCase):
+    """A client that stops reading, or opens stream after stream, is bounded."""
+
+    def test_a_client_that_stops_reading_is_disconnected(self) -> None:
+        _, body = self.open(("alice", "wonderland"))
+        (client,) = self.stream._clients
+        client.pauseProducing()  # what the transport does when its buffer is full
+        big = "x" * 10_000
+        for uid in range(40):  # about 400 KB, past the 256 KiB allowance
+            self.publish("mail:new", {"user": "alice", "uid": uid, "snippet": big})
+        self.assertEqual(self.stream.clients(), 0)
+        self.assertLess(len(body.data), 300_000)
+
+    def test_a_paused_client_that_resumes_keeps_its_stream(self) -> None:
+        _, body = self.open(("alice", "wonderland"))
+        (client,) = self.stream._clients
+        client.pauseProducing()
+        self.publish("mail:new", {"user": "alice", "uid": 1, "snippet": "x" * 200_000})
+        client.resumeProducing()
+        self.publish("mail:new", {"user": "alice", "uid": 2, "snippet": "x" * 200_000})
+        self.assertEqual(self.stream.clients(), 1)
+        self.assertEqual([f["event"] for f in body.frames()], ["mail:new", "mail:new"])
+
+    def test_streams_per_user_are_capped(self) -> None:
+        for _ in range(16):
+            response, _ = self.open(("alice", "wonderland"))
+            self.assertEqual(response.code, 200)
+        response, _ = self.open(("alice", "wonderland"))
+        self.assertEqual(response.code, 429)
+        self.assertEqual(response.headers.getRawHeaders("retry-after"), ["30"])
+        response, _ = self.open(("bob", "builder"))
+        self.assertEqual(response.code, 200)
