@@ -60,10 +60,14 @@ class GuardTests(SynchronousTestCase):
         self.hub = Hub()
         self.events: list[tuple[str, Any]] = []
         for topic in ("login:success", "login:failure"):
-            self.hub.local.topic(topic).subscribe(
-                lambda data, topic=topic: self.events.append((topic, data)))
+            self.hub.local.topic(topic).subscribe(self._recorder(topic))
         self.guard = Guard(self.app, self.users, self.clock, hub=self.hub,
                            metrics=self.metrics, clock=self.clock)
+
+    def _recorder(self, topic: str) -> Callable[[Any], None]:
+        def record(data: Any) -> None:
+            self.events.append((topic, data))
+        return record
 
     def request(self, login: str | None, password: str = "") -> str:
         """The status line the Guard answers with."""
