@@ -54,6 +54,9 @@ MESSAGE_FIELDS = ("user", "event", "driver", "mailbox", "uid", "uid_validity", "
 
 # Header fields whose value may hold RFC 2047 encoded-words.
 _WORD_FIELDS = ("from", "to", "subject", "from_display_name", "to_display_name")
+#: Header fields holding address lists: decoded so that they still parse.
+_ADDRESS_FIELDS = ("from", "to")
+_SPECIALS = set('()<>[]:;@\\,."')
 
 
 # -- text -------------------------------------------------------------------
@@ -105,6 +108,35 @@ def decode_words(text: str) -> str:
     return "".join(out)
 
 
+def decode_addresses(text: str) -> str:
+    """Decode the encoded-words of an address-list header, keeping it parseable.
+
+    ``=?utf-8?q?Doe=2C_John?= <j@x.org>`` becomes ``"Doe, John" <j@x.org>``:
+    a decoded name with a comma or another special is quoted, so the
+    collector (and any reader) still sees one address, not two. Never raises.
+    """
+    if "=?" not in text:
+        return text
+    from email.utils import getaddresses
+
+    try:
+        pairs = getaddresses([text])
+    except Exception:
+        return decode_words(text)
+    if not pairs or any(not address for _, address in pairs):
+        return decode_words(text)
+    out = []
+    for name, address in pairs:
+        name = " ".join(decode_words(name).split())
+        if not name:
+            out.append(address)
+            continue
+        if _SPECIALS.intersection(name):
+            name = '"%s"' % name.replace("\\", "\\\\").replace('"', '\\"')
+        out.append("%s <%s>" % (name, address))
+    return ", ".join(out)
+
+
 def _check_unicode(value: str, field: str) -> str:
     try:
         value.encode("utf-8")
@@ -144,7 +176,9 @@ class _Fields:
         if required and not value.strip():
             self._error(key, "must not be empty")
             return None
-        return decode_words(value) if words else value
+        if not words:
+            return value
+        return decode_addresses(value) if key in _ADDRESS_FIELDS else decode_words(value)
 
     def integer(self, key: str, low: int, high: int, required: bool = False) -> int | None:
         value = self.data.get(key)

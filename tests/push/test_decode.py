@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from mailhub.errors import ValidationError
 from mailhub.push import TOPICS, PushEvent, decode_lua, decode_ox, decode_words
+from mailhub.push.decode import decode_addresses
 
 OX = {"user": "alice", "event": "messageNew", "folder": "INBOX",
       "imap-uidvalidity": 1, "imap-uid": 2}
@@ -204,3 +205,14 @@ def test_any_form_gives_events_or_a_validation_error(fields: dict[str, str]) -> 
 @given(words)
 def test_decode_words_never_raises(text: str) -> None:
     assert isinstance(decode_words(text), str)
+
+
+def test_decoded_address_lists_still_parse_as_the_same_addresses() -> None:
+    body = json.dumps({"user": "alice", "events": [{
+        "name": "message_append", "mailbox": "Sent", "uid": 1, "uid_validity": 1,
+        "to": "=?utf-8?q?Doe=2C_John?= <j@x.org>, =?utf-8?q?Zo=C3=AB?= <z@x.org>, b@y.org",
+    }]}).encode()
+    (event,) = decode_lua(body)
+    assert event.data["to"] == '"Doe, John" <j@x.org>, Zoë <z@x.org>, b@y.org'
+    assert decode_addresses("plain <p@x.org>") == "plain <p@x.org>"
+    assert decode_addresses('=?utf-8?q?Say_=22hi=22?= <s@x.org>') == '"Say \\"hi\\"" <s@x.org>'
