@@ -30,6 +30,7 @@ from mailhub.config import Config, load
 from mailhub.directory.cache import Directory
 from mailhub.directory.ldap import LDAPService
 from mailhub.directory.sql import StoreService
+from mailhub.directory.throttle import Throttle
 from mailhub.directory.users import ChainedUserSource, HashingService, SiteUserSource
 from mailhub.errors import ConfigError
 from mailhub.metrics import Metrics
@@ -131,18 +132,22 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
     root.mount(b"preliminary", push.resource())
     root.mount(b"push", push.resource())
     root.mount(b"api", events.resource())
-    mailstore = MailStoreIntegration(config, users, hub, metrics, reactor)
+    # One failure budget for every surface that checks passwords by Basic auth.
+    throttle = Throttle(reactor)
+    mailstore = MailStoreIntegration(config, users, hub, metrics, reactor, throttle=throttle)
     root.mount_at(config.mailstore.path, mailstore.resource())
 
     stops: list[Callable[[], Any]] = [push.stop, events.close]
     if config.collector.enabled:
-        dispatcher, dav = _collector(config, pubsub, users, metrics, reactor, pools, stops)
+        dispatcher, dav = _collector(config, pubsub, users, metrics, reactor, pools, stops,
+                                     throttle)
         calendar = CalendarCollect(
             dispatcher, lambda token: Deferred.fromCoroutine(directory.check_token(token)),
             config.mailhub.max_body)
         root.mount(b"collector", calendar.resource())
         if dav is not None:
             root.mount(dav.segment, dav.resource())
+            directory.on_change.append(dav.directory_changed)
 
     ops = Operations(metrics, checks, functools.partial(
         site_document, config.mailstore.path, config.collector.enabled))
@@ -194,12 +199,14 @@ def _users(config: Config, database: StoreService, directory: Directory, reactor
 
 
 def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, reactor: Any,
-               top: MultiService, stops: list[Callable[[], Any]]) -> tuple[Any, EmbeddedDAV | None]:
+               top: MultiService, stops: list[Callable[[], Any]],
+               throttle: Throttle) -> tuple[Any, EmbeddedDAV | None]:
     """The contact collector: CardDAV client, engine, queue consumer and sources."""
     dav: EmbeddedDAV | None = None
     credentials: tuple[str, str] | None = None
     if config.embedded_carddav:
-        dav = EmbeddedDAV(reactor, config.data_dir / "dav", users, threads=config.mailhub.threads)
+        dav = EmbeddedDAV(reactor, config.data_dir / "dav", users, threads=config.mailhub.threads,
+                          hub=pubsub.hub, metrics=metrics, throttle=throttle)
         dav.setServiceParent(top)
         http: Any = dav.http_client()
         base = dav.url

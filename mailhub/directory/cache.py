@@ -13,7 +13,7 @@ rotated a moment ago is accepted at once.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock
@@ -54,6 +54,9 @@ class Directory(Service):
         self._lock = DeferredLock()
         self._poll: LoopingCall | None = None
         self.loaded = False
+        #: Called with (kind, key) for every change read from the change log,
+        #: after it has been applied (e.g. to drop cached logins).
+        self.on_change: list[Callable[[str, str], None]] = []
 
     # -- life cycle ---------------------------------------------------------
 
@@ -102,6 +105,11 @@ class Directory(Service):
                 kinds[(kind, key)] = None
             for kind, key in kinds:
                 await self._reload(kind, key)
+                for hook in self.on_change:
+                    try:
+                        hook(kind, key)
+                    except Exception:
+                        self.log.failure("change hook {hook!r} failed", hook=hook)
             self._seq = changes[-1][0]
         finally:
             self._lock.release()

@@ -55,6 +55,18 @@ class DirectoryTests(SynchronousTestCase):
         self.clock.advance(0.25)
         self.assertEqual(seen, [{"site": "main"}])
 
+    def test_change_hooks_see_each_change_after_it_is_applied(self) -> None:
+        seen: list[tuple[str, str, bool]] = []
+        self.directory.on_change.append(
+            lambda kind, key: seen.append((kind, key, self.directory.lookup(key) is not None)))
+        self.directory.on_change.insert(0, lambda kind, key: 1 / 0)  # a broken hook
+        profile = Profile(new_profile_id(), "A Person",
+                          emails=(Email("a@example.com", True, True),))
+        self.successResultOf(self.store.create_profile(profile))
+        self.clock.advance(0.25)
+        self.assertEqual(seen, [("profile", profile.id, True)])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
     def test_profiles_written_elsewhere_appear_after_a_poll(self) -> None:
         profile = Profile(new_profile_id(), "A Person",
                           emails=(Email("a@example.com", True, True),))
