@@ -13,14 +13,17 @@ Both sources turn what they see into the ``collector:email`` message
 
 :class:`MailSource` listens to the local ``mail:append`` topic (the push
 receiver's MessageAppend events) and collects the recipients of messages
-appended to a sent folder. :class:`CalendarSource` listens to the global
-``calendar:event:created`` / ``calendar:event:updated`` topics in ESN's shape.
+appended to a sent folder. :class:`CalendarSource` takes the global
+``calendar:event:created`` / ``calendar:event:updated`` topics in ESN's shape,
+through a queue shared by every mailhub instance when there is a broker (each
+event is collected once, not once per instance).
 :func:`ical_addresses` reads the same attendees from an iCalendar text, for
 the HTTP surface in :mod:`mailhub.web.calendar`.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Callable, Iterable
 
@@ -265,13 +268,27 @@ def user_of_event_path(path: str) -> str | None:
 
 
 class CalendarSource:
-    """Collect attendees of events created or updated in ESN's calendar (global topics)."""
+    """Collect attendees of events created or updated in ESN's calendar (global topics).
+
+    With a broker, ``shared(topic)`` gives a shared subscription to each
+    calendar topic (:meth:`mailhub.pubsub.wiring.PubSub.shared_subscription`):
+    one durable queue that every mailhub instance consumes, so each event is
+    submitted once across the instances, and acked only once the dispatcher
+    accepted it (a failing ``submit``, e.g. a full outbox, is retried with
+    backoff, never dropped; a body that is not an ESN event goes to the
+    dead-letter queue with the reason). Without a broker (``shared`` is None
+    or gives None) it subscribes to ``hub.global_``, which is local then.
+    """
 
     log = Logger()
 
-    def __init__(self, hub: Any, dispatcher: Any, metrics: Metrics | None = None) -> None:
+    def __init__(self, hub: Any, dispatcher: Any, metrics: Metrics | None = None,
+                 shared: Callable[[str], Any] | None = None) -> None:
         self._hub = hub
         self._dispatcher = dispatcher
+        self._shared = shared
+        self._queues: list[Any] = []
+        self._subscribed: list[str] = []
         metrics = metrics or Metrics()
         self._seen = metrics.counter("mailhub_collector_source_messages_total",
                                      "Collector messages made by the built-in sources",
@@ -279,21 +296,55 @@ class CalendarSource:
 
     def start(self) -> None:
         for topic in CALENDAR_TOPICS:
-            self._hub.global_.topic(topic).subscribe(self.on_event)
+            queue = self._shared(topic) if self._shared is not None else None
+            if queue is not None:
+                queue.consume(self.on_message)
+                self._queues.append(queue)
+            else:
+                self._hub.global_.topic(topic).subscribe(self.on_event)
+                self._subscribed.append(topic)
 
     def stop(self) -> None:
-        for topic in CALENDAR_TOPICS:
+        """Unsubscribe; cancel the shared queues' pending retries (the broker keeps
+        those messages for the next consumer)."""
+        for topic in self._subscribed:
             self._hub.global_.topic(topic).unsubscribe(self.on_event)
+        self._subscribed = []
+        for queue in self._queues:
+            queue.stop()
+
+    def on_message(self, body: bytes) -> Deferred[Any] | None:
+        """A raw message from a shared calendar queue.
+
+        Raises ValidationError (dead letter) when it is not an ESN calendar
+        event; returns what ``dispatcher.submit`` returns, so the message is
+        acked only after the dispatcher accepted it.
+        """
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError):
+            raise ValidationError("the calendar event is not JSON")
+        if not isinstance(data, dict):
+            raise ValidationError("the calendar event is not a JSON object")
+        return self._submit(data)
 
     def on_event(self, data: Any) -> Deferred[Any] | None:
         """An ESN calendar event: ``{eventPath, event (jCal), import}``."""
-        if not isinstance(data, dict) or data.get("import") is True:
+        if not isinstance(data, dict):
+            return None
+        try:
+            return self._submit(data)
+        except ValidationError as e:
+            self.log.warn("calendar event ignored: {reason}", reason="; ".join(e.messages))
+            return None
+
+    def _submit(self, data: dict[str, Any]) -> Deferred[Any] | None:
+        if data.get("import") is True:
             return None
         path = data.get("eventPath")
         user = user_of_event_path(path) if isinstance(path, str) else None
         if user is None:
-            self.log.warn("calendar event without a usable eventPath ignored")
-            return None
+            raise ValidationError("the calendar event has no usable eventPath")
         emails = jcal_addresses(data.get("event"))
         if not emails:
             return None

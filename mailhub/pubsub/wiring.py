@@ -7,7 +7,9 @@
   in process only);
 - with a URL: one :class:`~mailhub.pubsub.amqp.Broker` (an IService named
   ``amqp`` to add to the MultiService) and a
-  :class:`~mailhub.pubsub.amqp.GlobalPubSub` as ``hub.global_``.
+  :class:`~mailhub.pubsub.amqp.GlobalPubSub` as ``hub.global_``;
+  ``work_queue(name)`` gives point-to-point queues and
+  ``shared_subscription(topic)`` a global topic's queue shared by instances.
 
 A missing spec file or a bad URL raises :class:`~mailhub.errors.ConfigError`
 here, so start-up stops with one line.
@@ -25,6 +27,9 @@ from mailhub.pubsub import Hub
 from mailhub.pubsub.amqp import Broker, GlobalPubSub
 from mailhub.pubsub.local import LocalPubSub
 from mailhub.pubsub.workqueue import WorkQueue
+
+#: The shared queue of a global topic is named as the topic with this prefix.
+SHARED_PREFIX = "mailhub:"
 
 
 @attrs.define
@@ -52,6 +57,34 @@ class PubSub:
                 self.broker.outbox, name, self.reactor, dead_letter=dead_letter,
                 retry_initial=retry_initial, retry_max=retry_max,
                 prefetch=self.broker.prefetch, metrics=self.metrics, broker=self.broker)
+        return found
+
+    def shared_subscription(self, topic: str, queue: str | None = None,
+                            dead_letter: str | None = None, retry_initial: float = 1.0,
+                            retry_max: float = 300.0) -> WorkQueue | None:
+        """A subscription to the global ``topic`` that mailhub instances share.
+
+        Unlike ``hub.global_.topic(topic).subscribe`` (one exclusive queue per
+        instance, so every instance sees every publication), this is one
+        durable queue, ``queue`` (default ``mailhub:`` + topic), bound to the
+        topic's exchange: each publication is handled by one instance, acked
+        after its handler succeeded, retried on transient failures and
+        dead-lettered (``queue`` + ``:dead``) when it can never succeed. Call
+        ``consume(handler)`` on the result; ``handler`` gets the raw body.
+        None without a broker: subscribe on ``hub.global_`` (local) then.
+        """
+        if self.broker is None:
+            return None
+        name = queue or SHARED_PREFIX + topic
+        found = self._queues.get(name)
+        if found is None:
+            found = self._queues[name] = WorkQueue(
+                self.broker.outbox, name, self.reactor, dead_letter=dead_letter,
+                retry_initial=retry_initial, retry_max=retry_max,
+                prefetch=self.broker.prefetch, metrics=self.metrics, broker=self.broker,
+                exchange=topic)
+        elif found.exchange != topic:
+            raise ValueError("queue %s is bound to %s, not %s" % (name, found.exchange, topic))
         return found
 
     def health(self) -> dict[str, Any]:

@@ -16,6 +16,15 @@ so each message is handled once. What mailhub adds:
   connection dies meanwhile, the retries stop and the broker redelivers the
   message to whichever consumer is alive;
 - ``basic.qos`` prefetch bounds how many messages one process holds.
+
+With ``exchange`` set, the queue is instead a *shared subscription* to a
+global topic: the durable, non-exclusive queue ``name`` is bound with ``''``
+to the topic's fanout exchange ``exchange`` (declared as
+:class:`~mailhub.pubsub.amqp.GlobalPubSub` declares it, durable fanout, so
+ESN nodes can share it). Every publication on the topic reaches that queue
+once, next to the exclusive queues of ordinary subscribers, and the mailhub
+instances consuming it compete for it: each publication is handled by one of
+them, with the same ack, retry and dead-letter rules.
 """
 
 from __future__ import annotations
@@ -51,9 +60,13 @@ class WorkQueue:
     def __init__(self, outbox: Outbox, name: str, clock: Any,
                  dead_letter: str | None = None, retry_initial: float = 1.0,
                  retry_max: float = 300.0, prefetch: int = 16,
-                 metrics: Metrics | None = None, broker: Any = None) -> None:
+                 metrics: Metrics | None = None, broker: Any = None,
+                 exchange: str | None = None) -> None:
         self.outbox = outbox
         self.name = name
+        #: The fanout exchange the queue is bound to: its own name for a
+        #: point-to-point queue, a topic's for a shared subscription.
+        self.exchange = exchange or name
         self.dead_letter = dead_letter or name + ":dead"
         self.clock = clock
         self.retry_initial = retry_initial
@@ -83,7 +96,8 @@ class WorkQueue:
 
     @property
     def route(self) -> Route:
-        return Route(self.name, "", queue=self.name)
+        """Publish to the exchange; the queue and its binding are declared first."""
+        return Route(self.exchange, "", queue=self.name)
 
     @property
     def dead_route(self) -> Route:
@@ -91,6 +105,9 @@ class WorkQueue:
 
     def publish(self, data: Any) -> Deferred[None]:
         """Publish one message (bytes as they are, anything else as JSON).
+
+        For a shared subscription this publishes on the topic: every
+        subscriber of the topic gets it, and this queue once.
 
         Persistent; fires when the broker confirmed it; fails with
         :class:`~mailhub.errors.Unavailable` when the outbox is full.
@@ -120,7 +137,8 @@ class WorkQueue:
         await session.declare_route(self.dead_route)
         if self._handler is not None:
             self._consumer = await Consumer.start(session, self.name, self.prefetch,
-                                                  self.handle, sequential=False)
+                                                  self.handle, sequential=False,
+                                                  clock=self.clock)
 
     def disconnected(self, session: Any) -> None:
         """Stop retrying messages whose channel died: the broker redelivers them."""

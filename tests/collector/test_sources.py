@@ -17,7 +17,11 @@ from mailhub.errors import Unavailable, ValidationError
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from mailhub.pubsub.local import LocalPubSub
+from mailhub.pubsub.outbox import Route
+from mailhub.pubsub.workqueue import REASON_HEADER, WorkQueue
 from mailhub.web.calendar import CalendarCollect
+
+from tests.pubsub.fakes import FakeBroker, FakeChannel, FakeDelivery
 
 ICS = """BEGIN:VCALENDAR\r
 VERSION:2.0\r
@@ -109,6 +113,14 @@ class CalendarSourceTests(SynchronousTestCase):
         self.assertEqual(len(out.bodies), 1)
         self.assertEqual(out.bodies[0]["userId"], "U1")
 
+    def test_without_a_broker_the_events_come_from_the_local_global_topics(self) -> None:
+        hub = Hub()
+        out = Recorder()
+        CalendarSource(hub, out, shared=lambda topic: None).start()
+        event = {"eventPath": "/calendars/U1/cal/1.ics", "event": JCAL}
+        self.successResultOf(hub.global_.topic("calendar:event:updated").publish(event))
+        self.assertEqual([b["userId"] for b in out.bodies], ["U1"])
+
     def test_junk_icalendar_is_a_validation_error(self) -> None:
         self.assertRaises(ValidationError, ical_addresses, "hello")
         self.assertRaises(ValidationError, ical_addresses, "BEGIN:VCALENDAR\r\nBROKEN")
@@ -183,3 +195,101 @@ class CalendarWebTests(SynchronousTestCase):
         self.assertIn("iCalendar", answer["error"])
         self.assertEqual(self.post("?user=a&token=s3cret", "x" * 5000)[0], 413)
         self.assertEqual(self.out.bodies, [])
+
+
+class Flaky(Recorder):
+    """A dispatcher whose first ``failures`` submits fail as a full outbox does."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+        self.attempts = 0
+
+    def submit(self, body: bytes) -> Any:
+        self.attempts += 1
+        if self.attempts <= self.failures:
+            raise Unavailable("the outbox is full")
+        return super().submit(body)
+
+
+class SharedCalendarQueueTests(SynchronousTestCase):
+    """With a broker: one shared queue per calendar topic, not a copy per instance."""
+
+    EVENT = json.dumps({"eventPath": "/calendars/U1/cal/1.ics", "event": JCAL}).encode()
+
+    def start(self, dispatcher: Any) -> None:
+        self.clock = Clock()
+        self.broker = FakeBroker()
+        self.channel = FakeChannel()
+        self.broker.outbox.attach(self.channel)
+        self.hub = Hub(LocalPubSub(), LocalPubSub())
+        self.queues: dict[str, WorkQueue] = {}
+
+        def shared(topic: str) -> WorkQueue:
+            queue = self.queues[topic] = WorkQueue(
+                self.broker.outbox, "mailhub:" + topic, self.clock, retry_initial=1,
+                retry_max=4, metrics=self.broker.metrics, broker=self.broker, exchange=topic)
+            return queue
+
+        self.source = CalendarSource(self.hub, dispatcher, shared=shared)
+        self.source.start()
+
+    def test_each_calendar_topic_gets_a_shared_queue_instead_of_a_subscription(self) -> None:
+        out = Recorder()
+        self.start(out)
+        self.assertEqual(sorted(self.queues), ["calendar:event:created",
+                                               "calendar:event:updated"])
+        queue = self.queues["calendar:event:created"]
+        self.assertEqual(queue.route, Route("calendar:event:created", "",
+                                            queue="mailhub:calendar:event:created"))
+        # Nothing listens on the (per-instance) global topic itself.
+        self.successResultOf(self.hub.global_.topic("calendar:event:created").publish(
+            json.loads(self.EVENT)))
+        self.assertEqual(out.bodies, [])
+        delivery = FakeDelivery(self.EVENT)
+        self.successResultOf(queue.handle(delivery))
+        self.assertEqual([b["userId"] for b in out.bodies], ["U1"])
+        self.assertEqual(delivery.acks, 1)
+
+    def test_a_refused_submit_is_retried_and_acked_only_once_accepted(self) -> None:
+        out = Flaky(failures=2)
+        self.start(out)
+        delivery = FakeDelivery(self.EVENT)
+        d = self.queues["calendar:event:updated"].handle(delivery)
+        self.assertEqual((out.attempts, delivery.acks), (1, 0))
+        self.clock.advance(1)
+        self.assertEqual((out.attempts, delivery.acks), (2, 0))
+        self.clock.advance(2)
+        self.successResultOf(d)
+        self.assertEqual((out.attempts, delivery.acks, len(out.bodies)), (3, 1, 1))
+        self.assertEqual(len(self.flushLoggedErrors(Unavailable)), 2)
+
+    def test_bodies_that_are_not_events_are_dead_lettered_with_the_reason(self) -> None:
+        out = Recorder()
+        self.start(out)
+        queue = self.queues["calendar:event:created"]
+        bodies = (b"not json", b"[" * 200000, b"[1]", b'{"eventPath": "/nowhere"}')
+        for n, body in enumerate(bodies, 1):
+            delivery = FakeDelivery(body)
+            d = queue.handle(delivery)
+            self.broker.outbox.ack(n, False)  # the broker confirms the dead letter
+            self.successResultOf(d)
+            self.assertEqual(delivery.acks, 1)
+        reasons = [props["headers"][REASON_HEADER] for route, _, props in self.channel.published]
+        self.assertEqual(reasons, ["the calendar event is not JSON"] * 2 + [
+            "the calendar event is not a JSON object",
+            "the calendar event has no usable eventPath"])
+        self.assertEqual({route.routing_key for route, _, _ in self.channel.published},
+                         {"mailhub:calendar:event:created:dead"})
+        self.assertEqual(out.bodies, [])
+
+    def test_imported_events_and_events_without_attendees_are_acked_quietly(self) -> None:
+        out = Recorder()
+        self.start(out)
+        queue = self.queues["calendar:event:created"]
+        for data in ({"eventPath": "/calendars/U1/c/1.ics", "event": JCAL, "import": True},
+                     {"eventPath": "/calendars/U1/c/1.ics", "event": ["vcalendar", [], []]}):
+            delivery = FakeDelivery(json.dumps(data).encode())
+            self.successResultOf(queue.handle(delivery))
+            self.assertEqual(delivery.acks, 1)
+        self.assertEqual((out.bodies, self.channel.published), ([], []))

@@ -165,6 +165,24 @@ class ConfigurationTests(SynchronousTestCase):
         self.assertEqual(made.broker.outbox.limit, 5)
         self.assertEqual(made.health(), {"ok": False, "state": "disconnected", "outbox": 0})
 
+    def test_shared_subscription_is_one_named_queue_bound_to_the_topic(self) -> None:
+        self.assertIsNone(make_pubsub(Config(), Clock(), Metrics()).shared_subscription("t"))
+        require_spec()
+        config = Config(amqp=AMQPSection(url="amqp://127.0.0.1", prefetch=3))
+        made = make_pubsub(config, Clock(), Metrics())
+        queue = made.shared_subscription("calendar:event:created", retry_initial=2)
+        assert queue is not None
+        self.assertIs(made.shared_subscription("calendar:event:created"), queue)
+        # Durable queue mailhub:<topic>, bound with '' to the topic's own
+        # fanout exchange (the one ESN publishes to).
+        self.assertEqual(queue.route, Route("calendar:event:created", "",
+                                            queue="mailhub:calendar:event:created"))
+        self.assertEqual((queue.dead_letter, queue.prefetch, queue.retry_initial),
+                         ("mailhub:calendar:event:created:dead", 3, 2))
+        self.assertIn(queue, made.broker._users)
+        self.assertRaises(ValueError, made.shared_subscription, "other",
+                          queue="mailhub:calendar:event:created")
+
     def test_connections_ask_for_heartbeats_and_carry_a_name(self) -> None:
         require_spec()
         clock = Clock()

@@ -16,9 +16,13 @@ from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
+from mailhub.collector.sources import CALENDAR_TOPICS, CalendarSource
 from mailhub.errors import Unavailable, ValidationError
 from mailhub.metrics import Metrics
+from mailhub.pubsub import Hub
 from mailhub.pubsub.amqp import Broker, GlobalPubSub
+from mailhub.pubsub.local import LocalPubSub
+from mailhub.pubsub.wiring import PubSub
 from mailhub.pubsub.workqueue import REASON_HEADER, WorkQueue
 
 from tests.support.rabbitmq import URL, RawClient, close_connections, require_rabbitmq, unique
@@ -376,3 +380,106 @@ class WorkQueueTests(RabbitMQTestCase):
         await broker.when_connected()
         await queue.publish(b"after")
         await wait_for(lambda: got == [b"after"])
+
+
+class SharedSubscriptionTests(RabbitMQTestCase):
+    """A global topic consumed through one queue shared by every mailhub instance."""
+
+    async def instance(self, topics: dict[str, str], dispatcher: Any,
+                       **kw: Any) -> tuple[Broker, CalendarSource]:
+        """One mailhub instance's calendar source on its own connection."""
+        broker = await self.broker()
+        pubsub = PubSub(Hub(LocalPubSub(), GlobalPubSub(broker)), [broker], broker,
+                        reactor, broker.metrics)
+
+        def shared(topic: str) -> WorkQueue | None:
+            return pubsub.shared_subscription(topics[topic], queue=topics[topic] + ":shared",
+                                              retry_initial=0.05, retry_max=0.2, **kw)
+
+        source = CalendarSource(pubsub.hub, dispatcher, broker.metrics, shared=shared)
+        source.start()
+        self.addCleanup(source.stop)
+        queues = [pubsub.shared_subscription(topic, queue=topic + ":shared")
+                  for topic in topics.values()]
+        # Consuming (so the queues are declared and bound) before anyone publishes.
+        await wait_for(lambda: all(q is not None and q._consumer is not None for q in queues),
+                       what="the shared consumers")
+        return broker, source
+
+    def calendar_topics(self) -> dict[str, str]:
+        topics = {name: self.topic_name() for name in CALENDAR_TOPICS}
+        for topic in topics.values():
+            self.queues += [topic + ":shared", topic + ":shared:dead"]
+        return topics
+
+    async def consumers(self, raw: RawClient, queue: str) -> int:
+        reply = await raw.channel.queue_declare(queue=queue, passive=True)
+        return int(reply.consumer_count)
+
+    @staticmethod
+    def event(user: str) -> bytes:
+        return json.dumps({"eventPath": "/calendars/%s/cal/1.ics" % user, "import": False,
+                           "event": ["vcalendar", [], [["vevent", [
+                               ["organizer", {}, "cal-address", "mailto:o@example.org"],
+                               ["attendee", {}, "cal-address", "mailto:a@example.org"]],
+                               []]]]}).encode()
+
+    @inline
+    async def test_two_instances_collect_each_calendar_event_once_in_total(self) -> None:
+        raw = await self.raw()
+        topics = self.calendar_topics()
+        submitted: dict[str, list[str]] = {"a": [], "b": []}
+
+        class Dispatcher:
+            def __init__(self, who: str) -> None:
+                self.who = who
+
+            def submit(self, body: bytes) -> Deferred[None]:
+                submitted[self.who].append(json.loads(body)["userId"])
+                return deferLater(reactor, 0.01, lambda: None)
+
+        for who in ("a", "b"):
+            await self.instance(topics, Dispatcher(who))
+        for topic in topics.values():
+            self.assertEqual(await self.consumers(raw, topic + ":shared"), 2)
+        # An ordinary (ESN) subscriber of the topic still gets its own copy.
+        esn_inbox = await raw.subscribe_like_esn(topics["calendar:event:created"])
+
+        expected = []
+        for n in range(30):
+            topic = topics[CALENDAR_TOPICS[n % 2]]
+            await raw.publish_like_esn(topic, self.event("u%d" % n))
+            expected.append("u%d" % n)
+        await wait_for(lambda: len(submitted["a"]) + len(submitted["b"]) >= 30)
+        await deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual(sorted(submitted["a"] + submitted["b"]), sorted(expected),
+                         "each event submitted exactly once across the two instances")
+        self.assertTrue(submitted["a"] and submitted["b"],
+                        "both instances took part: %r" % (submitted,))
+        for _ in range(15):
+            await esn_inbox.get(timeout=5)
+
+    @inline
+    async def test_an_event_whose_submit_fails_transiently_is_retried_not_dropped(self) -> None:
+        raw = await self.raw()
+        topics = self.calendar_topics()
+        attempts: list[str] = []
+
+        class FullOutbox:
+            def submit(self, body: bytes) -> Deferred[None]:
+                attempts.append(json.loads(body)["userId"])
+                if len(attempts) < 3:
+                    return fail(Unavailable("the outbox is full"))
+                return succeed(None)
+
+        broker, _ = await self.instance(topics, FullOutbox())
+        queue = topics["calendar:event:updated"] + ":shared"
+        self.assertEqual(await self.consumers(raw, queue), 1)
+        await raw.publish_like_esn(topics["calendar:event:updated"], self.event("u1"))
+        await wait_for(lambda: broker.metrics.value(
+            "mailhub_workqueue_acked_total", {"queue": queue}) == 1, what="the ack")
+        self.assertEqual(attempts, ["u1", "u1", "u1"])
+        self.assertEqual(len(self.flushLoggedErrors(Unavailable)), 2)
+        await broker.stopService()
+        reply = await raw.channel.queue_declare(queue=queue, passive=True)
+        self.assertEqual(int(reply.message_count), 0, "acked once submitted")
