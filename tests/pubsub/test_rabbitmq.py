@@ -159,6 +159,19 @@ class GlobalPubSubTests(RabbitMQTestCase):
         await wait_for(lambda: 1000 in own, what="the subscription after reconnection")
 
     @inline
+    async def test_a_body_nested_too_deep_does_not_stop_the_subscription(self) -> None:
+        raw = await self.raw()
+        topic = self.topic_name()
+        broker = await self.broker()
+        pubsub = GlobalPubSub(broker)
+        seen: list[Any] = []
+        await pubsub.topic(topic).subscribe(seen.append)
+        await raw.publish_like_esn(topic, b"[" * 200000)  # RecursionError in json
+        await raw.publish_like_esn(topic, b'{"after": 1}')
+        await wait_for(lambda: seen == [{"after": 1}], what="the message after the bad one")
+        self.assertEqual(broker.metrics.value("mailhub_pubsub_bad_messages_total"), 1)
+
+    @inline
     async def test_unsubscribe_stops_delivery(self) -> None:
         await self.raw()
         topic = self.topic_name()
