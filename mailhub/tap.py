@@ -241,5 +241,11 @@ def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, rea
                                          collector.retry_max, metrics=metrics)
         stops.append(dispatcher.stop)
     MailSource(pubsub.hub, dispatcher, collector.sent_folders, metrics).start()
-    CalendarSource(pubsub.hub, dispatcher, metrics).start()
+    calendar_source = CalendarSource(
+        pubsub.hub, dispatcher, metrics,
+        shared=functools.partial(pubsub.shared_subscription,
+                                 retry_initial=collector.retry_initial,
+                                 retry_max=collector.retry_max))
+    calendar_source.start()
+    stops.append(calendar_source.stop)
     return dispatcher, dav
