@@ -69,8 +69,17 @@ class Lanes:
     """
 
     def __init__(self, size: int) -> None:
-        self.free = max(1, size)
+        self.size = self.free = max(1, size)
         self._waiting: tuple[deque[Deferred[None]], deque[Deferred[None]]] = (deque(), deque())
+        self._short: list[Deferred[None]] = []
+
+    def when_short(self) -> Deferred[None]:
+        """Fires when fewer requests wait than one round of slots (at once if so now)."""
+        if len(self._waiting[1]) < self.size:
+            return defer.succeed(None)
+        d: Deferred[None] = Deferred()
+        self._short.append(d)
+        return d
 
     def acquire(self, urgent: bool) -> Deferred[None]:
         """A Deferred that fires when a slot is this caller's."""
@@ -91,8 +100,13 @@ class Lanes:
         for lane in self._waiting:
             if lane:
                 lane.popleft().callback(None)
-                return
-        self.free += 1
+                break
+        else:
+            self.free += 1
+        if self._short and len(self._waiting[1]) < self.size:
+            short, self._short = self._short, []
+            for d in short:
+                d.callback(None)
 
     def run(self, urgent: bool, f: Any, *args: Any) -> Deferred[Any]:
         """Call ``f(*args)`` (returning a Deferred) holding a slot."""
@@ -213,6 +227,10 @@ class CardDAVClient:
         self._seconds = metrics.histogram(
             "mailhub_collector_carddav_seconds",
             "CardDAV request latency (PUT is the write of a contact)", ["method"])
+
+    def when_short(self) -> Deferred[None]:
+        """Fires when fewer requests wait for a slot than can run at once."""
+        return self._limit.when_short()
 
     # -- the wire ---------------------------------------------------------
 

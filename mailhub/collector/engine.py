@@ -132,7 +132,16 @@ class Coalescer:
     work. Here the first message of a user starts its lookup at once (no
     added delay); messages for that user arriving while it runs wait and go
     together into the next one, a single PROPFIND plus one REPORT per book for
-    the whole batch. Each lookup starts after every message it answers
+    the whole batch.
+
+    ``ready`` (optional) is awaited before a batch is closed and looked up:
+    the CardDAV client's :meth:`~CardDAVClient.when_short`, which fires at
+    once unless a full round of PUTs is already waiting for the server. While
+    the server has that much writing queued, a lookup would gain nothing by
+    starting, and the batch keeps gathering messages; it starts while PUTs
+    are still queued, so the server never waits for it.
+
+    Each lookup starts after every message it answers
     arrived, so each message still sees the books as they were when it was
     handled, exactly as before. A failed lookup fails every message that
     waited for it (each is retried by its queue); none is dropped. Other
@@ -140,8 +149,10 @@ class Coalescer:
     """
 
     def __init__(self, find: Callable[[User, list[Recipient]],
-                                      Awaitable[dict[str, list[Card]]]]) -> None:
+                                      Awaitable[dict[str, list[Card]]]],
+                 ready: Callable[[], Awaitable[None]] | None = None) -> None:
         self._find = find
+        self._ready = ready
         self._running: set[str] = set()
         self._next: dict[str, _Batch] = {}
 
@@ -170,6 +181,8 @@ class Coalescer:
     async def _drain(self, key: str) -> None:
         try:
             while key in self._next:
+                if self._ready is not None:
+                    await self._ready()
                 batch = self._next.pop(key)
                 try:
                     found = await self._find(batch.user, batch.recipients)
@@ -216,7 +229,7 @@ class CollectorEngine:
         self._skip_site_users = skip_site_users
         self._book_display_name = book_display_name
         self.known = KnownAddresses(clock, cache_ttl, cache_size)
-        self.lookups = Coalescer(self._find)
+        self.lookups = Coalescer(self._find, carddav.when_short)
         self._messages = metrics.counter(
             "mailhub_collector_messages_total", "Collector messages handled, by outcome",
             ["outcome"])

@@ -173,7 +173,7 @@ class LanesTests(SynchronousTestCase):
         held = lanes.acquire(urgent=False)
         self.successResultOf(held)
         for name, urgent in (("put1", False), ("put2", False), ("report", True)):
-            lanes.acquire(urgent).addCallback(lambda _, n=name: order.append(n))
+            lanes.acquire(urgent).addCallback(lambda _, n: order.append(n), name)
         for _ in range(3):
             lanes.release()
         self.assertEqual(order, ["report", "put1", "put2"])
@@ -190,6 +190,18 @@ class LanesTests(SynchronousTestCase):
         lanes.release()
         self.successResultOf(kept)
         self.assertEqual(lanes.free, 0)
+
+    def test_when_short_fires_once_less_than_a_round_of_requests_waits(self) -> None:
+        lanes = Lanes(2)
+        self.successResultOf(lanes.when_short())
+        for _ in range(5):
+            lanes.acquire(urgent=False)
+        short = lanes.when_short()
+        self.assertNoResult(short)  # 3 wait for 2 slots
+        lanes.release()
+        self.assertNoResult(short)  # 2 still wait
+        lanes.release()
+        self.successResultOf(short)
 
     def test_run_releases_the_slot_after_a_failure(self) -> None:
         lanes = Lanes(1)

@@ -6,12 +6,14 @@ import json
 from typing import Any
 
 from treq.testing import StubTreq
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from mailhub.collector.carddav import BookLayout, CardDAVClient
-from mailhub.collector.engine import CONTACT_ADDED, CollectorEngine, decode_message
+from mailhub.collector.addresses import parse_entries
+from mailhub.collector.engine import CONTACT_ADDED, Coalescer, CollectorEngine, decode_message
 from mailhub.collector.vcard import Contact, contact_uuid, parse_vcard, to_vcard
 from mailhub.directory.interfaces import IUserSource
 from mailhub.directory.model import User
@@ -409,6 +411,54 @@ class CoalescingTests(SynchronousTestCase):
         self.release()
         self.assertEqual(self.successResultOf(first).created, ["a@x.org"])
         self.assertEqual(self.successResultOf(third).created, ["c@x.org"])
+
+
+class CoalescerTests(SynchronousTestCase):
+    """The Coalescer on its own, with a find whose answers the test gives."""
+
+    def setUp(self) -> None:
+        self.calls: list[tuple[str, list[str]]] = []
+        self.answers: list[Deferred[Any]] = []
+        self.ready: Deferred[None] | None = None
+
+        def find(user: User, recipients: list[Any]) -> Deferred[Any]:
+            self.calls.append((user.login, [r.key for r in recipients]))
+            d: Deferred[Any] = Deferred()
+            self.answers.append(d)
+            return d
+
+        def ready() -> Deferred[None]:
+            return self.ready if self.ready is not None else succeed(None)
+
+        self.coalescer = Coalescer(find, ready)
+
+    def ask(self, user: User, *emails: str) -> Deferred[Any]:
+        recipients = parse_entries(list(emails)).recipients
+        return self.coalescer.lookup(user.login, user, list(recipients))
+
+    def test_the_next_batch_gathers_until_the_server_is_ready_for_it(self) -> None:
+        first = self.ask(ALICE, "a@x.org")
+        self.ready = Deferred()
+        second = self.ask(ALICE, "b@x.org")
+        self.answers[0].callback({"a@x.org": []})
+        self.assertEqual(self.successResultOf(first), {"a@x.org": []})
+        third = self.ask(ALICE, "c@x.org")
+        self.assertEqual(len(self.calls), 1)  # waiting for ready
+        self.ready.callback(None)
+        self.assertEqual(self.calls[1], ("alice@example.org", ["b@x.org", "c@x.org"]))
+        found: dict[str, list[Any]] = {"b@x.org": [], "c@x.org": []}
+        self.answers[1].callback(found)
+        self.assertIs(self.successResultOf(second), found)
+        self.assertIs(self.successResultOf(third), found)
+        self.assertEqual(len(self.coalescer), 0)
+
+    def test_users_do_not_share_lookups(self) -> None:
+        self.ask(ALICE, "a@x.org")
+        bob = self.ask(BOB, "a@x.org")
+        self.assertEqual([c[0] for c in self.calls], ["alice@example.org", "bob@example.org"])
+        self.answers[1].callback({"a@x.org": []})
+        self.successResultOf(bob)
+        self.assertEqual(len(self.coalescer), 1)
 
 
 class DecodeTests(SynchronousTestCase):
