@@ -2,16 +2,22 @@
 
 One run, one Radicale (subprocess on 127.0.0.1, temp folder), side by side:
 
-1. baseline: a plain concurrent PUT loop (treq, same concurrency) writing N
-   vCards into one book;
+1. baseline: a plain concurrent PUT loop (treq, 8 requests in flight,
+   ``If-None-Match: *`` like the engine's) writing N vCards into a new book;
 2. engine: the same number of new addresses as collector messages (5 per
-   message, 8 messages in flight) through CollectorEngine.handle;
+   message, 8 messages in flight, at most 8 requests in flight) through
+   CollectorEngine.handle, into a new user's collected book;
 3. RabbitMQ (when a broker answers on 127.0.0.1:5672): the same again,
-   published on a work queue and consumed by the engine;
+   published on a work queue and consumed by the engine (prefetch 16);
 4. re-collecting known addresses: with the engine's cache (no request at all)
-   and without it (PROPFIND + REPORT per message, never a PUT).
+   and without it (lookups only, never a PUT: the PUTs are counted).
 
-Usage: ``.venv/bin/python bench/collector/run.py [--contacts 300]``.
+Phases 1-3 run ``--rounds`` times, alternating, each into fresh books, so a
+change of load on a shared machine hits both sides; the ratios are given per
+round and as medians. The engine's CardDAV requests per contact, by method,
+say where any extra server work goes.
+
+Usage: ``.venv/bin/python bench/collector/run.py [--contacts 200] [--rounds 3]``.
 """
 
 from __future__ import annotations
@@ -47,10 +53,10 @@ CONCURRENCY = 8
 PER_MESSAGE = 5
 
 
-async def baseline(http: HTTPClient, server: RadicaleServer, n: int) -> float:
+async def baseline(http: HTTPClient, server: RadicaleServer, n: int, owner: str) -> float:
     auth = Headers({b"authorization": [b"Basic " + __import__("base64").b64encode(
         ("%s:%s" % server.service).encode())]})
-    home = server.url + "base@x.org/"
+    home = server.url + owner + "@x.org/"
     book = home + "book/"
     for url, body in ((home, None), (book, (
             '<?xml version="1.0"?><d:mkcol xmlns:d="DAV:" xmlns:c="urn:ietf:params:xml:ns:'
@@ -71,8 +77,7 @@ async def baseline(http: HTTPClient, server: RadicaleServer, n: int) -> float:
         assert r.code in (201, 204), r.code
 
     started = time.monotonic()
-    await defer.gatherResults([limit.run(lambda i=i: Deferred.fromCoroutine(put(i)))
-                               for i in range(n)])
+    await defer.gatherResults([limit.run(put, i) for i in range(n)])
     return n / (time.monotonic() - started)
 
 
@@ -128,7 +133,52 @@ async def run_amqp(reactor: Any, engine: CollectorEngine, metrics: Metrics,
                        check=False)
 
 
-async def main(reactor: Any, contacts: int) -> None:
+def requests_per_contact(metrics: Metrics, contacts: int) -> dict[str, float]:
+    """CardDAV requests the engine made, by method, per contact written."""
+    out = {}
+    for family in metrics.registry.collect():
+        if family.name != "mailhub_collector_carddav_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_count") and sample.value:
+                out[sample.labels["method"]] = round(sample.value / contacts, 3)
+    return out
+
+
+def server_cpu(server: RadicaleServer) -> float | None:
+    """CPU seconds Radicale's process has used so far (Linux /proc; None elsewhere).
+
+    The server is the bottleneck, so its CPU per contact says how much work
+    each side gives it, whatever else runs on the machine.
+    """
+    try:
+        assert server.process is not None
+        with open("/proc/%d/stat" % server.process.pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, AssertionError, ValueError, IndexError):
+        return None
+
+
+async def measured(server: RadicaleServer, cpu: list[float], work: Any) -> Any:
+    """Await ``work``; append Radicale's CPU milliseconds spent meanwhile to ``cpu``."""
+    before = server_cpu(server)
+    result = await work
+    after = server_cpu(server)
+    if before is not None and after is not None:
+        cpu.append(1000 * (after - before))
+    return result
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[middle]
+    return (ordered[middle - 1] + ordered[middle]) / 2
+
+
+async def main(reactor: Any, contacts: int, rounds: int) -> None:
     server = RadicaleServer({"alice@example.org": "pw"})
     server.start()
     # Radicale's own server closes every connection after its answer, so
@@ -136,34 +186,61 @@ async def main(reactor: Any, contacts: int) -> None:
     pool = HTTPConnectionPool(reactor, persistent=False)
     http = HTTPClient(Agent(reactor, pool=pool))
     try:
-        metrics = Metrics()
-        # A second user for the RabbitMQ phase, so it too starts from an empty
-        # book (Radicale's REPORT reads every card of a book).
-        users = FakeUsers([User(login="alice@example.org", emails=("alice@example.org",),
-                                id="A1"),
-                           User(login="mq@example.org", emails=("mq@example.org",), id="M1")])
-        dav = CardDAVClient(http, reactor, credentials=server.service, timeout=30,
-                            concurrency=CONCURRENCY, metrics=metrics)
-        engine = CollectorEngine(users, dav, BookLayout.from_config(server.url, ""), Hub(),
-                                 metrics, reactor, skip_site_users=False)
-        plain = await baseline(http, server, contacts)
-        new = messages("new", contacts)
-        mine = await run_engine(engine, new)
-        amqp = await run_amqp(reactor, engine, metrics, messages("mq", contacts, "M1"))
+        # Each round writes every phase into a fresh book of its own user
+        # (Radicale's PUT and REPORT both cost more as a book grows), and the
+        # phases alternate, so a load change on the machine hits both sides.
+        users = FakeUsers([User(login="%s%d@example.org" % (who, r),
+                                emails=("%s%d@example.org" % (who, r),), id="%s%d" % (who, r))
+                           for r in range(rounds) for who in ("alice", "mq")])
+        layout = BookLayout.from_config(server.url, "")
+        figures: dict[str, list[float]] = {"plain": [], "engine": [], "amqp": []}
+        cpu: dict[str, list[float]] = {"plain": [], "engine": [], "amqp": []}
+        counted: dict[str, float] = {}
+        for r in range(rounds):
+            metrics = Metrics()
+            dav = CardDAVClient(http, reactor, credentials=server.service, timeout=30,
+                                concurrency=CONCURRENCY, metrics=metrics)
+            engine = CollectorEngine(users, dav, layout, Hub(), metrics, reactor,
+                                     skip_site_users=False)
+            figures["plain"].append(await measured(server, cpu["plain"], Deferred.fromCoroutine(
+                baseline(http, server, contacts, "base%d" % r))))
+            figures["engine"].append(await measured(server, cpu["engine"], run_engine(
+                engine, messages("new", contacts, "alice%d" % r))))
+            counted = requests_per_contact(metrics, contacts)
+            amqp = await measured(server, cpu["amqp"], Deferred.fromCoroutine(run_amqp(
+                reactor, engine, metrics, messages("mq", contacts, "mq%d" % r))))
+            if amqp is not None:
+                figures["amqp"].append(amqp)
+            elif cpu["amqp"]:
+                cpu["amqp"].pop()
+        # Re-collect what the last round's engine wrote (its cache knows it).
+        new = messages("new", contacts, "alice%d" % (rounds - 1))
+        puts_before = requests_per_contact(metrics, 1).get("PUT", 0)
         cached = await run_engine(engine, new)
-        engine.known.forget("alice@example.org")
         engine.known = type(engine.known)(reactor, 0, 0)  # no cache at all
         uncached = await run_engine(engine, new)
+        puts_during = requests_per_contact(metrics, 1).get("PUT", 0) - puts_before
+        plain = median(figures["plain"])
         result = {
             "contacts": contacts,
-            "plain_put_per_s": round(plain, 1),
-            "engine_per_s": round(mine, 1),
-            "engine_vs_plain": round(mine / plain, 2),
-            "amqp_engine_per_s": None if amqp is None else round(amqp, 1),
-            "amqp_vs_plain": None if amqp is None else round(amqp / plain, 2),
+            "rounds": rounds,
+            "plain_put_per_s": [round(v, 1) for v in figures["plain"]],
+            "engine_per_s": [round(v, 1) for v in figures["engine"]],
+            "engine_vs_plain": [round(e / p, 2) for e, p in zip(figures["engine"],
+                                                               figures["plain"])],
+            "engine_requests_per_contact": counted,
+            "amqp_engine_per_s": [round(v, 1) for v in figures["amqp"]] or None,
+            "amqp_vs_plain": [round(a / p, 2) for a, p in zip(figures["amqp"],
+                                                             figures["plain"])] or None,
+            "median_engine_vs_plain": round(median(figures["engine"]) / plain, 2),
+            "median_amqp_vs_plain": (round(median(figures["amqp"]) / plain, 2)
+                                     if figures["amqp"] else None),
+            "radicale_cpu_ms_per_contact": {
+                side: round(median(values) / contacts, 2) for side, values in cpu.items()
+                if values} or None,
             "recollect_cached_per_s": round(cached, 1),
             "recollect_uncached_per_s": round(uncached, 1),
-            "puts_during_recollect": 0,
+            "puts_during_recollect": puts_during,
         }
         print(json.dumps(result, indent=2))
     finally:
@@ -174,6 +251,8 @@ async def main(reactor: Any, contacts: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contacts", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     os.environ.setdefault("PYTHONHASHSEED", "0")
-    task.react(lambda reactor: Deferred.fromCoroutine(main(reactor, args.contacts)))
+    task.react(lambda reactor: Deferred.fromCoroutine(
+        main(reactor, args.contacts, args.rounds)))
