@@ -148,6 +148,8 @@ class Coalescer:
     users' lookups never wait for this user's.
     """
 
+    log = Logger()
+
     def __init__(self, find: Callable[[User, list[Recipient]],
                                       Awaitable[dict[str, list[Card]]]],
                  ready: Callable[[], Awaitable[None]] | None = None) -> None:
@@ -182,7 +184,11 @@ class Coalescer:
         try:
             while key in self._next:
                 if self._ready is not None:
-                    await self._ready()
+                    try:
+                        await self._ready()
+                    except Exception:
+                        # Waiting is only an optimisation: look up now.
+                        self.log.failure("waiting for the CardDAV queue failed")
                 batch = self._next.pop(key)
                 try:
                     found = await self._find(batch.user, batch.recipients)

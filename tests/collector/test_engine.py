@@ -452,6 +452,16 @@ class CoalescerTests(SynchronousTestCase):
         self.assertIs(self.successResultOf(third), found)
         self.assertEqual(len(self.coalescer), 0)
 
+    def test_a_failing_ready_check_still_looks_up(self) -> None:
+        self.ask(ALICE, "a@x.org")
+        self.ready = Deferred()
+        second = self.ask(ALICE, "b@x.org")
+        self.answers[0].callback({"a@x.org": []})
+        self.ready.errback(RuntimeError("broken queue check"))
+        self.answers[1].callback({"b@x.org": []})
+        self.assertEqual(self.successResultOf(second), {"b@x.org": []})
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_users_do_not_share_lookups(self) -> None:
         self.ask(ALICE, "a@x.org")
         bob = self.ask(BOB, "a@x.org")
