@@ -41,7 +41,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailhub.collector.addresses import Parsed, Recipient, address_key, parse_entries
-from mailhub.collector.carddav import BookLayout, BookMissing, Card, CardDAVClient, same_collection
+from mailhub.collector.carddav import (
+    BookLayout, BookMissing, Card, CardDAVClient, CardDAVError, same_collection,
+)
 from mailhub.collector.vcard import Contact, contact_uuid, parse_vcard, to_jcard, to_vcard, with_name
 from mailhub.directory.model import User
 from mailhub.errors import ValidationError
@@ -278,7 +280,12 @@ class CollectorEngine:
     async def _handle(self, body: bytes) -> Outcome:
         message = decode_message(body)
         user = await self._resolve(message)
-        return await self.collect(user, message["emails"])
+        try:
+            return await self.collect(user, message["emails"])
+        except CardDAVError as e:
+            # An answer no retry will change (a 4xx other than those that mean
+            # "busy" or "not there"): retrying would hold the message for ever.
+            raise ValidationError("the CardDAV server refused the work: %s" % e)
 
     async def _resolve(self, message: dict[str, Any]) -> User:
         tried = []
@@ -389,7 +396,17 @@ class CollectorEngine:
         contact = Contact(uid=contact_uuid(r.key), email=r.email, fn=r.fn,
                           family=family, given=given, rev=self._now())
         url = urljoin(collected, contact.href_name)
-        if await self._dav.put_new(url, to_vcard(contact)):
+        try:
+            created = await self._dav.put_new(url, to_vcard(contact))
+        except BookMissing:
+            raise
+        except CardDAVError as e:
+            # This one card is refused for good (e.g. 400, 413, 415 from a
+            # strict server): report it, and collect the others.
+            outcome.rejected.append((r.email, "the CardDAV server refused it: %s" % e))
+            self._skipped.labels(reason="refused").inc()
+            return
+        if created:
             outcome.created.append(r.email)
             self._collected.inc()
             self.known.remember(user.login, r.key, final=bool(r.name))
@@ -459,6 +476,8 @@ def decode_message(body: bytes) -> dict[str, Any]:
         raise ValidationError("message is not UTF-8 (byte %d)" % e.start)
     except ValueError as e:
         raise ValidationError("message is not JSON: %s" % e)
+    except RecursionError:
+        raise ValidationError("message is JSON nested too deeply")
     if not isinstance(message, dict):
         raise ValidationError("message is not a JSON object")
     problems = []

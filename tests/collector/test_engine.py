@@ -103,6 +103,34 @@ class EngineTests(SynchronousTestCase):
                                             {"kind": "poison"}), len(cases))
         self.assertEqual(self.dav.books.get(COLLECTED), None)
 
+    def test_a_card_the_server_refuses_for_good_is_reported_and_the_rest_collected(self) -> None:
+        refused = COLLECTED + contact_uuid("bad@x.org") + ".vcf"
+        put = self.dav.do_PUT
+
+        def strict_put(request: Any, path: str, data: bytes) -> bytes:
+            if path == refused:
+                request.setResponseCode(415)
+                return b"unsupported"
+            return put(request, path, data)
+
+        self.dav.do_PUT = strict_put  # type: ignore[method-assign]
+        outcome = self.handle(userId="A1", emails=["bad@x.org", "good@x.org"])
+        self.assertEqual(outcome.created, ["good@x.org"])
+        self.assertEqual([email for email, _ in outcome.rejected], ["bad@x.org"])
+        self.assertIn("415", outcome.rejected[0][1])
+
+    def test_a_lookup_the_server_refuses_for_good_is_dead_lettered_with_the_reason(self) -> None:
+        self.dav.do_REPORT = lambda request, path, data: (  # type: ignore[method-assign]
+            request.setResponseCode(400) or b"no such query")
+        failure = self.failureResultOf(self.engine.handle(body(userId="A1", emails=["k@y.org"])),
+                                       ValidationError)
+        self.assertIn("refused", str(failure.value))
+        self.assertIn("400", str(failure.value))
+
+    def test_deeply_nested_json_is_poison(self) -> None:
+        failure = self.failureResultOf(self.engine.handle(b"[" * 100_000), ValidationError)
+        self.assertIn("nested too deeply", str(failure.value))
+
     def test_own_and_site_user_addresses_are_skipped(self) -> None:
         outcome = self.handle(userId="A1", emails=[
             "A.Liddell@EXAMPLE.org", "Bob <bob@example.org>", "new@x.org"])
