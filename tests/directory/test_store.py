@@ -6,37 +6,14 @@ on a throwaway PostgreSQL database, all through the same SQLStore, run inline.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Iterator
-
 import pytest
 from zope.interface.verify import verifyObject
 
 from mailhub.directory.interfaces import IDirectoryStore
-from mailhub.directory.memory import MemoryStore
 from mailhub.directory.model import Email, Group, Profile, new_profile_id, new_token
 from mailhub.directory.sql import SQLStore, dialect_for
 from mailhub.errors import ConfigError, Unavailable, ValidationError
-from tests.support.postgres import throwaway_database
 from tests.support.deferreds import result
-
-
-@pytest.fixture(params=["memory", "sqlite", "postgresql"])
-def store(request: Any, tmp_path: Path) -> Iterator[SQLStore]:
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    if request.param == "sqlite":
-        made = SQLStore(dialect_for("sqlite:///%s/db.sqlite" % tmp_path))
-        result(made.migrate())
-        yield made
-        made.close_all()
-        return
-    with throwaway_database() as dsn:
-        made = SQLStore(dialect_for(dsn))
-        result(made.migrate())
-        yield made
-        made.close_all()
 
 
 def person(address: str = "a.person@home.example.com", name: str = "A Person") -> Profile:

@@ -7,8 +7,7 @@ path as in production (an inline pool, so the tests stay synchronous).
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable
 
 import pytest
 from argon2 import PasswordHasher
@@ -20,12 +19,11 @@ from zope.interface.verify import verifyObject
 from mailhub.directory.interfaces import IUserSource
 from mailhub.directory.memory import MemoryStore
 from mailhub.directory.model import Email, Profile, User
-from mailhub.directory.sql import SQLStore, dialect_for
+from mailhub.directory.sql import SQLStore
 from mailhub.directory.users import (
     ChainedUserSource, HashingService, SiteUserSource, hash_password, verify_password,
 )
 from mailhub.errors import Unavailable, ValidationError
-from tests.support.postgres import throwaway_database
 from tests.support.deferreds import result
 
 #: Cheap parameters so that the tests hash quickly; production uses the defaults.
@@ -67,24 +65,6 @@ ALICE = Profile(id="aliceAliceAliceAlice01", name="Alice Ædelstein", emails=(
 ))
 BOB = Profile(id="bobBobBobBobBobBobBo02", name="Bob", emails=(
     Email("bob@example.test", verified=True, preferred=True),))
-
-
-@pytest.fixture(params=["memory", "sqlite", "postgresql"])
-def store(request: Any, tmp_path: Path) -> Iterator[SQLStore]:
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    if request.param == "sqlite":
-        made = SQLStore(dialect_for("sqlite:///%s/db.sqlite" % tmp_path))
-        result(made.migrate())
-        yield made
-        made.close_all()
-        return
-    with throwaway_database() as dsn:
-        made = SQLStore(dialect_for(dsn))
-        result(made.migrate())
-        yield made
-        made.close_all()
 
 
 @pytest.fixture
