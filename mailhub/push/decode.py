@@ -117,6 +117,14 @@ def decode_addresses(text: str) -> str:
     """
     if "=?" not in text:
         return text
+    for match in _ENCODED_WORD.finditer(text):
+        piece = _decode_word(*match.groups())
+        if piece is not None and not _SPECIALS.isdisjoint(piece):
+            break
+    else:
+        # No decoded word brings a special: decoding cannot change how the
+        # header parses (the common case, and the fast one).
+        return decode_words(text)
     from email.utils import getaddresses
 
     try:
