@@ -576,9 +576,3 @@ class StoreService(Service):
             return None
         d.addBoth(lambda _: self.pool.stop())
         return d
-
-
-def sqlite_file(dsn: str) -> str | None:
-    """The file a sqlite DSN points at, or None for other backends."""
-    dialect = dialect_for(dsn)
-    return dialect.path if isinstance(dialect, SQLiteDialect) else None
