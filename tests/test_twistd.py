@@ -35,8 +35,9 @@ def test_defaults_serve_on_sqlite_and_stop_cleanly_on_sigterm(tmp_path: Path) ->
     assert status == 404 and "no such resource" in body["error"]
     # twistd shuts down, then ends itself with the signal it got, as
     # systemd expects of a service stopped by SIGTERM.
-    assert mailhub.stop() == -signal.SIGTERM
+    code = mailhub.stop()
     log = mailhub.log.read_text()
+    assert code == -signal.SIGTERM, log
     assert "Server Shut Down." in log
     assert "Traceback" not in log
 

@@ -38,7 +38,9 @@ class Mailhub:
             path.write_text(config)
             args += ["--config", str(path)]
         self.args = args + (extra or [])
-        self.env = dict(os.environ, **(env or {}))
+        # A crash in native code (SIGSEGV, SIGABRT) dumps every thread's
+        # Python stack into the log, so a failing test says where.
+        self.env = dict(os.environ, PYTHONFAULTHANDLER="1", **(env or {}))
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> "Mailhub":
