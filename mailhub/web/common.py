@@ -52,12 +52,19 @@ def json_bytes(body: Any) -> bytes:
 def reply(request: IRequest, body: Any, status: int = 200,
           headers: dict[bytes, bytes] | None = None) -> bytes:
     """Set status and headers for a JSON reply and return its bytes."""
+    return reply_encoded(request, json_bytes(body), status, headers)
+
+
+def reply_encoded(request: IRequest, encoded: bytes, status: int = 200,
+                  headers: dict[bytes, bytes] | None = None) -> bytes:
+    """:func:`reply` for a body already encoded with :func:`json_bytes`."""
     request.setResponseCode(status)
     request.setHeader(b"content-type", JSON_TYPE)
     request.setHeader(b"cache-control", b"no-store")
-    for name, value in (headers or {}).items():
-        request.setHeader(name, value)
-    return json_bytes(body)
+    if headers:
+        for name, value in headers.items():
+            request.setHeader(name, value)
+    return encoded
 
 
 def read_body(request: IRequest, limit: int) -> bytes:

@@ -55,6 +55,7 @@ from mailhub.web.common import (
     json_routing_errors,
     read_body,
     reply,
+    reply_encoded,
     same_secret,
     unauthorized,
 )
@@ -80,9 +81,16 @@ RETRY_AFTER = b"1"
 STREAM_TOPICS: tuple[str, ...] = TOPICS + ("contacts:contact:add",)
 
 
-def _ox_answer(count: int) -> dict[str, bool]:
-    """OX App Suite's answer, whatever the count."""
-    return {"success": True}
+#: OX App Suite's answer, whatever the count (encoded once: it is every delivery's).
+_OX_ANSWER = json_bytes({"success": True})
+
+
+def _ox_answer(count: int) -> bytes:
+    return _OX_ANSWER
+
+
+def _lua_answer(count: int) -> bytes:
+    return json_bytes({"success": True, "events": count})
 
 
 def same_bytes(given: bytes, expected: bytes) -> bool:
@@ -176,16 +184,15 @@ class PushReceiver:
 
     def handle_lua(self, request: IRequest) -> bytes:
         """Answer one Lua script request, synchronously."""
-        return self._handle(request, "lua", decode_lua,
-                            lambda count: {"success": True, "events": count})
+        return self._handle(request, "lua", decode_lua, _lua_answer)
 
     def _handle(self, request: IRequest, driver: str,
                 decode: Callable[[bytes], list[PushEvent]],
-                answer: Callable[[int], Any]) -> bytes:
+                answer: Callable[[int], bytes]) -> bytes:
         # Synchronous on purpose: nothing here waits, so no Deferred is made
         # (the hot path of every delivery). Errors map as handle_errors does.
         try:
-            body = reply(request, answer(self._accept(request, driver, decode)))
+            body = reply_encoded(request, answer(self._accept(request, driver, decode)))
         except HTTPError as e:
             body = reply(request, e.body, e.status, e.headers)
         except ValidationError as e:
@@ -374,8 +381,15 @@ class _Buffered:
     seq: int
     topic: str
     data: Any
-    keys: frozenset[str]
+    _keys: frozenset[str] | None = None
     encoded: bytes | None = None
+
+    @property
+    def keys(self) -> frozenset[str]:
+        """Who the event is about, worked out when a stream first asks."""
+        if self._keys is None:
+            self._keys = _event_keys(self.data)
+        return self._keys
 
     def frame(self, epoch: bytes) -> bytes | None:
         if self.encoded is None:
@@ -545,10 +559,11 @@ class EventStream:
 
     def _on_event(self, topic: str, data: Any) -> None:
         self._seq += 1
-        item = _Buffered(self._seq, topic, data, _event_keys(data))
+        item = _Buffered(self._seq, topic, data)
         self._buffer.append(item)
-        for client in self._matching(item.keys):
-            self._write(client, item)
+        if self._by_key:  # with no stream open, nobody needs to know whom it is about
+            for client in self._matching(item.keys):
+                self._write(client, item)
 
     def _matching(self, keys: Iterable[str]) -> set[_Client]:
         found: set[_Client] = set()

@@ -32,16 +32,11 @@ class LimitedRequest(Request):
     too_large = False
     _received = 0
 
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        # Surfaces parse their own bodies (common.form_fields); twisted.web's
-        # parse would be done twice, and it answers a malformed multipart
-        # body with an empty, non-JSON 400.
-        self._parsePOSTFormSubmission = False
-
     def _limit(self) -> int:
-        site = getattr(self.channel, "site", None)
-        return int(getattr(site, "max_body", 1024 * 1024))
+        try:
+            return self.channel.site.max_body  # type: ignore[attr-defined, no-any-return]
+        except AttributeError:  # made by another Site, or its channel is gone
+            return 1024 * 1024
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self._limit():
@@ -84,6 +79,10 @@ class MailhubSite(Site):
     requestFactory = LimitedRequest
 
     def __init__(self, root: IResource, max_body: int, **kw: Any) -> None:
+        # Surfaces parse their own bodies (common.form_fields); twisted.web's
+        # parse would be done twice, and it answers a malformed multipart
+        # body with an empty, non-JSON 400.
+        kw.setdefault("parsePOSTFormSubmission", False)
         super().__init__(root, **kw)
         self.max_body = max_body
 

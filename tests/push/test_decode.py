@@ -216,3 +216,38 @@ def test_decoded_address_lists_still_parse_as_the_same_addresses() -> None:
     assert event.data["to"] == '"Doe, John" <j@x.org>, Zoë <z@x.org>, b@y.org'
     assert decode_addresses("plain <p@x.org>") == "plain <p@x.org>"
     assert decode_addresses('=?utf-8?q?Say_=22hi=22?= <s@x.org>') == '"Say \\"hi\\"" <s@x.org>'
+
+
+ox_texts = st.text(alphabet="=?qQ_ <>@.,\"abcé\u00e9\ud800\udc00\U0001f600", max_size=30)
+ox_bodies = st.fixed_dictionaries(
+    {"user": ox_texts | st.just("alice@example.org"), "event": event_names,
+     "folder": ox_texts | st.just("INBOX"),
+     "imap-uidvalidity": st.integers(-1, 2**32) | json_values,
+     "imap-uid": st.integers(-1, 2**32) | st.lists(st.integers(0, 9), max_size=2) | json_values},
+    optional={"from": ox_texts | json_values, "subject": ox_texts | json_values,
+              "snippet": ox_texts | json_values,
+              "unseen": st.integers(-1, 2**32) | st.just("") | json_values})
+
+
+@settings(max_examples=1000, deadline=None)
+@given(ox_bodies)
+def test_the_ox_fast_path_agrees_with_the_checked_path(data: dict[str, Any]) -> None:
+    from mailhub.push.decode import _ox_as_sent, _ox_checked
+
+    text = json.dumps(data)
+    fast = _ox_as_sent(json.loads(text), text)
+    try:
+        checked = _ox_checked(json.loads(text))
+    except ValidationError:
+        assert fast is None  # whatever the checks refuse, the fast path leaves to them
+    else:
+        assert fast is None or fast == checked
+
+
+def test_the_ox_fast_path_takes_what_dovecot_sends() -> None:
+    from mailhub.push.decode import _ox_as_sent
+
+    text = json.dumps({**OX, "from": "=?utf-8?q?Bj=C3=B6rn?= <b@x.org>", "subject": "Hi",
+                       "snippet": "Hello", "unseen": 3})
+    (event,) = _ox_as_sent(json.loads(text), text) or []
+    assert event.data["from"] == "Björn <b@x.org>" and event.data["unseen"] == 3
