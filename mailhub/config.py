@@ -112,6 +112,7 @@ class CollectorSection:
     retry_max: float = 300.0
     cache_ttl: float = 600.0  # seconds a known-address answer is trusted
     cache_size: int = 100000  # known addresses remembered (all users)
+    mirror_size: int = 50000  # cards of users' books copied locally (all users)
 
 
 @attrs.frozen

@@ -227,7 +227,8 @@ def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, rea
     collector = config.collector
     engine = CollectorEngine(users, carddav, layout, pubsub.hub, metrics, reactor,
                              skip_site_users=collector.skip_site_users,
-                             cache_ttl=collector.cache_ttl, cache_size=collector.cache_size)
+                             cache_ttl=collector.cache_ttl, cache_size=collector.cache_size,
+                             mirror_size=collector.mirror_size)
     queue = pubsub.work_queue(collector.queue, dead_letter=collector.dead_letter,
                               retry_initial=collector.retry_initial,
                               retry_max=collector.retry_max)

@@ -7,9 +7,10 @@ response body is read, so connections go back to the pool.
 
 Operations: list a user's address books (PROPFIND Depth 1 on the home),
 find cards by exact email (addressbook-query REPORT, ``equals`` with
-``i;unicode-casemap``), create the ``collected`` book (extended MKCOL, RFC
-5689), create a card only if absent (PUT ``If-None-Match: *``), and GET / PUT
-``If-Match`` to fill in a missing name.
+``i;unicode-casemap``), read what changed in a book since a sync token
+(sync-collection REPORT, RFC 6578), create the ``collected`` book (extended
+MKCOL, RFC 5689), create a card only if absent (PUT ``If-None-Match: *``),
+and GET / PUT ``If-Match`` to fill in a missing name.
 
 Errors: connection failures, timeouts ([carddav] timeout), 5xx, 429 and
 401/403 (a credential problem an operator fixes; retrying loses nothing)
@@ -124,6 +125,14 @@ class CardDAVError(MailhubError):
     """The CardDAV server answered something this client cannot use."""
 
 
+class SyncRefused(CardDAVError):
+    """The server does not answer sync-collection (RFC 6578) for this book."""
+
+
+class TokenExpired(CardDAVError):
+    """The server no longer knows the sync token (``DAV:valid-sync-token``)."""
+
+
 class BookMissing(CardDAVError):
     """A PUT found no address book to write into (404 or 409): it was deleted."""
 
@@ -201,6 +210,17 @@ class Answer:
     code: int
     headers: Headers
     body: bytes
+
+
+@attrs.frozen
+class Changes:
+    """What a sync-collection said: the new token, the cards added or changed,
+    the hrefs removed, and whether the server has more to tell (507)."""
+
+    token: str
+    changed: list[Card]
+    removed: list[str]
+    more: bool = False
 
 
 class CardDAVClient:
@@ -363,6 +383,57 @@ class CardDAVClient:
                 cards.append(Card(href, etag, text))
         return cards
 
+    async def changes(self, book: str, token: str) -> Changes | None:
+        """The cards of ``book`` added, changed and removed since ``token``
+        (every card for the empty token); None when the book is not there.
+
+        Raises :class:`TokenExpired` when the server forgot the token and
+        :class:`SyncRefused` when it does not do sync-collection here.
+        """
+        body = ('<?xml version="1.0" encoding="utf-8"?>'
+                '<d:sync-collection xmlns:d="DAV:" xmlns:c="%s">'
+                "<d:sync-token>%s</d:sync-token><d:sync-level>1</d:sync-level>"
+                "<d:prop><d:getetag/><c:address-data/></d:prop></d:sync-collection>"
+                % (CARD, _xml_text(token)))
+        answer = await self.request("REPORT", book, {b"content-type": XML_TYPE},
+                                    body.encode("utf-8"), depth="0", urgent=True)
+        if answer.code == 404:
+            return None
+        if answer.code in (403, 409) and b"valid-sync-token" in answer.body:
+            raise TokenExpired("the CardDAV server no longer knows the sync token of %s"
+                               % book)
+        if answer.code in (400, 403, 405, 415, 422, 501):
+            raise SyncRefused("%d on sync-collection of %s" % (answer.code, book))
+        self._check(answer, "REPORT", book, (207,))
+        try:
+            root = ET.fromstring(answer.body)
+        except ET.ParseError as e:
+            raise CardDAVError("the CardDAV server sent XML that cannot be parsed: %s" % e)
+        new_token = (root.findtext(_q("sync-token")) or "").strip()
+        if not new_token:
+            raise SyncRefused("no sync-token in the sync-collection answer for %s" % book)
+        changed: list[Card] = []
+        removed: list[str] = []
+        more = False
+        for href, status, prop in _statuses(root, book):
+            if same_collection(href, book):
+                more = more or status == 507  # truncated: ask again from the new token
+            elif status == 404:
+                removed.append(href)
+            elif prop is not None:
+                etag = (prop.findtext(_q("getetag")) or "").strip()
+                text = prop.findtext(_q("address-data", CARD)) or ""
+                if text.strip():
+                    changed.append(Card(href, etag, text))
+                else:
+                    # A server that gives only ETags here: read the card.
+                    fetched = await self.get(href)
+                    if fetched is None:
+                        removed.append(href)
+                    else:
+                        changed.append(fetched)
+        return Changes(new_token, changed, removed, more)
+
     async def create_book(self, url: str, display_name: str) -> bool:
         """Extended MKCOL of an address book: True if made, False if it was there.
 
@@ -427,18 +498,37 @@ def _responses(body: bytes, base: str) -> list[tuple[str, ET.Element]]:
         root = ET.fromstring(body)
     except ET.ParseError as e:
         raise CardDAVError("the CardDAV server sent XML that cannot be parsed: %s" % e)
+    return [(href, ET.Element(_q("prop")) if prop is None else prop)
+            for href, _, prop in _statuses(root, base)]
+
+
+def _status_code(line: str | None) -> int | None:
+    """The code of an ``HTTP/1.1 404 Not Found`` status line."""
+    parts = (line or "").split()
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+
+
+def _statuses(root: ET.Element, base: str) -> list[tuple[str, int | None, ET.Element | None]]:
+    """(absolute href, status, merged 200 prop) of each response of a multistatus.
+
+    ``status`` is the response's own status line (a removed member in a
+    sync-collection, a truncated answer), None where it has only propstats;
+    ``prop`` is None where the response has no 200 propstat.
+    """
     out = []
     for response in root.iter(_q("response")):
         href = (response.findtext(_q("href")) or "").strip()
         if not href:
             continue
-        merged = ET.Element(_q("prop"))
+        merged: ET.Element | None = None
         for propstat in response.findall(_q("propstat")):
-            status = propstat.findtext(_q("status")) or ""
-            if " 200 " not in status + " ":
+            if _status_code(propstat.findtext(_q("status"))) != 200:
                 continue
             prop = propstat.find(_q("prop"))
             if prop is not None:
+                if merged is None:
+                    merged = ET.Element(_q("prop"))
                 merged.extend(list(prop))
-        out.append((urljoin(base, href), merged))
+        out.append((urljoin(base, href), _status_code(response.findtext(_q("status"))),
+                    merged))
     return out

@@ -11,9 +11,11 @@ because every write is idempotent).
 
 For each address, in order: reject what is not an address; skip the user's
 own addresses; skip addresses of site users ([collector] skip_site_users);
-skip addresses with a contact in any of the user's books (one exact-email
-REPORT per book, shared by the messages of one user that are in flight: see
-:class:`Coalescer`); fill in the display name of an
+skip addresses with a contact in any of the user's books (read from a local
+copy of each book that a sync-collection REPORT brings up to date first, or
+with an exact-email addressbook-query; one lookup shared by the messages of
+one user that are in flight: see :class:`Coalescer` and
+:class:`~mailhub.collector.mirror.BookMirror`); fill in the display name of an
 existing *collected* contact that has none; create the rest with
 ``If-None-Match: *`` at a UID derived from the address, so each address is
 one contact across redeliveries and competing instances. Each creation
@@ -44,6 +46,7 @@ from mailhub.collector.addresses import Parsed, Recipient, address_key, parse_en
 from mailhub.collector.carddav import (
     BookLayout, BookMissing, Card, CardDAVClient, CardDAVError, same_collection,
 )
+from mailhub.collector.mirror import BookMirror
 from mailhub.collector.vcard import Contact, contact_uuid, parse_vcard, to_jcard, to_vcard, with_name
 from mailhub.directory.model import User
 from mailhub.errors import ValidationError
@@ -228,6 +231,7 @@ class CollectorEngine:
     def __init__(self, users: Any, carddav: CardDAVClient, layout: BookLayout, hub: Hub,
                  metrics: Metrics, clock: IReactorTime, *, skip_site_users: bool = True,
                  cache_ttl: float = 600.0, cache_size: int = 100_000,
+                 mirror_size: int = 50_000,
                  book_display_name: str = "Collected contacts") -> None:
         self._users = users
         self._dav = carddav
@@ -237,6 +241,7 @@ class CollectorEngine:
         self._skip_site_users = skip_site_users
         self._book_display_name = book_display_name
         self.known = KnownAddresses(clock, cache_ttl, cache_size)
+        self.books = BookMirror(carddav, mirror_size, metrics)
         self.lookups = Coalescer(self._find, carddav.when_short)
         self._messages = metrics.counter(
             "mailhub_collector_messages_total", "Collector messages handled, by outcome",
@@ -336,15 +341,17 @@ class CollectorEngine:
     async def _find(self, user: User, todo: list[Recipient]) -> dict[str, list[Card]]:
         """One lookup for a batch: cards by key in any of the user's books.
 
-        Lists the books (PROPFIND), asks each for the batch's addresses
-        (REPORT), and makes the collected book when it is missing and some
-        address has no card yet (every such address is about to be PUT).
+        Lists the books (PROPFIND), reads the batch's addresses in each (from
+        its copy, brought up to date with sync-collection, or with an
+        addressbook-query REPORT: see :class:`BookMirror`), and makes the
+        collected book when it is missing and some address has no card yet
+        (every such address is about to be PUT).
         """
         collected = self._layout.book(user)
         books = await self._dav.list_books(self._layout.home(user))
         by_key: dict[str, list[Card]] = {r.key: [] for r in todo}
         spellings = [s for r in todo for s in (r.forms or (r.email,))]
-        for found in await _settle(self._dav.find_emails(b, spellings) for b in books):
+        for found in await _settle(self.books.find(b, by_key, spellings) for b in books):
             for card in found:
                 for email in parse_vcard(card.text).emails:
                     key = address_key(email)

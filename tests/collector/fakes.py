@@ -2,7 +2,7 @@
 
 :class:`FakeCardDAV` is a twisted.web resource answering the part of RFC 6352
 the collector uses (PROPFIND Depth 1, addressbook-query with text-match
-``equals``, extended MKCOL, conditional PUT, GET), so the real
+``equals``, sync-collection, extended MKCOL, conditional PUT, GET), so the real
 :class:`~mailhub.collector.carddav.CardDAVClient` can be driven through
 ``StubTreq`` with no socket.
 """
@@ -47,6 +47,13 @@ class FakeCardDAV(Resource):
         #: Methods whose requests wait (unanswered) until :meth:`release`.
         self.hold: set[str] = set()
         self.held: list[tuple[Any, str, str, bytes]] = []
+        #: Whether sync-collection (RFC 6578) is answered (a 403 otherwise, as
+        #: Radicale answers it on a collection that is not a book).
+        self.sync = True
+        #: Sync tokens: token -> (book, {name: etag}) as the book was then.
+        self.tokens: dict[str, tuple[str, dict[str, str]]] = {}
+        #: At most this many changes per sync-collection answer (then a 507).
+        self.sync_page: int | None = None
 
     # -- test helpers --
     def add_card(self, book: str, name: str, text: str) -> None:
@@ -110,24 +117,66 @@ class FakeCardDAV(Resource):
                     "HTTP/1.1 200 OK</d:status></d:propstat></d:response>" % book)
         return self._multistatus(request, items)
 
+    def forget_tokens(self) -> None:
+        """Forget every sync token handed out (as a server that expired them)."""
+        self.tokens.clear()
+
+    def _card_response(self, path: str, name: str, text: str) -> str:
+        return ("<d:response><d:href>%s%s</d:href><d:propstat><d:prop>"
+                "<d:getetag>%s</d:getetag><c:address-data>%s</c:address-data></d:prop>"
+                "<d:status>HTTP/1.1 200 OK</d:status></d:propstat></d:response>"
+                % (path, name, _etag(text).replace('"', "&quot;"),
+                   text.replace("&", "&amp;").replace("<", "&lt;")))
+
+    def _sync(self, request: Any, path: str, root: ET.Element) -> bytes:
+        if not self.sync:
+            request.setResponseCode(403)
+            return b'<d:error xmlns:d="DAV:"><d:supported-report/></d:error>'
+        assert request.getHeader(b"depth") == b"0"
+        old = (root.findtext(DAV + "sync-token") or "").strip()
+        if old and (old not in self.tokens or self.tokens[old][0] != path):
+            request.setResponseCode(403)
+            return b'<d:error xmlns:d="DAV:"><d:valid-sync-token/></d:error>'
+        before = self.tokens[old][1] if old else {}
+        now = {name: _etag(text) for name, text in self.books[path].items()}
+        changed = sorted(name for name in now if before.get(name) != now[name])
+        removed = sorted(name for name in before if name not in now)
+        more = self.sync_page is not None and len(changed) + len(removed) > self.sync_page
+        if more:
+            # Truncated (RFC 6578 3.6): the token is for the part sent.
+            sent = (changed + removed)[:self.sync_page]
+            changed = [n for n in sent if n in now]
+            removed = [n for n in sent if n not in now]
+            now = {**{n: e for n, e in before.items() if n not in removed},
+                   **{n: now[n] for n in changed}}
+        token = next((k for k, (book, state) in self.tokens.items()
+                      if book == path and state == now), None)
+        if token is None:
+            token = "http://fake/sync/%d" % len(self.tokens)
+            self.tokens[token] = (path, now)
+        items = [self._card_response(path, name, self.books[path][name]) for name in changed]
+        items += ["<d:response><d:href>%s%s</d:href><d:status>HTTP/1.1 404 Not Found"
+                  "</d:status></d:response>" % (path, name) for name in removed]
+        if more:
+            items.append("<d:response><d:href>%s</d:href><d:status>HTTP/1.1 507 "
+                         "Insufficient Storage</d:status></d:response>" % path)
+        return self._multistatus(request, items + ["<d:sync-token>%s</d:sync-token>" % token])
+
     def do_REPORT(self, request: Any, path: str, body: bytes) -> bytes:
         if path not in self.books:
             request.setResponseCode(404)
             return b""
         root = ET.fromstring(body)
+        if root.tag == DAV + "sync-collection":
+            return self._sync(request, path, root)
+        assert root.tag == CARD + "addressbook-query", root.tag
         wanted = {(m.text or "").casefold() for m in root.iter(CARD + "text-match")}
         for m in root.iter(CARD + "text-match"):
             assert m.get("match-type") == "equals"
             assert m.get("collation") == "i;unicode-casemap"
-        items = []
-        for name, text in sorted(self.books[path].items()):
-            if any(e.casefold() in wanted for e in parse_vcard(text).emails):
-                items.append(
-                    "<d:response><d:href>%s%s</d:href><d:propstat><d:prop>"
-                    "<d:getetag>%s</d:getetag><c:address-data>%s</c:address-data></d:prop>"
-                    "<d:status>HTTP/1.1 200 OK</d:status></d:propstat></d:response>"
-                    % (path, name, _etag(text).replace('"', "&quot;"),
-                       text.replace("&", "&amp;").replace("<", "&lt;")))
+        items = [self._card_response(path, name, text)
+                 for name, text in sorted(self.books[path].items())
+                 if any(e.casefold() in wanted for e in parse_vcard(text).emails)]
         return self._multistatus(request, items)
 
     def do_MKCOL(self, request: Any, path: str, body: bytes) -> bytes:

@@ -1,0 +1,183 @@
+"""Local copies of the address books the collector checks, kept exact by sync-collection.
+
+Every collector message asks "has this user a card with this address in any
+book?". Answered with an addressbook-query REPORT, that question costs the
+server a reading of every card of every book: Radicale parses each one, under
+the storage lock that also holds up every write, and the cost grows with the
+book (64 ms at 200 cards, 290 ms at 1,000, against 13 and 38 ms for a PUT).
+
+:class:`BookMirror` asks instead what changed since the last time
+(sync-collection, RFC 6578: the server sends only the cards added or changed
+and the hrefs removed) and answers the question from the copy. The copy is
+brought up to date by every lookup before it is read, so it is never older
+than the lookup: it is exactly what a query would have read, and holds
+nothing that another instance would need (each instance keeps its own copy,
+and each is checked against the server).
+
+Where the server does not do sync-collection on a book (or forgot the token
+and refuses a fresh one), that book is asked with the query, as before. The
+copies are bounded in cards (``[collector] mirror_size``); the books used
+least recently are dropped first, and a book larger than the bound is never
+kept (it is queried).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterable
+
+from twisted.internet.defer import DeferredLock
+from twisted.logger import Logger
+
+from mailhub.collector.addresses import address_key
+from mailhub.collector.carddav import Card, CardDAVClient, Changes, SyncRefused, TokenExpired
+from mailhub.collector.vcard import parse_vcard
+from mailhub.metrics import Metrics
+
+
+class _Copy:
+    """One book as the server last said: its sync token, cards, and an index by address."""
+
+    def __init__(self) -> None:
+        self.token = ""
+        self.cards: dict[str, Card] = {}
+        self.keys: dict[str, frozenset[str]] = {}
+        self.by_key: dict[str, set[str]] = {}
+        self.lock = DeferredLock()
+
+    def clear(self) -> None:
+        self.token = ""
+        self.cards.clear()
+        self.keys.clear()
+        self.by_key.clear()
+
+    def apply(self, changes: Changes) -> None:
+        for href in changes.removed:
+            self._forget(href)
+        for card in changes.changed:
+            self._forget(card.url)
+            keys = frozenset(k for k in map(address_key, parse_vcard(card.text).emails) if k)
+            self.cards[card.url] = card
+            self.keys[card.url] = keys
+            for key in keys:
+                self.by_key.setdefault(key, set()).add(card.url)
+        self.token = changes.token
+
+    def _forget(self, href: str) -> None:
+        self.cards.pop(href, None)
+        for key in self.keys.pop(href, ()):
+            hrefs = self.by_key.get(key)
+            if hrefs is not None:
+                hrefs.discard(href)
+                if not hrefs:
+                    del self.by_key[key]
+
+    def find(self, keys: Iterable[str]) -> list[Card]:
+        hrefs = {href for key in keys for href in self.by_key.get(key, ())}
+        return [self.cards[href] for href in sorted(hrefs)]
+
+
+class BookMirror:
+    """Cards of a book by address, from a copy synced before every read.
+
+    ``size`` bounds the cards held over all books; 0 keeps no copy at all
+    (every lookup is an addressbook-query).
+    """
+
+    log = Logger()
+
+    def __init__(self, dav: CardDAVClient, size: int, metrics: Metrics | None = None) -> None:
+        self._dav = dav
+        self._size = size
+        self._held = 0
+        self._copies: OrderedDict[str, _Copy] = OrderedDict()
+        #: Books asked with the query: no sync-collection there, or too large to keep.
+        self._queried: set[str] = set()
+        metrics = metrics or Metrics()
+        metrics.gauge_callback("mailhub_collector_mirror_cards",
+                               "Cards held in the local copies of users' address books",
+                               lambda: self._held)
+        self._syncs = metrics.counter(
+            "mailhub_collector_mirror_syncs_total",
+            "sync-collection requests made to bring a book's copy up to date", ["kind"])
+
+    def __len__(self) -> int:
+        """Cards held now, over all books."""
+        return self._held
+
+    async def find(self, book: str, keys: Iterable[str], spellings: Iterable[str]) -> list[Card]:
+        """Cards of ``book`` having an email whose :func:`address_key` is in ``keys``.
+
+        ``spellings`` are the forms to ask for where the book is queried
+        instead (see :meth:`CardDAVClient.find_emails`).
+        """
+        if self._size > 0 and book not in self._queried:
+            copy = await self._synced(book)
+            if copy is not None:
+                return copy.find(keys)
+        return await self._dav.find_emails(book, spellings)
+
+    async def _synced(self, book: str) -> _Copy | None:
+        """The copy of ``book``, brought up to date now; None to query it instead."""
+        copy = self._copies.get(book)
+        if copy is None:
+            copy = self._copies[book] = _Copy()
+        self._copies.move_to_end(book)
+        async with copy.lock:
+            if book in self._queried:  # decided while this lookup waited
+                return None
+            before = len(copy.cards)
+            refused: SyncRefused | None = None
+            try:
+                await self._catch_up(book, copy)
+            except SyncRefused as e:
+                refused = e
+            finally:
+                # Also when the server failed half-way: what was applied stands.
+                self._held += len(copy.cards) - before
+            if refused is not None:
+                self.log.info("{book} is queried, not copied: {why}", book=book, why=refused)
+            elif len(copy.cards) > self._size:
+                self.log.info("{book} has {count} cards, more than [collector] mirror_size: "
+                              "it is queried, not copied", book=book, count=len(copy.cards))
+            else:
+                self._evict(keep=book)
+                return copy
+            self._queried.add(book)
+            self._drop(book)
+            return None
+
+    async def _catch_up(self, book: str, copy: _Copy) -> None:
+        fresh = not copy.token
+        while True:
+            self._syncs.labels(kind="full" if fresh else "changes").inc()
+            try:
+                changes = await self._dav.changes(book, copy.token)
+            except TokenExpired:
+                if fresh:
+                    raise SyncRefused("the server refused the empty sync token")
+                # Forgotten by the server (Radicale keeps tokens for 30 days):
+                # read the whole book again.
+                copy.clear()
+                fresh = True
+                continue
+            if changes is None:  # the book went away
+                copy.clear()
+                return
+            copy.apply(changes)
+            if not changes.more:
+                return
+
+    def _drop(self, book: str) -> None:
+        copy = self._copies.pop(book, None)
+        if copy is not None:
+            self._held -= len(copy.cards)
+            copy.clear()
+
+    def _evict(self, keep: str) -> None:
+        """Drop the least recently used copies while more cards are held than allowed."""
+        for book in list(self._copies):
+            if self._held <= self._size:
+                return
+            if book != keep and not self._copies[book].lock.locked:
+                self._drop(book)
