@@ -95,6 +95,31 @@ class RealRadicaleTests(TestCase):
         self.assertEqual(again.created, [])
         self.assertEqual(len(self.events), 1)
 
+    async def test_cards_added_and_deleted_by_the_user_count_at_the_next_message(self) -> None:
+        personal = self.layout.home(ALICE) + "personal/"
+        await self.dav.request("MKCOL", self.layout.home(ALICE))
+        self.assertTrue(await self.dav.create_book(personal, "Personal"))
+        first = await self.engine.handle(body(userId="A1", emails=["a@x.org"]))
+        self.assertEqual(first.created, ["a@x.org"])
+        # Alice adds a card with her own client, and deletes the collected one.
+        self.assertTrue(await self.dav.put_new(personal + "p1.vcf", PERSONAL_CARD))
+        collected = [c.url for c in await self.dav.find_emails(self.layout.book(ALICE),
+                                                               ["a@x.org"])]
+        self.assertEqual(len(collected), 1)
+        self.assertIn((await self.dav.request("DELETE", collected[0])).code, (200, 204))
+        self.engine.known.forget(ALICE.login)
+        outcome = await self.engine.handle(body(userId="A1",
+                                                emails=["known@x.org", "a@x.org"]))
+        self.assertEqual(outcome.skipped, {"exists": ["known@x.org"]})
+        self.assertEqual(outcome.created, ["a@x.org"])
+        # Both books were read through sync-collection, not queried: the
+        # copies hold Alice's card (the collected book was empty then).
+        self.assertEqual(len(self.engine.books), 1)
+        syncs = {kind: self.metrics.value("mailhub_collector_mirror_syncs_total",
+                                          {"kind": kind}) for kind in ("full", "changes")}
+        # personal: read whole, then its changes; collected: read whole once made.
+        self.assertEqual(syncs, {"full": 2, "changes": 1})
+
     async def test_unavailable_while_radicale_is_down_and_fine_after(self) -> None:
         self.server.stop()
         with self.assertRaises(Unavailable):
