@@ -194,6 +194,17 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _whole_number(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be 0 or a positive whole number")
+    return value
+
+
+#: Whole-number keys for which 0 means "none" (every other one must be positive).
+_ZERO_ALLOWED = frozenset([("collector", "mirror_size")])
+
+
 def _positive_float(raw: str) -> float:
     value = float(raw)
     if value <= 0:
@@ -211,7 +222,7 @@ def _converter(section: str, key: str, field: attrs.Attribute) -> Callable[[str]
     if kind in (bool, "bool"):
         return _boolean
     if kind in (int, "int"):
-        return _positive_int
+        return _whole_number if (section, key) in _ZERO_ALLOWED else _positive_int
     if kind in (float, "float"):
         return _positive_float
     if kind in ("tuple[str, ...]",):

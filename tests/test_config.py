@@ -58,6 +58,7 @@ sent_folders = Sent, Sent Items
     ("[mailhub]\nlisten_on = tcp:1\n", "[mailhub] listen_on: unknown key"),
     ("[amqp]\nprefetch = many\n", "[amqp] prefetch: bad value"),
     ("[amqp]\nprefetch = 0\n", "[amqp] prefetch: bad value"),
+    ("[collector]\nmirror_size = -1\n", "[collector] mirror_size: bad value"),
     ("[ldap]\nstart_tls = maybe\n", "[ldap] start_tls: bad value"),
     ("[database]\ndsn = mysql://x\n", "[database] dsn: bad value"),
     ("[amqp]\nurl = http://broker\n", "[amqp] url: bad value"),
@@ -92,6 +93,11 @@ def test_an_unreadable_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load(str(tmp_path / "missing.ini"))
     assert str(tmp_path / "missing.ini") in str(caught.value)
+
+
+def test_a_mirror_size_of_zero_keeps_no_copies() -> None:
+    assert parse("[collector]\nmirror_size = 0\n").collector.mirror_size == 0
+    assert parse("").collector.mirror_size == 50000
 
 
 def test_config_is_frozen() -> None:

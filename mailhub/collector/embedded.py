@@ -82,7 +82,11 @@ def radicale_app(folder: Path) -> Any:
     configuration.update({
         "auth": {"type": "remote_user", "delay": "0"},
         "rights": {"type": "owner_only"},
-        "storage": {"filesystem_folder": str(folder)},
+        # Radicale keeps the state of the book for every sync token it hands
+        # out; the collector syncs at every lookup (see collector.mirror), so
+        # a week (not 30 days) bounds what accumulates. A client that has not
+        # synced for a week reads its books again.
+        "storage": {"filesystem_folder": str(folder), "max_sync_token_age": "604800"},
         "web": {"type": "none"},
         "server": {"delay_on_error": "0"},
     }, "mailhub embedded CardDAV", privileged=True)

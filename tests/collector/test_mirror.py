@@ -161,6 +161,20 @@ class MirrorTests(Harness):
         self.assertEqual(self.collect("b@x.org").skipped, {"exists": ["b@x.org"]})
 
 
+class NoCopiesTests(Harness):
+    mirror_size = 0
+
+    def test_with_no_copies_every_lookup_queries_every_book(self) -> None:
+        self.dav.add_card(PERSONAL, "b.vcf", card("b@x.org"))
+        self.assertEqual(self.collect("b@x.org", "a@x.org").skipped, {"exists": ["b@x.org"]})
+        self.assertEqual(self.collect("c@x.org").created, ["c@x.org"])
+        self.assertEqual(len(self.engine.books), 0)
+        self.assertEqual(self.metrics.value("mailhub_collector_mirror_syncs_total",
+                                            {"kind": "full"}), 0)
+        # personal, then personal and collected: one query each.
+        self.assertEqual(self.dav.methods().count("REPORT"), 3)
+
+
 class BoundTests(Harness):
     mirror_size = 5
 
