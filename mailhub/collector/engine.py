@@ -241,7 +241,7 @@ class CollectorEngine:
         self._skip_site_users = skip_site_users
         self._book_display_name = book_display_name
         self.known = KnownAddresses(clock, cache_ttl, cache_size)
-        self.books = BookMirror(carddav, mirror_size, metrics)
+        self.books = BookMirror(carddav, mirror_size, clock, metrics)
         self.lookups = Coalescer(self._find, carddav.when_short)
         self._messages = metrics.counter(
             "mailhub_collector_messages_total", "Collector messages handled, by outcome",
@@ -358,8 +358,10 @@ class CollectorEngine:
                     if key in by_key and card not in by_key[key]:
                         by_key[key].append(card)
         has_collected = any(same_collection(b, collected) for b in books)
-        if not has_collected and not all(by_key.values()):
-            await self._dav.create_book(collected, self._book_display_name)
+        if not has_collected:
+            self.books.forget(collected)  # gone: a book made anew starts afresh
+            if not all(by_key.values()):
+                await self._dav.create_book(collected, self._book_display_name)
         return by_key
 
     async def _write(self, user: User, todo: list[Recipient], outcome: Outcome) -> None:
@@ -376,7 +378,7 @@ class CollectorEngine:
             named = any(parse_vcard(c.text).has_display_name() for c in cards)
             mine = [c for c in cards if same_collection(urljoin(c.url, "."), collected)]
             if r.name and not named and mine:
-                fills.append(self._fill_or_skip(user, r, mine[0], outcome))
+                fills.append(self._fill(user, r, mine[0].url, outcome))
             else:
                 self.known.remember(user.login, r.key, final=named or not mine)
                 self._skip(outcome, "exists", r)
@@ -389,6 +391,7 @@ class CollectorEngine:
             # The collected book went away between the PROPFIND and the PUT:
             # whatever was remembered about it is void. Make it and go again.
             self.known.forget(user.login)
+            self.books.forget(collected)
             await self._dav.create_book(collected, self._book_display_name)
             done = set(outcome.created) | {a for v in outcome.skipped.values() for a in v}
             await _settle(self._create(user, r, collected, home, outcome)
@@ -426,6 +429,11 @@ class CollectorEngine:
         else:
             self.known.remember(user.login, r.key, final=not r.name)
             self._skip(outcome, "exists", r)
+
+    async def _fill(self, user: User, r: Recipient, url: str, outcome: Outcome) -> None:
+        """Fill in the name of the collected card at ``url``, read afresh
+        (a lookup's card holds only what the lookup reads)."""
+        await self._fill_or_skip(user, r, await self._dav.get(url), outcome)
 
     async def _fill_or_skip(self, user: User, r: Recipient, card: Card | None,
                             outcome: Outcome) -> None:

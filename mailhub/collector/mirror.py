@@ -15,24 +15,56 @@ nothing that another instance would need (each instance keeps its own copy,
 and each is checked against the server).
 
 Where the server does not do sync-collection on a book (or forgot the token
-and refuses a fresh one), that book is asked with the query, as before. The
-copies are bounded in cards (``[collector] mirror_size``); the books used
-least recently are dropped first, and a book larger than the bound is never
-kept (it is queried).
+and refuses a fresh one), that book is asked with the query, as before, for
+an hour before sync-collection is tried again. The copies are bounded
+(``[collector] mirror_size``, counting each card and each book as one); the
+books used least recently are dropped first, and a book larger than the
+bound is not kept (it is queried).
+
+A copy keeps of each card only what a lookup reads: its URL, ETag and the
+EMAIL, FN and UID lines (a photo is never held). The cards :meth:`find`
+returns are these summaries; whoever changes a card GETs it first.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from typing import Iterable
+from urllib.parse import unquote, urlsplit
 
 from twisted.internet.defer import DeferredLock
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailhub.collector.addresses import address_key
 from mailhub.collector.carddav import Card, CardDAVClient, Changes, SyncRefused, TokenExpired
-from mailhub.collector.vcard import parse_vcard
+from mailhub.collector.vcard import parse_vcard, split_line, unfold
+from mailhub.errors import Unavailable
 from mailhub.metrics import Metrics
+
+#: Seconds a book is queried, once the server refused sync-collection on it
+#: (or it was too large), before sync-collection is offered again.
+QUERY_FOR = 3600.0
+#: Books remembered as queried, at most (the oldest decisions go first).
+QUERIED_MAX = 10_000
+#: Lines of a card a copy keeps (what :func:`parse_vcard` reads for a lookup).
+_KEPT = frozenset(["EMAIL", "FN", "UID"])
+
+
+def _href_key(url: str) -> str:
+    """One spelling per resource: the unquoted path (servers vary in quoting and host)."""
+    return unquote(urlsplit(url).path)
+
+
+def summary(card: Card) -> Card:
+    """``card`` with only the lines a lookup reads (see module docstring)."""
+    lines = []
+    for line in unfold(card.text):
+        prop = split_line(line)
+        if prop is not None and prop.name in _KEPT:
+            lines.append(line)
+    text = "BEGIN:VCARD\r\n%sEND:VCARD\r\n" % "".join(line + "\r\n" for line in lines)
+    return Card(card.url, card.etag, text)
 
 
 class _Copy:
@@ -44,6 +76,8 @@ class _Copy:
         self.keys: dict[str, frozenset[str]] = {}
         self.by_key: dict[str, set[str]] = {}
         self.lock = DeferredLock()
+        #: Set when the book was forgotten while a lookup held the copy.
+        self.stale = False
 
     def clear(self) -> None:
         self.token = ""
@@ -53,14 +87,16 @@ class _Copy:
 
     def apply(self, changes: Changes) -> None:
         for href in changes.removed:
-            self._forget(href)
+            self._forget(_href_key(href))
         for card in changes.changed:
-            self._forget(card.url)
-            keys = frozenset(k for k in map(address_key, parse_vcard(card.text).emails) if k)
-            self.cards[card.url] = card
-            self.keys[card.url] = keys
+            href = _href_key(card.url)
+            self._forget(href)
+            kept = summary(card)
+            keys = frozenset(k for k in map(address_key, parse_vcard(kept.text).emails) if k)
+            self.cards[href] = kept
+            self.keys[href] = keys
             for key in keys:
-                self.by_key.setdefault(key, set()).add(card.url)
+                self.by_key.setdefault(key, set()).add(href)
         self.token = changes.token
 
     def _forget(self, href: str) -> None:
@@ -80,19 +116,23 @@ class _Copy:
 class BookMirror:
     """Cards of a book by address, from a copy synced before every read.
 
-    ``size`` bounds the cards held over all books; 0 keeps no copy at all
-    (every lookup is an addressbook-query).
+    ``size`` bounds what the copies hold over all books (each card and each
+    book counts one); 0 keeps no copy at all (every lookup is an
+    addressbook-query).
     """
 
     log = Logger()
 
-    def __init__(self, dav: CardDAVClient, size: int, metrics: Metrics | None = None) -> None:
+    def __init__(self, dav: CardDAVClient, size: int, clock: IReactorTime,
+                 metrics: Metrics | None = None) -> None:
         self._dav = dav
         self._size = size
+        self._clock = clock
         self._held = 0
         self._copies: OrderedDict[str, _Copy] = OrderedDict()
-        #: Books asked with the query: no sync-collection there, or too large to keep.
-        self._queried: set[str] = set()
+        #: Books asked with the query, and until when: no sync-collection
+        #: there, or too large to keep.
+        self._queried: OrderedDict[str, float] = OrderedDict()
         metrics = metrics or Metrics()
         metrics.gauge_callback("mailhub_collector_mirror_cards",
                                "Cards held in the local copies of users' address books",
@@ -111,11 +151,39 @@ class BookMirror:
         ``spellings`` are the forms to ask for where the book is queried
         instead (see :meth:`CardDAVClient.find_emails`).
         """
-        if self._size > 0 and book not in self._queried:
+        if self._size > 0 and not self._is_queried(book):
             copy = await self._synced(book)
             if copy is not None:
                 return copy.find(keys)
         return await self._dav.find_emails(book, spellings)
+
+    def forget(self, book: str) -> None:
+        """Drop the copy of ``book`` (it is gone, or about to be made anew).
+
+        A book made again at the same URL may start its sync tokens afresh;
+        an old token could then read as "nothing changed" on some servers.
+        """
+        copy = self._copies.get(book)
+        if copy is not None and not copy.lock.locked:
+            self._drop(book)
+        elif copy is not None:
+            copy.stale = True  # dropped by the lookup that holds it
+
+    def _is_queried(self, book: str) -> bool:
+        until = self._queried.get(book)
+        if until is None:
+            return False
+        if until > self._clock.seconds():
+            return True
+        del self._queried[book]
+        return False
+
+    def _query_from_now_on(self, book: str) -> None:
+        self._queried.pop(book, None)
+        self._queried[book] = self._clock.seconds() + QUERY_FOR
+        while len(self._queried) > QUERIED_MAX:
+            self._queried.popitem(last=False)
+        self._drop(book)
 
     async def _synced(self, book: str) -> _Copy | None:
         """The copy of ``book``, brought up to date now; None to query it instead."""
@@ -124,8 +192,13 @@ class BookMirror:
             copy = self._copies[book] = _Copy()
         self._copies.move_to_end(book)
         async with copy.lock:
-            if book in self._queried:  # decided while this lookup waited
-                return None
+            if self._copies.get(book) is not copy or self._is_queried(book):
+                # Dropped or decided while this lookup waited: start again.
+                return None if self._is_queried(book) else await self._synced(book)
+            if copy.stale:
+                copy.stale = False
+                self._held -= len(copy.cards)
+                copy.clear()
             before = len(copy.cards)
             refused: SyncRefused | None = None
             try:
@@ -137,24 +210,24 @@ class BookMirror:
                 self._held += len(copy.cards) - before
             if refused is not None:
                 self.log.info("{book} is queried, not copied: {why}", book=book, why=refused)
-            elif len(copy.cards) > self._size:
+            elif len(copy.cards) + 1 > self._size:
                 self.log.info("{book} has {count} cards, more than [collector] mirror_size: "
                               "it is queried, not copied", book=book, count=len(copy.cards))
             else:
                 self._evict(keep=book)
                 return copy
-            self._queried.add(book)
-            self._drop(book)
+            self._query_from_now_on(book)
             return None
 
     async def _catch_up(self, book: str, copy: _Copy) -> None:
         fresh = not copy.token
         while True:
+            sent = copy.token
             self._syncs.labels(kind="full" if fresh else "changes").inc()
             try:
-                changes = await self._dav.changes(book, copy.token)
+                changes = await self._dav.changes(book, sent)
             except TokenExpired:
-                if fresh:
+                if not sent:
                     raise SyncRefused("the server refused the empty sync token")
                 # Forgotten by the server (Radicale keeps tokens for 30 days):
                 # read the whole book again.
@@ -164,9 +237,21 @@ class BookMirror:
             if changes is None:  # the book went away
                 copy.clear()
                 return
+            if sent and changes.token != sent and not (changes.changed or changes.removed):
+                # A new token and nothing to tell: the server does not know
+                # the old token as this copy does (a book made anew at the
+                # same URL). Read the whole book again.
+                copy.clear()
+                fresh = True
+                continue
+            if changes.more and changes.token == sent and not (changes.changed or
+                                                               changes.removed):
+                raise Unavailable("the CardDAV server truncated a sync-collection of %s "
+                                  "without sending anything" % book)
             copy.apply(changes)
             if not changes.more:
                 return
+            fresh = False
 
     def _drop(self, book: str) -> None:
         copy = self._copies.pop(book, None)
@@ -175,9 +260,9 @@ class BookMirror:
             copy.clear()
 
     def _evict(self, keep: str) -> None:
-        """Drop the least recently used copies while more cards are held than allowed."""
+        """Drop the least recently used copies while more is held than allowed."""
         for book in list(self._copies):
-            if self._held <= self._size:
+            if self._held + len(self._copies) <= self._size:
                 return
             if book != keep and not self._copies[book].lock.locked:
                 self._drop(book)

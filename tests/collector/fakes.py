@@ -229,6 +229,40 @@ class FakeCardDAV(Resource):
         return text.encode("utf-8")
 
 
+class CountingTokens(FakeCardDAV):
+    """Sync tokens as SabreDAV and Nextcloud make them: a counter per book.
+
+    A book made anew (after :meth:`delete_book`) counts from 0 again, and a
+    token above the book's current one is answered with no change at all,
+    not with ``valid-sync-token``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.states: dict[str, list[dict[str, str]]] = {}
+
+    def delete_book(self, book: str) -> None:
+        del self.books[book]
+        self.states.pop(book, None)
+
+    def _sync(self, request: Any, path: str, root: ET.Element) -> bytes:
+        states = self.states.setdefault(path, [{}])
+        now = {name: _etag(text) for name, text in self.books[path].items()}
+        if states[-1] != now:
+            states.append(now)
+        current = len(states) - 1
+        old = (root.findtext(DAV + "sync-token") or "").strip()
+        number = int(old.rsplit("/", 1)[-1]) if old else 0
+        before = states[number] if number <= current else now
+        items = [self._card_response(path, name, self.books[path][name])
+                 for name in sorted(now) if before.get(name) != now[name]]
+        items += ["<d:response><d:href>%s%s</d:href><d:status>HTTP/1.1 404 Not Found"
+                  "</d:status></d:response>" % (path, name)
+                  for name in sorted(before) if name not in now]
+        token = "<d:sync-token>http://sabre.io/ns/sync/%d</d:sync-token>" % current
+        return self._multistatus(request, items + [token])
+
+
 @implementer(IUserSource)
 class FakeUsers:
     """An IUserSource over a list of users; ``down`` makes every call Unavailable."""

@@ -20,7 +20,7 @@ from mailhub.directory.model import User
 from mailhub.errors import Unavailable
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
-from tests.collector.fakes import FakeCardDAV, FakeUsers
+from tests.collector.fakes import CountingTokens, FakeCardDAV, FakeUsers
 
 ALICE = User(login="alice@example.org", emails=("alice@example.org",), id="A1")
 HOME = "/dav/alice@example.org/"
@@ -37,9 +37,10 @@ class Harness(SynchronousTestCase):
     """An engine, its mirror and a fake server with a personal book."""
 
     mirror_size = 1000
+    server = FakeCardDAV
 
     def setUp(self) -> None:
-        self.dav = FakeCardDAV()
+        self.dav = self.server()
         self.dav.homes.add(HOME)
         self.dav.books[PERSONAL] = {}
         self.metrics = Metrics()
@@ -161,6 +162,104 @@ class MirrorTests(Harness):
         self.assertEqual(self.collect("b@x.org").skipped, {"exists": ["b@x.org"]})
 
 
+class ServerQuirksTests(Harness):
+    def test_a_removal_spelt_otherwise_than_the_card_still_removes_it(self) -> None:
+        self.dav.add_card(PERSONAL, "b.vcf", card("b@x.org"))
+        self.assertEqual(self.collect("b@x.org").skipped, {"exists": ["b@x.org"]})
+        answer = self.dav._multistatus
+
+        def quoting(request: Any, responses: list[str]) -> bytes:
+            # Removed members only: absolute, with the "@" percent-encoded.
+            return answer(request, [r.replace("<d:href>/dav/alice@", "<d:href>" + URL +
+                                              "/dav/alice%40") if "404" in r else r
+                                    for r in responses])
+
+        self.dav._multistatus = quoting  # type: ignore[method-assign]
+        del self.dav.books[PERSONAL]["b.vcf"]
+        self.assertEqual(self.collect("b@x.org").created, ["b@x.org"])
+
+    def test_an_expired_token_on_a_continuation_page_reads_the_book_again(self) -> None:
+        self.collect("a@x.org")
+        self.dav.sync_page = 2
+        for i in range(5):
+            self.dav.add_card(PERSONAL, "p%d.vcf" % i, card("p%d@x.org" % i))
+        real, pages = self.client.changes, []
+
+        async def forgetting(book: str, token: str) -> Changes | None:
+            pages.append(token)
+            if len(pages) == 3:  # the second page of personal's changes
+                self.dav.forget_tokens()
+            return await real(book, token)
+
+        self.client.changes = forgetting  # type: ignore[method-assign]
+        outcome = self.collect("p4@x.org", "p0@x.org", "q@x.org")
+        self.assertEqual(sorted(outcome.skipped["exists"]), ["p0@x.org", "p4@x.org"])
+        self.assertEqual(outcome.created, ["q@x.org"])
+        self.assertGreater(len(self.engine.books), 0)  # still copied, not queried
+
+    def test_a_server_truncating_without_sending_anything_is_unavailable(self) -> None:
+        self.collect("a@x.org")
+        stuck = Changes("t-same", [], [], more=True)
+
+        async def truncating(book: str, token: str) -> Changes | None:
+            return Changes(token, [], [], more=True) if token else stuck
+
+        self.client.changes = truncating  # type: ignore[method-assign]
+        self.clock.advance(2)
+        d = self.engine.handle(json.dumps({"userId": "A1", "emails": ["b@x.org"]}).encode())
+        self.failureResultOf(d, Unavailable)
+
+    def test_a_copy_holds_no_photo_and_a_name_fill_keeps_it(self) -> None:
+        photo = "PHOTO;ENCODING=b;TYPE=JPEG:" + "A" * 5000 + "\r\n"
+        nameless = ("BEGIN:VCARD\r\nVERSION:3.0\r\nUID:u1\r\nFN:\r\n"
+                    "EMAIL:n@x.org\r\n" + photo + "END:VCARD\r\n")
+        self.collect("a@x.org")
+        self.dav.add_card(COLLECTED, "u1.vcf", nameless)
+        self.assertEqual(self.collect("Nora <n@x.org>").named, ["n@x.org"])
+        self.assertTrue(all("PHOTO" not in c.text for c in self.engine.books._copies[
+            URL + COLLECTED].cards.values()))
+        filled = self.dav.cards(COLLECTED)["u1.vcf"]
+        self.assertIn("FN:Nora\r\n", filled)
+        self.assertIn("A" * 5000, filled.replace("\r\n ", ""))
+
+    def test_sync_collection_is_offered_again_an_hour_after_a_refusal(self) -> None:
+        self.dav.sync = False
+        self.collect("a@x.org")
+        self.collect("b@x.org")
+        self.dav.sync = True
+        self.collect("b2@x.org")
+        self.assertEqual(len(self.engine.books), 0)  # not offered again yet
+        self.clock.advance(3600)
+        self.dav.add_card(PERSONAL, "c.vcf", card("c@x.org"))
+        self.assertEqual(self.collect("c@x.org").skipped, {"exists": ["c@x.org"]})
+        self.assertEqual(len(self.engine.books), 4)  # c; a, b and b2 in collected
+
+
+class CountingTokensTests(Harness):
+    """Tokens that count per book, as SabreDAV and Nextcloud make them."""
+
+    server = CountingTokens
+
+    def test_a_collected_book_deleted_and_made_anew_starts_a_new_copy(self) -> None:
+        self.assertEqual(self.collect("a@x.org").created, ["a@x.org"])
+        self.assertEqual(self.collect("c@x.org").created, ["c@x.org"])
+        self.dav.delete_book(COLLECTED)
+        self.assertEqual(self.collect("b@x.org").created, ["b@x.org"])
+        self.assertEqual(self.collect("a@x.org").created, ["a@x.org"])
+
+    def test_a_personal_book_made_anew_between_two_lookups_is_read_again(self) -> None:
+        for i in range(3):
+            self.dav.add_card(PERSONAL, "p%d.vcf" % i, card("p%d@x.org" % i))
+        self.collect("a@x.org")
+        self.dav.add_card(PERSONAL, "p3.vcf", card("p3@x.org"))
+        self.collect("b@x.org")  # personal's copy is at token 2
+        self.dav.delete_book(PERSONAL)
+        self.dav.books[PERSONAL] = {"z.vcf": card("z@x.org")}  # token 1 now
+        outcome = self.collect("p0@x.org", "z@x.org")
+        self.assertEqual(outcome.created, ["p0@x.org"])
+        self.assertEqual(outcome.skipped, {"exists": ["z@x.org"]})
+
+
 class NoCopiesTests(Harness):
     mirror_size = 0
 
@@ -188,7 +287,7 @@ class BoundTests(Harness):
 
     def test_least_recently_used_books_go_first(self) -> None:
         dav = FakeCardDAV()
-        mirror = BookMirror(CardDAVClient(StubTreq(dav), Clock()), 5)
+        mirror = BookMirror(CardDAVClient(StubTreq(dav), Clock()), 7, Clock())
         books = [URL + "/dav/u%d/b/" % i for i in range(3)]
         for n, book in enumerate(books):
             dav.books[book.removeprefix(URL)] = {
