@@ -42,7 +42,7 @@ from zope.interface import implementer
 
 from mailhub.config import Config
 from mailhub.directory.model import User, normalise_email
-from mailhub.errors import ValidationError
+from mailhub.errors import Unavailable, ValidationError
 from mailhub.events import login_event, publish
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
@@ -63,9 +63,12 @@ from mailhub.web.common import (
 PUSH_REALM = "mailhub push"
 EVENTS_REALM = "mailhub events"
 
-#: Publications started but not finished (e.g. awaiting broker confirms)
-#: before the drain stops taking more from the queue.
+#: In-process publications whose subscribers have not finished (a subscriber
+#: may return a Deferred) before the drain stops taking more from the queue.
+#: Publications to the broker are bounded by its outbox instead.
 MAX_IN_FLIGHT = 256
+#: Seconds before events that found the AMQP outbox full are offered again.
+OUTBOX_RETRY = 0.5
 #: Requests taken from the queue per reactor turn, so answering new requests
 #: interleaves with publishing.
 DRAIN_BATCH = 100
@@ -116,6 +119,14 @@ class PushReceiver:
     requests). With neither username nor password set every request is
     refused with 401, unless ``allow_loopback`` is yes: then requests from
     loopback peers are accepted without credentials.
+
+    After the answer, each request's events are published in process first
+    (event streams, the collector's mail source), then handed to the global
+    pubsub, whose outbox keeps them while the broker is away. When that
+    outbox is full, the events wait here, counted in the queue, and are
+    offered again every :data:`OUTBOX_RETRY` seconds; once the queue is full
+    too, new requests get 503, which Dovecot retries. Nothing accepted is
+    dropped while there is room.
     """
 
     app = Klein()
@@ -127,8 +138,12 @@ class PushReceiver:
         self._settings = config.push
         self._hub = hub
         self._reactor = reactor
+        #: Accepted, not yet published in process.
         self._queue: deque[list[PushEvent]] = deque()
+        #: Published in process, waiting for room in the broker's outbox.
+        self._outgoing: deque[list[PushEvent]] = deque()
         self._drain_call: Any = None
+        self._outgoing_call: Any = None
         self._in_flight = 0
         self._requests = metrics.counter(
             "mailhub_push_requests_total", "Push notifications answered, by driver and status",
@@ -143,7 +158,7 @@ class PushReceiver:
             ["topic"])
         metrics.gauge_callback("mailhub_push_queue_length",
                                "Push requests accepted and not yet published",
-                               lambda: len(self._queue))
+                               self.pending)
         self._warned_open = False
         self._counters: dict[tuple[str, int], Any] = {}
         self._published_by_topic: dict[str, Any] = {}
@@ -163,8 +178,8 @@ class PushReceiver:
         return _Direct(self, self.app.resource())
 
     def pending(self) -> int:
-        """Requests accepted whose events are not yet handed to the pubsub."""
-        return len(self._queue)
+        """Requests accepted whose events are not yet all handed to the pubsub."""
+        return len(self._queue) + len(self._outgoing)
 
     # -- the endpoints ------------------------------------------------------
 
@@ -211,7 +226,7 @@ class PushReceiver:
                 decode: Callable[[bytes], list[PushEvent]]) -> int:
         self._authorize(request, driver)
         body = read_body(request, self._settings.max_body)
-        if len(self._queue) >= self._settings.queue:
+        if self.pending() >= self._settings.queue:
             raise HTTPError(503, {"error": "push queue full, retry later"},
                             {b"retry-after": RETRY_AFTER})
         try:
@@ -261,42 +276,78 @@ class PushReceiver:
         budget = DRAIN_BATCH
         while self._queue and budget and self._in_flight < MAX_IN_FLIGHT:
             budget -= 1
-            for event in self._queue.popleft():
-                self._publish(event)
+            events = self._queue.popleft()
+            for event in events:
+                self._publish_local(event)
+            if not self._local_only:
+                self._outgoing.append(events)
+        self._send_outgoing()
         self._schedule()
 
-    def _publish(self, event: PushEvent) -> None:
-        self._in_flight += 1
+    def _publish_local(self, event: PushEvent) -> None:
+        """Publish in process; without a broker that is the whole publication."""
         try:
-            topic = self._hub.local.topic(event.topic)
-            if self._local_only:  # no broker: forward() would publish once, the same
-                d = topic.publish(event.data)
-            else:
-                d = topic.forward(self._hub.global_, event.data)
+            d = self._hub.local.topic(event.topic).publish(event.data)
         except Exception:
-            self._in_flight -= 1
             self._publish_errors.labels(event.topic).inc()
             self.log.failure("publishing {topic} failed", topic=event.topic)
             return
-
         if d.called and not isinstance(getattr(d, "result", None), Failure):
-            # Fired already (in-process subscribers): count it, no callbacks.
-            self._in_flight -= 1
-            self._count_published(event.topic)
+            # Fired already (plain subscribers): no callbacks needed.
+            if self._local_only:
+                self._count_published(event.topic)
             return
+        self._in_flight += 1
 
-        def published(_: object) -> None:
-            self._count_published(event.topic)
-
-        def failed(failure: Any) -> None:
-            self._publish_errors.labels(event.topic).inc()
-            self.log.failure("publishing {topic} failed", failure, topic=event.topic)
-
-        def finished(_: object) -> None:
+        def finished(result: object) -> None:
             self._in_flight -= 1
+            if isinstance(result, Failure):
+                self._publish_errors.labels(event.topic).inc()
+                self.log.failure("publishing {topic} failed", result, topic=event.topic)
+            elif self._local_only:
+                self._count_published(event.topic)
             self._schedule()
 
-        d.addCallbacks(published, failed).addBoth(finished)
+        d.addBoth(finished)
+
+    def _send_outgoing(self) -> None:
+        """Hand waiting events to the global pubsub, in order, while its outbox takes them."""
+        if self._outgoing_call is not None:
+            return  # the outbox was full: wait for the retry
+        global_: Any = self._hub.global_
+        while self._outgoing:
+            events = self._outgoing[0]
+            while events:
+                event = events[0]
+                try:
+                    d = global_.topic(event.topic).publish(event.data)
+                except Exception:
+                    self._publish_errors.labels(event.topic).inc()
+                    self.log.failure("publishing {topic} failed", topic=event.topic)
+                    events.pop(0)
+                    continue
+                if d.called and isinstance(getattr(d, "result", None), Failure) and \
+                        d.result.check(Unavailable):
+                    # The outbox is full (the broker has been away long): keep
+                    # the event here, in order, and offer it again soon.
+                    d.addErrback(lambda _: None)
+                    self._outgoing_call = self._reactor.callLater(OUTBOX_RETRY, self._retry)
+                    return
+                events.pop(0)
+                d.addCallbacks(self._confirmed, self._refused,
+                               callbackArgs=(event.topic,), errbackArgs=(event.topic,))
+            self._outgoing.popleft()
+
+    def _retry(self) -> None:
+        self._outgoing_call = None
+        self._send_outgoing()
+
+    def _confirmed(self, _: object, topic: str) -> None:
+        self._count_published(topic)
+
+    def _refused(self, failure: Failure, topic: str) -> None:
+        self._publish_errors.labels(topic).inc()
+        self.log.failure("publishing {topic} failed", failure, topic=topic)
 
     def _count_published(self, topic: str) -> None:
         counter = self._published_by_topic.get(topic)
@@ -305,13 +356,31 @@ class PushReceiver:
         counter.inc()
 
     def stop(self) -> None:
-        """Publish whatever is still queued now (on shutdown) and stop draining."""
-        if self._drain_call is not None and self._drain_call.active():
-            self._drain_call.cancel()
-        self._drain_call = None
+        """Publish whatever is still queued now (on shutdown) and stop draining.
+
+        What the broker's outbox cannot take any more is counted and logged
+        as a publication error.
+        """
+        for call in (self._drain_call, self._outgoing_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._drain_call = self._outgoing_call = None
         while self._queue:
-            for event in self._queue.popleft():
-                self._publish(event)
+            events = self._queue.popleft()
+            for event in events:
+                self._publish_local(event)
+            if not self._local_only:
+                self._outgoing.append(events)
+        self._send_outgoing()
+        if self._outgoing_call is not None:
+            self._outgoing_call.cancel()
+            self._outgoing_call = None
+            lost = [event for events in self._outgoing for event in events]
+            for event in lost:
+                self._publish_errors.labels(event.topic).inc()
+            self.log.error("stopping with the AMQP outbox full: {count} push events were "
+                           "not published", count=len(lost))
+            self._outgoing.clear()
 
 
 @implementer(IResource)

@@ -257,3 +257,61 @@ class PushReceiverTests(SynchronousTestCase):
         self.assertEqual(len(seen), 1)
         self.assertEqual(clock.getDelayedCalls(), [])
 
+
+
+class BrokerAwayTests(PushReceiverTests):
+    """The real GlobalPubSub and Outbox, with the broker away (no channel attached)."""
+
+    def setUp(self) -> None:
+        from mailhub.pubsub.amqp import GlobalPubSub
+        from tests.pubsub.fakes import FakeBroker, FakeChannel
+
+        self.broker = FakeBroker(limit=5)
+        self.channel = FakeChannel()
+        self.hub = Hub(local=LocalPubSub(), global_=GlobalPubSub(self.broker))  # type: ignore
+        self.clock, self.metrics = Clock(), Metrics()
+        config = Config(push=PushSection(username=AUTH[0], password=AUTH[1], queue=10))
+        self.receiver = PushReceiver(config, self.hub, self.metrics, self.clock)
+        self.stub = StubTreq(self.receiver.resource())
+        self.local = record(self.hub, "mail:new")
+
+    def deliver(self, uid: int) -> int:
+        code = self.call(self.stub, "PUT", OX_URL, dict(OX_BODY, **{"imap-uid": uid}))[0]
+        self.clock.advance(0)
+        return code
+
+    def test_events_wait_in_the_outbox_then_here_then_dovecot_is_asked_to_retry(self) -> None:
+        codes = [self.deliver(uid) for uid in range(1, 17)]
+        # 5 in the outbox, 10 waiting here (the [push] queue), then 503.
+        self.assertEqual(codes, [200] * 15 + [503])
+        self.assertEqual(len(self.broker.outbox), 5)
+        self.assertEqual(self.receiver.pending(), 10)
+        self.assertEqual(self.metrics.value("mailhub_push_queue_length"), 10)
+        # In-process subscribers are not held up by the broker.
+        self.assertEqual([d["uid"] for _, d in self.local], list(range(1, 16)))
+        self.assertEqual(self.metrics.value("mailhub_push_publish_errors_total",
+                                            {"topic": "mail:new"}), 0)
+
+    def test_everything_accepted_reaches_the_broker_in_order_when_it_comes_back(self) -> None:
+        for uid in range(1, 16):
+            self.assertEqual(self.deliver(uid), 200)
+        self.broker.outbox.attach(self.channel)
+        sent: list[int] = []
+        for _ in range(10):
+            sent = [json.loads(body)["uid"] for body in self.channel.bodies]
+            for tag in range(1, len(sent) + 1):
+                self.broker.outbox.ack(tag, False)
+            self.clock.advance(0.5)
+        self.assertEqual(sent, list(range(1, 16)))
+        self.assertEqual(self.receiver.pending(), 0)
+        self.assertEqual(self.metrics.value("mailhub_push_events_total",
+                                            {"topic": "mail:new"}), 15)
+        self.assertEqual(self.deliver(16), 200)
+
+    def test_stopping_with_the_outbox_full_counts_what_is_not_published(self) -> None:
+        for uid in range(1, 8):
+            self.deliver(uid)
+        self.receiver.stop()
+        self.assertEqual(self.metrics.value("mailhub_push_publish_errors_total",
+                                            {"topic": "mail:new"}), 2)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
