@@ -11,8 +11,13 @@ reconnections).
 
 :class:`GlobalPubSub` speaks ESN's wire format: one durable fanout exchange per
 topic, named as the topic; JSON text bodies; routing key ``''``; each
-subscription declares its own server-named, exclusive, auto-delete queue bound
-to that exchange. Exchanges are declared exactly as OpenPaaS declares them
+subscription has its own queue bound to that exchange. ESN's queues are
+server-named, exclusive and auto-delete, so they die with the connection and
+a subscriber misses what is published until it is back; mailhub's are named
+per subscription and expire (``x-expires``) only after
+:data:`SUBSCRIPTION_EXPIRES` without a consumer, so a subscription that comes
+back after a cut connection gets what was published meanwhile. Exchanges are
+declared exactly as OpenPaaS declares them
 (amqplib's ``assertExchange(topic, 'fanout')``, whose default is
 ``durable: true``), so both can share a topic without PRECONDITION_FAILED.
 """
@@ -23,6 +28,7 @@ import inspect
 import json
 import os
 import socket
+import uuid
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 from urllib.parse import unquote, urlsplit
@@ -266,6 +272,10 @@ class Session:
         """A durable fanout exchange, exactly as OpenPaaS declares its topics."""
         await self._on_control(lambda ch: ch.exchange_declare(
             exchange=name, type="fanout", durable=True))
+
+    async def delete_queue(self, name: str) -> None:
+        """Delete a queue (gone already is fine)."""
+        await self._on_control(lambda ch: ch.queue_delete(queue=name))
 
     async def declare_route(self, route: Route) -> None:
         """Everything a publication on ``route`` needs on the broker."""
@@ -697,10 +707,27 @@ class Broker(Service):
 Subscriber = Callable[[Any], Any]
 
 
+#: Milliseconds a subscription's queue outlives its consumer (``x-expires``):
+#: long enough to come back after a cut connection or a broker restart, short
+#: enough that a node that died leaves nothing behind for long.
+SUBSCRIPTION_EXPIRES = 300_000
+#: Messages a subscription's queue keeps at most while its node is away
+#: (``x-max-length``; the oldest go first).
+SUBSCRIPTION_MAX_LENGTH = 100_000
+
+
+def _queue_name(topic: str) -> str:
+    """A subscription's own queue: recognisable, unique, within AMQP's 255 bytes."""
+    return "mailhub.sub.%s.%s" % (topic.encode("utf-8")[:200].decode("utf-8", "ignore"),
+                                  uuid.uuid4().hex)
+
+
 @attrs.define(eq=False)
 class _Subscription:
     topic: str
     callback: Subscriber
+    queue: str = attrs.field(default=attrs.Factory(lambda self: _queue_name(self.topic),
+                                                   takes_self=True))
     consumer: Consumer | None = None
     active: bool = False
     waiting: list[Deferred[None]] = attrs.Factory(list)
@@ -806,8 +833,25 @@ class GlobalPubSub:
             subscription.ready()
             consumer, subscription.consumer = subscription.consumer, None
             if consumer is not None:
-                d = Deferred.fromCoroutine(consumer.cancel())
+                d = Deferred.fromCoroutine(self._end(consumer, subscription.queue))
                 d.addErrback(lambda f: self.log.failure("cannot cancel a subscription", f))
+
+    async def _end(self, consumer: Consumer, queue: str) -> None:
+        """Stop consuming and delete the subscription's queue (it would expire anyway)."""
+        await consumer.cancel()
+        if not consumer.session.lost:
+            await consumer.session.delete_queue(queue)
+
+    async def drain(self, timeout: float) -> None:
+        """On shutdown: delete every subscription's queue, as nothing will come back for it."""
+        for subscription in list(self._subscriptions):
+            consumer, subscription.consumer = subscription.consumer, None
+            if consumer is not None:
+                try:
+                    await self._end(consumer, subscription.queue)
+                except Exception:
+                    self.log.failure("cannot delete the queue of {topic}",
+                                     topic=subscription.topic)
 
     async def connected(self, session: Session) -> None:
         self._session = session
@@ -834,20 +878,22 @@ class GlobalPubSub:
                            "{reason}", topic=subscription.topic, reason=str(e))
             return
         channel = await session.open_channel()
-        reply = await channel.queue_declare(queue="", exclusive=True, auto_delete=True,
-                                            durable=False)
-        await channel.queue_bind(queue=reply.queue, exchange=subscription.topic,
+        await channel.queue_declare(
+            queue=subscription.queue, exclusive=False, auto_delete=False, durable=False,
+            arguments={"x-expires": SUBSCRIPTION_EXPIRES,
+                       "x-max-length": SUBSCRIPTION_MAX_LENGTH})
+        await channel.queue_bind(queue=subscription.queue, exchange=subscription.topic,
                                  routing_key="")
 
         def handle(delivery: IDelivery) -> Deferred[None]:
             return self._deliver(subscription, delivery)
 
-        consumer = await Consumer.start(session, reply.queue, self.prefetch, handle,
+        consumer = await Consumer.start(session, subscription.queue, self.prefetch, handle,
                                         sequential=True, channel=channel,
                                         clock=self.broker.reactor)
         if subscription not in self._subscriptions:
             # Unsubscribed while we were setting up.
-            await consumer.cancel()
+            await self._end(consumer, subscription.queue)
             return
         subscription.consumer = consumer
         subscription.active = True

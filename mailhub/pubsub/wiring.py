@@ -64,7 +64,7 @@ class PubSub:
                             retry_max: float = 300.0) -> WorkQueue | None:
         """A subscription to the global ``topic`` that mailhub instances share.
 
-        Unlike ``hub.global_.topic(topic).subscribe`` (one exclusive queue per
+        Unlike ``hub.global_.topic(topic).subscribe`` (one queue of its own per
         instance, so every instance sees every publication), this is one
         durable queue, ``queue`` (default ``mailhub:`` + topic), bound to the
         topic's exchange: each publication is handled by one instance, acked

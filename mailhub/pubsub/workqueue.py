@@ -22,7 +22,7 @@ global topic: the durable, non-exclusive queue ``name`` is bound with ``''``
 to the topic's fanout exchange ``exchange`` (declared as
 :class:`~mailhub.pubsub.amqp.GlobalPubSub` declares it, durable fanout, so
 ESN nodes can share it). Every publication on the topic reaches that queue
-once, next to the exclusive queues of ordinary subscribers, and the mailhub
+once, next to each ordinary subscriber's own queue, and the mailhub
 instances consuming it compete for it: each publication is handled by one of
 them, with the same ack, retry and dead-letter rules.
 """

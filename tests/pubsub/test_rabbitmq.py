@@ -56,8 +56,9 @@ class RabbitMQTestCase(TestCase):
 
     async def broker(self, **kw: Any) -> Broker:
         """A started Broker with its own connection name, stopped after the test."""
+        kw.setdefault("connection_name", unique("conn"))
         broker = Broker(reactor, URL, SPEC, heartbeat=5, metrics=Metrics(),
-                        connection_name=unique("conn"), retry_policy=lambda n: 0.1, **kw)
+                        retry_policy=lambda n: 0.1, **kw)
         broker.startService()
         self.addCleanup(broker.stopService)
         return broker
@@ -120,7 +121,10 @@ class GlobalPubSubTests(RabbitMQTestCase):
         topic = self.topic_name()
         publisher_broker = await self.broker()
         publisher = GlobalPubSub(publisher_broker)
-        listener = GlobalPubSub(await self.broker())
+        # The other node's connection carries the same name: the broker cuts
+        # both, as rabbitmqctl close_all_connections would.
+        listener_broker = await self.broker(connection_name=publisher_broker.connection_name)
+        listener = GlobalPubSub(listener_broker)
         heard: list[int] = []
         own: list[int] = []
         await listener.topic(topic).subscribe(lambda data: heard.append(data["n"]))
@@ -142,9 +146,10 @@ class GlobalPubSubTests(RabbitMQTestCase):
 
         publishing = Deferred.fromCoroutine(keep_publishing())
         await wait_for(lambda: len(sent) > 20)
-        self.assertEqual(await close_connections(publisher_broker.connection_name), 1)
-        await wait_for(lambda: publisher_broker.metrics.value(
-            "mailhub_amqp_connections_total") == 2, what="the reconnection")
+        self.assertEqual(await close_connections(publisher_broker.connection_name), 2)
+        for broker in (publisher_broker, listener_broker):
+            await wait_for(lambda: broker.metrics.value(
+                "mailhub_amqp_connections_total") == 2, what="the reconnection")
         cutting = False
         await publishing
         results = await DeferredList(sent, consumeErrors=True)
