@@ -469,7 +469,8 @@ def decode_lua(body: bytes) -> list[PushEvent]:
     single event object; anything else is read as a form
     (``user=...&name=...``), where a missing ``name`` means ``message_new``
     (Dovecot's example script sends no name, and hooks only new and
-    appended messages).
+    appended messages). A flag change that names no flag and no keyword is
+    left out.
     """
     text = _text_of(body)
     if text.lstrip().startswith("{"):
@@ -487,9 +488,22 @@ def decode_lua(body: bytes) -> list[PushEvent]:
                 if not isinstance(item, dict):
                     raise ValidationError("events[%d] must be an object" % index)
                 out.append(_lua_event(item, data.get("user"), "events[%d]" % index, None))
-            return out
-        return [_lua_event(data, None, "event", None)]
-    return [_lua_event(_form(text), None, "form", "message_new")]
+            return [e for e in out if _changes_something(e)]
+        found = [_lua_event(data, None, "event", None)]
+    else:
+        found = [_lua_event(_form(text), None, "form", "message_new")]
+    return [e for e in found if _changes_something(e)]
+
+
+def _changes_something(event: PushEvent) -> bool:
+    """False for a flags_set or flags_clear that names no flag and no keyword.
+
+    Dovecot reports both for every flag change, the one that did nothing
+    with empty lists; publishing it would only be noise on ``mail:flags``.
+    """
+    data = event.data
+    return not (data["event"] in ("flags_set", "flags_clear")
+                and not data["flags"] and not data["keywords"])
 
 
 def _form(text: str) -> dict[str, Any]:

@@ -89,7 +89,8 @@ def test_lua_events_map_to_their_topics() -> None:
         "MailboxUnsubscribe": "mailbox:unsubscribe",
     }
     events = lua({"user": "bob", "events": [
-        {"name": name, "mailbox": "INBOX", "uid": 1, "uid_validity": 2} for name in names]})
+        {"name": name, "mailbox": "INBOX", "uid": 1, "uid_validity": 2, "flags": ["\\Seen"]}
+        for name in names]})
     assert [e.topic for e in events] == list(names.values())
     assert set(names.values()) == set(TOPICS)
     assert all(e.data["user"] == "bob" and e.data["driver"] == "lua" for e in events)
@@ -106,6 +107,21 @@ def test_message_read_says_seen_and_flags_clear_keeps_old_values() -> None:
     assert clear.data["flags"] == ["\\Seen"]  # the bitmask form, read as names
     assert clear.data["flags_old"] == ["\\Seen", "\\Answered"]
     assert clear.data["keywords_old"] == ["x", "y"]
+
+
+def test_a_flag_change_that_names_nothing_is_left_out() -> None:
+    # Dovecot reports a FlagsClear with nothing in it beside every FlagsSet.
+    events = lua({"user": "bob", "events": [
+        {"name": "FlagsSet", "mailbox": "INBOX", "uid": 1, "uid_validity": 2, "flags": 8,
+         "keywords": {}},
+        {"name": "FlagsClear", "mailbox": "INBOX", "uid": 1, "uid_validity": 2, "flags": 0,
+         "keywords": {}},
+        {"name": "FlagsClear", "mailbox": "INBOX", "uid": 1, "uid_validity": 2,
+         "keywords": ["$Junk"]},
+    ]})
+    assert [(e.data["event"], e.data["flags"], e.data["keywords"]) for e in events] == [
+        ("flags_set", ["\\Seen"], []), ("flags_clear", [], ["$Junk"])]
+    assert lua(b"user=bob&name=FlagsSet&mailbox=INBOX&uid=1") == []
 
 
 def test_single_event_body_and_per_event_user() -> None:
