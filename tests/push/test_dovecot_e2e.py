@@ -25,12 +25,12 @@ from mailhub.config import Config, PushSection
 from mailhub.directory.model import User
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
+from mailhub.push import TOPICS
 from mailhub.web.push import EventStream, PushReceiver
 from tests.push.fakes import FakeUserSource
 from tests.support.dovecot import LUA_SCRIPT, Dovecot, message
 
 PUSH_USER, PUSH_PASSWORD = "dovecot", "push-s3cret"
-TOPICS = ("mail:new", "mail:append", "mail:flags", "mail:expunge", "mailbox:create")
 
 
 class _Dispatch(Resource):
@@ -196,6 +196,48 @@ class DovecotPushTests(TestCase):
         self.assertEqual(append["to"], "Zoë <zoe@example.org>, bob@example.org")
         self.assertIn({"user": dc.user, "event": "mailbox_create", "driver": "lua",
                        "mailbox": "Sent"}, self.published("mailbox:create"))
+        self.assertNotIn("Error", dc.log())
+
+    @inlineCallbacks
+    def test_shipped_lua_script_sends_flags_expunges_and_mailbox_changes(self) -> None:
+        dc = self.dovecot(driver="lua:file=%s" % LUA_SCRIPT, lua=True, plugin={
+            "mailhub_push_url": "%s/push/v1/notify" % self.relay_base})
+        result = yield self.in_thread(dc.deliver, message())
+        self.assertEqual(result.code, 0, result.stderr)
+        yield self.wait_for("mail:new", lambda: self.published("mail:new"))
+        steps = [
+            ("flags", "add", "\\Seen", "mailbox", "INBOX", "1"),
+            ("flags", "add", "\\Flagged $Label1", "mailbox", "INBOX", "1"),
+            ("flags", "remove", "$Label1", "mailbox", "INBOX", "1"),
+            ("flags", "add", "\\Deleted", "mailbox", "INBOX", "1"),
+            ("expunge", "mailbox", "INBOX", "1"),
+            ("mailbox", "create", "Archive"), ("mailbox", "subscribe", "Archive"),
+            ("mailbox", "unsubscribe", "Archive"), ("mailbox", "rename", "Archive", "Old"),
+            ("mailbox", "delete", "Old"),
+        ]
+        for step in steps:
+            result = yield self.in_thread(dc.doveadm, *step)
+            self.assertEqual(result.code, 0, (step, result.stderr))
+        yield self.wait_for("mailbox:delete", lambda: self.published("mailbox:delete"))
+        flags = [(e["event"], e["flags"], e["keywords"]) for e in self.published("mail:flags")]
+        self.assertEqual(flags, [
+            ("flags_set", ["\\Seen"], []), ("message_read", ["\\Seen"], []),
+            ("flags_set", ["\\Flagged"], ["$Label1"]),
+            ("flags_clear", [], ["$Label1"]),
+            ("flags_set", ["\\Deleted"], []),
+        ])
+        self.assertEqual([(e["event"], e["mailbox"], e["uid"])
+                          for e in self.published("mail:expunge")],
+                         [("message_trash", "INBOX", 1), ("message_expunge", "INBOX", 1)])
+        mailboxes = [(t, d["mailbox"], d.get("mailbox_old")) for t, d in self.seen
+                     if t.startswith("mailbox:")]
+        self.assertEqual(mailboxes, [
+            ("mailbox:create", "INBOX", None),  # made by the delivery
+            ("mailbox:create", "Archive", None), ("mailbox:subscribe", "Archive", None),
+            ("mailbox:unsubscribe", "Archive", None), ("mailbox:rename", "Old", "Archive"),
+            ("mailbox:delete", "Old", None)])
+        self.assertTrue(all(d["user"] == dc.user and d["driver"] == "lua"
+                            for _, d in self.seen))
         self.assertNotIn("Error", dc.log())
 
     @inlineCallbacks
