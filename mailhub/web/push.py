@@ -276,13 +276,16 @@ class PushReceiver:
         budget = DRAIN_BATCH
         while self._queue and budget and self._in_flight < MAX_IN_FLIGHT:
             budget -= 1
-            events = self._queue.popleft()
-            for event in events:
-                self._publish_local(event)
-            if not self._local_only:
-                self._outgoing.append(events)
+            self._hand_over(self._queue.popleft())
         self._send_outgoing()
         self._schedule()
+
+    def _hand_over(self, events: list[PushEvent]) -> None:
+        """Publish one request's events in process, and line them up for the broker."""
+        for event in events:
+            self._publish_local(event)
+        if not self._local_only:
+            self._outgoing.append(events)
 
     def _publish_local(self, event: PushEvent) -> None:
         """Publish in process; without a broker that is the whole publication."""
@@ -366,11 +369,7 @@ class PushReceiver:
                 call.cancel()
         self._drain_call = self._outgoing_call = None
         while self._queue:
-            events = self._queue.popleft()
-            for event in events:
-                self._publish_local(event)
-            if not self._local_only:
-                self._outgoing.append(events)
+            self._hand_over(self._queue.popleft())
         self._send_outgoing()
         if self._outgoing_call is not None:
             self._outgoing_call.cancel()
