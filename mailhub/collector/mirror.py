@@ -10,7 +10,8 @@ book (64 ms at 200 cards, 290 ms at 1,000, against 13 and 38 ms for a PUT).
 (sync-collection, RFC 6578: the server sends only the cards added or changed
 and the hrefs removed) and answers the question from the copy. The copy is
 brought up to date by every lookup before it is read, so it is never older
-than the lookup: it is exactly what a query would have read, and holds
+than the lookup: it finds what a query would have found (and spellings a
+query misses, as addresses are compared by :func:`address_key`), and holds
 nothing that another instance would need (each instance keeps its own copy,
 and each is checked against the server).
 
