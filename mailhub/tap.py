@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import treq
 from twisted.application.internet import StreamServerEndpointService
@@ -140,7 +140,7 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
     stops: list[Callable[[], Any]] = [push.stop, events.close]
     if config.collector.enabled:
         dispatcher, dav = _collector(config, pubsub, users, metrics, reactor, pools, stops,
-                                     throttle)
+                                     throttle, directory.refresh)
         calendar = CalendarCollect(
             dispatcher, lambda token: Deferred.fromCoroutine(directory.check_token(token)),
             config.mailhub.max_body)
@@ -200,7 +200,8 @@ def _users(config: Config, database: StoreService, directory: Directory, reactor
 
 def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, reactor: Any,
                top: MultiService, stops: list[Callable[[], Any]],
-               throttle: Throttle) -> tuple[Any, EmbeddedDAV | None]:
+               throttle: Throttle, refresh_users: Callable[[], Awaitable[None]],
+               ) -> tuple[Any, EmbeddedDAV | None]:
     """The contact collector: CardDAV client, engine, queue consumer and sources."""
     dav: EmbeddedDAV | None = None
     credentials: tuple[str, str] | None = None
@@ -228,7 +229,7 @@ def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, rea
     engine = CollectorEngine(users, carddav, layout, pubsub.hub, metrics, reactor,
                              skip_site_users=collector.skip_site_users,
                              cache_ttl=collector.cache_ttl, cache_size=collector.cache_size,
-                             mirror_size=collector.mirror_size)
+                             mirror_size=collector.mirror_size, refresh_users=refresh_users)
     queue = pubsub.work_queue(collector.queue, dead_letter=collector.dead_letter,
                               retry_initial=collector.retry_initial,
                               retry_max=collector.retry_max)

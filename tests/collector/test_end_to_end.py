@@ -245,6 +245,23 @@ def test_openpaas_messages_become_vcards_in_radicale(
     site.assert_clean_log()
 
 
+def test_a_user_added_while_mailhub_runs_is_collected_for_at_once(
+        sites: Callable[..., Site], peer: WorkQueuePeer, radicale: RadicaleServer) -> None:
+    site = sites(external(radicale))
+    # Users in memory follow the database every poll_interval: make that long,
+    # so that the user below is in the database and not yet in memory.
+    site.text = site.text.replace("[database]\n", "[database]\npoll_interval = 600\n")
+    site.config.write_text(site.text)
+    mailhub = site.start()
+    site.add_user(ALICE, "Alice Example")
+    peer.publish({"userEmail": ALICE, "emails": ["New One <new@x.org>"]})
+    wait_until(lambda: handled(mailhub) == 1, "the message handled")
+    [card] = read_collected(radicale, ALICE)
+    assert_is_collected_card(card, "new@x.org", "New One")
+    assert metric(mailhub, "mailhub_workqueue_dead_lettered_total", queue=peer.queue) == 0
+    site.assert_clean_log()
+
+
 # -- 2. dedup across books -----------------------------------------------------
 
 PERSONAL_CARD = ("BEGIN:VCARD\r\nVERSION:3.0\r\nUID:personal-1\r\nFN:Known Person\r\n"

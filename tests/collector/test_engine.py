@@ -103,6 +103,30 @@ class EngineTests(SynchronousTestCase):
                                             {"kind": "poison"}), len(cases))
         self.assertEqual(self.dav.books.get(COLLECTED), None)
 
+    def test_a_user_made_a_moment_ago_is_found_once_the_users_have_caught_up(self) -> None:
+        carol = User(login="carol@example.org", emails=("carol@example.org",), id="C3")
+        caught_up: list[int] = []
+
+        async def refresh() -> None:
+            # The database has her already; the users in memory follow it.
+            caught_up.append(1)
+            if carol not in self.users.users:
+                self.users.users.append(carol)
+
+        engine = CollectorEngine(
+            self.users, CardDAVClient(self.stub, self.clock, credentials=("svc", "pw")),
+            BookLayout.from_config("http://dav.test/dav/", ""), self.hub, self.metrics,
+            self.clock, refresh_users=refresh)
+        outcome = self.successResultOf(engine.handle(body(userId="C3", emails=["k@y.org"])))
+        self.assertEqual((outcome.user, outcome.created), ("carol@example.org", ["k@y.org"]))
+        self.assertEqual(caught_up, [1])
+        # Known users cost no catching up; unknown ones are still poison after it.
+        self.successResultOf(engine.handle(body(userId="C3", emails=["l@y.org"])))
+        self.assertEqual(caught_up, [1])
+        self.failureResultOf(engine.handle(body(userId="nobody", emails=["a@b.org"])),
+                             ValidationError)
+        self.assertEqual(caught_up, [1, 1])
+
     def test_a_card_the_server_refuses_for_good_is_reported_and_the_rest_collected(self) -> None:
         refused = COLLECTED + contact_uuid("bad@x.org") + ".vcf"
         put = self.dav.do_PUT
