@@ -24,7 +24,7 @@ from mailhub.collector.carddav import BookLayout, CardDAVClient
 from mailhub.collector.embedded import EmbeddedDAV
 from mailhub.collector.engine import CollectorEngine
 from mailhub.collector.sources import (
-    CalendarSource, InProcessDispatcher, MailSource, QueueDispatcher,
+    CalendarSource, InProcessDispatcher, MailSource, QueueDispatcher, Spool, SpoolRecovery,
 )
 from mailhub.config import Config, load
 from mailhub.directory.cache import Directory
@@ -240,8 +240,10 @@ def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, rea
         dispatcher = QueueDispatcher(queue.publish)
     else:
         dispatcher = InProcessDispatcher(engine.handle, reactor, collector.retry_initial,
-                                         collector.retry_max, metrics=metrics)
+                                         collector.retry_max, metrics=metrics,
+                                         spool=Spool(config.data_dir / "collector-spool"))
         stops.append(dispatcher.stop)
+        SpoolRecovery(dispatcher).setServiceParent(top)
     MailSource(pubsub.hub, dispatcher, collector.sent_folders, metrics).start()
     calendar_source = CalendarSource(
         pubsub.hub, dispatcher, metrics,

@@ -8,8 +8,11 @@ Both sources turn what they see into the ``collector:email`` message
   (ack after collection, retries, dead letters, one consumer among instances);
 - :class:`InProcessDispatcher` (no broker) calls the engine directly and
   retries transient failures with exponential backoff, bounded in number of
-  messages held. Messages held for a retry are lost if the process stops:
-  without a broker there is nowhere durable to keep them.
+  messages held. With a :class:`Spool` (as ``twistd mailhub`` gives it, in
+  the data folder) each message is on disk from its acceptance until it is
+  collected or decided, so a stop, a crash or a kill -9 loses nothing (the
+  next start collects what was held), and what can never be collected is
+  kept in ``dead/`` with its reason.
 
 :class:`MailSource` listens to the local ``mail:append`` topic (the push
 receiver's MessageAppend events) and collects the recipients of messages
@@ -23,11 +26,16 @@ the HTTP surface in :mod:`mailhub.web.calendar`.
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import re
+import time
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import vobject
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -51,77 +59,191 @@ class QueueDispatcher:
         return self._publish(body)
 
 
+class Spool:
+    """Collector messages on disk, from their acceptance until collected or decided.
+
+    ``folder`` holds one file per message (``<name>.msg``, the body as it
+    was submitted), written under a temporary name and renamed, so a crash
+    leaves each one whole or absent; ``folder/dead`` holds the messages that
+    can never be collected, each with a ``<name>.reason`` beside it. Names
+    sort in the order the messages came. Files are not fsynced: they survive
+    a crash or a kill -9 of mailhub, not a power cut of the machine.
+    """
+
+    log = Logger()
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.dead_folder = folder / "dead"
+        self.dead_folder.mkdir(parents=True, exist_ok=True)
+        self._counter = itertools.count()
+
+    def keep(self, body: bytes) -> str:
+        """Write ``body`` down; its name. Raises Unavailable when the disk refuses."""
+        name = "%020d-%d-%06d" % (time.time_ns(), os.getpid(), next(self._counter))
+        temporary = self.folder / (name + ".tmp")
+        try:
+            temporary.write_bytes(body)
+            os.replace(temporary, self.folder / (name + ".msg"))
+        except OSError as e:
+            try:
+                temporary.unlink(missing_ok=True)
+            except OSError:
+                pass  # nothing was written there either
+            raise Unavailable("cannot keep the collector message in %s: %s" % (self.folder, e))
+        return name
+
+    def done(self, name: str) -> None:
+        """The message is collected: forget it."""
+        try:
+            (self.folder / (name + ".msg")).unlink(missing_ok=True)
+        except OSError:
+            self.log.failure("cannot remove {name} from the collector spool", name=name)
+
+    def dead(self, name: str, reason: str) -> None:
+        """The message can never be collected: keep it in ``dead/`` with the reason."""
+        reason_file = self.dead_folder / (name + ".reason")
+        temporary = self.dead_folder / (name + ".reason.tmp")
+        try:
+            # The message first, then its reason (whole, by a rename): whoever
+            # sees a reason finds its message beside it.
+            os.replace(self.folder / (name + ".msg"), self.dead_folder / (name + ".msg"))
+            temporary.write_text(reason + "\n", "utf-8")
+            os.replace(temporary, reason_file)
+        except OSError:
+            self.log.failure("cannot move {name} to the collector spool's dead letters",
+                             name=name)
+
+    def held(self) -> list[tuple[str, bytes]]:
+        """The messages on disk, oldest first (half-written ones are removed)."""
+        for leftover in self.folder.glob("*.tmp"):
+            leftover.unlink(missing_ok=True)
+        found = []
+        for path in sorted(self.folder.glob("*.msg")):
+            try:
+                found.append((path.stem, path.read_bytes()))
+            except OSError:
+                self.log.failure("cannot read {path} from the collector spool", path=path)
+        return found
+
+
 class InProcessDispatcher:
     """Without a broker: run the engine now, and retry transient failures later.
 
-    ``handler`` is :meth:`CollectorEngine.handle`. A ValidationError drops the
-    message (logged, counted); any other failure retries after
-    ``retry_initial`` seconds, doubling up to ``retry_max``. At most ``limit``
-    messages are held (running or waiting); beyond that ``submit`` fails with
-    Unavailable so the caller can push back.
+    ``handler`` is :meth:`CollectorEngine.handle`. A ValidationError ends the
+    message (logged, counted, and kept in the spool's ``dead/`` with the
+    reason); any other failure retries after ``retry_initial`` seconds,
+    doubling up to ``retry_max``. At most ``limit`` messages are held
+    (running or waiting); beyond that ``submit`` fails with Unavailable so
+    the caller can push back. With a ``spool``, every message is on disk
+    until it is collected or decided, and :meth:`recover` takes up again
+    what an earlier process left there.
     """
 
     log = Logger()
 
     def __init__(self, handler: Callable[[bytes], Deferred[Any]], clock: IReactorTime,
                  retry_initial: float = 1.0, retry_max: float = 300.0, limit: int = 1000,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, spool: Spool | None = None) -> None:
         self._handler = handler
         self._clock = clock
         self._initial = retry_initial
         self._max = retry_max
         self._limit = limit
+        self._spool = spool
         self._waiting: set[Any] = set()
+        self._names: set[str] = set()
         self.held = 0
         metrics = metrics or Metrics()
         self._retries = metrics.counter(
             "mailhub_collector_retries_total", "In-process collector retries (no broker)")
         self._dropped = metrics.counter(
             "mailhub_collector_dropped_total",
-            "In-process collector messages dropped: poison, or too many held", ["reason"])
+            "In-process collector messages ended without collecting: poison (kept in the "
+            "spool's dead letters), or refused when too many were held", ["reason"])
         metrics.gauge_callback("mailhub_collector_held", "In-process collector messages held",
                                lambda: self.held)
 
     def submit(self, body: bytes) -> Deferred[Any]:
-        """Accept a message (fires at once); the engine runs it, retrying as needed."""
+        """Accept a message (written to the spool first, if any); the engine runs it,
+        retrying as needed."""
         if self.held >= self._limit:
             self._dropped.labels(reason="full").inc()
             raise Unavailable("collector is holding %d messages already" % self.held)
-        self.held += 1
-        self._run(body, self._initial)
+        name = self._spool.keep(body) if self._spool is not None else None
+        self._start(body, name)
         return succeed(None)
 
-    def _run(self, body: bytes, delay: float) -> None:
+    def recover(self) -> int:
+        """Take up the messages a stopped process left in the spool; how many."""
+        if self._spool is None:
+            return 0
+        found = [(name, body) for name, body in self._spool.held() if name not in self._names]
+        for name, body in found:
+            self._start(body, name)
+        if found:
+            self.log.info("collecting {count} messages left in the spool by an earlier run",
+                          count=len(found))
+        return len(found)
+
+    def _start(self, body: bytes, name: str | None) -> None:
+        self.held += 1
+        if name is not None:
+            self._names.add(name)
+        self._run(body, self._initial, name)
+
+    def _run(self, body: bytes, delay: float, name: str | None) -> None:
         d = maybeDeferred(self._handler, body)
 
         def failed(failure: Any) -> None:
             if failure.check(ValidationError):
-                self.held -= 1
+                self._finished(name)
                 self._dropped.labels(reason="poison").inc()
                 self.log.warn("collector message dropped: {reason}",
                               reason=failure.getErrorMessage())
+                if self._spool is not None and name is not None:
+                    self._spool.dead(name, failure.getErrorMessage())
                 return
             self._retries.inc()
             self.log.info("collector message failed ({reason}); retrying in {delay}s",
                           reason=failure.getErrorMessage(), delay=delay)
-            call = self._clock.callLater(delay, self._retry, body, min(delay * 2, self._max))
+            call = self._clock.callLater(delay, self._retry, body, min(delay * 2, self._max),
+                                         name)
             self._waiting.add(call)
 
-        d.addCallbacks(lambda _: self._finished(), failed)
+        def collected(_: object) -> None:
+            self._finished(name)
+            if self._spool is not None and name is not None:
+                self._spool.done(name)
 
-    def _finished(self) -> None:
+        d.addCallbacks(collected, failed)
+
+    def _finished(self, name: str | None) -> None:
         self.held -= 1
+        if name is not None:
+            self._names.discard(name)
 
-    def _retry(self, body: bytes, delay: float) -> None:
+    def _retry(self, body: bytes, delay: float, name: str | None) -> None:
         self._waiting = {c for c in self._waiting if c.active()}
-        self._run(body, delay)
+        self._run(body, delay, name)
 
     def stop(self) -> None:
-        """Cancel waiting retries (at shutdown); their messages are lost."""
+        """Cancel waiting retries (at shutdown); their messages stay in the spool, if any."""
         for call in self._waiting:
             if call.active():
                 call.cancel()
         self._waiting.clear()
+
+
+class SpoolRecovery(Service):
+    """Takes up, once mailhub runs, what an earlier process left in the spool."""
+
+    def __init__(self, dispatcher: InProcessDispatcher) -> None:
+        self.dispatcher = dispatcher
+
+    def startService(self) -> None:
+        super().startService()
+        self.dispatcher.recover()
 
 
 def folder_matches(mailbox: str, folders: Iterable[str]) -> bool:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+import shutil
+from pathlib import Path
+from typing import Any, Callable
 
 from treq.testing import StubTreq
-from twisted.internet.defer import fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailhub.collector.sources import (
-    CalendarSource, InProcessDispatcher, MailSource, QueueDispatcher, folder_matches,
+    CalendarSource, InProcessDispatcher, MailSource, QueueDispatcher, Spool, folder_matches,
     ical_addresses, jcal_addresses)
 from mailhub.errors import Unavailable, ValidationError
 from mailhub.metrics import Metrics
@@ -157,6 +159,65 @@ class DispatcherTests(SynchronousTestCase):
         stuck.submit(b"x")
         self.assertRaises(Unavailable, stuck.submit, b"y")
         stuck.stop()
+
+    def spooled(self, handler: Callable[[bytes], Any], **kw: Any) -> tuple[Any, Any]:
+        folder = Path(self.mktemp()) / "spool"
+        spool = Spool(folder)
+        return InProcessDispatcher(handler, kw.pop("clock", Clock()), spool=spool, **kw), spool
+
+    def test_a_message_is_on_disk_until_it_is_collected(self) -> None:
+        answers: list[Deferred[None]] = []
+        d, spool = self.spooled(lambda body: answers.append(Deferred()) or answers[-1])
+        self.successResultOf(d.submit(b'{"m": 1}'))
+        [(name, body)] = spool.held()
+        self.assertEqual(body, b'{"m": 1}')
+        answers[0].callback(None)
+        self.assertEqual(spool.held(), [])
+        self.assertEqual(list(spool.dead_folder.iterdir()), [])
+
+    def test_a_message_held_for_a_retry_survives_a_stop_and_is_collected_next_time(
+            self) -> None:
+        clock = Clock()
+        d, spool = self.spooled(lambda body: fail(Unavailable("down")), clock=clock)
+        self.successResultOf(d.submit(b"first"))
+        self.successResultOf(d.submit(b"second"))
+        d.stop()
+        self.assertEqual([body for _, body in spool.held()], [b"first", b"second"])
+        # The next process, on the same folder; a half-written file is dropped.
+        (spool.folder / "junk.tmp").write_bytes(b"half")
+        seen: list[bytes] = []
+        again = InProcessDispatcher(lambda body: succeed(seen.append(body)), Clock(),
+                                    spool=Spool(spool.folder))
+        self.assertEqual(again.recover(), 2)
+        self.assertEqual(seen, [b"first", b"second"])
+        self.assertEqual(list(spool.folder.glob("*.msg")) + list(spool.folder.glob("*.tmp")),
+                         [])
+        self.assertEqual(again.recover(), 0)
+
+    def test_recover_leaves_alone_what_this_process_is_collecting(self) -> None:
+        answers: list[Deferred[None]] = []
+        d, spool = self.spooled(lambda body: answers.append(Deferred()) or answers[-1])
+        d.submit(b"running")
+        self.assertEqual(d.recover(), 0)
+        self.assertEqual(len(answers), 1)
+        answers[0].callback(None)
+
+    def test_poison_is_kept_in_dead_with_its_reason(self) -> None:
+        d, spool = self.spooled(lambda body: fail(ValidationError("unknown user (x)")))
+        self.successResultOf(d.submit(b"poison"))
+        self.assertEqual(spool.held(), [])
+        [reason] = spool.dead_folder.glob("*.reason")
+        self.assertEqual(reason.read_text(), "unknown user (x)\n")
+        self.assertEqual(reason.with_suffix(".msg").read_bytes(), b"poison")
+
+    def test_a_disk_that_refuses_the_message_pushes_back(self) -> None:
+        d, spool = self.spooled(lambda body: succeed(None))
+        # The spool's folder is gone and a file stands in its place: every
+        # write fails, as on a full or broken disk (also for root).
+        shutil.rmtree(spool.folder)
+        spool.folder.write_bytes(b"")
+        self.assertRaises(Unavailable, d.submit, b"m")
+        self.assertEqual(d.held, 0)
 
     def test_queue_dispatcher_publishes_the_body(self) -> None:
         sent: list[bytes] = []
