@@ -57,6 +57,12 @@ def _href_key(url: str) -> str:
     return unquote(urlsplit(url).path)
 
 
+def _book_key(url: str) -> str:
+    """One spelling per book: the PROPFIND's ``/alice%40x.org/b/`` and the
+    configured ``/alice@x.org/b`` are the same book."""
+    return _href_key(url).rstrip("/")
+
+
 def summary(card: Card) -> Card:
     """``card`` with only the lines a lookup reads (see module docstring)."""
     lines = []
@@ -164,36 +170,40 @@ class BookMirror:
         A book made again at the same URL may start its sync tokens afresh;
         an old token could then read as "nothing changed" on some servers.
         """
-        copy = self._copies.get(book)
+        key = _book_key(book)
+        copy = self._copies.get(key)
         if copy is not None and not copy.lock.locked:
-            self._drop(book)
+            self._drop(key)
         elif copy is not None:
             copy.stale = True  # dropped by the lookup that holds it
 
     def _is_queried(self, book: str) -> bool:
-        until = self._queried.get(book)
+        key = _book_key(book)
+        until = self._queried.get(key)
         if until is None:
             return False
         if until > self._clock.seconds():
             return True
-        del self._queried[book]
+        del self._queried[key]
         return False
 
     def _query_from_now_on(self, book: str) -> None:
-        self._queried.pop(book, None)
-        self._queried[book] = self._clock.seconds() + QUERY_FOR
+        key = _book_key(book)
+        self._queried.pop(key, None)
+        self._queried[key] = self._clock.seconds() + QUERY_FOR
         while len(self._queried) > QUERIED_MAX:
             self._queried.popitem(last=False)
-        self._drop(book)
+        self._drop(key)
 
     async def _synced(self, book: str) -> _Copy | None:
         """The copy of ``book``, brought up to date now; None to query it instead."""
-        copy = self._copies.get(book)
+        key = _book_key(book)
+        copy = self._copies.get(key)
         if copy is None:
-            copy = self._copies[book] = _Copy()
-        self._copies.move_to_end(book)
+            copy = self._copies[key] = _Copy()
+        self._copies.move_to_end(key)
         async with copy.lock:
-            if self._copies.get(book) is not copy or self._is_queried(book):
+            if self._copies.get(key) is not copy or self._is_queried(book):
                 # Dropped or decided while this lookup waited: start again.
                 return None if self._is_queried(book) else await self._synced(book)
             if copy.stale:
@@ -215,7 +225,7 @@ class BookMirror:
                 self.log.info("{book} has {count} cards, more than [collector] mirror_size: "
                               "it is queried, not copied", book=book, count=len(copy.cards))
             else:
-                self._evict(keep=book)
+                self._evict(keep=key)
                 return copy
             self._query_from_now_on(book)
             return None
@@ -254,16 +264,16 @@ class BookMirror:
                 return
             fresh = False
 
-    def _drop(self, book: str) -> None:
-        copy = self._copies.pop(book, None)
+    def _drop(self, key: str) -> None:
+        copy = self._copies.pop(key, None)
         if copy is not None:
             self._held -= len(copy.cards)
             copy.clear()
 
     def _evict(self, keep: str) -> None:
         """Drop the least recently used copies while more is held than allowed."""
-        for book in list(self._copies):
+        for key in list(self._copies):
             if self._held + len(self._copies) <= self._size:
                 return
-            if book != keep and not self._copies[book].lock.locked:
-                self._drop(book)
+            if key != keep and not self._copies[key].lock.locked:
+                self._drop(key)
