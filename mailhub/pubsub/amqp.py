@@ -36,7 +36,9 @@ from urllib.parse import unquote, urlsplit
 import attrs
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
+from twisted.internet.defer import (
+    Deferred, DeferredList, TimeoutError as DeferredTimeout, fail, maybeDeferred, succeed,
+)
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
@@ -798,6 +800,7 @@ class GlobalPubSub:
         self.prefetch = broker.prefetch
         self._topics: dict[str, GlobalTopic] = {}
         self._subscriptions: list[_Subscription] = []
+        self._ending: set[Deferred[None]] = set()
         self._session: Session | None = None
         metrics = metrics or broker.metrics
         self._received = metrics.counter(
@@ -833,8 +836,15 @@ class GlobalPubSub:
             subscription.ready()
             consumer, subscription.consumer = subscription.consumer, None
             if consumer is not None:
-                d = Deferred.fromCoroutine(self._end(consumer, subscription.queue))
-                d.addErrback(lambda f: self.log.failure("cannot cancel a subscription", f))
+                self._end_soon(consumer, subscription.queue)
+
+    def _end_soon(self, consumer: Consumer, queue: str) -> None:
+        """:meth:`_end` in the background; :meth:`drain` waits for it."""
+        d = Deferred.fromCoroutine(self._end(consumer, queue))
+        d.addErrback(lambda f: self.log.failure("cannot delete the queue {queue}", f,
+                                                queue=queue))
+        self._ending.add(d)
+        d.addBoth(lambda _: self._ending.discard(d))
 
     async def _end(self, consumer: Consumer, queue: str) -> None:
         """Stop consuming and delete the subscription's queue (it would expire anyway)."""
@@ -843,15 +853,21 @@ class GlobalPubSub:
             await consumer.session.delete_queue(queue)
 
     async def drain(self, timeout: float) -> None:
-        """On shutdown: delete every subscription's queue, as nothing will come back for it."""
+        """On shutdown: delete every subscription's queue, as nothing will come back
+        for it (within ``timeout`` seconds; what is left expires on the broker)."""
         for subscription in list(self._subscriptions):
             consumer, subscription.consumer = subscription.consumer, None
             if consumer is not None:
-                try:
-                    await self._end(consumer, subscription.queue)
-                except Exception:
-                    self.log.failure("cannot delete the queue of {topic}",
-                                     topic=subscription.topic)
+                self._end_soon(consumer, subscription.queue)
+        if not self._ending:
+            return
+        waiting = DeferredList(list(self._ending), consumeErrors=True)
+        waiting.addTimeout(timeout, self.broker.reactor)
+        try:
+            await waiting
+        except DeferredTimeout:
+            self.log.warn("the broker did not delete {count} subscription queues in {timeout} s;"
+                          " they expire by themselves", count=len(self._ending), timeout=timeout)
 
     async def connected(self, session: Session) -> None:
         self._session = session
@@ -878,8 +894,10 @@ class GlobalPubSub:
                            "{reason}", topic=subscription.topic, reason=str(e))
             return
         channel = await session.open_channel()
+        # Durable: RabbitMQ 4 deprecates transient queues that are not
+        # exclusive (and will refuse them); x-expires removes it all the same.
         await channel.queue_declare(
-            queue=subscription.queue, exclusive=False, auto_delete=False, durable=False,
+            queue=subscription.queue, exclusive=False, auto_delete=False, durable=True,
             arguments={"x-expires": SUBSCRIPTION_EXPIRES,
                        "x-max-length": SUBSCRIPTION_MAX_LENGTH})
         await channel.queue_bind(queue=subscription.queue, exchange=subscription.topic,
@@ -893,7 +911,7 @@ class GlobalPubSub:
                                         clock=self.broker.reactor)
         if subscription not in self._subscriptions:
             # Unsubscribed while we were setting up.
-            await self._end(consumer, subscription.queue)
+            self._end_soon(consumer, subscription.queue)
             return
         subscription.consumer = consumer
         subscription.active = True
