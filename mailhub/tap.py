@@ -138,6 +138,7 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
     root.mount_at(config.mailstore.path, mailstore.resource())
 
     stops: list[Callable[[], Any]] = [push.stop, events.close]
+    later: list[Service] = []  # started once the database and directory are ready
     if config.collector.enabled:
         dispatcher, dav = _collector(config, pubsub, users, metrics, reactor, pools, stops,
                                      throttle, directory.refresh)
@@ -145,6 +146,8 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
             dispatcher, lambda token: Deferred.fromCoroutine(directory.check_token(token)),
             config.mailhub.max_body)
         root.mount(b"collector", calendar.resource())
+        if isinstance(dispatcher, InProcessDispatcher):
+            later.append(SpoolRecovery(dispatcher))
         if dav is not None:
             root.mount(dav.segment, dav.resource())
             directory.on_change.append(dav.directory_changed)
@@ -165,6 +168,8 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
     ready.setServiceParent(top)
     directory.setServiceParent(ready)
     OnStop(*stops).setServiceParent(ready)
+    for service in later:
+        service.setServiceParent(ready)
     web = StreamServerEndpointService(endpoint, site)
     web.setName("web")
     web.setServiceParent(ready)
@@ -243,7 +248,6 @@ def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, rea
                                          collector.retry_max, metrics=metrics,
                                          spool=Spool(config.data_dir / "collector-spool"))
         stops.append(dispatcher.stop)
-        SpoolRecovery(dispatcher).setServiceParent(top)
     MailSource(pubsub.hub, dispatcher, collector.sent_folders, metrics).start()
     calendar_source = CalendarSource(
         pubsub.hub, dispatcher, metrics,

@@ -31,6 +31,7 @@ import json
 import os
 import re
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -114,9 +115,13 @@ class Spool:
             self.log.failure("cannot move {name} to the collector spool's dead letters",
                              name=name)
 
+    def dead_count(self) -> int:
+        """How many messages ``dead/`` holds."""
+        return sum(1 for _ in self.dead_folder.glob("*.msg"))
+
     def held(self) -> list[tuple[str, bytes]]:
-        """The messages on disk, oldest first (half-written ones are removed)."""
-        for leftover in self.folder.glob("*.tmp"):
+        """The messages on disk, oldest first (half-written files are removed)."""
+        for leftover in [*self.folder.glob("*.tmp"), *self.dead_folder.glob("*.tmp")]:
             leftover.unlink(missing_ok=True)
         found = []
         for path in sorted(self.folder.glob("*.msg")):
@@ -153,7 +158,11 @@ class InProcessDispatcher:
         self._spool = spool
         self._waiting: set[Any] = set()
         self._names: set[str] = set()
+        #: Recovered messages waiting for room under ``limit``.
+        self._backlog: deque[tuple[str, bytes]] = deque()
+        self._stopped = False
         self.held = 0
+        self._dead = spool.dead_count() if spool is not None else 0
         metrics = metrics or Metrics()
         self._retries = metrics.counter(
             "mailhub_collector_retries_total", "In-process collector retries (no broker)")
@@ -162,7 +171,10 @@ class InProcessDispatcher:
             "In-process collector messages ended without collecting: poison (kept in the "
             "spool's dead letters), or refused when too many were held", ["reason"])
         metrics.gauge_callback("mailhub_collector_held", "In-process collector messages held",
-                               lambda: self.held)
+                               lambda: self.held + len(self._backlog))
+        metrics.gauge_callback("mailhub_collector_spool_dead",
+                               "Messages in the collector spool's dead/ (no broker)",
+                               lambda: self._dead)
 
     def submit(self, body: bytes) -> Deferred[Any]:
         """Accept a message (written to the spool first, if any); the engine runs it,
@@ -175,16 +187,27 @@ class InProcessDispatcher:
         return succeed(None)
 
     def recover(self) -> int:
-        """Take up the messages a stopped process left in the spool; how many."""
+        """Take up the messages a stopped process left in the spool; how many.
+
+        They are started oldest first as room allows under ``limit``, beside
+        new messages.
+        """
         if self._spool is None:
             return 0
-        found = [(name, body) for name, body in self._spool.held() if name not in self._names]
-        for name, body in found:
-            self._start(body, name)
+        self._stopped = False
+        waiting = {name for name, _ in self._backlog} | self._names
+        found = [(name, body) for name, body in self._spool.held() if name not in waiting]
+        self._backlog.extend(found)
         if found:
             self.log.info("collecting {count} messages left in the spool by an earlier run",
                           count=len(found))
+        self._take_backlog()
         return len(found)
+
+    def _take_backlog(self) -> None:
+        while self._backlog and self.held < self._limit and not self._stopped:
+            name, body = self._backlog.popleft()
+            self._start(body, name)
 
     def _start(self, body: bytes, name: str | None) -> None:
         self.held += 1
@@ -197,12 +220,21 @@ class InProcessDispatcher:
 
         def failed(failure: Any) -> None:
             if failure.check(ValidationError):
-                self._finished(name)
                 self._dropped.labels(reason="poison").inc()
                 self.log.warn("collector message dropped: {reason}",
                               reason=failure.getErrorMessage())
                 if self._spool is not None and name is not None:
                     self._spool.dead(name, failure.getErrorMessage())
+                    self._dead += 1
+                self._finished(name)
+                return
+            if self._stopped:
+                # Shutting down: no more tries here; the spool keeps it for
+                # the next start (without one, it is lost, as logged).
+                self.log.info("collector message failed while stopping ({reason}); "
+                              "{fate}", reason=failure.getErrorMessage(),
+                              fate="kept in the spool" if name else "dropped")
+                self._finished(name)
                 return
             self._retries.inc()
             self.log.info("collector message failed ({reason}); retrying in {delay}s",
@@ -212,9 +244,9 @@ class InProcessDispatcher:
             self._waiting.add(call)
 
         def collected(_: object) -> None:
-            self._finished(name)
             if self._spool is not None and name is not None:
                 self._spool.done(name)
+            self._finished(name)
 
         d.addCallbacks(collected, failed)
 
@@ -222,17 +254,25 @@ class InProcessDispatcher:
         self.held -= 1
         if name is not None:
             self._names.discard(name)
+        self._take_backlog()
 
     def _retry(self, body: bytes, delay: float, name: str | None) -> None:
         self._waiting = {c for c in self._waiting if c.active()}
         self._run(body, delay, name)
 
     def stop(self) -> None:
-        """Cancel waiting retries (at shutdown); their messages stay in the spool, if any."""
+        """Cancel waiting retries (at shutdown); their messages stay in the spool, if any.
+
+        Messages still running finish, but are not tried again here.
+        """
+        self._stopped = True
         for call in self._waiting:
             if call.active():
                 call.cancel()
+                self.held -= 1  # its message waits in the spool, not here
         self._waiting.clear()
+        self._names.clear()
+        self._backlog.clear()
 
 
 class SpoolRecovery(Service):

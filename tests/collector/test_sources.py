@@ -202,13 +202,49 @@ class DispatcherTests(SynchronousTestCase):
         self.assertEqual(len(answers), 1)
         answers[0].callback(None)
 
+    def test_a_message_failing_while_stopping_is_not_tried_again_but_kept(self) -> None:
+        clock = Clock()
+        answers: list[Deferred[None]] = []
+        d, spool = self.spooled(lambda body: answers.append(Deferred()) or answers[-1],
+                                clock=clock)
+        d.submit(b"running")
+        d.stop()
+        answers[0].errback(Unavailable("down"))
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertEqual(d.held, 0)
+        self.assertEqual([body for _, body in spool.held()], [b"running"])
+
+    def test_recovered_messages_start_as_room_allows_under_the_limit(self) -> None:
+        folder = Path(self.mktemp()) / "spool"
+        left = Spool(folder)
+        for n in range(5):
+            left.keep(b"m%d" % n)
+        answers: list[Deferred[None]] = []
+        metrics = Metrics()
+        d = InProcessDispatcher(lambda body: answers.append(Deferred()) or answers[-1],
+                                Clock(), limit=2, spool=Spool(folder), metrics=metrics)
+        self.assertEqual(d.recover(), 5)
+        self.assertEqual((len(answers), d.held), (2, 2))
+        self.assertEqual(metrics.value("mailhub_collector_held"), 5)
+        self.assertRaises(Unavailable, d.submit, b"new")  # the limit holds for new ones too
+        for n in range(5):
+            answers[n].callback(None)
+        self.assertEqual((len(answers), d.held, left.held()), (5, 0, []))
+
     def test_poison_is_kept_in_dead_with_its_reason(self) -> None:
-        d, spool = self.spooled(lambda body: fail(ValidationError("unknown user (x)")))
+        live = Metrics()
+        d, spool = self.spooled(lambda body: fail(ValidationError("unknown user (x)")),
+                                metrics=live)
         self.successResultOf(d.submit(b"poison"))
         self.assertEqual(spool.held(), [])
         [reason] = spool.dead_folder.glob("*.reason")
         self.assertEqual(reason.read_text(), "unknown user (x)\n")
         self.assertEqual(reason.with_suffix(".msg").read_bytes(), b"poison")
+        self.assertEqual(live.value("mailhub_collector_spool_dead"), 1)
+        metrics = Metrics()  # and the next process counts it too
+        InProcessDispatcher(lambda body: succeed(None), Clock(), spool=Spool(spool.folder),
+                            metrics=metrics)
+        self.assertEqual(metrics.value("mailhub_collector_spool_dead"), 1)
 
     def test_a_disk_that_refuses_the_message_pushes_back(self) -> None:
         d, spool = self.spooled(lambda body: succeed(None))
