@@ -14,9 +14,11 @@ from typing import Any, Awaitable, Callable
 import treq
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from mailhub import __version__
@@ -88,15 +90,25 @@ def makeService(options: usage.Options) -> IService:
 
 
 class OnStop(Service):
-    """Calls each function at shutdown (flush queues, end streams)."""
+    """Calls each function at shutdown (flush queues, end streams); the stop
+    waits for those that return a Deferred, and one that fails is logged."""
+
+    log = Logger()
 
     def __init__(self, *calls: Callable[[], Any]) -> None:
         self.calls = calls
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred[Any]:
         super().stopService()
+        waits = []
         for call in self.calls:
-            call()
+            d = maybeDeferred(call)
+            d.addErrback(self._failed, call)
+            waits.append(d)
+        return DeferredList(waits)
+
+    def _failed(self, failure: Failure, call: Callable[[], Any]) -> None:
+        self.log.failure("{call!r} failed at shutdown", failure, call=call)
 
 
 def build(config: Config, listen: str, reactor: Any) -> MultiService:

@@ -69,6 +69,8 @@ EVENTS_REALM = "mailhub events"
 MAX_IN_FLIGHT = 256
 #: Seconds before events that found the AMQP outbox full are offered again.
 OUTBOX_RETRY = 0.5
+#: Seconds a shutdown goes on offering such events to the outbox.
+STOP_WAIT = 5.0
 #: Requests taken from the queue per reactor turn, so answering new requests
 #: interleaves with publishing.
 DRAIN_BATCH = 100
@@ -358,22 +360,31 @@ class PushReceiver:
             counter = self._published_by_topic[topic] = self._published.labels(topic)
         counter.inc()
 
-    def stop(self) -> None:
-        """Publish whatever is still queued now (on shutdown) and stop draining.
+    def stop(self) -> Deferred[None]:
+        """Publish whatever is still queued (on shutdown) and stop draining.
 
-        What the broker's outbox cannot take any more is counted and logged
-        as a publication error.
+        Events waiting for room in the broker's outbox are offered to it for
+        up to :data:`STOP_WAIT` seconds more (the broker is still connected
+        then); what it cannot take by then is counted and logged as a
+        publication error.
         """
-        for call in (self._drain_call, self._outgoing_call):
-            if call is not None and call.active():
-                call.cancel()
-        self._drain_call = self._outgoing_call = None
+        if self._drain_call is not None and self._drain_call.active():
+            self._drain_call.cancel()
+        self._drain_call = None
         while self._queue:
             self._hand_over(self._queue.popleft())
         self._send_outgoing()
-        if self._outgoing_call is not None:
+        return Deferred.fromCoroutine(self._flush())
+
+    async def _flush(self) -> None:
+        waited = 0.0
+        while self._outgoing and waited < STOP_WAIT:
+            await deferLater(self._reactor, OUTBOX_RETRY, lambda: None)
+            waited += OUTBOX_RETRY
+        if self._outgoing_call is not None and self._outgoing_call.active():
             self._outgoing_call.cancel()
-            self._outgoing_call = None
+        self._outgoing_call = None
+        if self._outgoing:
             lost = [event for events in self._outgoing for event in events]
             for event in lost:
                 self._publish_errors.labels(event.topic).inc()

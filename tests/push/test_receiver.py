@@ -308,10 +308,17 @@ class BrokerAwayTests(PushReceiverTests):
                                             {"topic": "mail:new"}), 15)
         self.assertEqual(self.deliver(16), 200)
 
-    def test_stopping_with_the_outbox_full_counts_what_is_not_published(self) -> None:
-        for uid in range(1, 8):
-            self.deliver(uid)
-        self.receiver.stop()
+    def test_stopping_offers_the_outbox_what_waits_then_counts_what_it_could_not_take(
+            self) -> None:
+        for uid in range(1, 9):
+            self.deliver(uid)  # 5 in the outbox, 3 waiting here
+        stopped = self.receiver.stop()
+        self.assertNoResult(stopped)
+        self.broker.outbox.attach(self.channel)
+        self.broker.outbox.ack(1, False)  # room for one more
+        self.clock.pump([0.5] * 10)  # the 5 s a stop goes on offering them
+        self.successResultOf(stopped)
+        self.assertEqual(json.loads(self.channel.bodies[-1])["uid"], 6)
         self.assertEqual(self.metrics.value("mailhub_push_publish_errors_total",
                                             {"topic": "mail:new"}), 2)
         self.assertEqual(self.clock.getDelayedCalls(), [])
