@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -160,8 +161,14 @@ class DispatcherTests(SynchronousTestCase):
         self.assertRaises(Unavailable, stuck.submit, b"y")
         stuck.stop()
 
+    def folder(self) -> Path:
+        """A spool folder outside the work tree, removed after the test."""
+        top = Path(tempfile.mkdtemp(prefix="mailhub-spool-"))
+        self.addCleanup(shutil.rmtree, top, True)
+        return top / "spool"
+
     def spooled(self, handler: Callable[[bytes], Any], **kw: Any) -> tuple[Any, Any]:
-        folder = Path(self.mktemp()) / "spool"
+        folder = self.folder()
         spool = Spool(folder)
         return InProcessDispatcher(handler, kw.pop("clock", Clock()), spool=spool, **kw), spool
 
@@ -215,7 +222,7 @@ class DispatcherTests(SynchronousTestCase):
         self.assertEqual([body for _, body in spool.held()], [b"running"])
 
     def test_recovered_messages_start_as_room_allows_under_the_limit(self) -> None:
-        folder = Path(self.mktemp()) / "spool"
+        folder = self.folder()
         left = Spool(folder)
         for n in range(5):
             left.keep(b"m%d" % n)
