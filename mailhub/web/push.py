@@ -294,8 +294,7 @@ class PushReceiver:
         try:
             d = self._hub.local.topic(event.topic).publish(event.data)
         except Exception:
-            self._publish_errors.labels(event.topic).inc()
-            self.log.failure("publishing {topic} failed", topic=event.topic)
+            self._publish_failed(Failure(), event.topic)
             return
         if d.called and not isinstance(getattr(d, "result", None), Failure):
             # Fired already (plain subscribers): no callbacks needed.
@@ -307,8 +306,7 @@ class PushReceiver:
         def finished(result: object) -> None:
             self._in_flight -= 1
             if isinstance(result, Failure):
-                self._publish_errors.labels(event.topic).inc()
-                self.log.failure("publishing {topic} failed", result, topic=event.topic)
+                self._publish_failed(result, event.topic)
             elif self._local_only:
                 self._count_published(event.topic)
             self._schedule()
@@ -327,8 +325,7 @@ class PushReceiver:
                 try:
                     d = global_.topic(event.topic).publish(event.data)
                 except Exception:
-                    self._publish_errors.labels(event.topic).inc()
-                    self.log.failure("publishing {topic} failed", topic=event.topic)
+                    self._publish_failed(Failure(), event.topic)
                     events.pop(0)
                     continue
                 if d.called and isinstance(getattr(d, "result", None), Failure) and \
@@ -339,7 +336,7 @@ class PushReceiver:
                     self._outgoing_call = self._reactor.callLater(OUTBOX_RETRY, self._retry)
                     return
                 events.pop(0)
-                d.addCallbacks(self._confirmed, self._refused,
+                d.addCallbacks(self._confirmed, self._publish_failed,
                                callbackArgs=(event.topic,), errbackArgs=(event.topic,))
             self._outgoing.popleft()
 
@@ -350,7 +347,8 @@ class PushReceiver:
     def _confirmed(self, _: object, topic: str) -> None:
         self._count_published(topic)
 
-    def _refused(self, failure: Failure, topic: str) -> None:
+    def _publish_failed(self, failure: Failure, topic: str) -> None:
+        """Count and log a publication that failed (in process, or refused by the broker)."""
         self._publish_errors.labels(topic).inc()
         self.log.failure("publishing {topic} failed", failure, topic=topic)
 
