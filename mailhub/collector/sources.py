@@ -119,7 +119,7 @@ class Spool:
         """How many messages ``dead/`` holds."""
         return sum(1 for _ in self.dead_folder.glob("*.msg"))
 
-    def held(self) -> list[tuple[str, bytes]]:
+    def messages(self) -> list[tuple[str, bytes]]:
         """The messages on disk, oldest first (half-written files are removed)."""
         for leftover in [*self.folder.glob("*.tmp"), *self.dead_folder.glob("*.tmp")]:
             leftover.unlink(missing_ok=True)
@@ -196,7 +196,7 @@ class InProcessDispatcher:
             return 0
         self._stopped = False
         waiting = {name for name, _ in self._backlog} | self._names
-        found = [(name, body) for name, body in self._spool.held() if name not in waiting]
+        found = [(name, body) for name, body in self._spool.messages() if name not in waiting]
         self._backlog.extend(found)
         if found:
             self.log.info("collecting {count} messages left in the spool by an earlier run",

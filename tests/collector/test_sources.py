@@ -176,10 +176,10 @@ class DispatcherTests(SynchronousTestCase):
         answers: list[Deferred[None]] = []
         d, spool = self.spooled(lambda body: answers.append(Deferred()) or answers[-1])
         self.successResultOf(d.submit(b'{"m": 1}'))
-        [(name, body)] = spool.held()
+        [(name, body)] = spool.messages()
         self.assertEqual(body, b'{"m": 1}')
         answers[0].callback(None)
-        self.assertEqual(spool.held(), [])
+        self.assertEqual(spool.messages(), [])
         self.assertEqual(list(spool.dead_folder.iterdir()), [])
 
     def test_a_message_held_for_a_retry_survives_a_stop_and_is_collected_next_time(
@@ -189,7 +189,7 @@ class DispatcherTests(SynchronousTestCase):
         self.successResultOf(d.submit(b"first"))
         self.successResultOf(d.submit(b"second"))
         d.stop()
-        self.assertEqual([body for _, body in spool.held()], [b"first", b"second"])
+        self.assertEqual([body for _, body in spool.messages()], [b"first", b"second"])
         # The next process, on the same folder; a half-written file is dropped.
         (spool.folder / "junk.tmp").write_bytes(b"half")
         seen: list[bytes] = []
@@ -219,7 +219,7 @@ class DispatcherTests(SynchronousTestCase):
         answers[0].errback(Unavailable("down"))
         self.assertEqual(clock.getDelayedCalls(), [])
         self.assertEqual(d.held, 0)
-        self.assertEqual([body for _, body in spool.held()], [b"running"])
+        self.assertEqual([body for _, body in spool.messages()], [b"running"])
 
     def test_recovered_messages_start_as_room_allows_under_the_limit(self) -> None:
         folder = self.folder()
@@ -236,14 +236,14 @@ class DispatcherTests(SynchronousTestCase):
         self.assertRaises(Unavailable, d.submit, b"new")  # the limit holds for new ones too
         for n in range(5):
             answers[n].callback(None)
-        self.assertEqual((len(answers), d.held, left.held()), (5, 0, []))
+        self.assertEqual((len(answers), d.held, left.messages()), (5, 0, []))
 
     def test_poison_is_kept_in_dead_with_its_reason(self) -> None:
         live = Metrics()
         d, spool = self.spooled(lambda body: fail(ValidationError("unknown user (x)")),
                                 metrics=live)
         self.successResultOf(d.submit(b"poison"))
-        self.assertEqual(spool.held(), [])
+        self.assertEqual(spool.messages(), [])
         [reason] = spool.dead_folder.glob("*.reason")
         self.assertEqual(reason.read_text(), "unknown user (x)\n")
         self.assertEqual(reason.with_suffix(".msg").read_bytes(), b"poison")
