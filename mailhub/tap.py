@@ -43,7 +43,8 @@ from mailhub.web.hooks import GroupHooks
 from mailhub.web.mailstore import MailStoreIntegration
 from mailhub.web.openapi import site_document
 from mailhub.web.ops import Operations
-from mailhub.web.push import EventStream, PushReceiver
+from mailhub.web.events import EventStream
+from mailhub.web.push import PushReceiver
 from mailhub.web.site import MailhubSite, Root
 
 Check = Callable[[], Any]

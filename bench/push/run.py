@@ -4,7 +4,7 @@ Starts two servers in turn on 127.0.0.1, each in its own process on one core:
 
 - ``mailhub``: the real :class:`mailhub.web.push.PushReceiver` (Basic auth,
   body limit, decoding, bounded queue, publication on the local pubsub to a
-  live :class:`~mailhub.web.push.EventStream`) in mailhub's own Site and Root;
+  live :class:`~mailhub.web.events.EventStream`) in mailhub's own Site and Root;
 - ``baseline``: a bare twisted.web resource that reads the body and answers
   ``{"success":true}``;
 
@@ -52,7 +52,8 @@ def serve(kind: str, port: int) -> None:
         from mailhub.config import Config, PushSection
         from mailhub.metrics import Metrics
         from mailhub.pubsub import Hub
-        from mailhub.web.push import EventStream, PushReceiver
+        from mailhub.web.events import EventStream
+        from mailhub.web.push import PushReceiver
 
         config = Config(push=PushSection(username="dovecot", password="bench-secret",
                                          queue=10000))

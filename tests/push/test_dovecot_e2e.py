@@ -26,7 +26,8 @@ from mailhub.directory.model import User
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from mailhub.push import TOPICS
-from mailhub.web.push import EventStream, PushReceiver
+from mailhub.web.events import EventStream
+from mailhub.web.push import PushReceiver
 from tests.push.fakes import FakeUserSource
 from tests.support.dovecot import LUA_SCRIPT, Dovecot, message
 

@@ -16,7 +16,7 @@ from mailhub.directory.interfaces import IUserSource
 from mailhub.directory.model import User
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
-from mailhub.web.push import EventStream
+from mailhub.web.events import EventStream
 from tests.push.fakes import FakeUserSource
 
 URL = "http://mailhub.test/api/v1/events"

@@ -19,7 +19,7 @@ from mailhub.directory.ldap import LDAPService, LDAPSettings
 from mailhub.directory.users import ChainedUserSource
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
-from mailhub.web.push import EventStream
+from mailhub.web.events import EventStream
 from tests.support import slapd as fixture
 from tests.support.slapd import Slapd
 

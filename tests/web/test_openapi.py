@@ -38,7 +38,8 @@ from mailhub.web.calendar import CalendarCollect
 from mailhub.web.mailstore import MailStoreIntegration
 from mailhub.web.openapi import site_document, surface_paths
 from mailhub.web.ops import Operations
-from mailhub.web.push import EventStream, PushReceiver
+from mailhub.web.events import EventStream
+from mailhub.web.push import PushReceiver
 from mailhub.web.site import Root
 from tests.push.fakes import FakeUserSource
 from tests.support.require import missing
