@@ -24,12 +24,14 @@ from typing import Sequence
 
 import attrs
 
+from mailhub.push.dovecot_config import lua_script_path
 from tests.support.require import missing, require_program
 
 LDA = "/usr/lib/dovecot/dovecot-lda"
 DOVEADM = "/usr/bin/doveadm"
 MAIL_USER = "mailhubtest"
-LUA_SCRIPT = Path(__file__).resolve().parents[2] / "contrib" / "dovecot" / "mailhub-push.lua"
+#: The script as the package installs it (contrib/dovecot/ links to it).
+LUA_SCRIPT = lua_script_path()
 
 
 @attrs.frozen
@@ -71,11 +73,13 @@ class Dovecot:
 
     ``driver`` is the ``push_notification_driver`` value (``ox:url=...`` or
     ``lua:file=...``); ``plugin`` adds ``plugin {}`` settings; ``lua`` loads
-    the Lua plugins.
+    the Lua plugins. With ``snippet`` instead (a conf.d file's text, such as
+    ``mailhub dovecot-config`` prints) the configuration is the base settings
+    and that text, verbatim.
     """
 
-    def __init__(self, driver: str, plugin: dict[str, str] | None = None,
-                 lua: bool = False) -> None:
+    def __init__(self, driver: str | None = None, plugin: dict[str, str] | None = None,
+                 lua: bool = False, snippet: str | None = None) -> None:
         require_program(LDA)
         require_program(DOVEADM)
         self.as_root = os.geteuid() == 0
@@ -104,9 +108,12 @@ class Dovecot:
             "postmaster_address = postmaster@example.org",
             "mail_location = maildir:%s/mail/%%u" % self.dir,
             "mail_attribute_dict = file:%s/attr/%%u" % self.dir,
-            "mail_plugins = %s" % plugins,
-            "plugin {",
-        ] + ["  %s = %s" % item for item in settings.items()] + ["}", ""]
+        ]
+        if snippet is None:
+            lines += ["mail_plugins = %s" % plugins, "plugin {"]
+            lines += ["  %s = %s" % item for item in settings.items()] + ["}", ""]
+        else:
+            lines += [snippet, ""]
         self.conf.write_text("\n".join(lines))
         if self.as_root:
             for path in [self.dir, *self.dir.rglob("*")]:
