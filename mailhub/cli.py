@@ -52,6 +52,7 @@ from mailhub.directory.sql import (
 )
 from mailhub.directory.users import hash_password
 from mailhub.errors import ConfigError, NotFound, Unavailable, ValidationError
+from mailhub.push import dovecot_config
 
 T = TypeVar("T")
 
@@ -775,6 +776,11 @@ def parser(out: TextIO | None = None) -> argparse.ArgumentParser:
                                description="Load the config, reach every configured dependency "
                                            "and print what is OK; exit 1 if anything is not.")
     checker.set_defaults(run=check)
+    text = "print the Dovecot configuration that sends push notifications here"
+    dovecot = verbs.add_parser("dovecot-config", parents=[config_option], help=text,
+                               description=text[0].upper() + text[1:] + ".")
+    dovecot_config.add_arguments(dovecot)
+    dovecot.set_defaults(run=dovecot_config.command)
     return top
 
 

@@ -2,12 +2,14 @@
 
 mailhub's push surface and event stream listen on a free port of 127.0.0.1 in
 this process (trial TestCase, real reactor); Dovecot's tools run in threads
-so the reactor keeps answering them. A recording TCP relay sits between
+so the reactor keeps answering them. What ``mailhub dovecot-config`` prints
+for Dovecot 2.3 is run here verbatim too. A recording TCP relay sits between
 Dovecot and mailhub, so the tests can read the exchange on the wire.
 """
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any, Callable
 
@@ -21,6 +23,7 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
+from mailhub import cli
 from mailhub.config import Config, PushSection
 from mailhub.directory.model import User
 from mailhub.metrics import Metrics
@@ -266,3 +269,39 @@ class DovecotPushTests(TestCase):
         log = dc.log()
         self.assertNotIn("timed out", log.lower())
         self.assertNotIn("Error", log)
+
+    def printed_config(self, *argv: str) -> str:
+        """What ``mailhub dovecot-config --with-password ARGV`` prints for this
+        test's receiver (its real port, its [push] credentials)."""
+        ini = self.mktemp()
+        with open(ini, "w") as f:
+            f.write("[mailhub]\nlisten = tcp:%d:interface=127.0.0.1\n"
+                    "[push]\nusername = %s\npassword = %s\n"
+                    % (self.site_port.getHost().port, PUSH_USER, PUSH_PASSWORD))
+        out, err = io.StringIO(), io.StringIO()
+        code = cli.main(["dovecot-config", "--config", ini, "--with-password", *argv],
+                        stdout=out, stderr=err)
+        self.assertEqual((code, err.getvalue()), (0, ""))
+        return out.getvalue()
+
+    @inlineCallbacks
+    def test_printed_lua_configuration_works_verbatim(self) -> None:
+        dc = self.dovecot(snippet=self.printed_config("--driver", "lua", "--dovecot", "2.3"))
+        result = yield self.in_thread(dc.deliver, message(subject="Printed"))
+        self.assertEqual(result.code, 0, result.stderr)
+        [new] = yield self.wait_for("mail:new", lambda: self.published("mail:new"))
+        self.assertEqual((new["user"], new["driver"], new["subject"]),
+                         (dc.user, "lua", "Printed"))
+        self.assertNotIn("Error", dc.log())
+
+    @inlineCallbacks
+    def test_printed_ox_configuration_works_verbatim(self) -> None:
+        dc = self.dovecot(snippet=self.printed_config("--driver", "ox", "--dovecot", "2.3"))
+        result = yield self.in_thread(dc.enable_ox)
+        self.assertEqual(result.code, 0, result.stderr)
+        result = yield self.in_thread(dc.deliver, message(subject="Printed"))
+        self.assertEqual(result.code, 0, result.stderr)
+        [new] = yield self.wait_for("mail:new", lambda: self.published("mail:new"))
+        self.assertEqual((new["user"], new["driver"], new["subject"]),
+                         (dc.user, "ox", "Printed"))
+        self.assertNotIn("Error", dc.log())
