@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
+import tempfile
 from typing import Any, Callable
 
 import treq
@@ -273,7 +276,9 @@ class DovecotPushTests(TestCase):
     def printed_config(self, *argv: str) -> str:
         """What ``mailhub dovecot-config --with-password ARGV`` prints for this
         test's receiver (its real port, its [push] credentials)."""
-        ini = self.mktemp()
+        folder = tempfile.mkdtemp(prefix="mailhub-dovecot-config-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        ini = os.path.join(folder, "mailhub.ini")
         with open(ini, "w") as f:
             f.write("[mailhub]\nlisten = tcp:%d:interface=127.0.0.1\n"
                     "[push]\nusername = %s\npassword = %s\n"
