@@ -10,7 +10,9 @@ Starts two servers in turn on 127.0.0.1, each in its own process on one core:
 
 and drives each with ``wrk`` (Debian package ``wrk``) on the other core, same
 concurrency, same body, keep-alive, for a bounded time, alternating rounds.
-Prints both rates and the ratio (target: 0.6 or more).
+Prints both rates and the ratio (target: 0.6 or more), and the 99th percentile
+of mailhub's answer latency at that rate: Dovecot waits for the receiver at
+the end of each delivery and gives up after 2 s (target: well under that).
 
     .venv/bin/python bench/push/run.py [--seconds 6] [--rounds 3] [--connections 16]
 """
@@ -103,7 +105,7 @@ def pinned(argv: list[str], cpu: int) -> list[str]:
 
 def run_wrk(wrk: str, script: str, port: int, seconds: int, connections: int) -> dict[str, float]:
     out = subprocess.run(
-        pinned([wrk, "-t1", "-c%d" % connections, "-d%ds" % seconds, "--timeout", "5s",
+        pinned([wrk, "-t1", "-c%d" % connections, "-d%ds" % seconds, "--timeout", "5s", "--latency",
                 "-s", script, "http://127.0.0.1:%d%s" % (port, PATH)], 1),
         capture_output=True, text=True, timeout=seconds + 30, check=True).stdout
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
@@ -112,7 +114,19 @@ def run_wrk(wrk: str, script: str, port: int, seconds: int, connections: int) ->
     total = re.search(r"(\d+) requests in", out)
     return {"rate": rate, "non2xx": float(bad.group(1)) if bad else 0.0,
             "requests": float(total.group(1)) if total else 0.0,
-            "socket_errors": 1.0 if errors else 0.0}
+            "socket_errors": 1.0 if errors else 0.0,
+            "p50_ms": percentile_ms(out, 50), "p99_ms": percentile_ms(out, 99)}
+
+
+UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+
+
+def percentile_ms(out: str, percent: int) -> float:
+    """One line of wrk's --latency distribution ("     99%    3.21ms"), in ms."""
+    found = re.search(r"^\s+%d%%\s+([\d.]+)(us|ms|s|m)\s*$" % percent, out, re.MULTILINE)
+    if found is None:
+        raise SystemExit("wrk printed no %d%% latency:\n%s" % (percent, out))
+    return float(found.group(1)) * UNITS_MS[found.group(2)]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -174,9 +188,10 @@ def main() -> None:
             for kind in ("baseline", "mailhub"):
                 result = measure(kind, wrk, script, args.seconds, args.connections)
                 results[kind].append(result)
-                print("%-8s %9.0f req/s  %6.1f us CPU/request  (%d requests, %d non-2xx)"
-                      % (kind, result["rate"], result["cpu_us"], result["requests"],
-                         result["non2xx"]), flush=True)
+                print("%-8s %9.0f req/s  %6.1f us CPU/request  latency p50 %.2f ms, "
+                      "p99 %.2f ms  (%d requests, %d non-2xx)"
+                      % (kind, result["rate"], result["cpu_us"], result["p50_ms"],
+                         result["p99_ms"], result["requests"], result["non2xx"]), flush=True)
     finally:
         os.unlink(script)
     # Neighbours share the cores: compare each mailhub run with the baseline run
@@ -192,6 +207,10 @@ def main() -> None:
     if cpu_ratios:
         print("ratio of CPU per request (median of paired rounds, baseline/mailhub): %.2f"
               % median(cpu_ratios))
+    p99 = [r["p99_ms"] for r in results["mailhub"]]
+    print("mailhub answer latency, 99th percentile at %d connections: median %.2f ms, "
+          "worst %.2f ms (Dovecot's request timeout: 2000 ms)"
+          % (args.connections, median(p99), max(p99)))
     if any(r["non2xx"] for r in results["mailhub"]):
         print("WARNING: mailhub answered non-2xx responses (queue full?)")
 
