@@ -19,7 +19,8 @@
 -- Dovecot 2.3 reads them from the plugin { } section (may be set per user by
 -- userdb) through mail_user:plugin_getenv. Dovecot 2.4 has no plugin_getenv:
 -- it hands the push_notification lua { lua_settings { } } block to
--- script_init() once, when it loads the script.
+-- script_init() when it loads the script for a user (values may use
+-- %{userdb:...}).
 --
 -- Install: `mailhub dovecot-config` prints the configuration for either
 -- version with this file's installed path; see also doc/push.rst.

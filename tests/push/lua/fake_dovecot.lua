@@ -14,7 +14,7 @@
 -- do, in the shape of the version asked for (read from dovecot/core 2.3.19 and
 -- 2.4.2):
 --
--- * 2.4: script_init(lua_settings) is called once with a table of strings (an
+-- * 2.4: script_init(lua_settings) is called with a table of strings (an
 --   empty one when there are none) and what it returns is ignored; the mail
 --   user has no plugin_getenv; dovecot.http.client takes the http_client_*
 --   settings without their prefix, refuses unknown ones ("X is unknown
@@ -27,6 +27,9 @@
 --   called only if the script defines it; errors in the script's functions are
 --   logged and the transaction goes on, as Dovecot's dlua_pcall does; Basic
 --   credentials in a request's URL become its Authorization header.
+--
+-- Dovecot loads the script (and calls script_init) for each mail user; the
+-- fake loads it once per run, and runs every transaction of the scenario in it.
 --
 -- Output, one record per line, every value hex-encoded so any byte survives:
 --   option KEY VALUE      an option given to dovecot.http.client
