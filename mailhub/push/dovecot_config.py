@@ -104,11 +104,12 @@ def receiver_base(config: Config, url: str | None = None) -> tuple[str, str]:
         if parts.username is not None:
             raise ConfigError("--url: give it without credentials; they come from [push]")
         return url.rstrip("/"), "--url"
-    direct = listen_url(config.mailhub.listen)
+    listen = config.mailhub.listen
+    direct = listen_url(listen)
     if direct is not None:
-        return direct, "[mailhub] listen = %s" % config.mailhub.listen
-    return config.mailhub.site_url.rstrip("/"), "[mailhub] site_url (listen = %s is no TCP port)" \
-        % config.mailhub.listen
+        return direct, "[mailhub] listen = %s" % listen
+    return (config.mailhub.site_url.rstrip("/"),
+            "[mailhub] site_url (listen = %s is no TCP port)" % listen)
 
 
 def value(text: str) -> str:
@@ -149,6 +150,8 @@ def render(config: Config, driver: str = "lua", version: str = "2.3",
     if version not in VERSIONS:
         raise ConfigError("--dovecot: expected one of %s, not %r"
                           % (", ".join(VERSIONS), version))
+    if script is not None and not script.is_absolute():
+        raise ConfigError("--lua-file: Dovecot needs an absolute path, not %s" % script)
     base, source = receiver_base(config, url)
     credentials = _credentials(config, with_password)
     head = ["# mailhub push notifications: Dovecot %s, %s driver."
@@ -172,12 +175,16 @@ def _lua(version: str, base: str, credentials: tuple[str, str] | None, script: P
              "# expunges, mailbox changes) in every folder: one POST per transaction.",
              "# Dovecot's mail processes must be able to read the script."] + note
     if version == "2.3":
+        if re.search(r"\s", str(script)):
+            # 2.3 splits push_notification_driver's options on spaces
+            raise ConfigError("Dovecot 2.3 cannot load a script whose path holds a space "
+                              "(%s): copy it elsewhere and give --lua-file" % script)
         return lines + [
             "mail_plugins = $mail_plugins notify push_notification mail_lua "
             "push_notification_lua",
             "",
             "plugin {",
-            "  push_notification_driver = lua:file=%s" % value(str(script)),
+            "  push_notification_driver = %s" % value("lua:file=%s" % script),
         ] + ["  %s = %s" % (key, value(text)) for key, text in settings] + [
             "  #mailhub_push_timeout_msecs = 2000",
             "}",
@@ -227,7 +234,7 @@ def _ox(version: str, base: str, credentials: tuple[str, str] | None,
             "}",
             "",
             "plugin {",
-            "  push_notification_driver = ox:url=%s" % value(base + OX_PATH),
+            "  push_notification_driver = %s" % value("ox:url=" + base + OX_PATH),
             "}",
         ]
     plugins = ["  mail_plugins {", "    notify = yes", "    push_notification = yes", "  }"]
@@ -266,12 +273,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", metavar="BASE", default=None,
                         help="mailhub's base URL as Dovecot reaches it (default: from "
                              "[mailhub] listen, else site_url)")
+    parser.add_argument("--lua-file", metavar="PATH", type=Path, default=None,
+                        help="where Dovecot finds mailhub-push.lua (default: where mailhub "
+                             "installed it)")
     parser.add_argument("--with-password", action="store_true",
                         help="print the configured [push] password instead of a placeholder")
 
 
 def command(config: Config, args: argparse.Namespace, io: Streams) -> int:
     """Print the configuration; errors are ConfigError (exit 1)."""
-    io.stdout.write(render(config, args.driver, args.dovecot_version, url=args.url,
-                           with_password=args.with_password))
+    io.stdout.write(render(config, args.driver, args.dovecot_version, script=args.lua_file,
+                           url=args.url, with_password=args.with_password))
     return 0

@@ -162,3 +162,22 @@ def test_help_lists_the_verb() -> None:
     out = io.StringIO()
     cli.main(["--help"], stdout=out, stderr=io.StringIO())
     assert "dovecot-config" in out.getvalue()
+
+
+def test_a_copied_script_is_named_by_lua_file(tmp_path: Path) -> None:
+    ini = tmp_path / "mailhub.ini"
+    ini.write_text("[push]\nusername = dovecot\npassword = push-s3cret\n")
+    copied = "/usr/local/share/mailhub/mailhub-push.lua"
+    code, out, err = run("--config", str(ini), "--lua-file", copied)
+    assert (code, err) == (0, "")
+    assert settings(out)["push_notification_driver"] == "lua:file=" + copied
+    code, out, err = run("--config", str(ini), "--lua-file", "mailhub-push.lua")
+    assert code == 1 and "absolute path" in err
+
+
+def test_a_script_path_with_a_space_is_quoted_for_24_and_refused_for_23() -> None:
+    script = Path("/srv/mail hub/mailhub-push.lua")
+    assert settings(render(CONFIG, "lua", "2.4", script=script))["lua_file"] == \
+        '"/srv/mail hub/mailhub-push.lua"'
+    with pytest.raises(ConfigError, match="--lua-file"):
+        render(CONFIG, "lua", "2.3", script=script)
