@@ -16,7 +16,7 @@ from mailhub import cli
 from mailhub.config import Config, MailhubSection, PushSection
 from mailhub.errors import ConfigError
 from mailhub.push.dovecot_config import (
-    PLACEHOLDER, listen_url, lua_script_path, receiver_base, render, value,
+    PLACEHOLDER, data_path, listen_url, lua_script_path, receiver_base, render, value,
 )
 
 PUSH = PushSection(username="dovecot", password="push-s3cret")
@@ -181,3 +181,13 @@ def test_a_script_path_with_a_space_is_quoted_for_24_and_refused_for_23() -> Non
         '"/srv/mail hub/mailhub-push.lua"'
     with pytest.raises(ConfigError, match="--lua-file"):
         render(CONFIG, "lua", "2.3", script=script)
+
+
+@pytest.mark.parametrize("example, version", [("10-mailhub-push.conf", "2.3"),
+                                              ("10-mailhub-push-2.4.conf", "2.4")])
+def test_the_shipped_examples_set_what_the_command_prints(example: str, version: str) -> None:
+    text = data_path(example).read_text()
+    printed = render(Config(push=PUSH), "lua", version,
+                     script=Path("/PATH/TO/mailhub/data/dovecot/mailhub-push.lua"))
+    assert settings(text) == settings(printed)
+    assert "push_notification_ox_url" in text or "ox:url=" in text  # the other driver

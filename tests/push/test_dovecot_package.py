@@ -17,7 +17,7 @@ from pathlib import Path
 from mailhub.push.dovecot_config import lua_script_path
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = ["mailhub-push.lua", "10-mailhub-push.conf"]
+SHIPPED = ["mailhub-push.lua", "10-mailhub-push.conf", "10-mailhub-push-2.4.conf"]
 
 
 def test_contrib_links_to_the_one_copy_in_the_package() -> None:
