@@ -5,9 +5,14 @@ An unknown section or key, or a value that cannot be used, raises
 :class:`~mailhub.errors.ConfigError` naming the file, the section and the key,
 so start-up stops with one clear line.
 
-Secret values (passwords) may be written as ``env:NAME`` to read an
-environment variable or ``file:/path`` to read the first line of a file, so
-they need not sit in the INI file itself.
+Secret values (passwords, and the database DSN, which may hold one) may be
+written as ``env:NAME`` to read an environment variable or ``file:/path`` to
+read the first line of a file, so they need not sit in the INI file itself.
+
+SQLite DSNs follow SQLAlchemy's convention: ``sqlite:///mailhub.sqlite`` (three
+slashes) is relative to the working folder, ``sqlite:////var/lib/x.sqlite``
+(four) is absolute. mailhub never creates the folder a DSN names: a typo there
+stops start-up instead of writing a database nobody will find.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 import re
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import attrs
 
@@ -39,7 +44,7 @@ class MailhubSection:
 
 @attrs.frozen
 class DatabaseSection:
-    dsn: str = ""  # empty: sqlite:///DATA/mailhub.sqlite
+    dsn: str = attrs.field(default="", repr=False)  # empty: sqlite:////DATA/mailhub.sqlite
     poll_interval: float = 0.25
 
 
@@ -159,7 +164,7 @@ SECTIONS: dict[str, type] = {
 #: Keys that are set together or not at all.
 PAIRS = {"mailstore": [("username", "password")], "push": [("username", "password")]}
 
-SECRETS = {("carddav", "password"), ("ldap", "bind_password"),
+SECRETS = {("database", "dsn"), ("carddav", "password"), ("ldap", "bind_password"),
            ("mailstore", "password"), ("push", "password")}
 
 
@@ -176,6 +181,38 @@ def _secret(raw: str, environ: dict[str, str]) -> str:
         except OSError as e:
             raise ValueError("cannot read %s: %s" % (raw[5:], e.strerror))
     return raw
+
+
+def sqlite_path(dsn: str) -> str:
+    """The file a ``sqlite:`` DSN names, read as SQLAlchemy reads it.
+
+    ``sqlite:///NAME`` is relative to the working folder, ``sqlite:////PATH``
+    absolute, ``sqlite:///:memory:`` an in-memory database. ValueError when the
+    DSN names a host or no file.
+    """
+    parts = urlsplit(dsn)
+    if parts.scheme != "sqlite":
+        raise ValueError("not a sqlite DSN")
+    if parts.netloc:
+        raise ValueError("sqlite DSNs are sqlite:///NAME (relative) or "
+                         "sqlite:////PATH (absolute), with no host")
+    path = unquote(parts.path)[1:]  # the third slash only separates
+    if path in ("", "/"):
+        raise ValueError("the sqlite DSN names no file")
+    return path
+
+
+def _sqlite_folder_exists(dsn: str) -> None:
+    """ValueError when the folder of a sqlite DSN's file does not exist."""
+    path = sqlite_path(dsn)
+    if path == ":memory:":
+        return
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        where = "" if os.path.isabs(path) else " (relative to %s)" % os.getcwd()
+        raise ValueError("the folder %s%s does not exist; mailhub does not create it. "
+                         "sqlite:///NAME is relative to the working folder, "
+                         "sqlite:////PATH absolute" % (folder, where))
 
 
 def _boolean(raw: str) -> bool:
@@ -236,6 +273,8 @@ def _check(section: str, key: str, value: Any) -> None:
         scheme = urlsplit(value).scheme
         if scheme not in ("sqlite", "postgresql", "postgres"):
             raise ValueError("expected sqlite:///PATH or postgresql://..., not %r" % redact(value))
+        if scheme == "sqlite":
+            _sqlite_folder_exists(value)
     if section == "amqp" and key == "url" and value:
         if urlsplit(value).scheme not in ("amqp", "amqps"):
             raise ValueError("expected amqp://user:password@host:port/vhost")
@@ -304,6 +343,12 @@ def parse(text: str, path: str = "<string>",
                                   "an empty password would be accepted by nobody)"
                                   % (path, section, missing_key, first, second))
         sections[section] = cls(**values)
+    ldap = sections.get("ldap")
+    if ldap is not None and ldap.url and not ldap.base_dn:
+        # An empty base searches from the root DSE: most servers find nobody
+        # there, so every login would fail while `mailhub check` bound fine.
+        raise ConfigError("%s: [ldap] base_dn: must be set when url is set "
+                          "(the subtree where users are searched)" % path)
     return Config(path=path, **sections)
 
 

@@ -673,13 +673,13 @@ def test_check_ldap_binds_to_each_server(tmp_path: Path) -> None:
             ("OK", "%s: bound as %s, base DN %s found" % (ldap.url, READER_DN, BASE_DN))]
         failover = write_config(tmp_path / "two.ini", mailhub={"data": str(tmp_path)},
                                 ldap={"url": "%s %s" % (ldap.url, dead), "bind_dn": READER_DN,
-                                      "bind_password": READER_PASSWORD})
+                                      "bind_password": READER_PASSWORD, "base_dn": BASE_DN})
         ran = mailhub("check", "--config", failover)
         assert ran.code == 1
         assert [status for status, _ in check_rows(ran)["ldap"]] == ["OK", "FAIL"]
         wrong = write_config(tmp_path / "wrong.ini", mailhub={"data": str(tmp_path)},
                              ldap={"url": ldap.url, "bind_dn": READER_DN,
-                                   "bind_password": "not-it"})
+                                   "bind_password": "not-it", "base_dn": BASE_DN})
         ran = mailhub("check", "--config", wrong)
         assert ran.code == 1
         assert "invalidCredentials" in check_rows(ran)["ldap"][0][1]

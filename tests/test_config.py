@@ -35,6 +35,7 @@ url = https://dav.example.com/
 addressbook = https://dav.example.com/addressbooks/{user}/collected/
 [ldap]
 url = ldap://one.example.com ldaps://two.example.com
+base_dn = dc=example,dc=com
 start_tls = yes
 [mailstore]
 path = /ms

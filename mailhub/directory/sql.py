@@ -19,7 +19,7 @@ import sqlite3
 import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -30,7 +30,7 @@ from zope.interface import implementer
 
 from mailhub.directory.interfaces import IDirectoryStore
 from mailhub.directory.model import Email, Group, Profile, normalise_email
-from mailhub.config import redact
+from mailhub.config import redact, sqlite_path
 from mailhub.errors import ConfigError, Unavailable, ValidationError
 
 T = TypeVar("T")
@@ -166,12 +166,10 @@ def dialect_for(dsn: str) -> Dialect:
     except ValueError as e:
         raise ConfigError("%s: not a DSN: %s" % (redact(dsn), e))
     if parts.scheme == "sqlite":
-        path = unquote(parts.path)
-        if parts.netloc:
-            raise ConfigError("%s: sqlite DSNs are sqlite:///PATH (three slashes)" % redact(dsn))
-        if path in ("", "/"):
-            raise ConfigError("%s: the sqlite DSN names no file" % dsn)
-        return SQLiteDialect(":memory:" if path == "/:memory:" else path)
+        try:
+            return SQLiteDialect(sqlite_path(dsn))
+        except ValueError as e:
+            raise ConfigError("%s: %s" % (redact(dsn), e))
     if parts.scheme in ("postgresql", "postgres"):
         return PostgreSQLDialect(dsn)
     raise ConfigError("%s: expected sqlite:///PATH or postgresql://..." % redact(dsn))
