@@ -108,3 +108,26 @@ def test_the_working_folder_is_untouched_by_parsing(tmp_path: Path,
     monkeypatch.chdir(tmp_path)
     parse("[database]\ndsn = sqlite:///relative.sqlite\n")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("section, says", [
+    ("[database]\ndsn = sqlite:///var/lib/mailhub/mailhub.sqlite\n",
+     "[database] dsn: bad value: the folder var/lib/mailhub (relative to "),
+    ("[ldap]\nurl = ldap://127.0.0.1:1\n", "[ldap] base_dn: must be set when url is set"),
+])
+def test_twistd_stops_with_one_line_and_creates_nothing(tmp_path: Path, section: str,
+                                                         says: str) -> None:
+    import subprocess
+
+    from tests.support.process import TWISTD
+
+    config = tmp_path / "mailhub.ini"
+    config.write_text("[mailhub]\ndata = %s\n%s" % (tmp_path / "data", section))
+    done = subprocess.run([TWISTD, "-n", "--pidfile=", "mailhub", "--config", str(config)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("mailhub: configuration error: %s: " % config)
+    assert says in lines[0]
+    assert sorted(os.listdir(tmp_path)) == ["mailhub.ini"]
