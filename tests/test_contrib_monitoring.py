@@ -105,6 +105,48 @@ def vhost() -> Iterator[VirtualHost]:
     vhost.delete()
 
 
+#: Labels the rules use that another branch adds (issue 10's auth helper gives
+#: mailhub_auth_failures_total its ``reason``). Remove an entry once merged: the
+#: test then fails while the entry stays, so none is forgotten.
+PENDING_LABELS = {("mailhub_auth_failures_total", "reason")}
+
+#: Labels Prometheus adds (or histograms have) rather than mailhub's code.
+OWN_LABELS = {"instance", "job", "le", "__name__"}
+
+
+def _closing(text: str, opening: int) -> int:
+    """The index of the parenthesis that closes the one at ``opening``."""
+    depth = 0
+    for index in range(opening, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[index], 0)
+        if depth == 0:
+            return index
+    raise ValueError("unbalanced parentheses in %r" % text)
+
+
+def used_labels(query: str) -> set[tuple[str, str]]:
+    """(metric, label) for every label a query matches on or groups by."""
+    used: set[tuple[str, str]] = set()
+    for selector in re.finditer(r"(mailhub_[a-z0-9_]+)\{([^}]*)\}", query):
+        for label in re.findall(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!=|!~|=)", selector.group(2)):
+            used.add((selector.group(1), label))
+    for grouping in re.finditer(r"\bby\s*\(([^)]*)\)\s*\(", query):
+        inner = query[grouping.end() - 1:_closing(query, grouping.end() - 1) + 1]
+        for metric in METRIC.findall(inner):
+            for label in grouping.group(1).split(","):
+                used.add((metric, label.strip()))
+    return {(metric, label) for metric, label in used if label and label not in OWN_LABELS}
+
+
+def sample_labels(text: str) -> dict[str, set[str]]:
+    """Label names seen on each sample name of a /metrics page."""
+    seen: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            seen.setdefault(sample.name, set()).update(sample.labels)
+    return seen
+
+
 def served_by(folder: Path, config: str, timeout: float = 30.0) -> set[str]:
     """The names a mailhub serves once started: parts register their metrics as
     they start (some only once the database is ready), so scrape until the set
@@ -115,11 +157,24 @@ def served_by(folder: Path, config: str, timeout: float = 30.0) -> set[str]:
         seen: list[set[str]] = []
         while time.monotonic() < deadline and (len(seen) < 3 or seen[-1] != seen[-2]
                                                or seen[-2] != seen[-3]):
-            status, body = mailhub.get("/metrics")
-            assert status == 200
-            seen.append(served_names(body.decode("utf-8") if isinstance(body, bytes) else str(body)))
+            seen.append(served_names(scrape(mailhub)))
             time.sleep(0.5)
+        # Requests that give the labelled families their first samples.
+        mailhub.post_form("/gs-group-groups.json", "token=wrong&get")
+        mailhub.request("POST", "/push/v1/notify", b"{}", {"Content-Type": "application/json"})
+        LABELS.update({name: LABELS.get(name, set()) | labels
+                       for name, labels in sample_labels(scrape(mailhub)).items()})
     return seen[-1]
+
+
+#: Label names seen per sample name, filled by served_by().
+LABELS: dict[str, set[str]] = {}
+
+
+def scrape(mailhub: Mailhub) -> str:
+    status, body = mailhub.get("/metrics")
+    assert status == 200
+    return body.decode("utf-8") if isinstance(body, bytes) else str(body)
 
 
 def test_every_metric_the_rules_and_dashboard_name_is_served(tmp_path: Path,
@@ -131,3 +186,16 @@ def test_every_metric_the_rules_and_dashboard_name_is_served(tmp_path: Path,
     assert len(used) >= 10
     unknown = sorted(used - served)
     assert unknown == [], "metrics named in contrib/ that mailhub does not serve: %s" % unknown
+
+    # Labels: checked on every metric that has samples by now (the others have
+    # no labelled child yet, so their label names cannot be read).
+    queries = [rule["expr"] for rule in rules()] + dashboard_queries()
+    labels = {pair for query in queries for pair in used_labels(query)}
+    assert ("mailhub_http_requests_total", "status") in labels
+    checked = {(metric, label) for metric, label in labels if LABELS.get(metric)}
+    assert ("mailhub_http_requests_total", "route") in checked
+    missing = {(metric, label) for metric, label in checked if label not in LABELS[metric]}
+    assert sorted(missing - PENDING_LABELS) == [], \
+        "labels used in contrib/ that mailhub's metrics do not have: %s" % sorted(missing)
+    merged = PENDING_LABELS - missing
+    assert not merged, "these labels exist now: remove them from PENDING_LABELS: %s" % merged
