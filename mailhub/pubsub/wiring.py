@@ -24,7 +24,8 @@ import attrs
 from mailhub.config import Config
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
-from mailhub.pubsub.amqp import Broker, GlobalPubSub
+from mailhub.pubsub.connection import Broker
+from mailhub.pubsub.globalpubsub import GlobalPubSub
 from mailhub.pubsub.local import LocalPubSub
 from mailhub.pubsub.workqueue import WorkQueue
 

@@ -37,7 +37,8 @@ from twisted.logger import Logger
 
 from mailhub.errors import Unavailable, ValidationError
 from mailhub.metrics import Metrics
-from mailhub.pubsub.amqp import JSON_PROPERTIES, Consumer, IDelivery, call_handler, encode_json
+from mailhub.pubsub.connection import JSON_PROPERTIES, encode_json
+from mailhub.pubsub.consumer import Consumer, IDelivery, call_handler
 from mailhub.pubsub.outbox import Outbox, Route
 
 REASON_HEADER = "x-mailhub-reason"

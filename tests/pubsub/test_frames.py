@@ -9,7 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from txamqp.connection import Body, Frame, Header
 
 from mailhub.config import DEFAULT_SPEC
-from mailhub.pubsub.amqp import load_spec
+from mailhub.pubsub.connection import load_spec
 from mailhub.pubsub.frames import FullCodec, Timestamp, pack_frame, unpack_frame
 
 from tests.pubsub.fakes import require_spec

@@ -14,7 +14,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from mailhub.config import DEFAULT_SPEC, AMQPSection, Config
 from mailhub.errors import ConfigError
 from mailhub.metrics import Metrics
-from mailhub.pubsub.amqp import Broker, BrokerAddress, GlobalPubSub, _Subscription, load_spec
+from mailhub.pubsub.connection import Broker, BrokerAddress, load_spec
+from mailhub.pubsub.globalpubsub import GlobalPubSub, _Subscription
 from mailhub.pubsub.local import LocalPubSub
 from mailhub.pubsub.outbox import Route
 from mailhub.pubsub.wiring import make_hub, make_pubsub

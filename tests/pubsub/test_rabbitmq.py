@@ -20,7 +20,8 @@ from mailhub.collector.sources import CALENDAR_TOPICS, CalendarSource
 from mailhub.errors import Unavailable, ValidationError
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
-from mailhub.pubsub.amqp import Broker, GlobalPubSub
+from mailhub.pubsub.connection import Broker
+from mailhub.pubsub.globalpubsub import GlobalPubSub
 from mailhub.pubsub.local import LocalPubSub
 from mailhub.pubsub.wiring import PubSub
 from mailhub.pubsub.workqueue import REASON_HEADER, WorkQueue
