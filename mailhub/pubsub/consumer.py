@@ -8,10 +8,9 @@ work queues consume through it.
 
 from __future__ import annotations
 
-import inspect
 from typing import TYPE_CHECKING, Any, Callable
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txamqp.client import Closed
@@ -188,14 +187,3 @@ class Consumer:
         self._queue.close()
         self.session.client.queues.pop(self.tag, None)
         await self.session.close_channel(self.channel)
-
-
-def call_handler(handler: Callable[[Any], Any], value: Any) -> Deferred[Any]:
-    """Call a handler that may return a value, a Deferred or a coroutine."""
-    def call() -> Any:
-        result = handler(value)
-        if inspect.iscoroutine(result):
-            return Deferred.fromCoroutine(result)
-        return result
-    return maybeDeferred(call)
-

@@ -34,10 +34,11 @@ from zope.interface import implementer
 
 from mailhub.metrics import Metrics
 from mailhub.pubsub.connection import JSON_PROPERTIES, Broker, Session, encode_json
-from mailhub.pubsub.consumer import Consumer, IDelivery, call_handler
+from mailhub.pubsub.consumer import Consumer, IDelivery
 from mailhub.pubsub.interfaces import IPubSub, ITopic, Subscriber
 from mailhub.pubsub.local import LocalPubSub
 from mailhub.pubsub.outbox import Refused, Route
+from mailhub.pubsub.retry import call_handler
 
 #: The header that names the mailhub process that published a message.
 INSTANCE_HEADER = "x-mailhub-instance"

@@ -6,18 +6,20 @@ import json
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailhub.config import DEFAULT_SPEC, AMQPSection, Config
+from mailhub.config import DEFAULT_SPEC, AMQPSection, Config, MailhubSection
 from mailhub.errors import ConfigError
 from mailhub.metrics import Metrics
 from mailhub.pubsub.connection import Broker, BrokerAddress, load_spec
 from mailhub.pubsub.globalpubsub import GlobalPubSub, _Subscription
 from mailhub.pubsub.local import LocalPubSub
 from mailhub.pubsub.outbox import Route
+from mailhub.pubsub.spool import SpoolQueue
 from mailhub.pubsub.wiring import make_hub, make_pubsub
 
 from tests.pubsub.fakes import FakeBroker, FakeChannel, FakeDelivery, require_spec
@@ -142,11 +144,19 @@ class ConfigurationTests(SynchronousTestCase):
         self.assertEqual((default.port, default.vhost, default.username), (5672, "/", "guest"))
         self.assertNotIn("p:w", repr(address))
 
-    def test_without_broker_global_topics_are_local(self) -> None:
-        made = make_pubsub(Config(), Clock(), Metrics())
+    def test_without_broker_global_topics_are_local_and_work_queues_are_spools(self) -> None:
+        data = tempfile.mkdtemp(prefix="mailhub-data-")
+        self.addCleanup(shutil.rmtree, data, True)
+        config = Config(mailhub=MailhubSection(data=data))
+        made = make_pubsub(config, Clock(), Metrics())
         self.assertIs(made.hub.global_, made.hub.local)
         self.assertEqual(made.services, [])
-        self.assertIsNone(made.work_queue("collector:email"))
+        queue = made.work_queue("collector:email", spool="collector-spool")
+        self.assertIsInstance(queue, SpoolQueue)
+        self.assertIs(made.work_queue("collector:email"), queue)
+        assert isinstance(queue, SpoolQueue)
+        self.assertEqual(queue.spool.folder, Path(data) / "collector-spool")
+        self.assertTrue((Path(data) / "collector-spool" / "dead").is_dir())
         self.assertEqual(made.health(), {"ok": True, "state": "disabled"})
 
     def test_missing_spec_stops_start_up(self) -> None:

@@ -453,7 +453,7 @@ class SharedSubscriptionTests(RabbitMQTestCase):
             def __init__(self, who: str) -> None:
                 self.who = who
 
-            def submit(self, body: bytes) -> Deferred[None]:
+            def publish(self, body: bytes) -> Deferred[None]:
                 submitted[self.who].append(json.loads(body)["userId"])
                 return deferLater(reactor, 0.01, lambda: None)
 
@@ -485,7 +485,7 @@ class SharedSubscriptionTests(RabbitMQTestCase):
         attempts: list[str] = []
 
         class FullOutbox:
-            def submit(self, body: bytes) -> Deferred[None]:
+            def publish(self, body: bytes) -> Deferred[None]:
                 attempts.append(json.loads(body)["userId"])
                 if len(attempts) < 3:
                     return fail(Unavailable("the outbox is full"))
