@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailhub.config import DEFAULT_SPEC, AMQPSection, Config, MailhubSection
-from mailhub.errors import ConfigError
+from mailhub.errors import ConfigError, Unavailable
 from mailhub.metrics import Metrics
 from mailhub.pubsub.connection import Broker, BrokerAddress, load_spec
 from mailhub.pubsub.globalpubsub import GlobalPubSub, _Subscription
@@ -203,3 +203,59 @@ class ConfigurationTests(SynchronousTestCase):
         self.assertEqual(client.heartbeatInterval, 7)
         self.assertIs(client.clock, clock)
         self.assertEqual(client.delegate.connection_name, "node-1")
+
+
+class OwnPublicationTests(SynchronousTestCase):
+    """A process's own publications reach its own subscribers at once, once."""
+
+    def setUp(self) -> None:
+        self.broker = FakeBroker(limit=3)
+        self.pubsub = GlobalPubSub(self.broker)  # type: ignore[arg-type]
+        self.seen: list[tuple[str, object]] = []
+        for topic in ("mail:expunge", "mailbox:create", "mailbox:delete"):
+            self.pubsub.topic(topic).subscribe(
+                lambda data, topic=topic: self.seen.append((topic, data)))
+
+    def test_at_once_and_in_publication_order_with_the_broker_away(self) -> None:
+        for topic in ("mail:expunge", "mailbox:create", "mailbox:delete"):
+            self.pubsub.topic(topic).publish({"user": "alice"})
+        self.assertEqual([topic for topic, _ in self.seen],
+                         ["mail:expunge", "mailbox:create", "mailbox:delete"])
+        self.assertEqual(len(self.broker.outbox), 3)  # and on their way to the broker
+
+    def test_the_copy_coming_back_from_the_broker_is_acked_not_delivered_again(self) -> None:
+        channel = FakeChannel()
+        self.broker.outbox.attach(channel)
+        self.pubsub.topic("mail:expunge").publish({"n": 1})
+        [(route, body, properties)] = channel.published
+        self.assertEqual(properties["headers"], {"x-mailhub-instance": self.pubsub.instance})
+        own = FakeDelivery(body, properties)
+        subscription = _Subscription("mail:expunge", self.seen.append)
+        self.successResultOf(self.pubsub._deliver(subscription, own))
+        self.assertEqual((own.acks, len(self.seen)), (1, 1))
+        # Another mailhub's publication, and an ESN node's (no header), are delivered.
+        other = FakeDelivery(body, {"headers": {"x-mailhub-instance": "another"}})
+        esn = FakeDelivery(b'{"n": 2}')
+        self.successResultOf(self.pubsub._deliver(subscription, other))
+        self.successResultOf(self.pubsub._deliver(subscription, esn))
+        self.assertEqual(self.seen[1:], [{"n": 1}, {"n": 2}])
+        self.assertEqual((other.acks, esn.acks), (1, 1))
+
+    def test_a_full_outbox_refuses_and_nobody_sees_the_publication(self) -> None:
+        for n in range(3):
+            self.pubsub.topic("mail:expunge").publish({"n": n})
+        self.failureResultOf(self.pubsub.topic("mail:expunge").publish({"n": 3}), Unavailable)
+        self.assertEqual([data for _, data in self.seen], [{"n": 0}, {"n": 1}, {"n": 2}])
+        self.assertFalse(self.pubsub.has_room())
+        room = self.pubsub.when_room()
+        self.assertNoResult(room)
+        self.broker.outbox.attach(FakeChannel())
+        self.broker.outbox.ack(1, False)
+        self.successResultOf(room)
+
+    def test_unsubscribed_callbacks_see_no_more_own_publications(self) -> None:
+        gone: list[object] = []
+        self.pubsub.topic("t").subscribe(gone.append)
+        self.pubsub.topic("t").unsubscribe(gone.append)
+        self.pubsub.topic("t").publish({"n": 1})
+        self.assertEqual(gone, [])
