@@ -254,10 +254,9 @@ def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, rea
     stops.append(queue.stop)
     MailSource(pubsub.hub, queue, collector.sent_folders, metrics).start()
     calendar_source = CalendarSource(
-        pubsub.hub, queue, metrics,
-        shared=functools.partial(pubsub.shared_subscription,
+        queue, functools.partial(pubsub.shared_subscription,
                                  retry_initial=collector.retry_initial,
-                                 retry_max=collector.retry_max))
+                                 retry_max=collector.retry_max), metrics)
     calendar_source.start()
     stops.append(calendar_source.stop)
     return queue, dav

@@ -184,26 +184,23 @@ def user_of_event_path(path: str) -> str | None:
 class CalendarSource:
     """Collect attendees of events created or updated in ESN's calendar (global topics).
 
-    With a broker, ``shared(topic)`` gives a shared subscription to each
-    calendar topic (:meth:`mailhub.pubsub.wiring.PubSub.shared_subscription`):
-    one durable queue that every mailhub instance consumes, so each event is
-    submitted once across the instances, and acked only once the collector queue
-    accepted it (a failing ``publish`` on the collector's queue, e.g. a full
-    outbox, is retried with backoff, never dropped; a body that is not an ESN
-    event goes to the dead-letter queue with the reason). Without a broker
-    (``shared`` is None or gives None) it subscribes to ``hub.global_``,
-    which is local then.
+    ``shared(topic)`` gives a shared subscription to each calendar topic
+    (:meth:`mailhub.pubsub.wiring.PubSub.shared_subscription`). With a
+    broker that is one durable queue that every mailhub instance consumes, so
+    each event is queued once across the instances, and acked only once the
+    collector queue accepted it (a failing ``publish`` on the collector's
+    queue, e.g. a full outbox, is retried with backoff, never dropped; a body
+    that is not an ESN event goes to the dead-letter queue with the reason).
+    Without a broker it is the local topic, with the same retries.
     """
 
     log = Logger()
 
-    def __init__(self, hub: Hub, queue: IWorkQueue, metrics: Metrics | None = None,
-                 shared: Callable[[str], Any] | None = None) -> None:
-        self._hub = hub
+    def __init__(self, queue: IWorkQueue, shared: Callable[[str], IWorkQueue],
+                 metrics: Metrics | None = None) -> None:
         self._queue = queue
         self._shared = shared
-        self._queues: list[Any] = []
-        self._subscribed: list[str] = []
+        self._queues: list[IWorkQueue] = []
         metrics = metrics or Metrics()
         self._seen = metrics.counter("mailhub_collector_source_messages_total",
                                      "Collector messages made by the built-in sources",
@@ -211,20 +208,13 @@ class CalendarSource:
 
     def start(self) -> None:
         for topic in CALENDAR_TOPICS:
-            queue = self._shared(topic) if self._shared is not None else None
-            if queue is not None:
-                queue.consume(self.on_message)
-                self._queues.append(queue)
-            else:
-                self._hub.global_.topic(topic).subscribe(self.on_event)
-                self._subscribed.append(topic)
+            queue = self._shared(topic)
+            queue.consume(self.on_message)
+            self._queues.append(queue)
 
     def stop(self) -> None:
-        """Unsubscribe; cancel the shared queues' pending retries (the broker keeps
+        """Stop the shared subscriptions' pending retries (with a broker, it keeps
         those messages for the next consumer)."""
-        for topic in self._subscribed:
-            self._hub.global_.topic(topic).unsubscribe(self.on_event)
-        self._subscribed = []
         for queue in self._queues:
             queue.stop()
 
@@ -242,16 +232,6 @@ class CalendarSource:
         if not isinstance(data, dict):
             raise ValidationError("the calendar event is not a JSON object")
         return self._submit(data)
-
-    def on_event(self, data: Any) -> Deferred[Any] | None:
-        """An ESN calendar event: ``{eventPath, event (jCal), import}``."""
-        if not isinstance(data, dict):
-            return None
-        try:
-            return self._submit(data)
-        except ValidationError as e:
-            self.log.warn("calendar event ignored: {reason}", reason="; ".join(e.messages))
-            return None
 
     def _submit(self, data: dict[str, Any]) -> Deferred[Any] | None:
         if data.get("import") is True:

@@ -22,7 +22,9 @@ import inspect
 from typing import Any, Awaitable, Callable
 
 import attrs
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from mailhub.errors import ValidationError
@@ -91,3 +93,32 @@ async def attempt(handler: Callable[[bytes], Any], body: bytes, policy: RetryPol
             delay = policy.after(delay)
             continue
         return Settled(Outcome.DONE)
+
+
+class Sleeps:
+    """The waits between tries of one in-process queue, all cut short by :meth:`stop`."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._sleeping: set[Deferred[None]] = set()
+        self.stopped = False
+
+    async def sleep(self, delay: float) -> bool:
+        """Wait ``delay`` seconds; False when stopped meanwhile (or already)."""
+        if self.stopped:
+            return False
+        sleep: Deferred[None] = deferLater(self._clock, delay, lambda: None)
+        self._sleeping.add(sleep)
+        try:
+            await sleep
+        except CancelledError:
+            return False
+        finally:
+            self._sleeping.discard(sleep)
+        return not self.stopped
+
+    def stop(self) -> None:
+        """End every wait now (their messages are abandoned)."""
+        self.stopped = True
+        for sleep in list(self._sleeping):
+            sleep.cancel()

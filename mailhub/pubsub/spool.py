@@ -27,9 +27,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -37,7 +36,7 @@ from zope.interface import implementer
 from mailhub.errors import Unavailable
 from mailhub.metrics import Metrics
 from mailhub.pubsub.interfaces import Handler, IWorkQueue
-from mailhub.pubsub.retry import Outcome, RetryPolicy, attempt
+from mailhub.pubsub.retry import Outcome, RetryPolicy, Sleeps, attempt
 from mailhub.pubsub.workqueue import encode_body
 
 
@@ -133,12 +132,11 @@ class SpoolQueue:
         self._clock = clock
         self._limit = limit
         self._handler: Handler | None = None
-        self._sleeping: set[Deferred[None]] = set()
+        self._sleeps = Sleeps(clock)
         #: Names of the messages being handled or waiting for a retry.
         self._names: set[str] = set()
         #: Messages waiting for room under ``limit`` (or for a consumer).
         self._backlog: deque[tuple[str, bytes]] = deque()
-        self._stopped = False
         #: Messages being handled or waiting for a retry.
         self.held = 0
         self._dead = spool.dead_count()
@@ -170,7 +168,7 @@ class SpoolQueue:
             name = self.spool.keep(body)
         except Unavailable:
             return fail()
-        if self._handler is None or self._stopped:
+        if self._handler is None or self._sleeps.stopped:
             self._backlog.append((name, body))
         else:
             self._start(name, body)
@@ -192,7 +190,7 @@ class SpoolQueue:
         They are started oldest first as room allows under ``limit``, beside
         new messages.
         """
-        self._stopped = False
+        self._sleeps = Sleeps(self._clock)
         waiting = {name for name, _ in self._backlog} | self._names
         found = [(name, body) for name, body in self.spool.messages() if name not in waiting]
         self._backlog.extend(found)
@@ -207,13 +205,11 @@ class SpoolQueue:
 
         Messages still running finish, but are not tried again here.
         """
-        self._stopped = True
-        for sleep in list(self._sleeping):
-            sleep.cancel()
+        self._sleeps.stop()
         self._backlog.clear()
 
     def _take_backlog(self) -> None:
-        while (self._backlog and self.held < self._limit and not self._stopped
+        while (self._backlog and self.held < self._limit and not self._sleeps.stopped
                and self._handler is not None):
             name, body = self._backlog.popleft()
             self._start(name, body)
@@ -228,7 +224,7 @@ class SpoolQueue:
     async def _handle(self, name: str, body: bytes) -> None:
         assert self._handler is not None
         try:
-            settled = await attempt(self._handler, body, self.policy, self._sleep,
+            settled = await attempt(self._handler, body, self.policy, self._sleeps.sleep,
                                     self._retrying)
             if settled.outcome is Outcome.DONE:
                 self.spool.done(name)
@@ -247,22 +243,8 @@ class SpoolQueue:
             self._take_backlog()
 
     def _retrying(self, failure: Failure, delay: float) -> None:
-        if self._stopped:
-            return  # _sleep says stop: not a retry
+        if self._sleeps.stopped:
+            return  # the wait says stop: not a retry
         self._retries.inc()
         self.log.info("a message from {queue} failed ({reason}); retrying in {delay} s",
                       queue=self.name, reason=failure.getErrorMessage(), delay=delay)
-
-    async def _sleep(self, delay: float) -> bool:
-        """Wait ``delay`` seconds; False when stopped meanwhile (or already)."""
-        if self._stopped:
-            return False
-        sleep: Deferred[None] = deferLater(self._clock, delay, lambda: None)
-        self._sleeping.add(sleep)
-        try:
-            await sleep
-        except CancelledError:
-            return False
-        finally:
-            self._sleeping.discard(sleep)
-        return not self._stopped

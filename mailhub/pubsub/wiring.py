@@ -34,6 +34,7 @@ from mailhub.pubsub.globalpubsub import GlobalPubSub
 from mailhub.pubsub.interfaces import IWorkQueue
 from mailhub.pubsub.local import LocalPubSub
 from mailhub.pubsub.retry import RetryPolicy
+from mailhub.pubsub.shared import LocalSharedSubscription
 from mailhub.pubsub.spool import Spool, SpoolQueue
 from mailhub.pubsub.workqueue import WorkQueue
 
@@ -53,7 +54,7 @@ class PubSub:
     #: Where spooled work queues keep their folders (without a broker).
     data_dir: Path = Path(".")
     _queues: dict[str, IWorkQueue] = attrs.Factory(dict)
-    _shared: dict[str, WorkQueue] = attrs.Factory(dict)
+    _shared: dict[str, WorkQueue | LocalSharedSubscription] = attrs.Factory(dict)
 
     def work_queue(self, name: str, dead_letter: str | None = None,
                    retry_initial: float = 1.0, retry_max: float = 300.0,
@@ -81,7 +82,7 @@ class PubSub:
 
     def shared_subscription(self, topic: str, queue: str | None = None,
                             dead_letter: str | None = None, retry_initial: float = 1.0,
-                            retry_max: float = 300.0) -> WorkQueue | None:
+                            retry_max: float = 300.0) -> WorkQueue | LocalSharedSubscription:
         """A subscription to the global ``topic`` that mailhub instances share.
 
         Unlike ``hub.global_.topic(topic).subscribe`` (one queue of its own per
@@ -91,18 +92,24 @@ class PubSub:
         after its handler succeeded, retried on transient failures and
         dead-lettered (``queue`` + ``:dead``) when it can never succeed. Call
         ``consume(handler)`` on the result; ``handler`` gets the raw body.
-        None without a broker: subscribe on ``hub.global_`` (local) then.
+        Without a broker it is the topic of ``hub.global_`` (local then), with
+        the same retries: a
+        :class:`~mailhub.pubsub.shared.LocalSharedSubscription`.
         """
-        if self.broker is None:
-            return None
         name = queue or SHARED_PREFIX + topic
         found = self._shared.get(name)
         if found is None:
-            found = self._shared[name] = WorkQueue(
-                self.broker.outbox, name, self.reactor, dead_letter=dead_letter,
-                retry_initial=retry_initial, retry_max=retry_max,
-                prefetch=self.broker.prefetch, metrics=self.metrics, broker=self.broker,
-                exchange=topic)
+            policy = RetryPolicy(retry_initial, retry_max)
+            if self.broker is None:
+                found = LocalSharedSubscription(self.hub.global_, topic, name, self.reactor,
+                                                policy, self.metrics)
+            else:
+                found = WorkQueue(
+                    self.broker.outbox, name, self.reactor, dead_letter=dead_letter,
+                    retry_initial=retry_initial, retry_max=retry_max,
+                    prefetch=self.broker.prefetch, metrics=self.metrics, broker=self.broker,
+                    exchange=topic)
+            self._shared[name] = found
         elif found.exchange != topic:
             raise ValueError("queue %s is bound to %s, not %s" % (name, found.exchange, topic))
         return found

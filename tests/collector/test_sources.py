@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 from treq.testing import StubTreq
 from twisted.internet.defer import succeed
@@ -12,10 +12,14 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailhub.collector.sources import (
     CalendarSource, MailSource, folder_matches, ical_addresses, jcal_addresses)
+from mailhub.config import Config
 from mailhub.errors import Unavailable, ValidationError
+from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from mailhub.pubsub.local import LocalPubSub
 from mailhub.pubsub.outbox import Route
+from mailhub.pubsub.shared import LocalSharedSubscription
+from mailhub.pubsub.wiring import make_pubsub
 from mailhub.pubsub.workqueue import REASON_HEADER, WorkQueue
 from mailhub.web.calendar import CalendarCollect
 
@@ -44,6 +48,12 @@ JCAL = ["vcalendar", [], [["vevent", [
     ["attendee", {"cutype": "RESOURCE"}, "cal-address", "mailto:room@x.org"],
     ["attendee", {}, "cal-address", "mailto:bob@x.org"],
 ], []]]]
+
+
+def local_shared(hub: Hub) -> Callable[[str], LocalSharedSubscription]:
+    """Shared subscriptions as PubSub gives them without a broker."""
+    return lambda topic: LocalSharedSubscription(hub.global_, topic, "mailhub:" + topic,
+                                                 Clock())
 
 
 class Recorder:
@@ -102,7 +112,7 @@ class CalendarSourceTests(SynchronousTestCase):
         global_ = LocalPubSub()
         hub = Hub(LocalPubSub(), global_)
         out = Recorder()
-        CalendarSource(hub, out).start()
+        CalendarSource(out, local_shared(hub)).start()
         event = {"eventPath": "/calendars/U1/cal/1.ics", "event": JCAL, "import": False}
         self.successResultOf(global_.topic("calendar:event:created").publish(event))
         self.successResultOf(global_.topic("calendar:event:updated").publish(
@@ -112,11 +122,11 @@ class CalendarSourceTests(SynchronousTestCase):
         self.assertEqual(out.bodies[0]["userId"], "U1")
 
     def test_without_a_broker_the_events_come_from_the_local_global_topics(self) -> None:
-        hub = Hub()
+        made = make_pubsub(Config(), Clock(), Metrics())
         out = Recorder()
-        CalendarSource(hub, out, shared=lambda topic: None).start()
+        CalendarSource(out, made.shared_subscription).start()
         event = {"eventPath": "/calendars/U1/cal/1.ics", "event": JCAL}
-        self.successResultOf(hub.global_.topic("calendar:event:updated").publish(event))
+        self.successResultOf(made.hub.global_.topic("calendar:event:updated").publish(event))
         self.assertEqual([b["userId"] for b in out.bodies], ["U1"])
 
     def test_junk_icalendar_is_a_validation_error(self) -> None:
@@ -191,7 +201,7 @@ class SharedCalendarQueueTests(SynchronousTestCase):
                 retry_max=4, metrics=self.broker.metrics, broker=self.broker, exchange=topic)
             return queue
 
-        self.source = CalendarSource(self.hub, dispatcher, shared=shared)
+        self.source = CalendarSource(dispatcher, shared)
         self.source.start()
 
     def test_each_calendar_topic_gets_a_shared_queue_instead_of_a_subscription(self) -> None:

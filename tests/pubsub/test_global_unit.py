@@ -19,6 +19,7 @@ from mailhub.pubsub.connection import Broker, BrokerAddress, load_spec
 from mailhub.pubsub.globalpubsub import GlobalPubSub, _Subscription
 from mailhub.pubsub.local import LocalPubSub
 from mailhub.pubsub.outbox import Route
+from mailhub.pubsub.shared import LocalSharedSubscription
 from mailhub.pubsub.spool import SpoolQueue
 from mailhub.pubsub.wiring import make_hub, make_pubsub
 
@@ -177,7 +178,12 @@ class ConfigurationTests(SynchronousTestCase):
         self.assertEqual(made.health(), {"ok": False, "state": "disconnected", "outbox": 0})
 
     def test_shared_subscription_is_one_named_queue_bound_to_the_topic(self) -> None:
-        self.assertIsNone(make_pubsub(Config(), Clock(), Metrics()).shared_subscription("t"))
+        local = make_pubsub(Config(), Clock(), Metrics())
+        without = local.shared_subscription("t")
+        # Without a broker: the (local) global topic itself, with the retries.
+        self.assertIsInstance(without, LocalSharedSubscription)
+        self.assertIs(local.shared_subscription("t"), without)
+        self.assertEqual((without.name, without.exchange), ("mailhub:t", "t"))
         require_spec()
         config = Config(amqp=AMQPSection(url="amqp://127.0.0.1", prefetch=3))
         made = make_pubsub(config, Clock(), Metrics())

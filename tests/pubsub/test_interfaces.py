@@ -15,6 +15,7 @@ from mailhub.pubsub import Hub
 from mailhub.pubsub.globalpubsub import GlobalPubSub
 from mailhub.pubsub.interfaces import IPubSub, ITopic, IWorkQueue
 from mailhub.pubsub.local import LocalPubSub
+from mailhub.pubsub.shared import LocalSharedSubscription
 from mailhub.pubsub.spool import Spool, SpoolQueue
 from mailhub.pubsub.workqueue import WorkQueue
 
@@ -41,6 +42,11 @@ class InterfaceTests(SynchronousTestCase):
         folder = Path(tempfile.mkdtemp(prefix="mailhub-spool-"))
         self.addCleanup(shutil.rmtree, folder, True)
         queue = SpoolQueue("collector:email", Spool(folder), Clock(), metrics=Metrics())
+        self.assertTrue(verifyObject(IWorkQueue, queue))
+
+    def test_the_shared_subscription_without_a_broker(self) -> None:
+        queue = LocalSharedSubscription(LocalPubSub(), "calendar:event:created",
+                                        "mailhub:calendar:event:created", Clock())
         self.assertTrue(verifyObject(IWorkQueue, queue))
 
     def test_a_hub_without_a_broker_has_one_pubsub(self) -> None:

@@ -411,11 +411,11 @@ class SharedSubscriptionTests(RabbitMQTestCase):
         pubsub = PubSub(Hub(LocalPubSub(), GlobalPubSub(broker)), [broker], broker,
                         reactor, broker.metrics)
 
-        def shared(topic: str) -> WorkQueue | None:
+        def shared(topic: str) -> Any:
             return pubsub.shared_subscription(topics[topic], queue=topics[topic] + ":shared",
                                               retry_initial=0.05, retry_max=0.2, **kw)
 
-        source = CalendarSource(pubsub.hub, dispatcher, broker.metrics, shared=shared)
+        source = CalendarSource(dispatcher, shared, broker.metrics)
         source.start()
         self.addCleanup(source.stop)
         queues = [pubsub.shared_subscription(topic, queue=topic + ":shared")
