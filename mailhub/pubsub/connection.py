@@ -14,7 +14,6 @@ Frames are coded by :mod:`mailhub.pubsub.frames` (quarantined there: see its
 docstring for why txamqp's own codec is not enough).
 """
 
-
 from __future__ import annotations
 
 import json
@@ -324,7 +323,6 @@ class _PublishChannel:
         d.addErrback(_ignore)
 
 
-
 class Broker(Service):
     """The reconnecting AMQP connection of one mailhub process.
 
@@ -514,7 +512,6 @@ class Broker(Service):
                 user.disconnected(session)
             except Exception:
                 self.log.failure("AMQP user {user!r} failed on disconnection", user=user)
-
 
 
 #: Milliseconds a subscription's queue outlives its consumer (``x-expires``):

@@ -5,7 +5,6 @@ up to the prefetch at once; both the global pubsub's subscriptions and the
 work queues consume through it.
 """
 
-
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
@@ -19,6 +18,7 @@ from zope.interface import Attribute, Interface, implementer
 
 if TYPE_CHECKING:
     from mailhub.pubsub.connection import Session
+
 
 class IDelivery(Interface):
     """One message handed to a consumer."""

@@ -28,7 +28,9 @@ import uuid
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredList, TimeoutError as DeferredTimeout, fail, succeed
+from twisted.internet.defer import (
+    Deferred, DeferredList, TimeoutError as DeferredTimeout, fail, succeed,
+)
 from twisted.logger import Logger
 from zope.interface import implementer
 
