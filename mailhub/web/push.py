@@ -108,6 +108,8 @@ class PushReceiver:
     def __init__(self, config: Config, hub: Hub, metrics: Metrics,
                  reactor: IReactorTime) -> None:
         self._settings = config.push
+        self._hub = hub
+        self._reactor = reactor
         self._relay = Relay(hub, reactor, self._settings.queue, metrics, "push")
         self._requests = metrics.counter(
             "mailhub_push_requests_total", "Push notifications answered, by driver and status",
