@@ -190,7 +190,8 @@ class SpoolQueue:
         They are started oldest first as room allows under ``limit``, beside
         new messages.
         """
-        self._sleeps = Sleeps(self._clock)
+        if self._sleeps.stopped:  # started again after a stop
+            self._sleeps = Sleeps(self._clock)
         waiting = {name for name, _ in self._backlog} | self._names
         found = [(name, body) for name, body in self.spool.messages() if name not in waiting]
         self._backlog.extend(found)

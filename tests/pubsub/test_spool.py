@@ -188,3 +188,14 @@ class SpoolQueueTests(SynchronousTestCase):
         made.resume()
         self.assertEqual(seen, [b"early"])
         self.assertEqual(made.spool.messages(), [])
+
+    def test_stop_ends_the_retries_of_messages_published_before_resume(self) -> None:
+        clock = Clock()
+        calls: list[bytes] = []
+        made = queue(lambda body: fail(Unavailable(str(calls.append(body)))), clock,
+                     self.folder())
+        made.publish(b"early")
+        made.resume()
+        made.stop()
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertEqual((calls, made.held), ([b"early"], 0))
