@@ -25,9 +25,7 @@ from mailhub import __version__
 from mailhub.collector.carddav import BookLayout, CardDAVClient
 from mailhub.collector.embedded import EmbeddedDAV
 from mailhub.collector.engine import CollectorEngine
-from mailhub.collector.sources import (
-    CalendarSource, InProcessDispatcher, MailSource, QueueDispatcher, Spool, SpoolRecovery,
-)
+from mailhub.collector.sources import CalendarSource, MailSource
 from mailhub.config import Config, load
 from mailhub.directory.cache import Directory
 from mailhub.directory.ldap import LDAPService
@@ -36,7 +34,8 @@ from mailhub.directory.throttle import Throttle
 from mailhub.directory.users import ChainedUserSource, HashingService, SiteUserSource
 from mailhub.errors import ConfigError
 from mailhub.metrics import Metrics
-from mailhub.pubsub.wiring import PubSub, make_pubsub
+from mailhub.pubsub.interfaces import IWorkQueue
+from mailhub.pubsub.wiring import PubSub, Resume, make_pubsub
 from mailhub.service import AfterReady, InOrder
 from mailhub.web.calendar import CalendarCollect
 from mailhub.web.hooks import GroupHooks
@@ -153,14 +152,13 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
     stops: list[Callable[[], Any]] = [push.stop, events.close]
     later: list[Service] = []  # started once the database and directory are ready
     if config.collector.enabled:
-        dispatcher, dav = _collector(config, pubsub, users, metrics, reactor, pools, stops,
-                                     throttle, directory.refresh)
+        queue, dav = _collector(config, pubsub, users, metrics, reactor, pools, stops,
+                                throttle, directory.refresh)
         calendar = CalendarCollect(
-            dispatcher, lambda token: Deferred.fromCoroutine(directory.check_token(token)),
+            queue, lambda token: Deferred.fromCoroutine(directory.check_token(token)),
             config.mailhub.max_body)
         root.mount(b"collector", calendar.resource())
-        if isinstance(dispatcher, InProcessDispatcher):
-            later.append(SpoolRecovery(dispatcher))
+        later.append(Resume(queue))
         if dav is not None:
             root.mount(dav.segment, dav.resource())
             directory.on_change.append(dav.directory_changed)
@@ -219,7 +217,7 @@ def _users(config: Config, database: StoreService, directory: Directory, reactor
 def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, reactor: Any,
                top: MultiService, stops: list[Callable[[], Any]],
                throttle: Throttle, refresh_users: Callable[[], Awaitable[None]],
-               ) -> tuple[Any, EmbeddedDAV | None]:
+               ) -> tuple[IWorkQueue, EmbeddedDAV | None]:
     """The contact collector: CardDAV client, engine, queue consumer and sources."""
     dav: EmbeddedDAV | None = None
     credentials: tuple[str, str] | None = None
@@ -248,25 +246,17 @@ def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, rea
                              skip_site_users=collector.skip_site_users,
                              cache_ttl=collector.cache_ttl, cache_size=collector.cache_size,
                              mirror_size=collector.mirror_size, refresh_users=refresh_users)
+    # Without a broker the queue lives in {data}/collector-spool (doc/collector.rst).
     queue = pubsub.work_queue(collector.queue, dead_letter=collector.dead_letter,
                               retry_initial=collector.retry_initial,
-                              retry_max=collector.retry_max)
-    dispatcher: Any
-    if queue is not None:
-        queue.consume(engine.handle)
-        stops.append(queue.stop)
-        dispatcher = QueueDispatcher(queue.publish)
-    else:
-        dispatcher = InProcessDispatcher(engine.handle, reactor, collector.retry_initial,
-                                         collector.retry_max, metrics=metrics,
-                                         spool=Spool(config.data_dir / "collector-spool"))
-        stops.append(dispatcher.stop)
-    MailSource(pubsub.hub, dispatcher, collector.sent_folders, metrics).start()
+                              retry_max=collector.retry_max, spool="collector-spool")
+    queue.consume(engine.handle)
+    stops.append(queue.stop)
+    MailSource(pubsub.hub, queue, collector.sent_folders, metrics).start()
     calendar_source = CalendarSource(
-        pubsub.hub, dispatcher, metrics,
-        shared=functools.partial(pubsub.shared_subscription,
+        queue, functools.partial(pubsub.shared_subscription,
                                  retry_initial=collector.retry_initial,
-                                 retry_max=collector.retry_max))
+                                 retry_max=collector.retry_max), metrics)
     calendar_source.start()
     stops.append(calendar_source.stop)
-    return dispatcher, dav
+    return queue, dav

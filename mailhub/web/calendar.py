@@ -68,7 +68,7 @@ class CalendarCollect:
         emails = ical_addresses(text)
         if not emails:
             return reply(request, {"user": user, "emails": []}, 200)
-        await self._dispatcher.submit(message_body(emails, user_email=user))
+        await self._dispatcher.publish(message_body(emails, user_email=user))
         return reply(request, {"user": user, "emails": emails}, 202)
 
 

@@ -172,7 +172,7 @@ class EventStream:
         self._subscriptions: list[tuple[str, Callable[[Any], None]]] = []
         for topic in STREAM_TOPICS:
             callback = functools.partial(self._on_event, topic)
-            self._hub.global_.topic(topic).subscribe(callback)  # type: ignore[attr-defined]
+            self._hub.global_.topic(topic).subscribe(callback)
             self._subscriptions.append((topic, callback))
 
     def resource(self) -> IResource:
@@ -186,7 +186,7 @@ class EventStream:
     def close(self) -> None:
         """Unsubscribe and end every open stream (on shutdown)."""
         for topic, callback in self._subscriptions:
-            self._hub.global_.topic(topic).unsubscribe(callback)  # type: ignore[attr-defined]
+            self._hub.global_.topic(topic).unsubscribe(callback)
         self._subscriptions = []
         for client in list(self._clients):
             if not client.done.called:

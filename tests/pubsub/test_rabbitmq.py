@@ -20,7 +20,8 @@ from mailhub.collector.sources import CALENDAR_TOPICS, CalendarSource
 from mailhub.errors import Unavailable, ValidationError
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
-from mailhub.pubsub.amqp import Broker, GlobalPubSub
+from mailhub.pubsub.connection import Broker
+from mailhub.pubsub.globalpubsub import GlobalPubSub
 from mailhub.pubsub.local import LocalPubSub
 from mailhub.pubsub.wiring import PubSub
 from mailhub.pubsub.workqueue import REASON_HEADER, WorkQueue
@@ -410,11 +411,11 @@ class SharedSubscriptionTests(RabbitMQTestCase):
         pubsub = PubSub(Hub(LocalPubSub(), GlobalPubSub(broker)), [broker], broker,
                         reactor, broker.metrics)
 
-        def shared(topic: str) -> WorkQueue | None:
+        def shared(topic: str) -> Any:
             return pubsub.shared_subscription(topics[topic], queue=topics[topic] + ":shared",
                                               retry_initial=0.05, retry_max=0.2, **kw)
 
-        source = CalendarSource(pubsub.hub, dispatcher, broker.metrics, shared=shared)
+        source = CalendarSource(dispatcher, shared, broker.metrics)
         source.start()
         self.addCleanup(source.stop)
         queues = [pubsub.shared_subscription(topic, queue=topic + ":shared")
@@ -452,7 +453,7 @@ class SharedSubscriptionTests(RabbitMQTestCase):
             def __init__(self, who: str) -> None:
                 self.who = who
 
-            def submit(self, body: bytes) -> Deferred[None]:
+            def publish(self, body: bytes) -> Deferred[None]:
                 submitted[self.who].append(json.loads(body)["userId"])
                 return deferLater(reactor, 0.01, lambda: None)
 
@@ -484,7 +485,7 @@ class SharedSubscriptionTests(RabbitMQTestCase):
         attempts: list[str] = []
 
         class FullOutbox:
-            def submit(self, body: bytes) -> Deferred[None]:
+            def publish(self, body: bytes) -> Deferred[None]:
                 attempts.append(json.loads(body)["userId"])
                 if len(attempts) < 3:
                     return fail(Unavailable("the outbox is full"))

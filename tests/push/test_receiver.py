@@ -263,7 +263,7 @@ class BrokerAwayTests(PushReceiverTests):
     """The real GlobalPubSub and Outbox, with the broker away (no channel attached)."""
 
     def setUp(self) -> None:
-        from mailhub.pubsub.amqp import GlobalPubSub
+        from mailhub.pubsub.globalpubsub import GlobalPubSub
         from tests.pubsub.fakes import FakeBroker, FakeChannel
 
         self.broker = FakeBroker(limit=5)

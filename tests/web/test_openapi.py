@@ -162,7 +162,7 @@ class Dispatcher:
         self.full = full
         self.submitted: list[bytes] = []
 
-    def submit(self, body: bytes) -> "Deferred[None]":
+    def publish(self, body: bytes) -> "Deferred[None]":
         if self.full:
             raise Unavailable("collector is holding 1000 messages already")
         self.submitted.append(body)
