@@ -48,6 +48,7 @@ from mailhub.collector.carddav import (
 )
 from mailhub.collector.mirror import BookMirror
 from mailhub.collector.vcard import Contact, contact_uuid, parse_vcard, to_jcard, to_vcard, with_name
+from mailhub.decoding import decode_json_object
 from mailhub.directory.model import User
 from mailhub.errors import ValidationError
 from mailhub.metrics import Metrics
@@ -500,16 +501,7 @@ def decode_message(body: bytes) -> dict[str, Any]:
 
     Raises ValidationError (dead-letter) saying every problem found.
     """
-    try:
-        message = json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ValidationError("message is not UTF-8 (byte %d)" % e.start)
-    except ValueError as e:
-        raise ValidationError("message is not JSON: %s" % e)
-    except RecursionError:
-        raise ValidationError("message is JSON nested too deeply")
-    if not isinstance(message, dict):
-        raise ValidationError("message is not a JSON object")
+    message = decode_json_object(body, "the message")
     problems = []
     for field in ("userId", "userEmail"):
         value = message.get(field)

@@ -27,7 +27,6 @@ the HTTP surface in :mod:`mailhub.web.calendar`.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
 import time
@@ -43,6 +42,7 @@ from twisted.logger import Logger
 
 from mailhub.collector.addresses import format_address
 from mailhub.collector.engine import message_body
+from mailhub.decoding import decode_json_object
 from mailhub.errors import Unavailable, ValidationError
 from mailhub.metrics import Metrics
 
@@ -482,13 +482,7 @@ class CalendarSource:
         event; returns what ``dispatcher.submit`` returns, so the message is
         acked only after the dispatcher accepted it.
         """
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError):
-            raise ValidationError("the calendar event is not JSON")
-        if not isinstance(data, dict):
-            raise ValidationError("the calendar event is not a JSON object")
-        return self._submit(data)
+        return self._submit(decode_json_object(body, "the calendar event"))
 
     def on_event(self, data: Any) -> Deferred[Any] | None:
         """An ESN calendar event: ``{eventPath, event (jCal), import}``."""

@@ -51,7 +51,8 @@ from txamqp.protocol import AMQClient
 from txamqp.queue import Closed as QueueClosed
 from zope.interface import Attribute, Interface, implementer
 
-from mailhub.errors import ConfigError, Unavailable
+from mailhub.decoding import decode_json
+from mailhub.errors import ConfigError, Unavailable, ValidationError
 from mailhub.metrics import Metrics
 from mailhub.pubsub.frames import pack_frame, unpack_frame
 from mailhub.pubsub.outbox import IPublishChannel, Outbox, Refused, Route
@@ -921,13 +922,13 @@ class GlobalPubSub:
         """Hand one message to its subscriber, then ack it (failure or not)."""
         self._received.inc()
         try:
-            data = json.loads(delivery.body)
-        except (ValueError, RecursionError):
-            # RecursionError: JSON nested deeper than Python's stack (b"[" *
-            # 200000). Either way the body can never be decoded: drop it.
+            data = decode_json(delivery.body, "the message")
+        except ValidationError as e:
+            # Never decodable (not UTF-8 JSON, NaN, too deep, too large): drop it.
             self._bad.inc()
-            self.log.warn("dropping a message on {topic} that is not JSON ({size} bytes)",
-                          topic=subscription.topic, size=len(delivery.body))
+            self.log.warn("dropping a message on {topic}: {reason} ({size} bytes)",
+                          topic=subscription.topic, reason=e.messages[0],
+                          size=len(delivery.body))
             return self._ack(delivery)
         d = call_handler(subscription.callback, data)
 

@@ -37,6 +37,7 @@ from mailhub.directory.cache import (
     ADDED_EXISTING, ADDED_NEW, ALREADY_MEMBER, LEFT, NO_SUCH_GROUP, NO_SUCH_USER,
     Directory,
 )
+from mailhub.decoding import address_problem
 from mailhub.directory.model import Profile
 from mailhub.errors import ValidationError
 from mailhub.metrics import Metrics
@@ -50,36 +51,7 @@ UNKNOWN_EVENT = 257
 TOKEN_MISMATCH = "The authentication token does not match the one in the database."
 TOKEN_MISSING = "The authentication token (token) is required."
 
-_LOCAL_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010FFFF]+"
-_LOCAL = re.compile(r"^%s(?:\.%s)*$" % (_LOCAL_ATOM, _LOCAL_ATOM))
-_LABEL = re.compile(r"^(?!-)[A-Za-z0-9\-\u0080-\U0010FFFF]{1,63}(?<!-)$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def check_address(address: str) -> str | None:
-    """Why ``address`` is not a plain addr-spec we accept, or None when it is.
-
-    Strict on purpose: one ``local@domain`` with a dot-atom local part (UTF-8
-    allowed, RFC 6531) and a domain of at least two labels that IDNA can
-    encode; no display name, no comments, no spaces, at most 254 characters.
-    """
-    if len(address) > 254:
-        return "is longer than 254 characters"
-    local, at, domain = address.rpartition("@")
-    if not at or not local or not domain:
-        return "is not an email address (local@domain)"
-    if len(local) > 64:
-        return "has a local part longer than 64 characters"
-    if not _LOCAL.match(local):
-        return "has a local part with characters an address cannot hold"
-    labels = domain.split(".")
-    if len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
-        return "has an invalid domain"
-    try:
-        domain.encode("idna")
-    except UnicodeError:
-        return "has a domain that cannot be written in IDNA"
-    return None
 
 
 @attrs.frozen
@@ -425,7 +397,7 @@ class GroupHooks:
         if not email:
             errors.append("email: Required input is missing.")
         else:
-            wrong = check_address(email)
+            wrong = address_problem(email)
             if wrong:
                 errors.append("email: %r %s." % (email, wrong))
         if not name:
@@ -508,4 +480,4 @@ class GroupHooks:
         return self._send(request, LEAVE, json_bytes(body))
 
 
-__all__ = ["GroupHooks", "HOOKS", "HookSpec", "FailureThrottle", "check_address"]
+__all__ = ["GroupHooks", "HOOKS", "HookSpec", "FailureThrottle"]

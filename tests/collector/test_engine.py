@@ -86,9 +86,9 @@ class EngineTests(SynchronousTestCase):
 
     def test_poison_messages_fail_with_a_validation_error_saying_why(self) -> None:
         cases = {
-            b"not json": "not JSON",
-            b"\xff\xfe": "not UTF-8",
-            b"[1]": "not a JSON object",
+            b"not json": "not valid JSON",
+            b"\xff\xfe": "not valid UTF-8",
+            b"[1]": "must be a JSON object",
             body(emails=["a@b.org"]): "no user",
             body(userId="A1"): "no emails",
             body(userId="A1", emails="a@b.org"): "not a list",
