@@ -29,7 +29,7 @@ from mailhub.collector.sources import (
     CalendarSource, InProcessDispatcher, MailSource, QueueDispatcher, Spool, SpoolRecovery,
 )
 from mailhub.config import Config, load
-from mailhub.directory.cache import Directory
+from mailhub.directory.service import Directory
 from mailhub.directory.ldap import LDAPService
 from mailhub.directory.sql import StoreService
 from mailhub.directory.throttle import Throttle

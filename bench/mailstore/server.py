@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from mailhub.web.site import MailhubSite, Root
 
 from mailhub.config import Config, LDAPSection, MailStoreSection
-from mailhub.directory.cache import Directory
+from mailhub.directory.service import Directory
 from mailhub.directory.ldap import LDAPService, LDAPSettings
 from mailhub.directory.memory import MemoryStore
 from mailhub.directory.throttle import Throttle

@@ -31,7 +31,7 @@ from mailhub.errors import ValidationError
 from mailhub.service import ThreadPoolService
 
 if TYPE_CHECKING:  # cache imports the web layer; only the type is needed here
-    from mailhub.directory.cache import Directory
+    from mailhub.directory.service import Directory
 
 T = TypeVar("T")
 
@@ -116,7 +116,7 @@ class SiteUserSource:
     ``store`` is any IDirectoryStore (the SQL store); ``reactor`` and
     ``pool`` run the hash verification off the reactor thread.
 
-    ``directory``, when given, is the in-memory :class:`~mailhub.directory.cache.Directory`
+    ``directory``, when given, is the in-memory :class:`~mailhub.directory.service.Directory`
     that follows the same store: once it has loaded, "is this a site user,
     and which?" is answered from memory on the reactor thread, so a login
     that is not a site user (every LDAP login) costs no SQL query and no

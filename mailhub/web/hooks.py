@@ -12,7 +12,7 @@ compared in constant time and never echoed, and real HTTP codes are used:
 with GroupServer's error shape ``{"status": 100, "message": [...]}``.
 
 The read path (``/gs-search-people.json``) is served from the
-:class:`~mailhub.directory.cache.Directory`'s memory on the reactor thread,
+:class:`~mailhub.directory.service.Directory`'s memory on the reactor thread,
 with each profile's JSON serialised once and reused until the profile object
 changes; only a miss is checked against the database.
 """
@@ -33,12 +33,9 @@ from twisted.web.resource import IResource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from mailhub.config import Config
-from mailhub.directory.cache import (
-    ADDED_EXISTING, ADDED_NEW, ALREADY_MEMBER, LEFT, NO_SUCH_GROUP, NO_SUCH_USER,
-    Directory,
-)
 from mailhub.decoding import address_problem
-from mailhub.directory.model import Profile
+from mailhub.directory.model import Added, Left, Profile
+from mailhub.directory.service import Directory
 from mailhub.errors import ValidationError
 from mailhub.metrics import Metrics
 from mailhub.web.common import JSON_TYPE, HTTPError, form_fields, handle_errors, json_bytes
@@ -47,6 +44,11 @@ from mailhub.web.common import JSON_TYPE, HTTPError, form_fields, handle_errors,
 VALIDATION_ERROR = 100
 #: GroupServer's status for "an unknown event occurred" in the add hook.
 UNKNOWN_EVENT = 257
+#: GroupServer's status numbers of the add hook, for what the directory did.
+ADD_STATUS = {Added.NEW_PROFILE: 0, Added.EXISTING_PROFILE: 1, Added.ALREADY_MEMBER: 256}
+#: GroupServer's status numbers of the leave hook.
+LEAVE_STATUS = {Left.LEFT: 0, Left.NO_SUCH_GROUP: 1, Left.NO_SUCH_USER: 2,
+                Left.NOT_A_MEMBER: 4}
 
 TOKEN_MISMATCH = "The authentication token does not match the one in the database."
 TOKEN_MISSING = "The authentication token (token) is required."
@@ -422,27 +424,28 @@ class GroupHooks:
         if errors:
             raise ValidationError(errors)
         try:
-            status, profile = await self.directory.add_member(group_id, email, name)
+            added, profile = await self.directory.add_member(group_id, email, name)
         except ValidationError as e:
             if self.directory.group(group_id) is None:
                 raise ValidationError("groupId: there is no group %r on this site." % group_id)
             raise ValidationError(e.messages)
         group = self.directory.group(group_id)
         group_name = group.name if group is not None else group_id
-        if status == ADDED_NEW:
+        status = ADD_STATUS.get(added, UNKNOWN_EVENT)
+        if added is Added.NEW_PROFILE:
             message = "Created a new profile for {0} and added {0} to {1}".format(
                 profile.name, group_name)
-        elif status == ADDED_EXISTING:
+        elif added is Added.EXISTING_PROFILE:
             message = "Added {0} to {1}".format(profile.name, group_name)
-        elif status == ALREADY_MEMBER:
+        elif added is Added.ALREADY_MEMBER:
             message = "{0} is already a member of {1}".format(profile.name, group_name)
-        else:  # pragma: no cover - the directory returns only the three above
+        else:  # pragma: no cover - Added has only the three above
             body = {"status": UNKNOWN_EVENT, "message": "An unknown event occurred."}
             return self._send(request, MEMBER_ADD, json_bytes(body))
-        if status == ADDED_NEW:
+        if added is Added.NEW_PROFILE:
             self._publish("profile:created", {"userId": profile.id, "name": profile.name,
                                               "email": email})
-        if status in (ADDED_NEW, ADDED_EXISTING):
+        if added in (Added.NEW_PROFILE, Added.EXISTING_PROFILE):
             self._publish("member:added", {"groupId": group_id, "userId": profile.id,
                                            "email": email, "status": status})
         body = {"status": status, "message": message, "user": profile.data(self.site_url)}
@@ -459,24 +462,25 @@ class GroupHooks:
         if errors:
             raise ValidationError(errors)
         profile = self.directory.lookup(user_id)
-        status = await self.directory.leave(group_id, user_id)
+        left = await self.directory.leave(group_id, user_id)
         group = self.directory.group(group_id)
         if profile is None:
             profile = self.directory.lookup(user_id)
-        if status == NO_SUCH_GROUP:
+        if left is Left.NO_SUCH_GROUP:
             message = 'No such group "{0}"'.format(group_id)
-        elif status == NO_SUCH_USER:
+        elif left is Left.NO_SUCH_USER:
             message = 'No such user "{0}"'.format(user_id)
         else:
             who = profile.name if profile is not None else user_id
             where = group.name if group is not None else group_id
-            if status == LEFT:
+            if left is Left.LEFT:
                 message = "{0} has left {1}".format(who, where)
                 self._publish("member:left", {"groupId": group_id,
                                               "userId": profile.id if profile else user_id})
             else:  # NOT_A_MEMBER
                 message = "{0} is not a member of {1}".format(who, where)
-        body = {"status": status, "message": message, "groupId": group_id, "userId": user_id}
+        body = {"status": LEAVE_STATUS[left], "message": message, "groupId": group_id,
+                "userId": user_id}
         return self._send(request, LEAVE, json_bytes(body))
 
 

@@ -304,7 +304,7 @@ def cached_site(pool: InlinePool, directory_loaded: bool = True) -> tuple[
         SiteUserSource, CountingStore, Any]:
     from twisted.internet.task import Clock
 
-    from mailhub.directory.cache import Directory
+    from mailhub.directory.service import Directory
 
     store = MemoryStore()
     result(store.create_profile(ALICE))

@@ -18,7 +18,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailhub.config import Config, MailhubSection
-from mailhub.directory.cache import Directory
+from mailhub.directory.service import Directory
 from mailhub.directory.memory import MemoryStore
 from mailhub.directory.model import Email, Group, Profile
 from mailhub.metrics import Metrics
