@@ -35,7 +35,6 @@ import threading
 import time
 from typing import Any, AsyncIterator, Callable, TypeVar
 
-import attrs
 from ldap3 import (
     ANONYMOUS, NONE, SIMPLE, SUBTREE, Connection, Server, Tls,
 )
@@ -89,55 +88,6 @@ class LDAPFailure(Exception):
     """An operation that failed on one connection; another server may work."""
 
 
-@attrs.frozen
-class LDAPSettings:
-    """What the LDAP source needs, taken from ``[ldap]``."""
-
-    urls: tuple[str, ...]
-    base_dn: str
-    bind_dn: str = ""
-    bind_password: str = attrs.field(default="", repr=False)
-    user_filter: str = LDAPSection().user_filter
-    list_filter: str = LDAPSection().list_filter
-    login_attribute: str = "uid"
-    name_attribute: str = "cn"
-    mail_attributes: tuple[str, ...] = ("mail",)
-    dn_attribute: str = ""
-    start_tls: bool = False
-    ca_file: str = ""
-    timeout: float = 5.0
-    page_size: int = 500
-    retry_after: float = 30.0
-
-    @classmethod
-    def from_config(cls, section: LDAPSection) -> "LDAPSettings":
-        """Settings from the ``[ldap]`` section (its ``url`` must not be empty)."""
-        return cls(
-            urls=tuple(section.url.split()),
-            base_dn=section.base_dn,
-            bind_dn=section.bind_dn,
-            bind_password=section.bind_password,
-            user_filter=section.user_filter,
-            list_filter=section.list_filter,
-            login_attribute=section.login_attribute,
-            name_attribute=section.name_attribute,
-            mail_attributes=tuple(section.mail_attribute.replace(",", " ").split()),
-            dn_attribute=section.dn_attribute,
-            start_tls=section.start_tls,
-            ca_file=section.ca_file,
-            timeout=section.timeout,
-            page_size=section.page_size,
-        )
-
-    @property
-    def attributes(self) -> list[str]:
-        """The attributes every search asks for."""
-        wanted = [self.login_attribute, self.name_attribute, *self.mail_attributes]
-        if self.dn_attribute:
-            wanted.append(self.dn_attribute)
-        return unique(wanted)
-
-
 def user_filter(template: str, login: str) -> str:
     """``template`` with every ``{login}`` replaced by the escaped login (RFC 4515)."""
     return template.replace("{login}", escape_filter_chars(login))
@@ -173,7 +123,7 @@ def _addresses(values: list[str]) -> list[str]:
     return out
 
 
-def user_of_entry(settings: LDAPSettings, entry: dict[str, Any]) -> User | None:
+def user_of_entry(settings: LDAPSection, entry: dict[str, Any]) -> User | None:
     """The User an ldap3 search entry describes, or None without a login."""
     raw = entry.get("raw_attributes") or {}
     logins = _text(raw.get(settings.login_attribute))
@@ -206,11 +156,12 @@ class LDAPClient:
 
     log = Logger()
 
-    def __init__(self, settings: LDAPSettings, clock: Callable[[], float] = time.monotonic,
-                 fast: bool = FAST_REQUESTS) -> None:
+    def __init__(self, settings: LDAPSection, clock: Callable[[], float] = time.monotonic,
+                 fast: bool = FAST_REQUESTS, retry_after: float = 30.0) -> None:
         if not settings.urls:
             raise ValueError("no LDAP server URL")
         self.settings = settings
+        self.retry_after = retry_after
         self._clock = clock
         #: Send logins' searches and binds pre-encoded (mailhub.directory.ber).
         self.fast = fast
@@ -237,7 +188,7 @@ class LDAPClient:
 
     def _mark_down(self, url: str) -> None:
         with self._lock:
-            self._down_until[url] = self._clock() + self.settings.retry_after
+            self._down_until[url] = self._clock() + self.retry_after
 
     def _connect(self, url: str, service: bool) -> Connection:
         """An open connection to ``url``: bound as the service account if ``service``."""
@@ -619,8 +570,8 @@ class LDAPService(ThreadPoolService):
 
     name = "ldap"  # type: ignore[assignment]
 
-    def __init__(self, reactor: Any, settings: LDAPSettings, threads: int = 4) -> None:
-        super().__init__(threads, "mailhub-ldap")
+    def __init__(self, reactor: Any, settings: LDAPSection, threads: int | None = None) -> None:
+        super().__init__(settings.pool_size if threads is None else threads, "mailhub-ldap")
         self.client = LDAPClient(settings)
         self.source = LDAPUserSource(self.client, reactor, self.pool)
 
@@ -629,7 +580,7 @@ class LDAPService(ThreadPoolService):
         """The service for ``[ldap]``, or None when ``url`` is empty (no LDAP)."""
         if not section.url.strip():
             return None
-        return cls(reactor, LDAPSettings.from_config(section), threads=section.pool_size)
+        return cls(reactor, section)
 
     def stopService(self) -> Any:
         super().stopService()

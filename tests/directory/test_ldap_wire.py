@@ -17,8 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ldap3 import SUBTREE
 
+from mailhub.config import LDAPSection
 from mailhub.directory import ber
-from mailhub.directory.ldap import TEMPLATE_MARKER, LDAPClient, LDAPSettings, user_filter
+from mailhub.directory.ldap import TEMPLATE_MARKER, LDAPClient, user_filter
 from tests.support import slapd as fixture
 from tests.support.slapd import Slapd
 
@@ -63,7 +64,7 @@ def ldap3_search_bytes(client: LDAPClient, conn: Any, login: str) -> bytes:
 @pytest.mark.parametrize("template", FILTERS)
 def test_the_search_template_sends_what_ldap3_sends_for_any_login(
         server: Slapd, template: str) -> None:
-    client = LDAPClient(LDAPSettings(**server.settings(user_filter=template)))
+    client = LDAPClient(LDAPSection(**server.settings(user_filter=template)))
     conn = client._connect(server.url, service=True)
     try:
         client.find("user00001")  # the first search records the template
@@ -92,7 +93,7 @@ def test_the_search_template_sends_what_ldap3_sends_for_any_login(
 
 
 def test_the_fast_bind_sends_what_ldap3_sends(server: Slapd) -> None:
-    client = LDAPClient(LDAPSettings(**server.settings()))
+    client = LDAPClient(LDAPSection(**server.settings()))
     try:
         assert client.authenticate("zoe", fixture.ZOE_PASSWORD) is not None
         conn = client._local.auth
@@ -111,8 +112,8 @@ def test_the_fast_bind_sends_what_ldap3_sends(server: Slapd) -> None:
 
 
 def test_fast_and_ldap3_paths_give_the_same_answers(server: Slapd) -> None:
-    fast = LDAPClient(LDAPSettings(**server.settings()))
-    slow = LDAPClient(LDAPSettings(**server.settings()), fast=False)
+    fast = LDAPClient(LDAPSection(**server.settings()))
+    slow = LDAPClient(LDAPSection(**server.settings()), fast=False)
     try:
         cases = [("user00003", fixture.password(3)), ("user00003", fixture.password(4)),
                  ("user00003@example.test", fixture.password(3)), ("zoe", fixture.ZOE_PASSWORD),
@@ -129,7 +130,7 @@ def test_fast_and_ldap3_paths_give_the_same_answers(server: Slapd) -> None:
 
 
 def test_a_password_saslprep_refuses_is_a_plain_failure_not_an_outage(server: Slapd) -> None:
-    client = LDAPClient(LDAPSettings(**server.settings()))
+    client = LDAPClient(LDAPSection(**server.settings()))
     try:
         for fast in (True, False):
             client.fast = fast
@@ -142,7 +143,7 @@ def test_a_password_saslprep_refuses_is_a_plain_failure_not_an_outage(server: Sl
 
 
 def test_a_filter_without_the_login_keeps_ldap3s_own_path(server: Slapd) -> None:
-    client = LDAPClient(LDAPSettings(**server.settings(user_filter="(uid=user00005)")))
+    client = LDAPClient(LDAPSection(**server.settings(user_filter="(uid=user00005)")))
     try:
         assert client.authenticate("anything", fixture.password(5)) is not None
         assert client._template is None
@@ -151,7 +152,7 @@ def test_a_filter_without_the_login_keeps_ldap3s_own_path(server: Slapd) -> None
 
 
 def test_a_connection_the_server_dropped_is_replaced_on_the_fast_path(server: Slapd) -> None:
-    client = LDAPClient(LDAPSettings(**server.settings()))
+    client = LDAPClient(LDAPSection(**server.settings()))
     try:
         assert client.authenticate("user00006", fixture.password(6)) is not None
         for kind in ("search", "auth"):
