@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 import treq
 from twisted.application.internet import StreamServerEndpointService
@@ -154,7 +154,7 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
     later: list[Service] = []  # started once the database and directory are ready
     if config.collector.enabled:
         dispatcher, dav = _collector(config, pubsub, users, metrics, reactor, pools, stops,
-                                     throttle, directory.refresh)
+                                     throttle)
         calendar = CalendarCollect(
             dispatcher, lambda token: Deferred.fromCoroutine(directory.check_token(token)),
             config.mailhub.max_body)
@@ -218,8 +218,7 @@ def _users(config: Config, database: StoreService, directory: Directory, reactor
 
 def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, reactor: Any,
                top: MultiService, stops: list[Callable[[], Any]],
-               throttle: Throttle, refresh_users: Callable[[], Awaitable[None]],
-               ) -> tuple[Any, EmbeddedDAV | None]:
+               throttle: Throttle) -> tuple[Any, EmbeddedDAV | None]:
     """The contact collector: CardDAV client, engine, queue consumer and sources."""
     dav: EmbeddedDAV | None = None
     credentials: tuple[str, str] | None = None
@@ -247,7 +246,7 @@ def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, rea
     engine = CollectorEngine(users, carddav, layout, pubsub.hub, metrics, reactor,
                              skip_site_users=collector.skip_site_users,
                              cache_ttl=collector.cache_ttl, cache_size=collector.cache_size,
-                             mirror_size=collector.mirror_size, refresh_users=refresh_users)
+                             mirror_size=collector.mirror_size)
     queue = pubsub.work_queue(collector.queue, dead_letter=collector.dead_letter,
                               retry_initial=collector.retry_initial,
                               retry_max=collector.retry_max)

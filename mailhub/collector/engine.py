@@ -233,8 +233,7 @@ class CollectorEngine:
                  metrics: Metrics, clock: IReactorTime, *, skip_site_users: bool = True,
                  cache_ttl: float = 600.0, cache_size: int = 100_000,
                  mirror_size: int = 50_000,
-                 book_display_name: str = "Collected contacts",
-                 refresh_users: Callable[[], Awaitable[None]] | None = None) -> None:
+                 book_display_name: str = "Collected contacts") -> None:
         self._users = users
         self._dav = carddav
         self._layout = layout
@@ -242,7 +241,6 @@ class CollectorEngine:
         self._clock = clock
         self._skip_site_users = skip_site_users
         self._book_display_name = book_display_name
-        self._refresh_users = refresh_users
         self.known = KnownAddresses(clock, cache_ttl, cache_size)
         self.books = BookMirror(carddav, mirror_size, clock, metrics)
         self.lookups = Coalescer(self._find, carddav.when_short)
@@ -297,12 +295,12 @@ class CollectorEngine:
 
     async def _resolve(self, message: dict[str, Any]) -> User:
         user = await self._find_user(message)
-        if user is None and self._refresh_users is not None:
+        if user is None:
             # The site's users are answered from memory, which follows the
             # database every [database] poll_interval: a user made a moment
             # ago (by the CLI, by another instance) may not be there yet.
             # Catch up once before calling the message poison.
-            await self._refresh_users()
+            await self._users.catch_up()
             user = await self._find_user(message)
         if user is None:
             tried = ["%s %r" % (field, message[field]) for field in ("userId", "userEmail")

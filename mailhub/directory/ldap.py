@@ -538,6 +538,10 @@ class LDAPUserSource:
         """Fires with True when a server answers (for /healthz and ``mailhub check``)."""
         return self._call(self.client.ping)
 
+    def catch_up(self) -> "Deferred[None]":
+        """Nothing to follow: every question goes to the server."""
+        return succeed(None)
+
     async def pages(self, page_size: int) -> AsyncIterator[list[User]]:
         """Every user of ``list_filter``, a page at a time, the next one prefetched."""
         listing = await self._call(self.client.open_listing)

@@ -113,10 +113,11 @@ class EngineTests(SynchronousTestCase):
             if carol not in self.users.users:
                 self.users.users.append(carol)
 
+        self.users.on_catch_up = refresh
         engine = CollectorEngine(
             self.users, CardDAVClient(self.stub, self.clock, credentials=("svc", "pw")),
             BookLayout.from_config("http://dav.test/dav/", ""), self.hub, self.metrics,
-            self.clock, refresh_users=refresh)
+            self.clock)
         outcome = self.successResultOf(engine.handle(body(userId="C3", emails=["k@y.org"])))
         self.assertEqual((outcome.user, outcome.created), ("carol@example.org", ["k@y.org"]))
         self.assertEqual(caught_up, [1])
