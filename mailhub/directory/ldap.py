@@ -18,10 +18,12 @@ users' own binds), so no connection is ever shared by two threads at once.
   given password. An empty password is refused before anything is sent
   (LDAP would treat it as an unauthenticated bind, which "succeeds").
 - **Cost**: the search and the bind of a login are the two requests every
-  login sends; they are encoded by :mod:`mailhub.directory.ber` (the same
-  bytes ldap3 would send, without pyasn1's cost) and answered through
-  ldap3's connection and decoder. ldap3's own path remains for everything
-  else, and for a ``user_filter`` the template cannot serve.
+  login sends; they are sent pre-encoded by the quarantined
+  :mod:`mailhub.directory.ldap_wire` (the same bytes ldap3 would send,
+  without pyasn1's cost) and answered through ldap3's connection and
+  decoder. ldap3's own path remains for everything else, for a
+  ``user_filter`` the template cannot serve, and for any ldap3 version but
+  the pinned one.
 - **Listing** uses the simple paged results control (RFC 2696) on one
   connection, one page per thread-pool call, with the next page fetched
   while the current one is being written: memory holds two pages at most.
@@ -39,7 +41,6 @@ from ldap3 import (
     ANONYMOUS, NONE, SIMPLE, SUBTREE, Connection, Server, Tls,
 )
 from ldap3.core.exceptions import LDAPException
-from ldap3.strategy.sync import SyncStrategy
 from ldap3.utils.conv import escape_filter_chars
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -48,7 +49,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mailhub.config import LDAPSection
-from mailhub.directory import ber
+from mailhub.directory.ldap_wire import FAST_REQUESTS, FastRequests, ber
 from mailhub.directory.interfaces import IUserSource
 from mailhub.directory.model import User, unique
 from mailhub.errors import Unavailable
@@ -75,15 +76,6 @@ REFUSED_BINDS = {
 }
 #: Longest login looked up at all.
 MAX_LOGIN = 320
-#: The login the search template is recorded for: plain letters, so ldap3
-#: and RFC 4515 escaping leave it as it is, and found nowhere else.
-TEMPLATE_MARKER = "mailhubLoginMarker7f3a9c1e"
-#: Whether this ldap3 has the pieces the pre-encoded requests go through.
-FAST_REQUESTS = all(hasattr(SyncStrategy, name) for name in (
-    "post_send_search", "post_send_single_response", "get_response"))
-_UNTRIED = object()
-
-
 class LDAPFailure(Exception):
     """An operation that failed on one connection; another server may work."""
 
@@ -163,10 +155,9 @@ class LDAPClient:
         self.settings = settings
         self.retry_after = retry_after
         self._clock = clock
-        #: Send logins' searches and binds pre-encoded (mailhub.directory.ber).
+        #: Send logins' searches and binds pre-encoded (mailhub.directory.ldap_wire).
         self.fast = fast
-        self._template: Any = _UNTRIED if fast else None
-        self._template_lock = threading.Lock()
+        self._wire = FastRequests(settings)
         self._local = threading.local()
         self._lock = threading.Lock()
         self._open: set[Connection] = set()
@@ -271,38 +262,6 @@ class LDAPClient:
 
     # -- operations -------------------------------------------------------
 
-    def _search_template(self, conn: Connection) -> ber.SearchTemplate | None:
-        """The pre-encoded search, recorded once from ldap3 on ``conn``; None if unusable."""
-        if self._template is _UNTRIED and self._template_lock.acquire(blocking=False):
-            try:
-                if self._template is _UNTRIED:
-                    self._template = self._record_template(conn)
-            finally:
-                self._template_lock.release()
-        template = self._template
-        return template if isinstance(template, ber.SearchTemplate) else None
-
-    def _record_template(self, conn: Connection) -> ber.SearchTemplate | None:
-        s = self.settings
-        expected = s.user_filter.count("{login}")
-        if not expected:
-            return None
-        recorder = ber.Recorder(conn.socket)
-        conn.socket = recorder
-        try:
-            conn.search(s.base_dn, user_filter(s.user_filter, TEMPLATE_MARKER), SUBTREE,
-                        attributes=s.attributes, size_limit=2)
-        finally:
-            if conn.socket is recorder:
-                conn.socket = recorder._sock
-        try:
-            if len(recorder.sent) != 1:
-                raise ber.BERError("%d messages sent for one search" % len(recorder.sent))
-            return ber.SearchTemplate(recorder.sent[0], TEMPLATE_MARKER, expected)
-        except ber.BERError as e:
-            self.log.info("LDAP logins use ldap3's own request encoding: {why}", why=str(e))
-            return None
-
     def _search_entry(self, login: str) -> dict[str, Any] | None:
         login = login.strip()
         if not login or len(login) > MAX_LOGIN:
@@ -311,25 +270,7 @@ class LDAPClient:
         query = user_filter(s.user_filter, login)
 
         def search(conn: Connection) -> list[dict[str, Any]]:
-            template = self._search_template(conn) if self.fast else None
-            message = None
-            if template is not None and not (conn.auto_referrals or conn.empty_attributes):
-                message_id = conn.server.next_message_id()
-                try:
-                    message = template.message(message_id, login)
-                except UnicodeEncodeError:
-                    message = None  # ldap3's path decides what such a login is
-            if message is not None:
-                with conn.connection_lock:
-                    auto_range, conn.auto_range = conn.auto_range, False
-                    try:
-                        _send(conn, message_id, message, "searchRequest")
-                        conn.strategy.post_send_search(message_id)
-                    finally:
-                        conn.auto_range = auto_range
-                if auto_range and _ranged(conn.response):
-                    message = None  # a ranged attribute (AD): ldap3 fetches the rest
-            if message is None:
+            if not (self.fast and self._wire.search(conn, login)):
                 conn.search(s.base_dn, query, SUBTREE, attributes=s.attributes, size_limit=2)
             code = conn.result.get("result", 0)
             if code == 32:  # noSuchObject: the base itself is not there
@@ -373,11 +314,7 @@ class LDAPClient:
 
         def bind(conn: Connection) -> bool:
             if self.fast:
-                message_id = conn.server.next_message_id()
-                with conn.connection_lock:
-                    _send(conn, message_id, ber.bind_message(message_id, dn, prepared),
-                          "bindRequest")
-                    conn.strategy.post_send_single_response(message_id)
+                self._wire.bind(conn, dn, prepared)
             else:
                 conn.authentication = SIMPLE
                 conn.user = dn
@@ -461,33 +398,6 @@ class LDAPClient:
             return True
 
         return self._run("search", read_base)
-
-
-def _ranged(response: Any) -> bool:
-    """Whether an entry holds a ranged attribute (``member;range=0-1499``)."""
-    return any(";range=" in name for entry in response or ()
-               for name in entry.get("raw_attributes") or ())
-
-
-def _send(conn: Connection, message_id: int, message: bytes, kind: str) -> None:
-    """Send a pre-encoded request on ``conn`` so that ldap3 reads its answer.
-
-    ldap3 answers only message ids it has outstanding; the entry it keeps
-    holds no request detail (no password), which nothing reads with
-    referrals, auto-range and empty attributes turned off.
-    """
-    strategy = conn.strategy
-    outstanding = getattr(strategy, "_outstanding", None)
-    if conn.closed or conn.socket is None or outstanding is None:
-        raise LDAPFailure("the connection is closed")
-    request = {"type": kind}
-    conn.request = request
-    outstanding[message_id] = request
-    try:
-        conn.socket.sendall(message)
-    except OSError:
-        outstanding.pop(message_id, None)
-        raise
 
 
 def _close(conn: Connection) -> None:
