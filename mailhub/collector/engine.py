@@ -31,12 +31,12 @@ book turns out to be gone.
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
 from urllib.parse import unquote, urljoin, urlsplit
 
 import attrs
+from cachetools import TTLCache
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -82,40 +82,37 @@ class KnownAddresses:
     """
 
     def __init__(self, clock: IReactorTime, ttl: float, size: int) -> None:
-        self._clock = clock
-        self._ttl = ttl
-        self._size = size
-        self._entries: OrderedDict[tuple[str, str], tuple[bool, float]] = OrderedDict()
+        #: (user, key) -> final; expires ttl seconds after it was remembered
+        #: (on the reactor's clock), the least recently used dropped first.
+        self._entries: TTLCache[tuple[str, str], bool] | None = (
+            TTLCache(maxsize=size, ttl=ttl, timer=clock.seconds)
+            if size > 0 and ttl > 0 else None)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) if self._entries is not None else 0
 
     def known(self, user: str, key: str, has_name: bool) -> bool:
         """True when the address is known to need no work for this message."""
-        entry = self._entries.get((user, key))
-        if entry is None:
+        if self._entries is None:
             return False
-        final, expires = entry
-        if expires <= self._clock.seconds():
-            del self._entries[(user, key)]
+        final = self._entries.get((user, key))
+        if final is None:
             return False
         return final or not has_name
 
     def remember(self, user: str, key: str, final: bool) -> None:
-        if self._size <= 0 or self._ttl <= 0:
-            return
-        self._entries[(user, key)] = (final, self._clock.seconds() + self._ttl)
-        self._entries.move_to_end((user, key))
-        while len(self._entries) > self._size:
-            self._entries.popitem(last=False)
+        if self._entries is not None:
+            self._entries[(user, key)] = final
 
     def forget(self, user: str, key: str | None = None) -> None:
         """Forget one address of a user, or (key None) every address of the user."""
+        if self._entries is None:
+            return
         if key is not None:
             self._entries.pop((user, key), None)
             return
         for entry in [k for k in self._entries if k[0] == user]:
-            del self._entries[entry]
+            self._entries.pop(entry, None)
 
 
 class _Batch:
