@@ -24,6 +24,7 @@ from typing import Any, Awaitable, Callable
 from zoneinfo import ZoneInfo
 
 import attrs
+from cachetools import LRUCache
 from klein import Klein
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
@@ -213,9 +214,9 @@ class GroupHooks:
             "mailhub_hook_requests_total", "Group hook requests answered, by hook and status",
             ["hook", "status"])
         self._answer_children: dict[tuple[str, int], Any] = {}
-        # profile id -> (the Profile object it was made from, its JSON bytes)
-        self._json: dict[str, tuple[Profile, bytes]] = {}
-        self._json_limit = 500_000
+        #: profile id -> (the Profile object it was made from, its JSON bytes),
+        #: the least recently used dropped beyond half a million.
+        self._json: LRUCache[str, tuple[Profile, bytes]] = LRUCache(maxsize=500_000)
 
     def resource(self) -> IResource:
         """The Klein resource; it expects to see the whole request path."""
@@ -236,8 +237,6 @@ class GroupHooks:
         if cached is not None and cached[0] is profile:
             return cached[1]
         body = json_bytes(profile.data(self.site_url))
-        if len(self._json) >= self._json_limit:
-            self._json.clear()
         self._json[profile.id] = (profile, body)
         return body
 
