@@ -217,10 +217,3 @@ def address_problem(address: str) -> str | None:
         return "has an invalid domain"
     return None
 
-
-def check_address(address: str, what: str = "the address") -> str:
-    """``address`` when :func:`address_problem` finds nothing, else a ValidationError."""
-    problem = address_problem(address)
-    if problem is not None:
-        raise ValidationError("%s %r %s" % (what, address, problem))
-    return address

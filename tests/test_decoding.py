@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mailhub.collector.carddav import BookLayout, CardDAVClient
 from mailhub.collector.engine import CollectorEngine
 from mailhub.decoding import (
-    MAX_BYTES, MAX_DEPTH, address_problem, check_address, decode_json, decode_json_object,
+    MAX_BYTES, MAX_DEPTH, address_problem, decode_json, decode_json_object,
 )
 from mailhub.directory.model import User
 from mailhub.errors import ValidationError
@@ -117,12 +117,6 @@ class AddressRules(SynchronousTestCase):
                     "x" * 65 + "@x.org", "x@y@z.org", "\ud800@x.org",
                     "a@" + ".".join(["x" * 60] * 5) + ".org"):
             self.assertIsNotNone(address_problem(bad), bad)
-
-    def test_check_address_names_the_address_and_the_problem(self) -> None:
-        self.assertEqual(check_address("a@x.org"), "a@x.org")
-        with self.assertRaises(ValidationError) as raised:
-            check_address("a@b", "email:")
-        self.assertEqual(raised.exception.messages, ["email: 'a@b' has an invalid domain"])
 
 
 ALICE = User(login="alice@example.org", emails=("alice@example.org",), id="A1")
