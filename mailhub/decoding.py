@@ -13,7 +13,8 @@ The JSON rules (RFC 8259 as interoperable peers read it):
 
 - the bytes are UTF-8, nothing else (``json.loads`` would also guess UTF-16
   and UTF-32 from the first bytes); a byte-order mark is refused;
-- ``NaN``, ``Infinity`` and ``-Infinity`` are not JSON and are refused;
+- ``NaN``, ``Infinity`` and ``-Infinity`` are not JSON and are refused, and
+  so is a number too large for a float (``1e400``), which would read as one;
 - no string or key holds a lone surrogate (``"\\ud800"``), which no UTF-8
   text can carry on;
 - at most :data:`MAX_DEPTH` nested arrays and objects;
@@ -24,6 +25,7 @@ The JSON rules (RFC 8259 as interoperable peers read it):
 from __future__ import annotations
 
 import json
+import math
 import re
 import unicodedata
 from typing import Any
@@ -46,8 +48,15 @@ def _no_constants(name: str) -> None:
     raise ValueError("%s is not JSON" % name)
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError("the number %s is too large (it would read as Infinity)" % text[:40])
+    return value
+
+
 #: The one decoder, made once (json.loads with options makes one per call).
-_DECODER = json.JSONDecoder(parse_constant=_no_constants)
+_DECODER = json.JSONDecoder(parse_constant=_no_constants, parse_float=_finite)
 
 
 def decode_utf8(raw: bytes, what: str) -> str:

@@ -34,6 +34,8 @@ REFUSED = {
     b'{"a": NaN}': "NaN is not JSON",
     b'{"a": Infinity}': "Infinity is not JSON",
     b'{"a": -Infinity}': "-Infinity is not JSON",
+    b'{"a": 1e400}': "would read as Infinity",
+    b'[-1.5e999]': "would read as Infinity",
     b'{"a": ' + nested(MAX_DEPTH) + b"}": "nested too deeply",
     b"[" * 200_000: "nested too deeply",
     '{"a": "b"}'.encode("utf-16"): "not valid UTF-8",
