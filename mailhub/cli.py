@@ -25,7 +25,6 @@ import contextlib
 import getpass
 import math
 import os
-import re
 import socket
 import sqlite3
 import ssl
@@ -44,6 +43,7 @@ from twisted.python.failure import Failure
 
 from mailhub import config as configuration
 from mailhub.config import Config, redact
+from mailhub.decoding import address_problem
 from mailhub.directory.model import (
     GROUP_ID, PRIVACY, Email, Group, Profile, new_profile_id, new_token,
 )
@@ -65,11 +65,6 @@ TOKEN_UPDATE = "Please update the relevant configuration files."
 
 #: Seconds that ``check`` waits for any one dependency.
 CHECK_TIMEOUT = 5.0
-
-#: A plain address (local@domain): no spaces, brackets, quotes or list separators.
-_ATOM = r"[^@\s<>()\[\],;:\"\\]"
-_LABEL = r"[^@\s<>()\[\],;:\"\\.]+"
-_ADDRESS = re.compile(r"^%s+@%s(\.%s)*$" % (_ATOM, _LABEL, _LABEL))
 
 
 class Exit(Exception):
@@ -154,8 +149,9 @@ def read_password(stdin: TextIO, stderr: TextIO) -> str:
 def email_address(value: str) -> str:
     """A single plain address (``local@domain``), or Exit(1) saying why not."""
     address = value.strip()
-    if not _ADDRESS.match(address):
-        raise Exit(BAD, "%r is not an email address (expected local@domain)" % value)
+    problem = address_problem(address)
+    if problem is not None:
+        raise Exit(BAD, "%r %s" % (value, problem))
     return address
 
 

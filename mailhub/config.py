@@ -64,6 +64,8 @@ class CardDAVSection:
 
 @attrs.frozen
 class LDAPSection:
+    """``[ldap]``: the one description of the LDAP source (the client reads it as it is)."""
+
     url: str = ""
     bind_dn: str = ""
     bind_password: str = attrs.field(default="", repr=False)
@@ -79,6 +81,27 @@ class LDAPSection:
     timeout: float = 5.0
     page_size: int = 500
     pool_size: int = 4
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """The servers of ``url``, in failover order."""
+        return tuple(self.url.split())
+
+    @property
+    def mail_attributes(self) -> tuple[str, ...]:
+        """The attributes of ``mail_attribute`` (spaces or commas between them)."""
+        return tuple(self.mail_attribute.replace(",", " ").split())
+
+    @property
+    def attributes(self) -> list[str]:
+        """The attributes every search asks for, each once (compared without case)."""
+        wanted = [self.login_attribute, self.name_attribute, *self.mail_attributes]
+        if self.dn_attribute:
+            wanted.append(self.dn_attribute)
+        seen: dict[str, str] = {}
+        for name in wanted:
+            seen.setdefault(name.casefold(), name)
+        return list(seen.values())
 
 
 @attrs.frozen

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 import treq
 from twisted.application.internet import StreamServerEndpointService
@@ -27,7 +27,7 @@ from mailhub.collector.embedded import EmbeddedDAV
 from mailhub.collector.engine import CollectorEngine
 from mailhub.collector.sources import CalendarSource, MailSource
 from mailhub.config import Config, load
-from mailhub.directory.cache import Directory
+from mailhub.directory.service import Directory
 from mailhub.directory.ldap import LDAPService
 from mailhub.directory.sql import StoreService
 from mailhub.directory.throttle import Throttle
@@ -153,7 +153,7 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
     later: list[Service] = []  # started once the database and directory are ready
     if config.collector.enabled:
         queue, dav = _collector(config, pubsub, users, metrics, reactor, pools, stops,
-                                throttle, directory.refresh)
+                                throttle)
         calendar = CalendarCollect(
             queue, lambda token: Deferred.fromCoroutine(directory.check_token(token)),
             config.mailhub.max_body)
@@ -216,8 +216,7 @@ def _users(config: Config, database: StoreService, directory: Directory, reactor
 
 def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, reactor: Any,
                top: MultiService, stops: list[Callable[[], Any]],
-               throttle: Throttle, refresh_users: Callable[[], Awaitable[None]],
-               ) -> tuple[IWorkQueue, EmbeddedDAV | None]:
+               throttle: Throttle) -> tuple[IWorkQueue, EmbeddedDAV | None]:
     """The contact collector: CardDAV client, engine, queue consumer and sources."""
     dav: EmbeddedDAV | None = None
     credentials: tuple[str, str] | None = None
@@ -245,7 +244,7 @@ def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, rea
     engine = CollectorEngine(users, carddav, layout, pubsub.hub, metrics, reactor,
                              skip_site_users=collector.skip_site_users,
                              cache_ttl=collector.cache_ttl, cache_size=collector.cache_size,
-                             mirror_size=collector.mirror_size, refresh_users=refresh_users)
+                             mirror_size=collector.mirror_size)
     # Without a broker the queue lives in {data}/collector-spool (doc/collector.rst).
     queue = pubsub.work_queue(collector.queue, dead_letter=collector.dead_letter,
                               retry_initial=collector.retry_initial,

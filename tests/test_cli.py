@@ -26,7 +26,7 @@ from twisted.internet.task import Clock
 
 from mailhub import cli
 from mailhub.config import load
-from mailhub.directory.cache import Directory
+from mailhub.directory.service import Directory
 from mailhub.directory.model import BASE62
 from mailhub.directory.sql import SQLStore, dialect_for
 from mailhub.directory.users import verify_password

@@ -47,6 +47,7 @@ from urllib.parse import unquote, urlsplit
 
 import attrs
 import radicale
+from cachetools import TTLCache
 import radicale.config
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -144,7 +145,11 @@ class Guard:
         self._key = secrets.token_bytes(32)
         self._lock = threading.Lock()
         self._generation = 0
-        self._logins: dict[bytes, tuple[str, float]] = {}
+        #: HMAC of (login, password) -> (canonical login, when stored), for
+        #: ``ttl`` seconds on the reactor's clock, the least recently used
+        #: dropped beyond ``size``.
+        self._logins: TTLCache[bytes, tuple[str, float]] = TTLCache(maxsize=max(size, 1), ttl=ttl,
+                                                      timer=self._clock.seconds)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         _fix_text(environ, "PATH_INFO")
@@ -192,8 +197,8 @@ class Guard:
         now = self._clock.seconds()
         with self._lock:
             known = self._logins.get(key)
-            # A stamp in the future means the clock went back: check again.
-            if known is not None and known[1] - self._ttl <= now < known[1]:
+            # Stored in the future means the clock went back: check again.
+            if known is not None and known[1] <= now:
                 return known[0]
             generation = self._generation
         # Wait here (this worker only) for the reactor's answer.
@@ -205,11 +210,8 @@ class Guard:
             if generation != self._generation:
                 # Invalidated while we checked: answer, but do not remember.
                 return str(user.login)
-            if len(self._logins) >= self._size:
-                self._logins = {k: v for k, v in self._logins.items() if v[1] > now}
-                if len(self._logins) >= self._size:
-                    self._logins.clear()
-            self._logins[key] = (str(user.login), now + self._ttl)
+            if self._size > 0 and self._ttl > 0:
+                self._logins[key] = (str(user.login), now)
         return str(user.login)
 
     def check(self, login: str, password: str, client: str) -> "Deferred[User | None]":

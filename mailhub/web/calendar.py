@@ -23,9 +23,10 @@ from twisted.web.resource import IResource
 
 from mailhub.collector.engine import message_body
 from mailhub.collector.sources import ical_addresses
+from mailhub.decoding import decode_utf8
 from mailhub.errors import ValidationError
 from mailhub.web.common import (
-    HTTPError, decode_text, handle_errors, json_routing_errors, read_body, reply,
+    HTTPError, handle_errors, json_routing_errors, read_body, reply,
 )
 
 CheckToken = Callable[[str], Awaitable[bool]]
@@ -64,7 +65,7 @@ class CalendarCollect:
         user = _query(request, b"user").strip()
         if not user:
             raise ValidationError("the query parameter user is required")
-        text = decode_text(read_body(request, self._max_body), "the request body")
+        text = decode_utf8(read_body(request, self._max_body), "the request body")
         emails = ical_addresses(text)
         if not emails:
             return reply(request, {"user": user, "emails": []}, 200)

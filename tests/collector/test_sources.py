@@ -246,11 +246,31 @@ class SharedCalendarQueueTests(SynchronousTestCase):
             self.successResultOf(d)
             self.assertEqual(delivery.acks, 1)
         reasons = [props["headers"][REASON_HEADER] for route, _, props in self.channel.published]
-        self.assertEqual(reasons, ["the calendar event is not JSON"] * 2 + [
-            "the calendar event is not a JSON object",
+        self.assertEqual(reasons, [
+            "the calendar event is not valid JSON: Expecting value: line 1 column 1 (char 0)",
+            "the calendar event is nested too deeply (more than 64 levels)",
+            "the calendar event must be a JSON object",
             "the calendar event has no usable eventPath"])
         self.assertEqual({route.routing_key for route, _, _ in self.channel.published},
                          {"mailhub:calendar:event:created:dead"})
+        self.assertEqual(out.bodies, [])
+
+    def test_nan_infinity_utf16_and_too_large_events_are_dead_lettered_with_the_reason(
+            self) -> None:
+        from tests.test_decoding import REFUSED
+
+        out = Recorder()
+        self.start(out)
+        queue = self.queues["calendar:event:updated"]
+        for n, (raw, why) in enumerate(REFUSED.items(), 1):
+            delivery = FakeDelivery(raw)
+            d = queue.handle(delivery)
+            self.broker.outbox.ack(n, False)
+            self.successResultOf(d)
+            self.assertEqual(delivery.acks, 1)
+            reason = self.channel.published[-1][2]["headers"][REASON_HEADER]
+            self.assertTrue(reason.startswith("the calendar event "), reason)
+            self.assertIn(why, reason)
         self.assertEqual(out.bodies, [])
 
     def test_imported_events_and_events_without_attendees_are_acked_quietly(self) -> None:

@@ -178,6 +178,24 @@ class GlobalPubSubTests(RabbitMQTestCase):
         self.assertEqual(broker.metrics.value("mailhub_pubsub_bad_messages_total"), 1)
 
     @inline
+    async def test_utf16_and_nan_bodies_are_refused_and_the_subscription_goes_on(
+            self) -> None:
+        raw = await self.raw()
+        topic = self.topic_name()
+        broker = await self.broker()
+        pubsub = GlobalPubSub(broker)
+        seen: list[Any] = []
+        await pubsub.topic(topic).subscribe(seen.append)
+        refused = ('{"a": 1}'.encode("utf-16"), '{"a": 1}'.encode("utf-16-le"),
+                   b'{"a": NaN}', b'{"a": -Infinity}')
+        for body in refused:
+            await raw.publish_like_esn(topic, body)
+        await raw.publish_like_esn(topic, b'{"after": 1}')
+        await wait_for(lambda: seen == [{"after": 1}], what="the message after the bad ones")
+        self.assertEqual(broker.metrics.value("mailhub_pubsub_bad_messages_total"),
+                         len(refused))
+
+    @inline
     async def test_unsubscribe_stops_delivery(self) -> None:
         await self.raw()
         topic = self.topic_name()

@@ -173,6 +173,23 @@ class PushReceiverTests(SynchronousTestCase):
         clock.advance(0)
         self.assertEqual(seen, [])
 
+    def test_nan_infinity_and_deep_nesting_are_400_and_a_large_body_413(self) -> None:
+        _, stub, hub, clock, _ = make(max_body=4096)
+        seen = record(hub, "mail:new")
+        for url in (OX_URL, LUA_URL):
+            for value, why in ((b"NaN", "NaN is not JSON"), (b"Infinity", "Infinity is not JSON"),
+                               (b"-Infinity", "Infinity is not JSON"),
+                               (b"[" * 65 + b"]" * 65, "nested too deeply")):
+                body = (b'{"user": "alice", "event": "messageNew", "folder": "INBOX", '
+                        b'"imap-uidvalidity": 1, "imap-uid": %s}' % value)
+                code, reply, _ = self.call(stub, "PUT", url, body)
+                self.assertEqual(code, 400, (url, value))
+                self.assertIn(why, reply["error"], (url, value))
+            code, reply, _ = self.call(stub, "PUT", url, b'{"user": "' + b"x" * 5000 + b'"}')
+            self.assertEqual(code, 413)
+        clock.advance(0)
+        self.assertEqual(seen, [])
+
     def test_malformed_payloads_are_400_with_the_reason(self) -> None:
         _, stub, hub, clock, metrics = make()
         seen = record(hub, "mail:new")

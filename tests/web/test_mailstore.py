@@ -23,7 +23,7 @@ from zope.interface import implementer
 
 from mailhub.config import Config, LDAPSection, MailStoreSection
 from mailhub.directory.interfaces import IUserSource
-from mailhub.directory.ldap import LDAPService, LDAPSettings
+from mailhub.directory.ldap import LDAPService
 from mailhub.directory.memory import MemoryStore
 from mailhub.directory.model import Email, Profile, User
 from mailhub.directory.throttle import Throttle
@@ -251,7 +251,7 @@ class MailStoreAgainstSlapd(TestCase):
         cls._tmp.cleanup()
 
     def build(self, urls: tuple[str, ...]) -> None:
-        settings = LDAPSettings(**self.server.settings(urls=urls, timeout=1.0))
+        settings = LDAPSection(**self.server.settings(urls=urls, timeout=1.0))
         ldap = LDAPService(reactor, settings, threads=2)
         hashing = HashingService(threads=1)
         for service in (ldap, hashing):

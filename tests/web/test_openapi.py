@@ -147,6 +147,9 @@ class UnreachableUsers:
     def authenticate(self, login: str, password: str) -> "Deferred[User | None]":
         return fail(Unavailable("LDAP is unavailable: connection refused"))
 
+    def catch_up(self) -> "Deferred[None]":
+        return fail(Unavailable("LDAP is unavailable: connection refused"))
+
     async def _pages(self, page_size: int) -> AsyncIterator[list[User]]:
         raise Unavailable("LDAP is unavailable: connection refused")
         yield []  # pragma: no cover (makes this an async generator)
