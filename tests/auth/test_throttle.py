@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailhub.directory.throttle import Throttle
+from mailhub.auth import Throttle
 
 
 def fail(throttle: Throttle, login: str, client: str, times: int) -> None:
@@ -83,3 +83,55 @@ class ThrottleTests(SynchronousTestCase):
         for n in range(1000):
             throttle.after("user%d" % n, "10.0.%d.%d" % (n // 256, n % 256), False)
         self.assertEqual(max(throttle.sizes().values()), 100)
+
+
+class ClientBudgetTests(SynchronousTestCase):
+    """One address over its failure budget is refused at once; others are not."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.throttle = Throttle(self.clock)
+
+    def spray(self, client: str, count: int) -> list[float | None]:
+        waits = []
+        for n in range(count):
+            wait = self.throttle.before("random%d" % n, client)
+            waits.append(wait)
+            if wait is not None:
+                self.throttle.after("random%d" % n, client, False)
+        return waits
+
+    def test_an_address_spraying_random_logins_is_refused_past_its_budget(self) -> None:
+        waits = self.spray("203.0.113.9", 100)
+        checked = [w for w in waits if w is not None]
+        # Ten free failures, then slots one doubling delay apart, refused
+        # once the next slot lies more than max_delay ahead.
+        self.assertLess(len(checked), 20)
+        self.assertIsNone(waits[-1])
+        self.assertIsNone(self.throttle.before("someone-else", "203.0.113.9"))
+        # Another address is neither refused nor slowed.
+        self.assertEqual(self.throttle.before("someone-else", "198.51.100.1"), 0.0)
+
+    def test_parallel_attempts_from_one_address_are_spaced_not_multiplied(self) -> None:
+        self.spray("203.0.113.9", 14)  # client delay now 2 s
+        waits = [self.throttle.before("x%d" % n, "203.0.113.9") for n in range(20)]
+        admitted = [w for w in waits if w is not None]
+        self.assertEqual(admitted[:3], [2.0, 4.0, 6.0])
+        self.assertTrue(all(b - a == 2.0 for a, b in zip(admitted, admitted[1:])))
+        self.assertLessEqual(max(admitted), 15.0)
+        self.assertIsNone(waits[-1])
+
+    def test_the_budget_refills_with_time(self) -> None:
+        self.spray("203.0.113.9", 100)
+        self.clock.advance(16)
+        self.assertIsNotNone(self.throttle.before("someone", "203.0.113.9"))
+
+    def test_a_user_who_logged_in_from_that_address_is_not_refused(self) -> None:
+        self.throttle.after("alice", "203.0.113.9", True)
+        self.spray("203.0.113.9", 100)
+        self.assertEqual(self.throttle.before("alice", "203.0.113.9"), 0.0)
+
+    def test_a_success_does_not_reset_the_budget(self) -> None:
+        self.spray("203.0.113.9", 100)
+        self.throttle.after("mallory", "203.0.113.9", True)
+        self.assertIsNone(self.throttle.before("victim", "203.0.113.9"))
