@@ -180,6 +180,9 @@ class Throttle:
         self._logins: _Table[str] = _Table(max_keys, forget_after)
         self._clients: _Table[str] = _Table(max_keys, forget_after)
         self._trusted: _Table[tuple[str, str]] = _Table(max_keys, forget_after)
+        #: Password checks admitted and not yet over, by client (bounded by
+        #: the checks running at once: an entry goes when it reaches 0).
+        self._in_flight: dict[str, int] = {}
 
     @staticmethod
     def _login_key(login: str) -> str:
@@ -199,14 +202,21 @@ class Throttle:
         record = self._logins.get(login, now)
         return self._delay(record.failures, self.login_free) if record is not None else 0.0
 
-    def _client_record(self, client: str, trusted: bool, now: float) -> _Record | None:
-        """The client's record when its budget applies to this attempt."""
+    def _client_record(self, client: str, trusted: bool, now: float,
+                       flying: int = 0) -> _Record | None:
+        """The client's record when its budget applies to this attempt.
+
+        ``flying`` checks still in progress count as failures here: a burst
+        of parallel attempts is spaced out before its first failures are
+        known.
+        """
         if trusted:
             return None
         record = self._clients.get(client, now)
-        if record is None or record.failures <= self.client_free:
+        failures = record.failures if record is not None else 0
+        if failures + flying <= self.client_free:
             return None
-        return record
+        return record if record is not None else self._clients.touch(client, now)
 
     def delay_of(self, login: str, client: str) -> float:
         """The delay an attempt would get now, without reserving anything."""
@@ -222,15 +232,17 @@ class Throttle:
             waits.append(record.next_slot - now)
         return min(self.max_delay, max(waits))
 
-    def before(self, login: str, client: str) -> float | None:
+    def before(self, login: str, client: str, track: bool = False) -> float | None:
         """Seconds to wait before checking this attempt, or None to refuse it.
 
         While the pair (or, past its budget, the client) has failures, each
-        attempt reserves its next slot, so concurrent attempts are spaced one
-        delay apart; one whose slot lies more than ``max_delay`` ahead is
-        refused.
+        attempt reserves its next slot, so concurrent attempts are spaced
+        out; one whose slot lies more than ``max_delay`` ahead is refused.
+        With ``track`` (checks that take time: passwords) an admitted attempt
+        counts as in flight until :meth:`release`, and the client's budget
+        counts the checks in flight as failures.
         """
-        if not (self._pairs or self._clients or self._logins):
+        if not track and not (self._pairs or self._clients or self._logins):
             return 0.0  # nothing failed lately: the common case stays cheap
         now = self.clock.seconds()
         login = self._login_key(login)
@@ -238,7 +250,8 @@ class Throttle:
         pair = self._pairs.get((login, client), now)
         if pair is None or pair.failures <= self.free:
             pair = None
-        client_record = self._client_record(client, trusted, now)
+        flying = self._in_flight.get(client, 0) if track else 0
+        client_record = self._client_record(client, trusted, now, flying)
         # Both looked at before either is reserved: a refusal reserves nothing.
         starts = []
         for record in (pair, client_record):
@@ -250,10 +263,21 @@ class Throttle:
         if pair is not None:
             pair.next_slot = max(now, pair.next_slot) + self._delay(pair.failures, self.free)
         if client_record is not None:
+            # Reserved as if this attempt and those in flight will fail.
             client_record.next_slot = max(now, client_record.next_slot) + self._delay(
-                client_record.failures, self.client_free)
+                client_record.failures + flying + 1, self.client_free)
+        if track:
+            self._in_flight[client] = flying + 1
         waits = [0.0, self._login_wait(login, trusted, now)] + [s - now for s in starts]
         return min(self.max_delay, max(waits))
+
+    def release(self, client: str) -> None:
+        """A check admitted by ``before(..., track=True)`` is over, whatever its outcome."""
+        flying = self._in_flight.get(client, 0)
+        if flying <= 1:
+            self._in_flight.pop(client, None)
+        else:
+            self._in_flight[client] = flying - 1
 
     def after(self, login: str, client: str, succeeded: bool) -> None:
         """Record the outcome of a checked attempt."""
@@ -421,25 +445,27 @@ class Auth:
             self._login_failed(surface, login, client, "empty")
             return None
         throttle = self.throttle
-        wait: float | None
-        if max_wait is not None:
-            # Looked at before reserving: a wait the surface will not make
-            # must not take a slot either.
-            wait = throttle.delay_of(login, client)
-            if wait <= max_wait:
-                wait = throttle.before(login, client)
-        else:
-            wait = throttle.before(login, client)
-        if wait is None or (max_wait is not None and wait > max_wait):
+        wait: float | None = None
+        # With max_wait, looked at before reserving: a wait the surface will
+        # not make must not take a slot either.
+        if max_wait is None or throttle.delay_of(login, client) <= max_wait:
+            wait = throttle.before(login, client, track=True)
+            if wait is not None and max_wait is not None and wait > max_wait:
+                throttle.release(client)
+                wait = None
+        if wait is None:
             self._login_failed(surface, login, client, "throttled")
             return None
-        if wait > 0:
-            await self.wait(wait)
         try:
-            user: User | None = await users.authenticate(login, password)
-        except Unavailable:
-            self.failed(surface, "unavailable", client, login)
-            raise
+            if wait > 0:
+                await self.wait(wait)
+            try:
+                user: User | None = await users.authenticate(login, password)
+            except Unavailable:
+                self.failed(surface, "unavailable", client, login)
+                raise
+        finally:
+            throttle.release(client)
         throttle.after(login, client, user is not None)
         if user is None:
             self._login_failed(surface, login, client, "wrong")

@@ -15,9 +15,9 @@ from typing import Any, Callable
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailhub.auth import Throttle
 from mailhub.collector.embedded import Guard
 from mailhub.directory.model import User
-from mailhub.auth import Throttle
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from tests.collector.fakes import FakeUsers

@@ -21,12 +21,12 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.server import Site
 from zope.interface import implementer
 
+from mailhub.auth import Throttle
 from mailhub.config import Config, LDAPSection, MailStoreSection
 from mailhub.directory.interfaces import IUserSource
 from mailhub.directory.ldap import LDAPService, LDAPSettings
 from mailhub.directory.memory import MemoryStore
 from mailhub.directory.model import Email, Profile, User
-from mailhub.auth import Throttle
 from mailhub.directory.users import ChainedUserSource, HashingService, SiteUserSource, hash_password
 from mailhub.errors import Unavailable
 from mailhub.metrics import Metrics
