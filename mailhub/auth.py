@@ -31,10 +31,14 @@ From delay to refusal
     asking anyone: no password hash, no LDAP bind, no token lookup. So the
     delay a client has earned becomes a *rate*: at most one checked guess
     per delay per key, however many connections it opens, and what it sends
-    beyond that costs a dictionary lookup. A flood of random logins from one
-    address therefore cannot starve the password-hashing pool: after ten
-    failures the address is spaced out, after about seventeen it gets one
-    check every 15 s, and other addresses are never refused for it. A (login,
+    beyond that costs a dictionary lookup. Each slot is reserved as if its
+    attempt will fail (the next attempt's delay doubles), and password checks
+    still in flight count as failures for the client's budget, so a burst of
+    parallel connections is spaced out before its first failures are known.
+    A flood of random logins from one address therefore cannot starve the
+    password-hashing pool: about ten checks go through at once, a handful
+    more spaced over the next 15 s, then one per 15 s; everything else is
+    refused unchecked, and other addresses are never refused for it. A (login,
     client) pair that succeeded within the last ``forget_after`` seconds is
     exempt from its client's budget (the real user behind a shared address
     keeps working); a success never resets a client's budget (an attacker

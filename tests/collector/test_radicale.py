@@ -30,8 +30,8 @@ from mailhub.errors import Unavailable
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from tests.collector.fakes import FakeUsers
-from tests.support.radicale import RadicaleServer
 from tests.support.auth import auth_failures
+from tests.support.radicale import RadicaleServer
 
 ALICE = User(login="alice@example.org", emails=("alice@example.org",), id="A1")
 BOB = User(login="bob@example.org", emails=("bob@example.org",), id="B2")

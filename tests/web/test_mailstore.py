@@ -33,9 +33,9 @@ from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from mailhub.web.mailstore import MailStoreIntegration
 from tests.support import slapd as fixture
+from tests.support.auth import auth_failures
 from tests.support.require import free_port
 from tests.support.slapd import Slapd
-from tests.support.auth import auth_failures
 
 URL = "http://mailhub.example.test/"
 CONFIG = Config(mailstore=MailStoreSection(username="mailstore", password="Passw0rd"))
