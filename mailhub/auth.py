@@ -5,8 +5,9 @@ hooks and the calendar collector (the site token), the Dovecot push receivers
 and MailStore's service account (static Basic credentials), MailStore's
 ``cmd=auth``, the event stream and ``/dav/`` (users' passwords). Each check
 is throttled by one shared :class:`Throttle`, each failure is counted in one
-metric, ``mailhub_auth_failures_total{surface, reason}`` (successes in
-``mailhub_auth_successes_total{surface}``), logged without the secret, and
+metric, ``mailhub_auth_failures_total{surface, reason}`` (accepted passwords and
+tokens in ``mailhub_auth_successes_total{surface}``; the service accounts'
+accepted requests are counted by their surfaces), logged without the secret, and
 password logins are published as ``login:success`` / ``login:failure``.
 
 Reasons a check fails
@@ -95,6 +96,11 @@ K = TypeVar("K", bound=Hashable)
 
 #: The throttle's login for the site token (one secret, one key).
 SITE_TOKEN = "token:site"
+
+#: Seconds between two reports of a service's success to the throttle on the
+#: hot path (a success keeps its address trusted for ``forget_after``, 15
+#: minutes, so once a minute is plenty).
+TRUST_REFRESH = 60.0
 
 #: Why a check failed, as the metric's ``reason`` label says it.
 REASONS = ("missing", "empty", "wrong", "throttled", "unconfigured", "unavailable")
@@ -275,6 +281,10 @@ class Throttle:
         waits = [0.0, self._login_wait(login, trusted, now)] + [s - now for s in starts]
         return min(self.max_delay, max(waits))
 
+    def quiet(self) -> bool:
+        """Whether no pair and no client has failures on record: nobody can be refused."""
+        return not (self._pairs._records or self._clients._records)
+
     def release(self, client: str) -> None:
         """A check admitted by ``before(..., track=True)`` is over, whatever its outcome."""
         flying = self._in_flight.get(client, 0)
@@ -404,7 +414,7 @@ class Auth:
         return wait
 
     def settle(self, surface: str, key: str, client: str, ok: bool, wait: float,
-               *, slow_answers: bool = False) -> float | None:
+               *, slow_answers: bool = False, count_success: bool = True) -> float | None:
         """Record a checked cheap secret: None if accepted, else the refusal's wait.
 
         The secret was compared at once (it is cheap): the right one is
@@ -414,7 +424,8 @@ class Auth:
         """
         self.throttle.after(key, client, ok)
         if ok:
-            self.succeeded(surface)
+            if count_success:
+                self.succeeded(surface)
             return None
         self.failed(surface, "wrong", client)
         if not slow_answers:
@@ -422,7 +433,7 @@ class Auth:
         return max(wait, self.throttle.delay_of(key, client))
 
     def compare(self, surface: str, key: str, client: str, matches: Callable[[], bool],
-                *, slow_answers: bool = False) -> float | None:
+                *, slow_answers: bool = False, count_success: bool = True) -> float | None:
         """:meth:`admit`, ``matches()``, :meth:`settle`: None if accepted.
 
         Otherwise the seconds before answering the refusal. A client over its
@@ -431,7 +442,8 @@ class Auth:
         wait = self.admit(surface, key, client)
         if wait is None:
             return 0.0
-        return self.settle(surface, key, client, matches(), wait, slow_answers=slow_answers)
+        return self.settle(surface, key, client, matches(), wait, slow_answers=slow_answers,
+                           count_success=count_success)
 
     # -- passwords -------------------------------------------------------------
 
@@ -550,9 +562,23 @@ class StaticBasic:
         self._expected = b"Basic " + base64.b64encode(
             ("%s:%s" % (username, password)).encode("utf-8"))
         self._warned = False
+        #: When a success on the hot path should next be told to the throttle.
+        self._next_trust = 0.0
 
     def check(self, request: IRequest) -> float | None:
         """None when the request may go on; else the seconds before answering 401."""
+        header = request.getHeader(b"authorization")
+        if (header is not None and self.configured and self.auth.throttle.quiet()
+                and hmac.compare_digest(header, self._expected)):
+            # The hot path (every Dovecot delivery): the exact header, and no
+            # failure on record anywhere, so nobody could be refused. Once a
+            # minute the sender's address is marked as trusted (so an
+            # attack from its address later cannot refuse it).
+            now = self.auth.clock.seconds()
+            if now >= self._next_trust:
+                self._next_trust = now + TRUST_REFRESH
+                self.auth.throttle.after(self.key, client_of(request), True)
+            return None
         client = client_of(request)
         if not self.configured:
             if self.allow_loopback and is_loopback(request):
@@ -563,12 +589,11 @@ class StaticBasic:
                               "are not both set", surface=self.surface)
             self.auth.failed(self.surface, "unconfigured", client)
             return 0.0
-        header = request.getHeader(b"authorization")
         if header is None:
             self.auth.failed(self.surface, "missing", client)
             return 0.0
         return self.auth.compare(self.surface, self.key, client,
-                                 functools.partial(self._matches, header))
+                                 functools.partial(self._matches, header), count_success=False)
 
     def _matches(self, header: bytes) -> bool:
         if hmac.compare_digest(header, self._expected):

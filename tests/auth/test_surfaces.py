@@ -307,3 +307,47 @@ class OneMetricTests(SynchronousTestCase):
                     "mailhub_mailstore_unauthorized_total", "mailhub_mailstore_auth_total",
                     "mailhub_dav_logins_total"):
             self.assertNotIn(old, exposition)
+
+
+class ServiceCredentialTests(SynchronousTestCase):
+    """The push receivers' Basic credentials: throttled, yet Dovecot never waits."""
+
+    URL = "http://mailhub.test/preliminary/http-notify/v1/notify"
+    BODY = json.dumps({"user": "alice", "event": "messageNew", "folder": "INBOX",
+                       "imap-uidvalidity": 1, "imap-uid": 1}).encode()
+
+    def setUp(self) -> None:
+        self.clock, self.metrics = Clock(), Metrics()
+        self.auth = Auth(self.clock, self.metrics)
+        config = Config(push=PushSection(username="dovecot", password="pw"))
+        self.receiver = PushReceiver(config, Hub(), self.metrics, self.clock, auth=self.auth)
+        self.http = StubTreq(FromAddress(self.receiver.resource()))
+
+    def put(self, password: str, client: str) -> int:
+        d = self.http.put(self.URL, data=self.BODY, auth=("dovecot", password),
+                          headers={"X-Test-Client": client})
+        self.http.flush()
+        return int(self.successResultOf(d).code)  # always at once: nothing waits
+
+    def test_a_guessing_address_is_refused_unchecked_and_dovecot_is_not(self) -> None:
+        self.assertEqual(self.put("pw", "192.0.2.10"), 200)  # Dovecot
+        codes = [self.put("guess-%d" % n, "203.0.113.9") for n in range(100)]
+        self.assertEqual(set(codes), {401})
+        self.assertGreater(auth_failures(self.metrics, "push-ox", "throttled"), 80)
+        self.assertLess(auth_failures(self.metrics, "push-ox", "wrong"), 20)
+        # Even the right password is refused to the guessing address, unchecked...
+        self.assertEqual(self.put("pw", "203.0.113.9"), 401)
+        # ...and Dovecot's deliveries go on.
+        self.assertEqual(self.put("pw", "192.0.2.10"), 200)
+        self.clock.advance(3600)
+        self.assertEqual(self.put("pw", "203.0.113.9"), 200)
+
+    def test_dovecot_is_exempt_from_its_address_budget_spent_by_someone_else(self) -> None:
+        self.assertEqual(self.put("pw", "192.0.2.10"), 200)  # Dovecot, before the attack
+        users = FakeUserSource()
+        for n in range(100):  # someone on the same host sprays users' passwords
+            Deferred.fromCoroutine(self.auth.login("dav", users, "random%d" % n, "x",
+                                                   "192.0.2.10"))
+        self.assertGreater(auth_failures(self.metrics, "dav", "throttled"), 80)
+        self.assertEqual(self.put("pw", "192.0.2.10"), 200)
+        self.clock.advance(3600)
