@@ -146,6 +146,16 @@ class _Table(Generic[K]):
     def drop(self, key: K) -> None:
         self._records.pop(key, None)
 
+    def prune(self, now: float) -> bool:
+        """Forget stale records from the least recently touched end; whether none is left."""
+        records = self._records
+        while records:
+            record = next(iter(records.values()))
+            if now - record.last <= self.forget_after or record.next_slot > now:
+                return False
+            records.popitem(last=False)
+        return True
+
     def __len__(self) -> int:
         return len(self._records)
 
@@ -283,7 +293,10 @@ class Throttle:
 
     def quiet(self) -> bool:
         """Whether no pair and no client has failures on record: nobody can be refused."""
-        return not (self._pairs._records or self._clients._records)
+        if not (self._pairs._records or self._clients._records):
+            return True
+        now = self.clock.seconds()
+        return self._pairs.prune(now) & self._clients.prune(now)
 
     def release(self, client: str) -> None:
         """A check admitted by ``before(..., track=True)`` is over, whatever its outcome."""

@@ -153,3 +153,17 @@ class ClientBudgetTests(SynchronousTestCase):
         self.spray("203.0.113.9", 100)
         self.throttle.after("mallory", "203.0.113.9", True)
         self.assertIsNone(self.throttle.before("victim", "203.0.113.9"))
+
+
+class QuietTests(SynchronousTestCase):
+    def test_quiet_until_a_failure_and_again_once_it_is_forgotten(self) -> None:
+        clock = Clock()
+        throttle = Throttle(clock)
+        self.assertTrue(throttle.quiet())
+        throttle.after("alice", "10.0.0.1", True)
+        self.assertTrue(throttle.quiet())  # successes are not failures
+        throttle.after("alice", "10.0.0.1", False)
+        self.assertFalse(throttle.quiet())
+        clock.advance(throttle.forget_after + 1)
+        self.assertTrue(throttle.quiet())
+        self.assertEqual(throttle.sizes()["pairs"], 0)
