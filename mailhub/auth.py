@@ -102,6 +102,10 @@ SITE_TOKEN = "token:site"
 #: minutes, so once a minute is plenty).
 TRUST_REFRESH = 60.0
 
+#: Seconds during which an address's further throttled refusals are counted
+#: but not logged, after one was.
+THROTTLED_LOG_EVERY = 10.0
+
 #: Why a check failed, as the metric's ``reason`` label says it.
 REASONS = ("missing", "empty", "wrong", "throttled", "unconfigured", "unavailable")
 
@@ -384,6 +388,8 @@ class Auth:
         self._successes = metrics.counter(
             "mailhub_auth_successes_total", "Secrets accepted, by surface", ["surface"])
         self._children: dict[tuple[str, str], Any] = {}
+        #: Client -> [until when its throttled refusals are not logged, how many were not].
+        self._throttled_log: dict[str, list[Any]] = {}
 
     def _child(self, surface: str, reason: str) -> Any:
         child = self._children.get((surface, reason))
@@ -398,14 +404,35 @@ class Auth:
         self._child(surface, "success").inc()
 
     def failed(self, surface: str, reason: str, client: str, login: str | None = None) -> None:
-        """Count and log one refused secret (never the secret itself)."""
+        """Count and log one refused secret (never the secret itself).
+
+        Refusals of an address over its budget (``throttled``) come in
+        floods: after one is logged, the next ``THROTTLED_LOG_EVERY`` seconds
+        of that address's are counted, and the next line says how many.
+        """
         self._child(surface, reason).inc()
+        suppressed = 0
+        if reason == "throttled":
+            now = self.clock.seconds()
+            quiet = self._throttled_log.get(client)
+            if quiet is not None and now < quiet[0]:
+                quiet[1] += 1
+                return
+            suppressed = quiet[1] if quiet is not None else 0
+            if len(self._throttled_log) >= 10_000:
+                self._throttled_log.clear()
+            self._throttled_log[client] = [now + THROTTLED_LOG_EVERY, 0]
         if login is None:
             self.log.info("{surface}: secret refused from {client}: {reason}",
-                          surface=surface, client=client, reason=reason)
+                          surface=surface, client=client, reason=reason,
+                          suppressed=suppressed)
         else:
             self.log.info("{surface}: login for {user!r} from {client} refused: {reason}",
-                          surface=surface, user=login[:256], client=client, reason=reason)
+                          surface=surface, user=login[:256], client=client, reason=reason,
+                          suppressed=suppressed)
+        if suppressed:
+            self.log.info("{client}: {suppressed} more refusals (throttled) not logged",
+                          client=client, suppressed=suppressed)
 
     def wait(self, seconds: float) -> "Deferred[None]":
         """A Deferred firing ``seconds`` from now on the clock (at once for 0)."""

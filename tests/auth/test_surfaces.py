@@ -351,3 +351,21 @@ class ServiceCredentialTests(SynchronousTestCase):
         self.assertGreater(auth_failures(self.metrics, "dav", "throttled"), 80)
         self.assertEqual(self.put("pw", "192.0.2.10"), 200)
         self.clock.advance(3600)
+
+
+class LogTests(SynchronousTestCase):
+    def test_a_flood_of_refusals_is_counted_in_full_and_logged_in_brief(self) -> None:
+        clock, metrics = Clock(), Metrics()
+        auth = Auth(clock, metrics)
+        logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        for _ in range(1000):
+            auth.failed("events", "throttled", "203.0.113.9", "someone")
+        auth.failed("events", "throttled", "198.51.100.1", "someone")
+        clock.advance(10)
+        auth.failed("events", "throttled", "203.0.113.9", "someone")
+        self.assertEqual(auth_failures(metrics, "events", "throttled"), 1002)
+        lines = [e for e in logged if e.get("reason") == "throttled"]
+        self.assertEqual([(e["client"], e["suppressed"]) for e in lines],
+                         [("203.0.113.9", 0), ("198.51.100.1", 0), ("203.0.113.9", 999)])
