@@ -34,8 +34,10 @@ From delay to refusal
     per delay per key, however many connections it opens, and what it sends
     beyond that costs a dictionary lookup. Each slot is reserved as if its
     attempt will fail (the next attempt's delay doubles), and password checks
-    still in flight count as failures for the client's budget, so a burst of
-    parallel connections is spaced out before its first failures are known.
+    still in flight count as failures for the client's budget once it has
+    failed at all (and past 32 at once even before), so a burst of parallel
+    connections is spaced out before its failures are known, while a
+    legitimate burst of logins from one address (a NAT, MailStore) is not.
     A flood of random logins from one address therefore cannot starve the
     password-hashing pool: about ten checks go through at once, a handful
     more spaced over the next 15 s, then one per 15 s; everything else is
@@ -185,15 +187,19 @@ class Throttle:
     ``client``
         after ``client_free`` failures, reserves slots and refuses like the
         pair, except for pairs that succeeded lately; a success does not
-        reset it.
+        reset it. Password checks in flight (``before(..., track=True)``
+        until :meth:`release`) count as failures once the address has
+        failed at all, and past ``client_in_flight`` at once.
 
     Each key forgets its failures ``forget_after`` seconds after the last one.
     """
 
     def __init__(self, clock: IReactorTime, base: float = 0.25, max_delay: float = 15.0,
                  free: int = 1, login_free: int = 3, client_free: int = 10,
-                 forget_after: float = 900.0, max_keys: int = 100_000) -> None:
+                 forget_after: float = 900.0, max_keys: int = 100_000,
+                 client_in_flight: int = 32) -> None:
         self.clock = clock
+        self.client_in_flight = client_in_flight
         self.base = base
         self.max_delay = max_delay
         self.free = free
@@ -238,7 +244,11 @@ class Throttle:
             return None
         record = self._clients.get(client, now)
         failures = record.failures if record is not None else 0
-        if failures + flying <= self.client_free:
+        # Checks in flight count as failures once the address has failed
+        # at all; before that, only past client_in_flight (a legitimate
+        # burst of logins from one address, a NAT or MailStore, goes on).
+        if failures + (flying if failures else 0) <= self.client_free \
+                and flying < self.client_in_flight:
             return None
         return record if record is not None else self._clients.touch(client, now)
 

@@ -125,12 +125,12 @@ class ClientBudgetTests(SynchronousTestCase):
 
     def test_a_burst_of_password_checks_counts_those_in_flight(self) -> None:
         # A fresh address opens 100 connections at once: no failure is known
-        # yet, but the checks in flight count against its budget.
+        # yet; up to client_in_flight checks go at once, then it is spaced.
         waits = [self.throttle.before("x%d" % n, "203.0.113.9", track=True)
                  for n in range(100)]
         admitted = [w for w in waits if w is not None]
-        self.assertEqual(admitted[:11], [0.0] * 11)
-        self.assertLessEqual(len(admitted), 17)
+        self.assertEqual(admitted[:32], [0.0] * 32)
+        self.assertLessEqual(len(admitted), 34)
         self.assertEqual(sorted(admitted), admitted)
         # Another address is not refused, and released checks are forgotten.
         self.assertEqual(self.throttle.before("y", "198.51.100.1", track=True), 0.0)
@@ -138,6 +138,20 @@ class ClientBudgetTests(SynchronousTestCase):
             self.throttle.release("203.0.113.9")
         self.throttle.release("198.51.100.1")
         self.assertEqual(self.throttle._in_flight, {})
+
+    def test_once_an_address_has_failed_its_checks_in_flight_count(self) -> None:
+        self.spray("203.0.113.9", 3)
+        waits = [self.throttle.before("x%d" % n, "203.0.113.9", track=True)
+                 for n in range(100)]
+        admitted = [w for w in waits if w is not None]
+        # 3 failures + 8 in flight reach the budget of 10; then doubling slots.
+        self.assertEqual(admitted[:8], [0.0] * 8)
+        self.assertLessEqual(len(admitted), 14)
+
+    def test_a_legitimate_burst_from_one_address_goes_at_once(self) -> None:
+        waits = [self.throttle.before("user%d" % n, "192.0.2.50", track=True)
+                 for n in range(30)]
+        self.assertEqual(waits, [0.0] * 30)
 
     def test_the_budget_refills_with_time(self) -> None:
         self.spray("203.0.113.9", 100)
