@@ -85,6 +85,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
+from mailhub.directory.interfaces import IUserSource
 from mailhub.directory.model import User
 from mailhub.errors import Unavailable
 from mailhub.events import login_event, publish
@@ -497,8 +498,9 @@ class Auth:
 
     # -- passwords -------------------------------------------------------------
 
-    async def login(self, surface: str, users: Any, login: str, password: str, client: str,
-                    *, max_wait: float | None = None, slow_answers: bool = False) -> User | None:
+    async def login(self, surface: str, users: IUserSource, login: str, password: str,
+                    client: str, *, max_wait: float | None = None,
+                    slow_answers: bool = False) -> User | None:
         """One password login: throttle, user source, count, publish, log.
 
         The user, or None for a failure (already counted, logged and
@@ -562,7 +564,7 @@ class Checker(Protocol):
 class PasswordLogin:
     """Users' Basic credentials, checked against a user source (the event stream)."""
 
-    def __init__(self, auth: Auth, surface: str, users: Any, realm: str,
+    def __init__(self, auth: Auth, surface: str, users: IUserSource, realm: str,
                  slow_answers: bool = True) -> None:
         self.auth = auth
         self.surface = surface
