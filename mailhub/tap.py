@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from mailhub import __version__
+from mailhub.auth import Auth, SiteToken
 from mailhub.collector.carddav import BookLayout, CardDAVClient
 from mailhub.collector.embedded import EmbeddedDAV
 from mailhub.collector.engine import CollectorEngine
@@ -30,7 +31,6 @@ from mailhub.config import Config, load
 from mailhub.directory.service import Directory
 from mailhub.directory.ldap import LDAPService
 from mailhub.directory.sql import StoreService
-from mailhub.directory.throttle import Throttle
 from mailhub.directory.users import ChainedUserSource, HashingService, SiteUserSource
 from mailhub.errors import ConfigError
 from mailhub.metrics import Metrics
@@ -136,26 +136,26 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
     users = _users(config, database, directory, reactor, pools, checks)
 
     root = Root(metrics)
-    hooks = GroupHooks(directory, config, metrics, hub)
+    # One failure budget, one metric and one log for every surface that checks a secret.
+    auth = Auth(reactor, metrics, hub)
+    hooks = GroupHooks(directory, config, metrics, hub, auth=auth)
     for name in GroupHooks.paths:
         root.mount(name, hooks.resource())
-    push = PushReceiver(config, hub, metrics, reactor)
-    events = EventStream(config, hub, metrics, users, reactor)
+    push = PushReceiver(config, hub, metrics, reactor, auth=auth)
+    events = EventStream(config, hub, metrics, users, reactor, auth=auth)
     root.mount(b"preliminary", push.resource())
     root.mount(b"push", push.resource())
     root.mount(b"api", events.resource())
-    # One failure budget for every surface that checks passwords by Basic auth.
-    throttle = Throttle(reactor)
-    mailstore = MailStoreIntegration(config, users, hub, metrics, reactor, throttle=throttle)
+    mailstore = MailStoreIntegration(config, users, hub, metrics, reactor, auth=auth)
     root.mount_at(config.mailstore.path, mailstore.resource())
 
     stops: list[Callable[[], Any]] = [push.stop, events.close]
     later: list[Service] = []  # started once the database and directory are ready
     if config.collector.enabled:
-        queue, dav = _collector(config, pubsub, users, metrics, reactor, pools, stops,
-                                throttle)
+        queue, dav = _collector(config, pubsub, users, metrics, reactor, pools, stops, auth)
         calendar = CalendarCollect(
-            queue, lambda token: Deferred.fromCoroutine(directory.check_token(token)),
+            queue, SiteToken(auth, "calendar", directory.check_token,
+                             directory.check_token_cached),
             config.mailhub.max_body)
         root.mount(b"collector", calendar.resource())
         later.append(Resume(queue))
@@ -216,13 +216,13 @@ def _users(config: Config, database: StoreService, directory: Directory, reactor
 
 def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, reactor: Any,
                top: MultiService, stops: list[Callable[[], Any]],
-               throttle: Throttle) -> tuple[IWorkQueue, EmbeddedDAV | None]:
+               auth: Auth) -> tuple[IWorkQueue, EmbeddedDAV | None]:
     """The contact collector: CardDAV client, engine, queue consumer and sources."""
     dav: EmbeddedDAV | None = None
     credentials: tuple[str, str] | None = None
     if config.embedded_carddav:
         dav = EmbeddedDAV(reactor, config.data_dir / "dav", users, threads=config.mailhub.threads,
-                          hub=pubsub.hub, metrics=metrics, throttle=throttle)
+                          hub=pubsub.hub, metrics=metrics, auth=auth)
         dav.setServiceParent(top)
         http: Any = dav.http_client()
         base = dav.url

@@ -20,7 +20,7 @@ from mailhub.config import Config, LDAPSection, MailStoreSection
 from mailhub.directory.service import Directory
 from mailhub.directory.ldap import LDAPService
 from mailhub.directory.memory import MemoryStore
-from mailhub.directory.throttle import Throttle
+from mailhub.auth import Throttle
 from mailhub.directory.users import ChainedUserSource, HashingService, SiteUserSource
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub

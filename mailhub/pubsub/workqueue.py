@@ -20,7 +20,7 @@ so each message is handled once. What mailhub adds:
 With ``exchange`` set, the queue is instead a *shared subscription* to a
 global topic: the durable, non-exclusive queue ``name`` is bound with ``''``
 to the topic's fanout exchange ``exchange`` (declared as
-:class:`~mailhub.pubsub.amqp.GlobalPubSub` declares it, durable fanout, so
+:class:`~mailhub.pubsub.globalpubsub.GlobalPubSub` declares it, durable fanout, so
 ESN nodes can share it). Every publication on the topic reaches that queue
 once, next to each ordinary subscriber's own queue, and the mailhub
 instances consuming it compete for it: each publication is handled by one of

@@ -27,12 +27,12 @@ import attrs
 from cachetools import LRUCache
 from klein import Klein
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from mailhub.auth import Auth, Refused, SiteToken, client_of
 from mailhub.config import Config
 from mailhub.decoding import address_problem
 from mailhub.directory.model import Added, Left, Profile
@@ -136,48 +136,6 @@ MAX_BIOGRAPHY = 64 * 1024
 MAX_USER = 320
 
 
-class FailureThrottle:
-    """A growing, bounded delay for clients whose token keeps being wrong.
-
-    The first failure is answered at once; each following one within
-    ``forget_after`` seconds waits twice as long as the one before, from
-    ``base`` up to ``cap`` seconds. At most ``max_clients`` addresses are
-    remembered (the oldest is forgotten first), so memory stays bounded.
-    """
-
-    def __init__(self, clock: IReactorTime, base: float = 0.25, cap: float = 8.0,
-                 forget_after: float = 900.0, max_clients: int = 10000) -> None:
-        self.clock = clock
-        self.base = base
-        self.cap = cap
-        self.forget_after = forget_after
-        self.max_clients = max_clients
-        self.clients: dict[str, tuple[int, float]] = {}
-
-    def failed(self, client: str) -> float:
-        """Count one failure of ``client``; the delay its answer should wait."""
-        now = self.clock.seconds()
-        count, last = self.clients.pop(client, (0, now))
-        if now - last > self.forget_after:
-            count = 0
-        count += 1
-        self.clients[client] = (count, now)
-        while len(self.clients) > self.max_clients:
-            del self.clients[next(iter(self.clients))]
-        if count == 1:
-            return 0.0
-        return float(min(self.base * 2 ** (count - 2), self.cap))
-
-    def succeeded(self, client: str) -> None:
-        """Forget the failures of a client that has just shown the right token."""
-        self.clients.pop(client, None)
-
-
-def _client(request: IRequest) -> str:
-    address = request.getClientAddress()
-    return str(getattr(address, "host", address))
-
-
 def _invalid(messages: list[str]) -> HTTPError:
     return HTTPError(400, {"status": VALIDATION_ERROR, "message": list(messages)})
 
@@ -200,16 +158,15 @@ class GroupHooks:
     paths: tuple[bytes, ...] = tuple(p.lstrip("/").encode("ascii") for p in HOOKS)
 
     def __init__(self, directory: Directory, config: Config, metrics: Metrics, hub: Any,
-                 clock: IReactorTime | None = None) -> None:
+                 clock: IReactorTime | None = None, auth: Auth | None = None) -> None:
         self.directory = directory
         self.hub = hub
         self.site_url = config.mailhub.site_url.rstrip("/")
         self.max_body = config.mailhub.max_body
         self.clock = clock if clock is not None else directory.clock
-        self.throttle = FailureThrottle(self.clock)
-        self._failures = metrics.counter(
-            "mailhub_auth_failures_total", "Authentication failures, by surface",
-            ["surface"]).labels(surface="hooks")
+        auth = auth if auth is not None else Auth(self.clock, metrics, hub)
+        self._token = SiteToken(auth, "hooks", directory.check_token,
+                                directory.check_token_cached)
         self._answers = metrics.counter(
             "mailhub_hook_requests_total", "Group hook requests answered, by hook and status",
             ["hook", "status"])
@@ -267,31 +224,21 @@ class GroupHooks:
         action = hook.action(fields)
         if action is None:
             return self._send(request, hook, json_bytes(hook.description()))
-        token = fields.get("token", "")
-        known = self.directory.check_token_cached(token) if token else False
-        if known is None:
-            known = await self.directory.check_token(token)
-        if not known:
-            await self._refuse(request, hook, "missing" if "token" not in fields
-                               else "empty" if not token else "wrong")
-        if self.throttle.clients:
-            self.throttle.succeeded(_client(request))
+        client = client_of(request)
+        try:
+            # Counted, logged and slowed down by mailhub.auth.
+            await self._token.check(fields.get("token"), client)
+        except Refused as refused:
+            await self._refuse(hook, client, refused.reason)
         return await handler(request, action, fields)
 
-    async def _refuse(self, request: IRequest, hook: HookSpec, reason: str) -> None:
-        """Record, count and slow down a token mismatch; then answer 403."""
-        client = _client(request)
-        self._failures.inc()
-        self.log.warn("refused a {reason} token on {hook} from {client}",
-                      reason=reason, hook=hook.path, client=client)
+    async def _refuse(self, hook: HookSpec, client: str, reason: str) -> None:
+        """Audit a refused token (never the token itself); then answer 403."""
         try:
             await self.directory.audit("token-mismatch", client,
                                        "hook=%s token=%s" % (hook.path, reason))
         except Exception:
             self.log.failure("cannot write the audit log")
-        delay = self.throttle.failed(client)
-        if delay:
-            await deferLater(self.clock, delay, lambda: None)
         self._count(hook, 403)
         message = TOKEN_MISSING if reason == "missing" else TOKEN_MISMATCH
         raise HTTPError(403, {"status": VALIDATION_ERROR, "message": [message]})
@@ -483,4 +430,4 @@ class GroupHooks:
         return self._send(request, LEAVE, json_bytes(body))
 
 
-__all__ = ["GroupHooks", "HOOKS", "HookSpec", "FailureThrottle"]
+__all__ = ["GroupHooks", "HOOKS", "HookSpec"]

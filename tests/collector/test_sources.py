@@ -10,6 +10,7 @@ from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailhub.auth import Auth, SiteToken
 from mailhub.collector.sources import (
     CalendarSource, MailSource, folder_matches, ical_addresses, jcal_addresses)
 from mailhub.config import Config
@@ -137,7 +138,10 @@ class CalendarSourceTests(SynchronousTestCase):
 class CalendarWebTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.out = Recorder()
-        self.web = CalendarCollect(self.out, lambda t: succeed(t == "s3cret"), max_body=4096)
+        self.clock, self.metrics = Clock(), Metrics()
+        token = SiteToken(Auth(self.clock, self.metrics), "calendar",
+                          lambda t: succeed(t == "s3cret"))
+        self.web = CalendarCollect(self.out, token, max_body=4096)
         self.http = StubTreq(self.web.resource())
 
     def post(self, query: str, body: str, headers: dict[str, str] | None = None) -> Any:

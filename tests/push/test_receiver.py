@@ -14,6 +14,7 @@ from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from mailhub.pubsub.local import LocalPubSub
 from mailhub.web.push import PushReceiver
+from tests.support.auth import auth_failures
 
 OX_URL = "http://mailhub.test/preliminary/http-notify/v1/notify"
 LUA_URL = "http://mailhub.test/push/v1/notify"
@@ -145,7 +146,7 @@ class PushReceiverTests(SynchronousTestCase):
         clock.advance(0)
         self.assertEqual(seen, [])
         self.assertEqual(receiver.pending(), 0)
-        self.assertEqual(metrics.value("mailhub_push_auth_failures_total", {"driver": "ox"}), 3)
+        self.assertEqual(auth_failures(metrics, "push-ox"), 3)
         self.assertEqual(metrics.value("mailhub_push_requests_total",
                                        {"driver": "ox", "status": "401"}), 3)
 

@@ -17,13 +17,15 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailhub.auth import SITE_TOKEN, Throttle
 from mailhub.config import Config, MailhubSection
 from mailhub.directory.service import Directory
 from mailhub.directory.memory import MemoryStore
 from mailhub.directory.model import Email, Group, Profile
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
-from mailhub.web.hooks import HOOKS, FailureThrottle, GroupHooks
+from mailhub.web.hooks import HOOKS, GroupHooks
+from tests.support.auth import auth_failures
 
 TOKEN = "0123456789abcdefghijABCDEFGHIJ01"
 SITE = "https://groups.example.com"
@@ -393,7 +395,7 @@ class TokenTests(HooksCase):
         for row in rows:
             self.assertNotIn("nope", json.dumps(row))
             self.assertTrue(row["at"])
-        self.assertEqual(self.metrics.value("mailhub_auth_failures_total", {"surface": "hooks"}), 3)
+        self.assertEqual(auth_failures(self.metrics, "hooks"), 3)
 
     def test_every_hook_refuses_a_wrong_token(self) -> None:
         for path, spec in HOOKS.items():
@@ -518,17 +520,23 @@ class UnitTests(SynchronousTestCase):
     # test_addresses moved to tests/test_decoding.py (AddressRules): the one validator.
 
     def test_throttle_grows_to_a_cap_and_forgets(self) -> None:
+        # The hooks' token failures are slowed by the shared mailhub.auth.Throttle.
         clock = Clock()
-        throttle = FailureThrottle(clock, base=0.25, cap=2.0, forget_after=60, max_clients=2)
-        self.assertEqual([throttle.failed("a") for _ in range(6)],
+        throttle = Throttle(clock, base=0.25, max_delay=2.0, forget_after=60, max_keys=2)
+
+        def failed(client: str) -> float:
+            throttle.after(SITE_TOKEN, client, False)
+            return throttle.delay_of(SITE_TOKEN, client)
+
+        self.assertEqual([failed("a") for _ in range(6)],
                          [0.0, 0.25, 0.5, 1.0, 2.0, 2.0])
         clock.advance(61)
-        self.assertEqual(throttle.failed("a"), 0.0)
-        throttle.failed("b")
-        throttle.failed("c")
-        self.assertEqual(set(throttle.clients), {"b", "c"})
-        throttle.succeeded("b")
-        self.assertEqual(set(throttle.clients), {"c"})
+        self.assertEqual(failed("a"), 0.0)
+        failed("b")
+        failed("c")
+        self.assertEqual({client for _, client in throttle._pairs._records}, {"b", "c"})
+        throttle.after(SITE_TOKEN, "b", True)
+        self.assertEqual({client for _, client in throttle._pairs._records}, {"c"})
 
     def test_paths_cover_every_hook(self) -> None:
         self.assertEqual(set(GroupHooks.paths), {p.lstrip("/").encode() for p in HOOKS})

@@ -27,6 +27,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from mailhub.auth import Auth, SiteToken
 from mailhub.config import CollectorSection, Config, MailhubSection, MailStoreSection, PushSection
 from mailhub.directory.interfaces import IUserSource
 from mailhub.directory.model import User
@@ -190,8 +191,9 @@ class Surfaces:
         self.receiver = PushReceiver(config, self.hub, metrics, self.clock)
         self.events = EventStream(config, self.hub, metrics, users, self.clock)
         mailstore = MailStoreIntegration(config, users, self.hub, metrics, self.clock)
-        calendar = CalendarCollect(dispatcher or Dispatcher(),
-                                   lambda token: succeed(token == TOKEN), MAX_BODY)
+        calendar = CalendarCollect(dispatcher or Dispatcher(), SiteToken(
+            Auth(self.clock, metrics), "calendar", lambda token: succeed(token == TOKEN)),
+            MAX_BODY)
         ops = Operations(metrics, checks or {"database": lambda: (True, "sqlite")},
                          lambda: site_document(MAILSTORE_PATH))
         root = Root(metrics)
