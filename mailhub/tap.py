@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from mailhub import __version__
+from mailhub.checks import make_checks
 from mailhub.collector.carddav import BookLayout, CardDAVClient
 from mailhub.collector.embedded import EmbeddedDAV
 from mailhub.collector.engine import CollectorEngine
@@ -46,9 +47,6 @@ from mailhub.web.ops import Operations
 from mailhub.web.events import EventStream
 from mailhub.web.push import PushReceiver
 from mailhub.web.site import MailhubSite, Root
-
-Check = Callable[[], Any]
-
 
 class Options(usage.Options):
     """Options of ``twistd mailhub``."""
@@ -129,12 +127,7 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
     database.setServiceParent(pools)
     directory = Directory(database.store, reactor, config.database.poll_interval, hub)
 
-    async def database_check() -> tuple[bool, str]:
-        await database.store.ping()
-        return True, database.dialect.name
-
-    checks: dict[str, Check] = {"database": database_check, "amqp": _amqp_check(pubsub)}
-    users = _users(config, database, directory, reactor, pools, checks)
+    users, ldap = _users(config, database, directory, reactor, pools)
 
     root = Root(metrics)
     hooks = GroupHooks(directory, config, metrics, hub)
@@ -152,8 +145,10 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
 
     stops: list[Callable[[], Any]] = [push.stop, events.close]
     later: list[Service] = []  # started once the database and directory are ready
+    dav: EmbeddedDAV | None = None
+    carddav: CardDAVClient | None = None
     if config.collector.enabled:
-        dispatcher, dav = _collector(config, pubsub, users, metrics, reactor, pools, stops,
+        dispatcher, dav, carddav = _collector(config, pubsub, users, metrics, reactor, pools, stops,
                                      throttle, directory.refresh)
         calendar = CalendarCollect(
             dispatcher, lambda token: Deferred.fromCoroutine(directory.check_token(token)),
@@ -165,8 +160,10 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
             root.mount(dav.segment, dav.resource())
             directory.on_change.append(dav.directory_changed)
 
+    checks = make_checks(config, reactor, listen=listen, database=database, pubsub=pubsub,
+                         ldap=ldap, carddav=carddav, embedded_dav=dav is not None)
     ops = Operations(metrics, checks, functools.partial(
-        site_document, config.mailstore.path, config.collector.enabled))
+        site_document, config.mailstore.path, config.collector.enabled), reactor)
     for name in (b"healthz", b"metrics", b"openapi.json"):
         root.mount(name, ops.resource())
     site = MailhubSite(root, config.mailhub.max_body)
@@ -189,16 +186,9 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
     return top
 
 
-def _amqp_check(pubsub: PubSub) -> Check:
-    def check() -> tuple[bool, str]:
-        state = pubsub.health()
-        return bool(state["ok"]), str(state.get("state", ""))
-    return check
-
-
 def _users(config: Config, database: StoreService, directory: Directory, reactor: Any,
-           top: MultiService, checks: dict[str, Check]) -> ChainedUserSource:
-    """The site's users first, then LDAP when ``[ldap] url`` is set."""
+           top: MultiService) -> tuple[ChainedUserSource, LDAPService | None]:
+    """The site's users first, then LDAP when ``[ldap] url`` is set (and its service)."""
     hashing = HashingService(threads=2)
     hashing.setServiceParent(top)
     sources: list[Any] = [SiteUserSource(database.store, reactor, hashing.pool,
@@ -207,19 +197,13 @@ def _users(config: Config, database: StoreService, directory: Directory, reactor
     if ldap is not None:
         ldap.setServiceParent(top)
         sources.append(ldap.source)
-
-        async def ldap_check() -> tuple[bool, str]:
-            ok = await ldap.source.ping()
-            return bool(ok), "a server answered" if ok else "no server answered"
-
-        checks["ldap"] = ldap_check
-    return ChainedUserSource(sources)
+    return ChainedUserSource(sources), ldap
 
 
 def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, reactor: Any,
                top: MultiService, stops: list[Callable[[], Any]],
                throttle: Throttle, refresh_users: Callable[[], Awaitable[None]],
-               ) -> tuple[Any, EmbeddedDAV | None]:
+               ) -> tuple[Any, EmbeddedDAV | None, CardDAVClient]:
     """The contact collector: CardDAV client, engine, queue consumer and sources."""
     dav: EmbeddedDAV | None = None
     credentials: tuple[str, str] | None = None
@@ -269,4 +253,4 @@ def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, rea
                                  retry_max=collector.retry_max))
     calendar_source.start()
     stops.append(calendar_source.stop)
-    return dispatcher, dav
+    return dispatcher, dav, carddav

@@ -1,0 +1,156 @@
+"""``mailhub check``: the server's own health checks, run once, as a table.
+
+It builds the parts the checks need exactly as ``twistd mailhub`` does (the
+database's StoreService, the pubsub and its AMQP Broker, the LDAPService,
+the collector's CardDAV client), starts them on the reactor
+(``task.react``), runs :func:`mailhub.checks.make_checks`, the list that
+``/healthz`` runs, prints one row per finding, and stops them. So a broker
+that refuses the server's channel set-up is reported here as the server
+meets it, with the broker's reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Callable
+
+import attrs
+import treq
+from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.task import react
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from mailhub.checks import TIMEOUT, Check, Row, Status, make_checks, run_checks
+from mailhub.cli.common import IO, OK, BAD, table
+from mailhub.collector.carddav import CardDAVClient
+from mailhub.collector.sources import CALENDAR_TOPICS
+from mailhub.config import DEFAULT_SPEC, Config
+from mailhub.directory.ldap import LDAPService
+from mailhub.directory.sql import StoreService
+from mailhub.errors import ConfigError
+from mailhub.metrics import Metrics
+from mailhub.pubsub.wiring import PubSub, make_pubsub
+
+
+@attrs.define
+class Parts:
+    """The server's parts that the checks use, built from the configuration."""
+
+    checks: list[Check]
+    services: MultiService
+    closes: list[Callable[[], Any]]
+
+    async def stop(self) -> None:
+        """Stop the services and close the connection pools."""
+        await self.services.stopService()
+        await DeferredList([Deferred.fromCoroutine(_call(close)) for close in self.closes],
+                           consumeErrors=True)
+
+
+async def _call(close: Callable[[], Any]) -> None:
+    await close()
+
+
+def _pubsub(config: Config, reactor: Any, metrics: Metrics) -> PubSub:
+    """The server's pubsub; with a spec file that cannot be loaded, the
+    connection is still checked with the system's (the ``amqp spec`` row
+    reports the file)."""
+    try:
+        return make_pubsub(config, reactor, metrics)
+    except ConfigError:
+        if not config.amqp.url or config.amqp.spec == DEFAULT_SPEC:
+            raise
+        fallback = attrs.evolve(config, amqp=attrs.evolve(config.amqp, spec=DEFAULT_SPEC))
+        return make_pubsub(fallback, reactor, metrics)
+
+
+def _declare_as_the_server(config: Config, pubsub: PubSub) -> None:
+    """Register the queues the server's collector declares (mailhub.tap), so
+    the connection's set-up declares the same things as the server's does."""
+    collector = config.collector
+    if pubsub.broker is None or not collector.enabled:
+        return
+    pubsub.work_queue(collector.queue, dead_letter=collector.dead_letter,
+                      retry_initial=collector.retry_initial, retry_max=collector.retry_max)
+    for topic in CALENDAR_TOPICS:
+        pubsub.shared_subscription(topic, retry_initial=collector.retry_initial,
+                                   retry_max=collector.retry_max)
+
+
+def build_parts(config: Config, reactor: Any) -> Parts:
+    """The checks of ``twistd mailhub`` on ``config``, with the parts they use."""
+    services = MultiService()
+    closes: list[Callable[[], Any]] = []
+    unusable: dict[str, str] = {}
+    metrics = Metrics()
+
+    database: StoreService | None = None
+    try:
+        database = StoreService(config.dsn, config.mailhub.site_id, reactor, threads=1)
+    except (ConfigError, ValueError) as e:
+        unusable["database"] = "bad DSN: %s" % e
+    else:
+        database.setServiceParent(services)
+
+    pubsub: PubSub | None = None
+    try:
+        pubsub = _pubsub(config, reactor, metrics)
+    except ConfigError as e:
+        unusable["amqp"] = str(e)
+    else:
+        _declare_as_the_server(config, pubsub)
+        for service in pubsub.services:
+            service.setServiceParent(services)
+
+    ldap = LDAPService.from_config(reactor, config.ldap)
+    if ldap is not None:
+        ldap.setServiceParent(services)
+
+    carddav: CardDAVClient | None = None
+    if config.collector.enabled and not config.embedded_carddav:
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        closes.append(pool.closeCachedConnections)
+        carddav = CardDAVClient(
+            treq.client.HTTPClient(Agent(reactor, pool=pool)), reactor,
+            credentials=(config.carddav.username, config.carddav.password),
+            timeout=min(config.carddav.timeout, TIMEOUT), concurrency=1, metrics=metrics)
+
+    checks = make_checks(config, reactor, listen=config.mailhub.listen, database=database,
+                         pubsub=pubsub, ldap=ldap, carddav=carddav,
+                         embedded_dav=config.embedded_carddav, unusable=unusable)
+    return Parts(checks, services, closes)
+
+
+async def run(reactor: Any, config: Config, io: IO) -> int:
+    """Build, start, check, stop; print the table; the exit code."""
+    where = os.path.abspath(config.path) if config.path else "defaults (no --config given)"
+    parts = build_parts(config, reactor)
+    IService(parts.services).startService()
+    try:
+        results = await run_checks(parts.checks, reactor)
+    finally:
+        await parts.stop()
+    rows = [Row("config", Status.OK, where)]
+    for _, found in results:
+        rows += found
+    table([["CHECK", "STATUS", "DETAIL"]]
+          + [[r.what, r.status.value, r.detail] for r in rows], io.stdout)
+    return OK if all(r.fine for r in rows) else BAD
+
+
+def check(config: Config, args: argparse.Namespace, io: IO) -> int:
+    """Run the health checks under ``task.react``; 0 only if every row is fine."""
+    code: list[int] = []
+
+    def main(reactor: Any) -> Deferred[None]:
+        d = Deferred.fromCoroutine(run(reactor, config, io))
+        return d.addCallback(code.append)
+
+    try:
+        react(main)
+    except SystemExit as e:
+        if not code:  # the run itself failed (react logged why)
+            return e.code if isinstance(e.code, int) and e.code else BAD
+    return code[0] if code else BAD
