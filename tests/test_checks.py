@@ -22,7 +22,7 @@ from twisted.web.resource import Resource
 
 from mailhub.checks import (
     Check, Row, Status, amqp_check, carddav_check, data_check, database_check, fixed,
-    ldap_check, listen_check, make_checks, run_checks,
+    listen_check, make_checks, run_checks,
 )
 from mailhub.collector.carddav import CardDAVClient
 from mailhub.config import CardDAVSection, CollectorSection, Config, MailhubSection
