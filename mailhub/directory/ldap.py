@@ -600,7 +600,7 @@ class LDAPUserSource:
         return self._call(self.client.authenticate, login, password)
 
     def ping(self) -> "Deferred[bool]":
-        """Fires with True when a server answers (for /healthz and ``mailhub check``)."""
+        """Fires with True when a server answers."""
         return self._call(self.client.ping)
 
     async def pages(self, page_size: int) -> AsyncIterator[list[User]]:
