@@ -286,7 +286,8 @@ class MakeChecksTests(SynchronousTestCase):
         config = Config()
         checks = make_checks(config, Clock(), listen="tcp:8080", database=None, pubsub=None,
                              ldap=None, carddav=None, embedded_dav=True,
-                             unusable={"database": "bad DSN", "amqp": "[amqp] url: bad port"})
+                             unusable={"database": Row("database", Status.FAIL, "bad DSN"),
+                                       "amqp": Row("amqp", Status.FAIL, "[amqp] url: bad port")})
         found = {c.name: rows_of(self, c) for c in checks}
         self.assertEqual(found["database"], [Row("database", Status.FAIL, "bad DSN")])
         self.assertEqual(found["amqp"], [Row("amqp", Status.FAIL, "[amqp] url: bad port")])

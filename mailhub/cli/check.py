@@ -53,17 +53,27 @@ async def _call(close: Callable[[], Any]) -> None:
     await close()
 
 
-def _pubsub(config: Config, reactor: Any, metrics: Metrics) -> PubSub:
-    """The server's pubsub; with a spec file that cannot be loaded, the
-    connection is still checked with the system's (the ``amqp spec`` row
-    reports the file)."""
+def _pubsub(config: Config, reactor: Any, metrics: Metrics) -> tuple[PubSub, dict[str, Row]]:
+    """The server's pubsub, and the rows of what kept it from being built as is.
+
+    With a spec file that cannot be loaded (the server would not start),
+    the connection is still checked with Debian's file, so that the
+    ``amqp spec`` row and the ``amqp`` row each say their own part. A
+    ConfigError means the ``[amqp]`` section cannot be used at all.
+    """
     try:
-        return make_pubsub(config, reactor, metrics)
-    except ConfigError:
+        return make_pubsub(config, reactor, metrics), {}
+    except ConfigError as e:
         if not config.amqp.url or config.amqp.spec == DEFAULT_SPEC:
             raise
-        fallback = attrs.evolve(config, amqp=attrs.evolve(config.amqp, spec=DEFAULT_SPEC))
-        return make_pubsub(fallback, reactor, metrics)
+        first = str(e)
+    fallback = attrs.evolve(config, amqp=attrs.evolve(config.amqp, spec=DEFAULT_SPEC))
+    try:
+        pubsub = make_pubsub(fallback, reactor, metrics)
+    except ConfigError:
+        # Not the spec file, or not only: the URL, say. The spec is unknown.
+        raise ConfigError(first)
+    return pubsub, {"amqp spec": Row("amqp spec", Status.FAIL, first)}
 
 
 def _declare_as_the_server(config: Config, pubsub: PubSub) -> None:
@@ -83,23 +93,25 @@ def build_parts(config: Config, reactor: Any) -> Parts:
     """The checks of ``twistd mailhub`` on ``config``, with the parts they use."""
     services = MultiService()
     closes: list[Callable[[], Any]] = []
-    unusable: dict[str, str] = {}
+    unusable: dict[str, Row] = {}
     metrics = Metrics()
 
     database: StoreService | None = None
     try:
         database = StoreService(config.dsn, config.mailhub.site_id, reactor, threads=1)
     except (ConfigError, ValueError) as e:
-        unusable["database"] = "bad DSN: %s" % e
+        unusable["database"] = Row("database", Status.FAIL, "bad DSN: %s" % e)
     else:
         database.setServiceParent(services)
 
     pubsub: PubSub | None = None
     try:
-        pubsub = _pubsub(config, reactor, metrics)
+        pubsub, spec = _pubsub(config, reactor, metrics)
     except ConfigError as e:
-        unusable["amqp"] = str(e)
+        unusable["amqp"] = Row("amqp", Status.FAIL, str(e))
+        unusable["amqp spec"] = Row("amqp spec", Status.OFF, "not checked: [amqp] is unusable")
     else:
+        unusable.update(spec)
         _declare_as_the_server(config, pubsub)
         for service in pubsub.services:
             service.setServiceParent(services)
