@@ -28,16 +28,19 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 import attrs
+import treq
 from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from mailhub.collector.carddav import CardDAVClient
 from mailhub.config import Config, redact
 from mailhub.directory.ldap import LDAPFailure, LDAPService
 from mailhub.directory.sql import MIGRATIONS, SQLiteDialect, StoreService
 from mailhub.errors import Unavailable
+from mailhub.metrics import Metrics
 from mailhub.pubsub.wiring import PubSub
 
 #: Seconds a check may take before it counts as failed.
@@ -247,6 +250,25 @@ def carddav_check(config: Config, carddav: CardDAVClient | None, embedded: bool)
             return [Row("carddav", Status.FAIL, "%s refused %s (%d)" % (shown, who, answer.code))]
         return [Row("carddav", Status.FAIL, "%s answered PROPFIND with %d" % (shown, answer.code))]
     return Check("carddav", probe)
+
+
+def carddav_for_checks(config: Config, reactor: Any,
+                       ) -> tuple[CardDAVClient | None, Callable[[], Any]]:
+    """The collector's CardDAV client as the carddav check uses it, and how
+    to close its connections; None when there is no external server to ask.
+
+    Built as the collector builds its own (same class, URL, credentials),
+    with a connection pool of its own and its own metrics, so that health
+    probes neither hold the collector's connections nor count in its latency.
+    """
+    if not config.collector.enabled or config.embedded_carddav:
+        return None, lambda: None
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    client = CardDAVClient(
+        treq.client.HTTPClient(Agent(reactor, pool=pool)), reactor,
+        credentials=(config.carddav.username, config.carddav.password),
+        timeout=min(config.carddav.timeout, TIMEOUT), concurrency=1, metrics=Metrics())
+    return client, pool.closeCachedConnections
 
 
 def ldap_check(reactor: Any, ldap: LDAPService | None) -> Check:

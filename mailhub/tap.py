@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from mailhub import __version__
-from mailhub.checks import make_checks
+from mailhub.checks import carddav_for_checks, make_checks
 from mailhub.collector.carddav import BookLayout, CardDAVClient
 from mailhub.collector.embedded import EmbeddedDAV
 from mailhub.collector.engine import CollectorEngine
@@ -145,10 +145,8 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
 
     stops: list[Callable[[], Any]] = [push.stop, events.close]
     later: list[Service] = []  # started once the database and directory are ready
-    dav: EmbeddedDAV | None = None
-    carddav: CardDAVClient | None = None
     if config.collector.enabled:
-        dispatcher, dav, carddav = _collector(config, pubsub, users, metrics, reactor, pools, stops,
+        dispatcher, dav = _collector(config, pubsub, users, metrics, reactor, pools, stops,
                                      throttle, directory.refresh)
         calendar = CalendarCollect(
             dispatcher, lambda token: Deferred.fromCoroutine(directory.check_token(token)),
@@ -160,8 +158,10 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
             root.mount(dav.segment, dav.resource())
             directory.on_change.append(dav.directory_changed)
 
+    carddav, close_carddav = carddav_for_checks(config, reactor)
+    stops.append(close_carddav)
     checks = make_checks(config, reactor, listen=listen, database=database, pubsub=pubsub,
-                         ldap=ldap, carddav=carddav, embedded_dav=dav is not None)
+                         ldap=ldap, carddav=carddav, embedded_dav=config.embedded_carddav)
     ops = Operations(metrics, checks, functools.partial(
         site_document, config.mailstore.path, config.collector.enabled), reactor)
     for name in (b"healthz", b"metrics", b"openapi.json"):
@@ -203,7 +203,7 @@ def _users(config: Config, database: StoreService, directory: Directory, reactor
 def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, reactor: Any,
                top: MultiService, stops: list[Callable[[], Any]],
                throttle: Throttle, refresh_users: Callable[[], Awaitable[None]],
-               ) -> tuple[Any, EmbeddedDAV | None, CardDAVClient]:
+               ) -> tuple[Any, EmbeddedDAV | None]:
     """The contact collector: CardDAV client, engine, queue consumer and sources."""
     dav: EmbeddedDAV | None = None
     credentials: tuple[str, str] | None = None
@@ -253,4 +253,4 @@ def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, rea
                                  retry_max=collector.retry_max))
     calendar_source.start()
     stops.append(calendar_source.stop)
-    return dispatcher, dav, carddav
+    return dispatcher, dav

@@ -16,15 +16,12 @@ import os
 from typing import Any, Callable
 
 import attrs
-import treq
-from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import react
-from twisted.web.client import Agent, HTTPConnectionPool
 
-from mailhub.checks import TIMEOUT, Check, Row, Status, make_checks, run_checks
+from mailhub.checks import Check, Row, Status, carddav_for_checks, make_checks, run_checks
 from mailhub.cli.common import IO, OK, BAD, table
-from mailhub.collector.carddav import CardDAVClient
 from mailhub.collector.sources import CALENDAR_TOPICS
 from mailhub.config import DEFAULT_SPEC, Config
 from mailhub.directory.ldap import LDAPService
@@ -45,12 +42,8 @@ class Parts:
     async def stop(self) -> None:
         """Stop the services and close the connection pools."""
         await self.services.stopService()
-        await DeferredList([Deferred.fromCoroutine(_call(close)) for close in self.closes],
-                           consumeErrors=True)
-
-
-async def _call(close: Callable[[], Any]) -> None:
-    await close()
+        for close in self.closes:
+            await maybeDeferred(close)
 
 
 def _pubsub(config: Config, reactor: Any, metrics: Metrics) -> tuple[PubSub, dict[str, Row]]:
@@ -120,14 +113,8 @@ def build_parts(config: Config, reactor: Any) -> Parts:
     if ldap is not None:
         ldap.setServiceParent(services)
 
-    carddav: CardDAVClient | None = None
-    if config.collector.enabled and not config.embedded_carddav:
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        closes.append(pool.closeCachedConnections)
-        carddav = CardDAVClient(
-            treq.client.HTTPClient(Agent(reactor, pool=pool)), reactor,
-            credentials=(config.carddav.username, config.carddav.password),
-            timeout=min(config.carddav.timeout, TIMEOUT), concurrency=1, metrics=metrics)
+    carddav, close_carddav = carddav_for_checks(config, reactor)
+    closes.append(close_carddav)
 
     checks = make_checks(config, reactor, listen=config.mailhub.listen, database=database,
                          pubsub=pubsub, ldap=ldap, carddav=carddav,
@@ -139,7 +126,7 @@ async def run(reactor: Any, config: Config, io: IO) -> int:
     """Build, start, check, stop; print the table; the exit code."""
     where = os.path.abspath(config.path) if config.path else "defaults (no --config given)"
     parts = build_parts(config, reactor)
-    IService(parts.services).startService()
+    parts.services.startService()
     try:
         results = await run_checks(parts.checks, reactor)
     finally:
