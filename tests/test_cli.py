@@ -590,6 +590,18 @@ def test_check_reports_a_refused_amqp_login_and_unknown_vhost(tmp_path: Path) ->
     assert "refused the virtual host no-such-vhost" in check_rows(ran)["amqp"][0][1]
 
 
+def test_check_names_the_broker_it_cannot_reach(tmp_path: Path) -> None:
+    port = free_port()
+    config = write_config(tmp_path / "m.ini", mailhub={"data": str(tmp_path)},
+                          amqp={"url": "amqp://guest:s3cret@127.0.0.1:%d/" % port})
+    ran = mailhub("check", "--config", config)
+    assert ran.code == 1
+    [(status, detail)] = check_rows(ran)["amqp"]
+    assert status == "FAIL"
+    assert detail.startswith("127.0.0.1:%d: cannot connect: " % port), detail
+    assert "s3cret" not in ran.out
+
+
 def test_check_reports_a_missing_amqp_spec_file(tmp_path: Path) -> None:
     require_port("127.0.0.1", 5672, "RabbitMQ")
     config = write_config(tmp_path / "m.ini", mailhub={"data": str(tmp_path)},
