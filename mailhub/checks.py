@@ -33,6 +33,7 @@ from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from mailhub.collector.carddav import CardDAVClient
@@ -85,6 +86,8 @@ class Check:
     probe: Probe
     any_serves: bool = False
 
+    log = Logger()
+
     async def run(self, clock: IReactorTime, timeout: float = TIMEOUT) -> list[Row]:
         """The probe's rows; one FAIL row when it fails or takes over ``timeout`` seconds."""
         d = Deferred.fromCoroutine(_rows(self.probe))
@@ -94,6 +97,8 @@ class Check:
         except DeferredTimeout:
             return [Row(self.name, Status.FAIL, "no answer within %g s" % timeout)]
         except Exception as e:
+            # The probes turn what they expect into rows: this is a bug.
+            self.log.failure("the {name} health check failed", name=self.name)
             return [Row(self.name, Status.FAIL, first_line(e))]
 
     def healthy(self, rows: Sequence[Row]) -> bool:

@@ -55,6 +55,8 @@ class CheckTests(SynchronousTestCase):
             raise RuntimeError("broken\nsecond line")
 
         self.assertEqual(rows_of(self, Check("x", probe)), [Row("x", Status.FAIL, "broken")])
+        # A probe turns what it expects into rows: anything else is logged.
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_not_configured_is_fine(self) -> None:
         check = fixed("ldap", Status.OFF, "not configured")
