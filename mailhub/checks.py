@@ -294,7 +294,9 @@ def ldap_check(reactor: Any, ldap: LDAPService | None) -> Check:
         return Row("ldap", Status.OK, detail)
 
     async def probe() -> Sequence[Row]:
-        return [await one(url) for url in service.client.settings.urls]
+        # At once, so that servers that do not answer share one timeout.
+        asking = [Deferred.fromCoroutine(one(url)) for url in service.client.settings.urls]
+        return [await d for d in asking]
     return Check("ldap", probe, any_serves=True)
 
 
