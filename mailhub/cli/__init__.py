@@ -142,8 +142,9 @@ def parser(out: TextIO | None = None) -> argparse.ArgumentParser:
 
     checker = verbs.add_parser("check", parents=[config_option],
                                help="reach every configured dependency and print a table",
-                               description="Load the config, reach every configured dependency "
-                                           "and print what is OK; exit 1 if anything is not.")
+                               description="Load the config, build the server's parts, run "
+                                           "the health checks /healthz runs and print what is "
+                                           "OK; exit 1 if anything is not.")
     checker.set_defaults(run=check)
     return top
 
