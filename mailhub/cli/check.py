@@ -140,7 +140,11 @@ async def run(reactor: Any, config: Config, io: IO) -> int:
 
 
 def check(config: Config, args: argparse.Namespace, io: IO) -> int:
-    """Run the health checks under ``task.react``; 0 only if every row is fine."""
+    """Run the health checks under ``task.react``; 0 only if every row is fine.
+
+    This runs (and stops) the global reactor, which a process can do once:
+    the command does it once; tests run ``check`` in a process of its own.
+    """
     code: list[int] = []
 
     def main(reactor: Any) -> Deferred[None]:
