@@ -2,7 +2,8 @@
 
 Each test runs :func:`mailhub.cli.main` with captured streams against a
 fresh SQLite data folder or a throwaway PostgreSQL database, and reads the
-results back through the same store the server uses. ``check`` is run
+results back through the same store the server uses. ``check`` runs the
+reactor, so it runs as ``python -m mailhub`` in a process of its own,
 against real servers: RabbitMQ (127.0.0.1:5672), PostgreSQL, slapd and
 Radicale (started here on free ports), and against ports nothing listens on.
 """
