@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,6 +32,13 @@ from mailhub.directory.sql import MIGRATIONS, SQLStore, dialect_for, run_inline
 from mailhub.metrics import Metrics
 from mailhub.web.ops import Operations
 from mailhub.web.site import Root
+
+
+def scratch(test: SynchronousTestCase) -> Path:
+    """A temporary folder of the test's own, removed after it."""
+    folder = Path(tempfile.mkdtemp(prefix="mailhub-checks-"))
+    test.addCleanup(shutil.rmtree, folder, True)
+    return folder
 
 
 def rows_of(test: SynchronousTestCase, check: Check, clock: Clock | None = None) -> list[Row]:
@@ -90,14 +99,13 @@ class ListenAndDataTests(SynchronousTestCase):
         self.assertIn("'tcp:notaport'", row.detail)
 
     def test_a_data_folder_that_can_be_made_is_fine(self) -> None:
-        folder = Path(self.mktemp()) / "data"
+        folder = scratch(self) / "data"
         config = Config(mailhub=MailhubSection(data=str(folder)))
         self.assertEqual(rows_of(self, data_check(config)), [
             Row("data", Status.OK, "%s (made on first start)" % folder.absolute())])
 
     def test_a_data_folder_under_a_file_fails(self) -> None:
-        base = Path(self.mktemp())
-        base.mkdir()
+        base = scratch(self)
         (base / "file").write_text("x")
         config = Config(mailhub=MailhubSection(data=str(base / "file" / "data")))
         self.assertEqual(rows_of(self, data_check(config)), [
@@ -108,7 +116,7 @@ class ListenAndDataTests(SynchronousTestCase):
             # root writes anywhere; the check asks os.access, which says so.
             self.assertTrue(os.access("/", os.W_OK))
             return
-        folder = Path(self.mktemp())
+        folder = scratch(self) / "locked"
         folder.mkdir(mode=0o500)
         config = Config(mailhub=MailhubSection(data=str(folder / "data")))
         [row] = rows_of(self, data_check(config))
@@ -126,8 +134,7 @@ class FakeDatabase:
 
 class DatabaseTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.folder = Path(self.mktemp()).absolute()
-        self.folder.mkdir()
+        self.folder = scratch(self)
         self.database = FakeDatabase("sqlite:///%s" % (self.folder / "db.sqlite"))
         self.addCleanup(self.database.store.close_all)
 
