@@ -347,3 +347,39 @@ class HealthzTests(SynchronousTestCase):
         self.assertEqual(body["dependencies"]["amqp"],
                          {"ok": False, "detail": "no answer within 5 s"})
         self.assertEqual(body["dependencies"]["database"], {"ok": True, "detail": "sqlite"})
+
+    def test_requests_share_a_run_and_its_results_serve_for_a_second(self) -> None:
+        clock = Clock()
+        calls: list[Deferred[Sequence[Row]]] = []
+
+        async def probe() -> Sequence[Row]:
+            d: Deferred[Sequence[Row]] = Deferred()
+            calls.append(d)
+            return await d
+
+        metrics = Metrics()
+        ops = Operations(metrics, [Check("database", probe)], lambda: {}, clock)
+        stub: Any = StubTreq(Root(metrics, {b"healthz": ops.resource()}))
+
+        def get() -> Deferred[Any]:
+            return stub.get("http://h/healthz")
+
+        first, second = get(), get()
+        self.assertEqual(len(calls), 1)  # the second request waits for the same run
+        calls[0].callback([Row("database", Status.OK, "sqlite: schema version 1 of 1")])
+        stub.flush()
+        for d in (first, second):
+            body = json.loads(self.successResultOf(self.successResultOf(d).content()))
+            self.assertEqual(body["dependencies"]["database"],
+                             {"ok": True, "detail": "sqlite: schema version 1 of 1"})
+        clock.advance(0.5)
+        self.successResultOf(get())
+        self.assertEqual(len(calls), 1)  # fresh results answer
+        clock.advance(0.5)
+        third = get()
+        self.assertEqual(len(calls), 2)  # a second later, the checks run again
+        calls[1].callback([Row("database", Status.FAIL, "sqlite: database is locked")])
+        stub.flush()
+        body = json.loads(self.successResultOf(self.successResultOf(third).content()))
+        self.assertEqual(body["dependencies"]["database"],
+                         {"ok": False, "detail": "sqlite: database is locked"})
