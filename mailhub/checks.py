@@ -128,6 +128,20 @@ def fixed(name: str, status: Status, detail: str) -> Check:
 # -- the checks -------------------------------------------------------------------
 
 
+def startup_check(started: Callable[[], bool]) -> Check:
+    """The server's start-up work (schema migration, directory load) is done.
+
+    Only the server has it: twistd listens, and answers ``/healthz``, before
+    that work ends, and a load balancer should wait for it.
+    """
+    async def probe() -> Sequence[Row]:
+        if started():
+            return [Row("startup", Status.OK, "done")]
+        return [Row("startup", Status.FAIL,
+                    "under way: migrating the database schema, loading the directory")]
+    return Check("startup", probe)
+
+
 def listen_check(reactor: Any, listen: str) -> Check:
     """The listen address is a Twisted server endpoint string (nothing is opened)."""
     async def probe() -> Sequence[Row]:

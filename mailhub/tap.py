@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from mailhub import __version__
-from mailhub.checks import carddav_for_checks, make_checks
+from mailhub.checks import carddav_for_checks, make_checks, startup_check
 from mailhub.collector.carddav import BookLayout, CardDAVClient
 from mailhub.collector.embedded import EmbeddedDAV
 from mailhub.collector.engine import CollectorEngine
@@ -162,6 +162,9 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
     stops.append(close_carddav)
     checks = make_checks(config, reactor, listen=listen, database=database, pubsub=pubsub,
                          ldap=ldap, carddav=carddav, embedded_dav=config.embedded_carddav)
+    # twistd listens before the start-up work is done (privilegedStartService):
+    # until then /healthz says so. (``ready`` is made below.)
+    checks.insert(0, startup_check(lambda: ready.ready.called))
     ops = Operations(metrics, checks, functools.partial(
         site_document, config.mailstore.path, config.collector.enabled), reactor)
     for name in (b"healthz", b"metrics", b"openapi.json"):

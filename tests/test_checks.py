@@ -24,7 +24,7 @@ from twisted.web.resource import Resource
 
 from mailhub.checks import (
     Check, Row, Status, amqp_check, carddav_check, data_check, database_check, fixed,
-    listen_check, make_checks, run_checks,
+    listen_check, make_checks, run_checks, startup_check,
 )
 from mailhub.collector.carddav import CardDAVClient
 from mailhub.config import CardDAVSection, CollectorSection, Config, MailhubSection
@@ -88,6 +88,17 @@ class CheckTests(SynchronousTestCase):
 
 async def _none() -> Sequence[Row]:
     return []
+
+
+class StartupTests(SynchronousTestCase):
+    def test_the_server_is_not_ready_until_its_start_up_work_is_done(self) -> None:
+        done: list[bool] = []
+        check = startup_check(lambda: bool(done))
+        [row] = rows_of(self, check)
+        self.assertEqual(row.status, Status.FAIL)
+        self.assertIn("migrating the database schema", row.detail)
+        done.append(True)
+        self.assertEqual(rows_of(self, check), [Row("startup", Status.OK, "done")])
 
 
 class ListenAndDataTests(SynchronousTestCase):
