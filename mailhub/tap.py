@@ -23,6 +23,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from mailhub import __version__
 from mailhub.auth import Auth, SiteToken
+from mailhub.checks import carddav_for_checks, make_checks, startup_check
 from mailhub.collector.carddav import BookLayout, CardDAVClient
 from mailhub.collector.embedded import EmbeddedDAV
 from mailhub.collector.engine import CollectorEngine
@@ -45,9 +46,6 @@ from mailhub.web.ops import Operations
 from mailhub.web.events import EventStream
 from mailhub.web.push import PushReceiver
 from mailhub.web.site import MailhubSite, Root
-
-Check = Callable[[], Any]
-
 
 class Options(usage.Options):
     """Options of ``twistd mailhub``."""
@@ -128,12 +126,7 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
     database.setServiceParent(pools)
     directory = Directory(database.store, reactor, config.database.poll_interval, hub)
 
-    async def database_check() -> tuple[bool, str]:
-        await database.store.ping()
-        return True, database.dialect.name
-
-    checks: dict[str, Check] = {"database": database_check, "amqp": _amqp_check(pubsub)}
-    users = _users(config, database, directory, reactor, pools, checks)
+    users, ldap = _users(config, database, directory, reactor, pools)
 
     root = Root(metrics)
     # One failure budget, one metric and one log for every surface that checks a secret.
@@ -163,8 +156,15 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
             root.mount(dav.segment, dav.resource())
             directory.on_change.append(dav.directory_changed)
 
+    carddav, close_carddav = carddav_for_checks(config, reactor)
+    stops.append(close_carddav)
+    checks = make_checks(config, reactor, listen=listen, database=database, pubsub=pubsub,
+                         ldap=ldap, carddav=carddav, embedded_dav=config.embedded_carddav)
+    # twistd listens before the start-up work is done (privilegedStartService):
+    # until then /healthz says so. (``ready`` is made below.)
+    checks.insert(0, startup_check(lambda: ready.ready.called))
     ops = Operations(metrics, checks, functools.partial(
-        site_document, config.mailstore.path, config.collector.enabled))
+        site_document, config.mailstore.path, config.collector.enabled), reactor)
     for name in (b"healthz", b"metrics", b"openapi.json"):
         root.mount(name, ops.resource())
     site = MailhubSite(root, config.mailhub.max_body)
@@ -187,16 +187,9 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
     return top
 
 
-def _amqp_check(pubsub: PubSub) -> Check:
-    def check() -> tuple[bool, str]:
-        state = pubsub.health()
-        return bool(state["ok"]), str(state.get("state", ""))
-    return check
-
-
 def _users(config: Config, database: StoreService, directory: Directory, reactor: Any,
-           top: MultiService, checks: dict[str, Check]) -> ChainedUserSource:
-    """The site's users first, then LDAP when ``[ldap] url`` is set."""
+           top: MultiService) -> tuple[ChainedUserSource, LDAPService | None]:
+    """The site's users first, then LDAP when ``[ldap] url`` is set (and its service)."""
     hashing = HashingService(threads=2)
     hashing.setServiceParent(top)
     sources: list[Any] = [SiteUserSource(database.store, reactor, hashing.pool,
@@ -205,13 +198,7 @@ def _users(config: Config, database: StoreService, directory: Directory, reactor
     if ldap is not None:
         ldap.setServiceParent(top)
         sources.append(ldap.source)
-
-        async def ldap_check() -> tuple[bool, str]:
-            ok = await ldap.source.ping()
-            return bool(ok), "a server answered" if ok else "no server answered"
-
-        checks["ldap"] = ldap_check
-    return ChainedUserSource(sources)
+    return ChainedUserSource(sources), ldap
 
 
 def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, reactor: Any,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mailhub.cli import result_of
+from mailhub.cli.common import result_of
 from mailhub.directory.sql import SQLStore, dialect_for
 from tests.support.postgres import throwaway_database
 from tests.support.process import TWISTD, Mailhub
@@ -29,7 +29,7 @@ def test_defaults_serve_on_sqlite_and_stop_cleanly_on_sigterm(tmp_path: Path) ->
     mailhub = Mailhub(tmp_path).start()
     status, health = mailhub.get("/healthz")
     assert status == 200
-    assert health["dependencies"]["database"] == {"ok": True, "detail": "sqlite"}
+    assert health["dependencies"]["database"] == {"ok": True, "detail": "sqlite: schema version 1 of 1"}
     assert (tmp_path / "mailhub-data" / "mailhub.sqlite").exists()
     status, body = mailhub.get("/no/such/thing")
     assert status == 404 and "no such resource" in body["error"]
@@ -46,7 +46,7 @@ def test_config_file_selects_postgresql(tmp_path: Path) -> None:
     with throwaway_database() as dsn:
         with Mailhub(tmp_path, config="[database]\ndsn = %s\n" % dsn) as mailhub:
             status, health = mailhub.get("/healthz")
-            assert health["dependencies"]["database"] == {"ok": True, "detail": "postgresql"}
+            assert health["dependencies"]["database"] == {"ok": True, "detail": "postgresql: schema version 1 of 1"}
             status, metrics = mailhub.get("/metrics")
             assert b'mailhub_http_requests_total{method="GET",route="/healthz",status="200"}' in metrics
 

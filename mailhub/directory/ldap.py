@@ -399,6 +399,22 @@ class LDAPClient:
 
         return self._run("search", read_base)
 
+    def check_server(self, url: str) -> str:
+        """Connect to the one server ``url`` as the service account (StartTLS
+        if set) and read the base entry: what was found, or LDAPFailure
+        saying why not. For the health checks, one server at a time."""
+        conn = self._connect(url, service=True)
+        try:
+            s = self.settings
+            detail = "%s: bound as %s" % (url, s.bind_dn or "anonymous")
+            if s.base_dn:
+                if not conn.search(s.base_dn, "(objectClass=*)", "BASE", attributes=["1.1"]):
+                    raise LDAPFailure("%s: base DN %s: %s" % (url, s.base_dn, _why(conn)))
+                detail += ", base DN %s found" % s.base_dn
+            return detail
+        finally:
+            self._forget(conn)
+
 
 def _close(conn: Connection) -> None:
     try:
@@ -445,7 +461,7 @@ class LDAPUserSource:
         return self._call(self.client.authenticate, login, password)
 
     def ping(self) -> "Deferred[bool]":
-        """Fires with True when a server answers (for /healthz and ``mailhub check``)."""
+        """Fires with True when a server answers."""
         return self._call(self.client.ping)
 
     def catch_up(self) -> "Deferred[None]":

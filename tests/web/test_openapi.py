@@ -28,6 +28,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mailhub.auth import Auth, SiteToken
+from mailhub.checks import Check, Status, fixed
 from mailhub.config import CollectorSection, Config, MailhubSection, MailStoreSection, PushSection
 from mailhub.directory.interfaces import IUserSource
 from mailhub.directory.model import User
@@ -178,7 +179,7 @@ class Surfaces:
 
     def __init__(self, push_queue: int = 1000, users: Any = None,
                  dispatcher: Dispatcher | None = None,
-                 checks: dict[str, Any] | None = None) -> None:
+                 checks: list[Check] | None = None) -> None:
         self.clock, self.hub, metrics = Clock(), Hub(), Metrics()
         config = Config(
             push=PushSection(username=PUSH[0], password=PUSH[1], queue=push_queue,
@@ -194,8 +195,8 @@ class Surfaces:
         calendar = CalendarCollect(dispatcher or Dispatcher(), SiteToken(
             Auth(self.clock, metrics), "calendar", lambda token: succeed(token == TOKEN)),
             MAX_BODY)
-        ops = Operations(metrics, checks or {"database": lambda: (True, "sqlite")},
-                         lambda: site_document(MAILSTORE_PATH))
+        ops = Operations(metrics, checks or [fixed("database", Status.OK, "sqlite")],
+                         lambda: site_document(MAILSTORE_PATH), self.clock)
         root = Root(metrics)
         root.mount(b"preliminary", self.receiver.resource())
         root.mount(b"push", self.receiver.resource())
@@ -494,7 +495,8 @@ def _operations_requests() -> dict[tuple[str, str, int], list[Request]]:
             return t.answer(t.surfaces(**kw).stub.get(HOST + path))
         return request
 
-    down = {"database": lambda: (True, "sqlite"), "ldap": lambda: (False, "no server answered")}
+    down = [fixed("database", Status.OK, "sqlite"),
+            fixed("ldap", Status.FAIL, "no server answered")]
     return {
         ("/healthz", "get", 200): [get("/healthz"), get("/healthz", checks=down)],
         ("/healthz", "get", 503): [get("/healthz?ready", checks=down)],

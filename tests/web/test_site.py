@@ -8,6 +8,9 @@ from klein import Klein
 from treq.testing import StubTreq
 from twisted.trial.unittest import SynchronousTestCase
 
+from twisted.internet.task import Clock
+
+from mailhub.checks import Status, fixed
 from mailhub.metrics import Metrics
 from mailhub.web.common import json_routing_errors
 from mailhub.web.ops import Operations
@@ -32,9 +35,9 @@ class Echo:
 class RootTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.metrics = Metrics()
-        ops = Operations(self.metrics, {"database": lambda: (True, "sqlite"),
-                                        "ldap": lambda: (False, "no server answered")},
-                         lambda: {"openapi": "3.1.0", "paths": {}})
+        ops = Operations(self.metrics, [fixed("database", Status.OK, "sqlite"),
+                                        fixed("ldap", Status.FAIL, "no server answered")],
+                         lambda: {"openapi": "3.1.0", "paths": {}}, Clock())
         root = Root(self.metrics, {b"healthz": ops.resource(), b"metrics": ops.resource(),
                                    b"whole": Echo().app.resource()})
         root.mount_at("/integration/mailstore", Echo().app.resource())
