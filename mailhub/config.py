@@ -35,6 +35,11 @@ class MailhubSection:
     site_url: str = "http://localhost:8080"
     max_body: int = 1024 * 1024
     threads: int = 4
+    # Connection bounds (see doc/configuration.rst): open connections at
+    # most; how many of those serve only /healthz; seconds to send headers.
+    max_connections: int = 800
+    health_reserve: int = 16
+    header_timeout: float = 15.0
 
 
 @attrs.frozen
@@ -202,7 +207,7 @@ def _whole_number(raw: str) -> int:
 
 
 #: Whole-number keys for which 0 means "none" (every other one must be positive).
-_ZERO_ALLOWED = frozenset([("collector", "mirror_size")])
+_ZERO_ALLOWED = frozenset([("collector", "mirror_size"), ("mailhub", "health_reserve")])
 
 
 def _positive_float(raw: str) -> float:
@@ -304,6 +309,10 @@ def parse(text: str, path: str = "<string>",
                                   "an empty password would be accepted by nobody)"
                                   % (path, section, missing_key, first, second))
         sections[section] = cls(**values)
+    mailhub = sections.get("mailhub", MailhubSection())
+    if mailhub.health_reserve >= mailhub.max_connections:
+        raise ConfigError("%s: [mailhub] health_reserve: bad value: must be smaller than "
+                          "max_connections (%d)" % (path, mailhub.max_connections))
     return Config(path=path, **sections)
 
 

@@ -4,15 +4,23 @@
 (migrating and loading the directory) has succeeded, retrying it with backoff
 while the database cannot be reached, so mailhub never serves requests from
 an empty directory.
+
+:class:`Listening` binds the web site's port when twistd starts the
+application (before the reactor runs and before privileges are dropped), and
+a port that cannot be bound ends the process with one line and exit code 1,
+so a supervisor (systemd's ``Restart=on-failure``) sees the failure.
+
+:class:`StartupLog` writes, once, what the process uses.
 """
 
 from __future__ import annotations
 
 from typing import Any, Awaitable, Callable
 
-from twisted.application.internet import backoffPolicy
+from twisted.application.internet import StreamServerEndpointService, backoffPolicy
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -121,3 +129,49 @@ class ThreadPoolService(Service):
     def stopService(self) -> Any:
         super().stopService()
         self.pool.stop()
+
+
+class Listening(StreamServerEndpointService):
+    """The web site's listening port: bound at once, or the process stops.
+
+    twistd calls ``privilegedStartService`` before it runs the reactor; the
+    endpoint is asked to listen there and its failure raised at once (as
+    ``twisted.application.strports.service`` does), then reported as one
+    critical line, and start-up ends with ``SystemExit(1)``.
+    """
+
+    log = Logger()
+
+    def __init__(self, endpoint: Any, factory: Any, address: str) -> None:
+        super().__init__(endpoint, factory)
+        self.address = address
+        self._raiseSynchronously = True
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            reason = e.socketError.strerror if e.socketError is not None else str(e)
+            self.log.critical("mailhub: cannot listen on {address}: {reason}",
+                              address=self.address, reason=reason or str(e.socketError))
+            raise SystemExit(1)
+        except OSError as e:
+            self.log.critical("mailhub: cannot listen on {address}: {reason}",
+                              address=self.address, reason=e.strerror or str(e))
+            raise SystemExit(1)
+
+
+class StartupLog(Service):
+    """Logs, once, the settings this process runs with (never a secret)."""
+
+    log = Logger()
+
+    def __init__(self, summary: dict[str, str]) -> None:
+        self.summary = summary
+
+    def startService(self) -> None:
+        super().startService()
+        self.log.info(
+            "mailhub starting: listen {listen}; data {data}; database {database}; "
+            "broker {broker}; CardDAV {carddav}; LDAP {ldap}; config {config}",
+            **self.summary)

@@ -63,6 +63,7 @@ from mailhub.directory.model import User
 from mailhub.directory.throttle import Throttle
 from mailhub.errors import Unavailable
 from mailhub.events import MAX_PUBLISHED_LOGIN, login_event, publish
+from mailhub.logs import route_radicale_logging
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from mailhub.web.common import parse_basic
@@ -78,6 +79,7 @@ StartResponse = Callable[..., Any]
 def radicale_app(folder: Path) -> Any:
     """A Radicale WSGI application storing under ``folder``, trusting REMOTE_USER."""
     folder.mkdir(parents=True, exist_ok=True)
+    route_radicale_logging()
     configuration = radicale.config.load()
     configuration.update({
         "auth": {"type": "remote_user", "delay": "0"},
