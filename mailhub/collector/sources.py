@@ -44,6 +44,7 @@ from twisted.logger import Logger
 from mailhub.collector.addresses import format_address
 from mailhub.collector.engine import message_body
 from mailhub.errors import Unavailable, ValidationError
+from mailhub.logs import printable
 from mailhub.metrics import Metrics
 
 CALENDAR_TOPICS = ("calendar:event:created", "calendar:event:updated")
@@ -222,7 +223,7 @@ class InProcessDispatcher:
             if failure.check(ValidationError):
                 self._dropped.labels(reason="poison").inc()
                 self.log.warn("collector message dropped: {reason}",
-                              reason=failure.getErrorMessage())
+                              reason=printable(failure.getErrorMessage()))
                 if self._spool is not None and name is not None:
                     self._spool.dead(name, failure.getErrorMessage())
                     self._dead += 1
@@ -497,7 +498,8 @@ class CalendarSource:
         try:
             return self._submit(data)
         except ValidationError as e:
-            self.log.warn("calendar event ignored: {reason}", reason="; ".join(e.messages))
+            self.log.warn("calendar event ignored: {reason}",
+                          reason=printable("; ".join(e.messages)))
             return None
 
     def _submit(self, data: dict[str, Any]) -> Deferred[Any] | None:

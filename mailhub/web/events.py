@@ -24,6 +24,7 @@ from twisted.web.resource import IResource
 from mailhub.config import Config
 from mailhub.directory.model import User, normalise_email
 from mailhub.events import login_event, publish
+from mailhub.logs import printable
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from mailhub.push import TOPICS
@@ -247,7 +248,7 @@ class EventStream:
             self._failures[login] = failures
             client = getattr(request.getClientAddress(), "host", None)
             self.log.info("event stream login refused for {login} from {client}",
-                          login=login, client=client)
+                          login=printable(login), client=client)
             publish(self._hub, *login_event(False, login, "events", client, self._clock.seconds()))
             # Repeated failures for one login are answered more and more slowly.
             delay = min(0.5 * (failures - 1), 5.0)

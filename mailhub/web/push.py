@@ -36,6 +36,7 @@ from zope.interface import implementer
 
 from mailhub.config import Config
 from mailhub.errors import Unavailable, ValidationError
+from mailhub.logs import printable
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from mailhub.push import PushEvent, decode_lua, decode_ox
@@ -217,7 +218,7 @@ class PushReceiver:
             events = decode(body)
         except ValidationError as e:
             self.log.info("refused a {driver} push notification: {reason}",
-                          driver=driver, reason=e.messages[0])
+                          driver=driver, reason=printable(e.messages[0]))
             raise
         if events:
             self._queue.append(events)

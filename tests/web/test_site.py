@@ -80,3 +80,33 @@ class RootTests(SynchronousTestCase):
             "mailhub_http_requests_total", {"route": "other", "method": "GET", "status": "404"}), 5)
         code, text = self.request("GET", "/metrics")
         self.assertIn(b"mailhub_http_request_seconds_bucket", text)
+
+
+class DiscoveryTests(SynchronousTestCase):
+    """RFC 6764: /.well-known/carddav and PROPFIND / lead to the embedded store."""
+
+    def client(self, dav: bool) -> StubTreq:
+        root = Root(Metrics(), {b"whole": Echo().app.resource()})
+        if dav:
+            root.serve_dav_discovery(b"/dav/")
+        return StubTreq(root)
+
+    def answer(self, client: StubTreq, method: str, path: str) -> tuple[int, list[bytes] | None]:
+        response = self.successResultOf(client.request(method, "http://h" + path,
+                                                       allow_redirects=False))
+        self.successResultOf(response.content())
+        return response.code, response.headers.getRawHeaders(b"location")
+
+    def test_well_known_carddav_and_propfind_on_the_root_redirect_to_the_store(self) -> None:
+        client = self.client(dav=True)
+        for method in ("GET", "PROPFIND"):
+            self.assertEqual(self.answer(client, method, "/.well-known/carddav"),
+                             (301, [b"/dav/"]))
+        self.assertEqual(self.answer(client, "PROPFIND", "/"), (301, [b"/dav/"]))
+        self.assertEqual(self.answer(client, "GET", "/")[0], 404)
+        self.assertEqual(self.answer(client, "GET", "/.well-known/caldav")[0], 404)
+
+    def test_without_the_embedded_store_there_is_nothing_to_discover(self) -> None:
+        client = self.client(dav=False)
+        self.assertEqual(self.answer(client, "GET", "/.well-known/carddav")[0], 404)
+        self.assertEqual(self.answer(client, "PROPFIND", "/")[0], 404)
