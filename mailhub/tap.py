@@ -205,7 +205,7 @@ def build(config: Config, listen: str, reactor: Any,
     site = MailhubSite(root, config.mailhub.max_body,
                        max_connections=config.mailhub.max_connections,
                        health_reserve=config.mailhub.health_reserve,
-                       header_timeout=config.mailhub.header_timeout)
+                       header_timeout=config.mailhub.header_timeout, metrics=metrics)
 
     async def prepare() -> None:
         await database.store.migrate()

@@ -78,6 +78,7 @@ class LimitedRequest(Request):
     def process(self) -> None:
         if getattr(self.channel, "reserved", False) and self.path not in HEALTH_PATHS:
             # Accepted on a connection kept for health checks: the site is full.
+            self.channel.site.dropped("reserve")  # type: ignore[attr-defined]
             self.setResponseCode(503)
             self.setHeader(b"content-type", b"application/json; charset=utf-8")
             self.setHeader(b"retry-after", b"1")
@@ -158,7 +159,7 @@ class MailhubChannel(HTTPChannel):
     def _too_slow(self) -> None:
         self._deadline = None
         self.site.headers_done(self)
-        self.site.timed_out += 1
+        self.site.dropped("header_timeout")
         _abort(self.transport)
 
 
@@ -177,7 +178,8 @@ class MailhubSite(Site):
     protocol = MailhubChannel  # type: ignore[assignment]
 
     def __init__(self, root: IResource, max_body: int, *, max_connections: int = 800,
-                 health_reserve: int = 16, header_timeout: float = 15.0, **kw: Any) -> None:
+                 health_reserve: int = 16, header_timeout: float = 15.0,
+                 metrics: Metrics | None = None, **kw: Any) -> None:
         # Surfaces parse their own bodies (common.form_fields); twisted.web's
         # parse would be done twice, and it answers a malformed multipart
         # body with an empty, non-JSON 400.
@@ -193,23 +195,32 @@ class MailhubSite(Site):
         self.connections: set[MailhubChannel] = set()
         # Insertion-ordered: the first is the one that has waited longest.
         self._awaiting: dict[MailhubChannel, None] = {}
-        self.refused = 0
-        self.evicted = 0
-        self.timed_out = 0
+        metrics = metrics if metrics is not None else Metrics()
+        self._open = metrics.gauge("mailhub_http_connections", "HTTP connections open")
+        self._dropped = metrics.counter(
+            "mailhub_http_connections_dropped_total",
+            "HTTP connections cut by the connection bounds, by reason (full, evicted, "
+            "header_timeout) and requests refused on the health-check reserve (reserve)",
+            ["reason"])
 
     def buildProtocol(self, addr: Any) -> Any:
         if len(self.connections) >= self.max_connections:
             if not self._awaiting:
-                self.refused += 1
+                self.dropped("full")
                 return None  # every connection is busy: close this one
             oldest = next(iter(self._awaiting))
-            self.evicted += 1
+            self.dropped("evicted")
             self.connection_closed(oldest)
             oldest.drop()
         channel = super().buildProtocol(addr)
         channel.reserved = len(self.connections) >= self.max_connections - self.health_reserve
         self.connections.add(channel)
+        self._open.set(len(self.connections))
         return channel
+
+    def dropped(self, reason: str) -> None:
+        """Count a connection (or a request) cut by the bounds, for ``reason``."""
+        self._dropped.labels(reason).inc()
 
     def waiting_for_headers(self, channel: MailhubChannel) -> None:
         """``channel`` waits for a request's headers (it may be evicted)."""
@@ -225,6 +236,7 @@ class MailhubSite(Site):
         """Forget ``channel``: its slot is free."""
         self.connections.discard(channel)
         self._awaiting.pop(channel, None)
+        self._open.set(len(self.connections))
 
 
 @implementer(IResource)

@@ -57,6 +57,13 @@ def _raw_get(mailhub: Mailhub, path: str) -> bytes:
     return answer
 
 
+def _sample(metrics: str, name: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def test_slow_header_clients_are_cut_off_and_health_checks_get_through(tmp_path: Path) -> None:
     with Mailhub(tmp_path, config=CONFIG) as mailhub:
         baseline = _open_files(mailhub)
@@ -75,6 +82,10 @@ def test_slow_header_clients_are_cut_off_and_health_checks_get_through(tmp_path:
             s.close()
         # A client that sends its headers in time is served as before.
         assert mailhub.get("/healthz")[0] == 200
+        metrics = mailhub.get("/metrics")[1].decode()
+        # 120 against a cap of 40: at least 80 made room for others.
+        assert _sample(metrics, 'mailhub_http_connections_dropped_total{reason="evicted"}') >= 80
+        assert _sample(metrics, 'mailhub_http_connections_dropped_total{reason="header_timeout"}') > 0
 
 
 def test_a_full_site_keeps_its_reserve_for_health_checks(tmp_path: Path) -> None:
@@ -99,3 +110,6 @@ def test_a_full_site_keeps_its_reserve_for_health_checks(tmp_path: Path) -> None
                 s.close()
         time.sleep(0.5)
         assert mailhub.get("/healthz")[0] == 200
+        metrics = mailhub.get("/metrics")[1].decode()
+        assert 'mailhub_http_connections_dropped_total{reason="reserve"} 1.0' in metrics
+        assert 'mailhub_http_connections_dropped_total{reason="full"} 1.0' in metrics
