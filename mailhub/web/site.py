@@ -21,7 +21,7 @@ import time
 from typing import Any, Callable
 
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, Resource
@@ -134,11 +134,6 @@ class MailhubChannel(HTTPChannel):
         self.site.connection_closed(self)
         super().connectionLost(reason)
 
-    @property
-    def awaiting_headers(self) -> bool:
-        """True while a request's headers are still being waited for."""
-        return self._deadline is not None
-
     def drop(self) -> None:
         """Close at once: too slow, or making room for another connection."""
         self._stop_deadline()
@@ -160,6 +155,13 @@ class MailhubChannel(HTTPChannel):
         self._deadline = None
         self.site.headers_done(self)
         self.site.dropped("header_timeout")
+        _abort(self.transport)
+
+
+class _Refused(Protocol):
+    """A connection the site has no room for: closed as soon as it is made."""
+
+    def connectionMade(self) -> None:
         _abort(self.transport)
 
 
@@ -207,7 +209,9 @@ class MailhubSite(Site):
         if len(self.connections) >= self.max_connections:
             if not self._awaiting:
                 self.dropped("full")
-                return None  # every connection is busy: close this one
+                # Every connection is busy: close this one. (Not None: a
+                # wrapping factory, TLS's, would wrap it.)
+                return _Refused()
             oldest = next(iter(self._awaiting))
             self.dropped("evicted")
             self.connection_closed(oldest)
