@@ -191,3 +191,39 @@ class RadicaleLoggingTests(SynchronousTestCase):
             self.assertNotIn("Traceback", line)
             self.assertEqual(line.count("\n"), 1, line)
         self.assertEqual(logging.getLogger("radicale").level, logging.WARNING)
+
+
+def test_no_client_can_start_a_line_of_its_own_in_the_log(tmp_path: Any) -> None:
+    """Logins with CR/LF on every login surface of a real twistd mailhub."""
+    import re
+    import urllib.parse
+
+    from tests.support.process import Mailhub
+
+    config = ("[mailstore]\nusername = mailstore\npassword = ms-pw\n"
+              "[push]\nusername = dovecot\npassword = push-pw\n")
+
+    def basic(login: str, password: str) -> dict[str, str]:
+        return {"Authorization": "Basic " + base64.b64encode(
+            ("%s:%s" % (login, password)).encode()).decode()}
+
+    with Mailhub(tmp_path, config=config) as mailhub:
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        mailhub.request("POST", "/mailstore", ("cmd=auth&user=%s&pass=x" % urllib.parse.quote(
+            FORGED)).encode(), dict(form, **basic("mailstore", "ms-pw")))
+        mailhub.request("PROPFIND", "/dav/", b"", basic(FORGED, "x"))
+        mailhub.request("GET", "/api/v1/events", None, basic(FORGED, "x"))
+        mailhub.request("POST", "/push/v1/notify", b"{}", dict(basic(FORGED, "x"), **{
+            "Content-Type": "application/json"}))
+        mailhub.request("POST", "/push/v1/notify", ('{"user": "%s"}' % FORGED.replace(
+            "\r", "\\r").replace("\n", "\\n").replace("\x1b", "\\u001b")).encode(),
+            dict(basic("dovecot", "push-pw"), **{"Content-Type": "application/json"}))
+        mailhub.request("GET", "/%0d%0aforged%20line%1b", None, {"User-Agent": "ua\x1b[2J"})
+    # Bytes, split at LF only: read_text() would turn a CR into a line break.
+    log = mailhub.log.read_bytes().decode("utf-8", "replace")
+    stamp = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[")
+    attempts = [line for line in log.split("\n") if "forged" in line or "ann" in line]
+    assert len(attempts) >= 4, log  # mailstore, dav, events, the path: logged, escaped
+    for line in attempts:
+        assert stamp.match(line), line
+    assert "\x1b" not in log and "\r" not in log
