@@ -15,6 +15,7 @@ so a supervisor (systemd's ``Restart=on-failure``) sees the failure.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Awaitable, Callable
 
 from twisted.application.internet import StreamServerEndpointService, backoffPolicy
@@ -131,13 +132,29 @@ class ThreadPoolService(Service):
         self.pool.stop()
 
 
+class ListenFailed(Exception):
+    """The web site's port cannot be bound; the message is the one line to show."""
+
+
+def _quiet_listen_failure(previous: Any) -> Any:
+    """An excepthook that ends on ListenFailed without a traceback (it is logged)."""
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if not isinstance(value, ListenFailed):
+            previous(kind, value, tb)
+
+    return hook
+
+
 class Listening(StreamServerEndpointService):
     """The web site's listening port: bound at once, or the process stops.
 
     twistd calls ``privilegedStartService`` before it runs the reactor; the
     endpoint is asked to listen there and its failure raised at once (as
-    ``twisted.application.strports.service`` does), then reported as one
-    critical line, and start-up ends with ``SystemExit(1)``.
+    ``twisted.application.strports.service`` does). The failure is logged as
+    one critical line and raised as :class:`ListenFailed`: twistd then removes
+    its pid file and, when daemonizing, tells the waiting parent (which prints
+    the line and exits 1); the process ends with exit code 1 and no traceback.
     """
 
     log = Logger()
@@ -150,15 +167,13 @@ class Listening(StreamServerEndpointService):
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
-        except CannotListenError as e:
-            reason = e.socketError.strerror if e.socketError is not None else str(e)
-            self.log.critical("mailhub: cannot listen on {address}: {reason}",
-                              address=self.address, reason=reason or str(e.socketError))
-            raise SystemExit(1)
-        except OSError as e:
-            self.log.critical("mailhub: cannot listen on {address}: {reason}",
-                              address=self.address, reason=e.strerror or str(e))
-            raise SystemExit(1)
+        except (CannotListenError, OSError) as e:
+            error = e.socketError if isinstance(e, CannotListenError) else e
+            reason = getattr(error, "strerror", None) or str(error)
+            line = "mailhub: cannot listen on %s: %s" % (self.address, reason)
+            self.log.critical("{line}", line=line)
+            sys.excepthook = _quiet_listen_failure(sys.excepthook)
+            raise ListenFailed(line) from None
 
 
 class StartupLog(Service):

@@ -230,6 +230,27 @@ def test_a_port_in_use_ends_the_process_with_one_line_and_exit_code_1(tmp_path: 
     assert "Traceback" not in output and "mailhub is ready" not in output
 
 
+def test_a_port_in_use_ends_a_daemonized_twistd_too(tmp_path: Path) -> None:
+    """Daemonized, twistd's parent waits for its child's word: it must get one."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    pidfile, logfile = tmp_path / "twistd.pid", tmp_path / "twistd.log"
+    try:
+        done = subprocess.run([TWISTD, "--pidfile", str(pidfile), "--logfile", str(logfile),
+                               "mailhub", "--listen", "tcp:%d:interface=127.0.0.1" % port],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    finally:
+        taken.close()
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "mailhub: cannot listen on tcp:%d" % port in done.stderr
+    assert not pidfile.exists()
+    log = logfile.read_text()
+    assert [line for line in log.splitlines() if "cannot listen" in line], log
+    assert "Traceback" not in log
+
+
 def test_start_up_logs_what_it_uses_once_without_secrets(tmp_path: Path) -> None:
     config = ("[database]\ndsn = %s\n[amqp]\nurl = amqp://guest:broker-secret@127.0.0.1:1/\n"
               "[ldap]\nurl = ldap://127.0.0.1:1 ldaps://127.0.0.2:1\n"
