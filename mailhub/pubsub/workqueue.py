@@ -36,6 +36,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from mailhub.errors import Unavailable, ValidationError
+from mailhub.logs import printable
 from mailhub.metrics import Metrics
 from mailhub.pubsub.amqp import JSON_PROPERTIES, Consumer, IDelivery, call_handler, encode_json
 from mailhub.pubsub.outbox import Outbox, Route
@@ -216,7 +217,7 @@ class WorkQueue:
         reason = "; ".join(error.messages)
         self.log.warn("message from {queue} can never succeed, dead-lettered to "
                       "{dead}: {reason}", queue=self.name, dead=self.dead_letter,
-                      reason=reason)
+                      reason=printable(reason))
         properties = dict(delivery.properties)
         headers = dict(properties.get("headers") or {})
         headers[REASON_HEADER] = reason
