@@ -16,12 +16,12 @@ import configparser
 import os
 from pathlib import Path
 from typing import Any, Callable
-import re
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import attrs
 
 from mailhub.errors import ConfigError
+from mailhub.logs import redact_url
 
 DEFAULT_SPEC = "/usr/share/amqp/specs/0-9-1/amqp0-9-1.stripped.xml"
 
@@ -261,16 +261,12 @@ def _check(section: str, key: str, value: Any) -> None:
 
 
 def redact(dsn_or_url: str) -> str:
-    """A DSN or URL with its password replaced by ``***``, fit to print."""
-    try:
-        parts = urlsplit(dsn_or_url)
-        if parts.password is None:
-            return dsn_or_url
-    except ValueError:  # not even a URL: hide whatever sits between ':' and '@'
-        return re.sub(r"(//[^/:@]*):[^/@]*@", r"\1:***@", dsn_or_url)
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    netloc = "%s:***@%s" % (userinfo.partition(":")[0], hostport)
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    """A DSN or URL with its password replaced by ``***``, fit to print.
+
+    One implementation for the CLI, the checks and the log: see
+    :func:`mailhub.logs.redact_url` (which also hides password query parameters).
+    """
+    return redact_url(dsn_or_url)
 
 
 def parse(text: str, path: str = "<string>",
