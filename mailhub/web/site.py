@@ -175,6 +175,9 @@ class MailhubSite(Site):
     """The Site with mailhub's request class, body limit and connection bounds."""
 
     requestFactory = LimitedRequest
+    # The port logs "MailhubSite starting on PORT"; "Starting factory <...
+    # object at 0x...>" says nothing more.
+    noisy = False
     # HTTP/1.1 only: the HTTP/2 negotiation wrapper is private to twisted.web
     # (and HTTP/2 needs TLS with ALPN, which mailhub leaves to its proxy).
     protocol = MailhubChannel  # type: ignore[assignment]
