@@ -12,7 +12,6 @@ import sys
 from typing import Any, Callable
 
 import treq
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
@@ -34,10 +33,11 @@ from mailhub.directory.ldap import LDAPService
 from mailhub.directory.sql import StoreService
 from mailhub.directory.users import ChainedUserSource, HashingService, SiteUserSource
 from mailhub.errors import ConfigError
+from mailhub.logs import startup_summary
 from mailhub.metrics import Metrics
 from mailhub.pubsub.interfaces import IWorkQueue
 from mailhub.pubsub.wiring import PubSub, Resume, make_pubsub
-from mailhub.service import AfterReady, InOrder
+from mailhub.service import AfterReady, InOrder, Listening, StartupLog
 from mailhub.web.calendar import CalendarCollect
 from mailhub.web.hooks import GroupHooks
 from mailhub.web.mailstore import MailStoreIntegration
@@ -78,11 +78,13 @@ def makeService(options: usage.Options) -> IService:
 
     config = load_config(options)
     listen = options["listen"] or config.mailhub.listen
+    source = "--listen" if options["listen"] else "[mailhub] listen"
     try:
-        return build(config, listen, reactor)
+        return build(config, listen, reactor, listen_source=source)
     except (ConfigError, ValueError) as e:
         message = str(e)
-        if config.path and not message.startswith(config.path):
+        # A key of the file is named with the file; --listen is not in it.
+        if config.path and not message.startswith((config.path, "--")):
             message = "%s: %s" % (config.path, message)
         raise SystemExit("mailhub: configuration error: %s" % message)
 
@@ -109,11 +111,42 @@ class OnStop(Service):
         self.log.failure("{call!r} failed at shutdown", failure, call=call)
 
 
-def build(config: Config, listen: str, reactor: Any) -> MultiService:
+def listen_endpoint(reactor: Any, listen: str, source: str = "[mailhub] listen") -> Any:
+    """The server endpoint that ``listen`` describes, or ConfigError naming ``source``.
+
+    Parsing an endpoint string may read files (an ``ssl:`` endpoint's key and
+    certificate), so their errors are the setting's errors too.
+    """
+    try:
+        return serverFromString(reactor, listen)
+    except OSError as e:
+        why = "%s: %s" % (e.strerror, e.filename) if e.filename else (e.strerror or str(e))
+        raise ConfigError("%s: bad value %r: %s" % (source, listen, why))
+    except Exception as e:  # ValueError, KeyError, TypeError, OpenSSL's errors...
+        raise ConfigError("%s: bad value %r: %s" % (source, listen, str(e) or type(e).__name__))
+
+
+def data_folder(config: Config) -> None:
+    """Make ``[mailhub] data`` (and its parents), or ConfigError naming the key."""
+    try:
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError("[mailhub] data: bad value: %s is a file, not a folder"
+                          % config.data_dir)
+    except OSError as e:
+        raise ConfigError("[mailhub] data: bad value: cannot make the folder %s: %s"
+                          % (config.data_dir, e.strerror))
+
+
+def build(config: Config, listen: str, reactor: Any,
+          listen_source: str = "[mailhub] listen") -> MultiService:
     """Wire every part for ``config``, listening on ``listen``."""
+    endpoint = listen_endpoint(reactor, listen, listen_source)
+    data_folder(config)
     # Stopped in reverse: the web site and its surfaces first, then the
     # broker (which drains its consumers), then the thread pools they used.
     top = InOrder()
+    StartupLog(startup_summary(config, listen)).setServiceParent(top)
     pools = MultiService()
     pools.setServiceParent(top)
     metrics = Metrics()
@@ -122,7 +155,6 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
 
     database = StoreService(config.dsn, config.mailhub.site_id, reactor,
                             threads=config.mailhub.threads)
-    endpoint = serverFromString(reactor, listen)
     database.setServiceParent(pools)
     directory = Directory(database.store, reactor, config.database.poll_interval, hub)
 
@@ -154,6 +186,7 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
         later.append(Resume(queue))
         if dav is not None:
             root.mount(dav.segment, dav.resource())
+            root.serve_dav_discovery(b"/" + dav.segment + b"/")
             directory.on_change.append(dav.directory_changed)
 
     carddav, close_carddav = carddav_for_checks(config, reactor)
@@ -167,7 +200,10 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
         site_document, config.mailstore.path, config.collector.enabled), reactor)
     for name in (b"healthz", b"metrics", b"openapi.json"):
         root.mount(name, ops.resource())
-    site = MailhubSite(root, config.mailhub.max_body)
+    site = MailhubSite(root, config.mailhub.max_body,
+                       max_connections=config.mailhub.max_connections,
+                       health_reserve=config.mailhub.health_reserve,
+                       header_timeout=config.mailhub.header_timeout, metrics=metrics)
 
     async def prepare() -> None:
         await database.store.migrate()
@@ -181,7 +217,7 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
     OnStop(*stops).setServiceParent(ready)
     for service in later:
         service.setServiceParent(ready)
-    web = StreamServerEndpointService(endpoint, site)
+    web = Listening(endpoint, site, listen)
     web.setName("web")
     web.setServiceParent(ready)
     return top

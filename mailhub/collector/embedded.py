@@ -62,6 +62,7 @@ from twisted.web.wsgi import WSGIResource
 from mailhub.auth import Auth, Throttle
 from mailhub.directory.model import User
 from mailhub.errors import Unavailable
+from mailhub.logs import route_radicale_logging
 from mailhub.metrics import Metrics
 from mailhub.web.common import parse_basic
 
@@ -76,6 +77,7 @@ StartResponse = Callable[..., Any]
 def radicale_app(folder: Path) -> Any:
     """A Radicale WSGI application storing under ``folder``, trusting REMOTE_USER."""
     folder.mkdir(parents=True, exist_ok=True)
+    route_radicale_logging()
     configuration = radicale.config.load()
     configuration.update({
         "auth": {"type": "remote_user", "delay": "0"},

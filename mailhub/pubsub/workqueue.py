@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailhub.errors import Unavailable
+from mailhub.logs import printable
 from mailhub.metrics import Metrics
 from mailhub.pubsub.connection import JSON_PROPERTIES, encode_json
 from mailhub.pubsub.consumer import Consumer, IDelivery
@@ -227,7 +228,7 @@ class WorkQueue:
     async def _send_to_dead_letter(self, delivery: IDelivery, reason: str) -> None:
         self.log.warn("message from {queue} can never succeed, dead-lettered to "
                       "{dead}: {reason}", queue=self.name, dead=self.dead_letter,
-                      reason=reason)
+                      reason=printable(reason))
         properties = dict(delivery.properties)
         headers = dict(properties.get("headers") or {})
         headers[REASON_HEADER] = reason

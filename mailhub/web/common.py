@@ -16,6 +16,7 @@ import json
 from typing import Any, Awaitable, Callable, TypeVar
 from urllib.parse import parse_qsl
 
+from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
@@ -203,6 +204,10 @@ def handle_errors(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Await
         except Unavailable as e:
             return reply(request, {"error": str(e) or "temporarily unavailable"}, 503,
                          {b"retry-after": b"5"})
+        except CancelledError:
+            # The client hung up while the handler waited: expected, and
+            # Klein drops it quietly once the request is gone.
+            raise
         except Exception:
             log.failure("unhandled error in {path}", path=request.path)
             return reply(request, {"error": "internal error"}, 500)

@@ -33,6 +33,7 @@ from zope.interface import implementer
 from mailhub.auth import Auth, StaticBasic
 from mailhub.config import Config
 from mailhub.errors import ValidationError
+from mailhub.logs import printable
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from mailhub.pubsub.relay import Relay
@@ -177,7 +178,7 @@ class PushReceiver:
             events = decode(body)
         except ValidationError as e:
             self.log.info("refused a {driver} push notification: {reason}",
-                          driver=driver, reason=e.messages[0])
+                          driver=driver, reason=printable(e.messages[0]))
             raise
         self._relay.hand_over(events)
         return len(events)
