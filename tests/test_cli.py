@@ -2,7 +2,8 @@
 
 Each test runs :func:`mailhub.cli.main` with captured streams against a
 fresh SQLite data folder or a throwaway PostgreSQL database, and reads the
-results back through the same store the server uses. ``check`` is run
+results back through the same store the server uses. ``check`` runs the
+reactor, so it runs as ``python -m mailhub`` in a process of its own,
 against real servers: RabbitMQ (127.0.0.1:5672), PostgreSQL, slapd and
 Radicale (started here on free ports), and against ports nothing listens on.
 """
@@ -26,7 +27,7 @@ from twisted.internet.task import Clock
 
 from mailhub import cli
 from mailhub.config import load
-from mailhub.directory.cache import Directory
+from mailhub.directory.service import Directory
 from mailhub.directory.model import BASE62
 from mailhub.directory.sql import SQLStore, dialect_for
 from mailhub.directory.users import verify_password
@@ -52,7 +53,15 @@ class Ran:
 
 
 def mailhub(*argv: str, stdin: str = "") -> Ran:
-    """Run ``mailhub ARGV...`` in this process."""
+    """Run ``mailhub ARGV...`` in this process; ``check`` in a process of its own.
+
+    ``check`` runs the reactor (``task.react``), which a process runs once.
+    """
+    if "check" in argv:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        done = subprocess.run([sys.executable, "-m", "mailhub", *argv], input=stdin,
+                              capture_output=True, text=True, timeout=60, env=env)
+        return Ran(done.returncode, done.stdout, done.stderr)
     out, err = io.StringIO(), io.StringIO()
     code = cli.main(list(argv), stdin=io.StringIO(stdin), stdout=out, stderr=err)
     return Ran(code, out.getvalue(), err.getvalue())
@@ -580,6 +589,18 @@ def test_check_reports_a_refused_amqp_login_and_unknown_vhost(tmp_path: Path) ->
     ran = mailhub("check", "--config", config)
     assert ran.code == 1
     assert "refused the virtual host no-such-vhost" in check_rows(ran)["amqp"][0][1]
+
+
+def test_check_names_the_broker_it_cannot_reach(tmp_path: Path) -> None:
+    port = free_port()
+    config = write_config(tmp_path / "m.ini", mailhub={"data": str(tmp_path)},
+                          amqp={"url": "amqp://guest:s3cret@127.0.0.1:%d/" % port})
+    ran = mailhub("check", "--config", config)
+    assert ran.code == 1
+    [(status, detail)] = check_rows(ran)["amqp"]
+    assert status == "FAIL"
+    assert detail.startswith("127.0.0.1:%d: cannot connect: " % port), detail
+    assert "s3cret" not in ran.out
 
 
 def test_check_reports_a_missing_amqp_spec_file(tmp_path: Path) -> None:

@@ -99,3 +99,18 @@ def test_the_prometheus_example_loads_the_rules() -> None:
                           cwd=PROMETHEUS.parent, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "mailhub-rules.yml" in done.stdout and "SUCCESS" in done.stdout
+
+
+def test_the_proxies_stay_within_mailhubs_connection_limits() -> None:
+    """Slow clients wait in the proxy; mailhub's reserve for /healthz stays free."""
+    section = MailhubSection()
+    room = section.max_connections - section.health_reserve
+    nginx = NGINX.read_text()
+    assert int(re.search(r"max_conns=(\d+)", nginx).group(1)) < room  # type: ignore[union-attr]
+    header = re.search(r"client_header_timeout (\d+)s;", nginx)
+    assert header and int(header.group(1)) < section.header_timeout
+    assert "limit_conn mailhub_per_address" in nginx
+    haproxy = HAPROXY.read_text()
+    assert all(int(n) < room for n in re.findall(r"maxconn (\d+)", haproxy))
+    request = re.search(r"timeout http-request (\d+)s", haproxy)
+    assert request and int(request.group(1)) < section.header_timeout

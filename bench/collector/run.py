@@ -115,7 +115,6 @@ async def run_amqp(reactor: Any, engine: CollectorEngine, metrics: Metrics,
         assert made.broker is not None, "an [amqp] url was given"
         await made.broker.when_connected()
         queue = made.work_queue(name, dead_letter=name + ":dead")
-        assert queue is not None, "a broker makes a work queue"
         start_count = metrics.value("mailhub_collector_collected_total")
         target = start_count + len(bodies) * PER_MESSAGE
         queue.consume(engine.handle)

@@ -35,8 +35,9 @@ from txamqp.protocol import AMQClient  # noqa: E402
 
 from mailhub.config import DEFAULT_SPEC  # noqa: E402
 from mailhub.metrics import Metrics  # noqa: E402
-from mailhub.pubsub.amqp import (  # noqa: E402
-    JSON_PROPERTIES, Broker, BrokerAddress, GlobalPubSub, load_spec)
+from mailhub.pubsub.connection import (  # noqa: E402
+    JSON_PROPERTIES, Broker, BrokerAddress, load_spec)
+from mailhub.pubsub.globalpubsub import GlobalPubSub  # noqa: E402
 
 DATA = {"user": "alice@example.org", "event": "messageNew", "folder": "INBOX",
         "imap-uidvalidity": 1700000000, "imap-uid": 42, "from": "bob@example.org",

@@ -31,12 +31,12 @@ book turns out to be gone.
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
 from urllib.parse import unquote, urljoin, urlsplit
 
 import attrs
+from cachetools import TTLCache
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -48,6 +48,7 @@ from mailhub.collector.carddav import (
 )
 from mailhub.collector.mirror import BookMirror
 from mailhub.collector.vcard import Contact, contact_uuid, parse_vcard, to_jcard, to_vcard, with_name
+from mailhub.decoding import decode_json_object
 from mailhub.directory.model import User
 from mailhub.errors import ValidationError
 from mailhub.metrics import Metrics
@@ -81,40 +82,37 @@ class KnownAddresses:
     """
 
     def __init__(self, clock: IReactorTime, ttl: float, size: int) -> None:
-        self._clock = clock
-        self._ttl = ttl
-        self._size = size
-        self._entries: OrderedDict[tuple[str, str], tuple[bool, float]] = OrderedDict()
+        #: (user, key) -> final; expires ttl seconds after it was remembered
+        #: (on the reactor's clock), the least recently used dropped first.
+        self._entries: TTLCache[tuple[str, str], bool] | None = (
+            TTLCache(maxsize=size, ttl=ttl, timer=clock.seconds)
+            if size > 0 and ttl > 0 else None)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) if self._entries is not None else 0
 
     def known(self, user: str, key: str, has_name: bool) -> bool:
         """True when the address is known to need no work for this message."""
-        entry = self._entries.get((user, key))
-        if entry is None:
+        if self._entries is None:
             return False
-        final, expires = entry
-        if expires <= self._clock.seconds():
-            del self._entries[(user, key)]
+        final = self._entries.get((user, key))
+        if final is None:
             return False
         return final or not has_name
 
     def remember(self, user: str, key: str, final: bool) -> None:
-        if self._size <= 0 or self._ttl <= 0:
-            return
-        self._entries[(user, key)] = (final, self._clock.seconds() + self._ttl)
-        self._entries.move_to_end((user, key))
-        while len(self._entries) > self._size:
-            self._entries.popitem(last=False)
+        if self._entries is not None:
+            self._entries[(user, key)] = final
 
     def forget(self, user: str, key: str | None = None) -> None:
         """Forget one address of a user, or (key None) every address of the user."""
+        if self._entries is None:
+            return
         if key is not None:
             self._entries.pop((user, key), None)
             return
         for entry in [k for k in self._entries if k[0] == user]:
-            del self._entries[entry]
+            self._entries.pop(entry, None)
 
 
 class _Batch:
@@ -232,8 +230,7 @@ class CollectorEngine:
                  metrics: Metrics, clock: IReactorTime, *, skip_site_users: bool = True,
                  cache_ttl: float = 600.0, cache_size: int = 100_000,
                  mirror_size: int = 50_000,
-                 book_display_name: str = "Collected contacts",
-                 refresh_users: Callable[[], Awaitable[None]] | None = None) -> None:
+                 book_display_name: str = "Collected contacts") -> None:
         self._users = users
         self._dav = carddav
         self._layout = layout
@@ -241,7 +238,6 @@ class CollectorEngine:
         self._clock = clock
         self._skip_site_users = skip_site_users
         self._book_display_name = book_display_name
-        self._refresh_users = refresh_users
         self.known = KnownAddresses(clock, cache_ttl, cache_size)
         self.books = BookMirror(carddav, mirror_size, clock, metrics)
         self.lookups = Coalescer(self._find, carddav.when_short)
@@ -296,12 +292,12 @@ class CollectorEngine:
 
     async def _resolve(self, message: dict[str, Any]) -> User:
         user = await self._find_user(message)
-        if user is None and self._refresh_users is not None:
+        if user is None:
             # The site's users are answered from memory, which follows the
             # database every [database] poll_interval: a user made a moment
             # ago (by the CLI, by another instance) may not be there yet.
             # Catch up once before calling the message poison.
-            await self._refresh_users()
+            await self._users.catch_up()
             user = await self._find_user(message)
         if user is None:
             tried = ["%s %r" % (field, message[field]) for field in ("userId", "userEmail")
@@ -500,16 +496,7 @@ def decode_message(body: bytes) -> dict[str, Any]:
 
     Raises ValidationError (dead-letter) saying every problem found.
     """
-    try:
-        message = json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ValidationError("message is not UTF-8 (byte %d)" % e.start)
-    except ValueError as e:
-        raise ValidationError("message is not JSON: %s" % e)
-    except RecursionError:
-        raise ValidationError("message is JSON nested too deeply")
-    if not isinstance(message, dict):
-        raise ValidationError("message is not a JSON object")
+    message = decode_json_object(body, "the message")
     problems = []
     for field in ("userId", "userEmail"):
         value = message.get(field)

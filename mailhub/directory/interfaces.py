@@ -118,3 +118,12 @@ class IUserSource(Interface):
 
         Memory stays bounded by the page size, whatever the number of users.
         """
+
+    def catch_up():  # type: ignore[no-untyped-def]
+        """Deferred firing once the source has seen the changes made elsewhere.
+
+        A source that answers from memory (the site's users, following the
+        database every poll interval) reads the latest changes now; one that
+        asks its server each time (LDAP) fires at once. For callers that
+        must not call a user unknown when they may just be new (the collector).
+        """

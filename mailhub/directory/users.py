@@ -31,7 +31,7 @@ from mailhub.errors import ValidationError
 from mailhub.service import ThreadPoolService
 
 if TYPE_CHECKING:  # cache imports the web layer; only the type is needed here
-    from mailhub.directory.cache import Directory
+    from mailhub.directory.service import Directory
 
 T = TypeVar("T")
 
@@ -116,7 +116,7 @@ class SiteUserSource:
     ``store`` is any IDirectoryStore (the SQL store); ``reactor`` and
     ``pool`` run the hash verification off the reactor thread.
 
-    ``directory``, when given, is the in-memory :class:`~mailhub.directory.cache.Directory`
+    ``directory``, when given, is the in-memory :class:`~mailhub.directory.service.Directory`
     that follows the same store: once it has loaded, "is this a site user,
     and which?" is answered from memory on the reactor thread, so a login
     that is not a site user (every LDAP login) costs no SQL query and no
@@ -197,6 +197,12 @@ class SiteUserSource:
             await maybeDeferred(self.store.set_password_hash, profile.id, new_hash)
         return user_of(profile)
 
+    def catch_up(self) -> "Deferred[None]":
+        """Follow the store's change log now (the in-memory directory, if any)."""
+        if self.directory is None:
+            return succeed(None)
+        return Deferred.fromCoroutine(self.directory.refresh())
+
     async def pages(self, page_size: int) -> AsyncIterator[list[User]]:
         """Every site user, in pages, ordered by login.
 
@@ -253,6 +259,12 @@ class ChainedUserSource:
             if await source.find(login) is not None:
                 return await source.authenticate(login, password)  # type: ignore[no-any-return]
         return await self.sources[-1].authenticate(login, password)  # type: ignore[no-any-return]
+
+    @_deferred
+    async def catch_up(self) -> None:
+        """Every source catches up, in order."""
+        for source in self.sources:
+            await source.catch_up()
 
     async def pages(self, page_size: int) -> AsyncIterator[list[User]]:
         """Every source's users in turn, later duplicates of a login skipped.

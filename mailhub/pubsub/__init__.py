@@ -3,13 +3,16 @@
 Both have ESN's API: ``topic(name)`` gives a topic with ``subscribe(cb)``,
 ``unsubscribe(cb)``, ``publish(data)`` and ``forward(other, data)``.
 ``publish`` returns a Deferred that fires when the publication is done (for the
-global pubsub: confirmed by the broker).
+global pubsub: confirmed by the broker). The seams are the zope interfaces of
+:mod:`mailhub.pubsub.interfaces`; a publication reaches the publishing
+process's own subscribers at once and in order, broker or not.
 """
 
 from __future__ import annotations
 
 import attrs
 
+from mailhub.pubsub.interfaces import IPubSub
 from mailhub.pubsub.local import LocalPubSub
 
 
@@ -21,9 +24,5 @@ class Hub:
     topics behave as local ones.
     """
 
-    local: LocalPubSub = attrs.Factory(LocalPubSub)
-    global_: object = None
-
-    def __attrs_post_init__(self) -> None:
-        if self.global_ is None:
-            self.global_ = self.local
+    local: IPubSub = attrs.Factory(LocalPubSub)
+    global_: IPubSub = attrs.Factory(lambda self: self.local, takes_self=True)

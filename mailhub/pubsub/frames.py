@@ -10,6 +10,13 @@ headers and bodies are the only part of the protocol that third parties
 write, so mailhub decodes body and header frames itself, with every field
 type of AMQP 0-9-1 as RabbitMQ uses it, and encodes header frames the same
 way so dead-lettered messages keep their headers.
+
+Quarantine: this module is the only AMQP codec in mailhub besides txamqp's,
+and only :mod:`mailhub.pubsub.connection` uses it (``_Client._unpack_frame``
+and ``_pack_frame``); nothing else may import it. It exists for measured
+reasons (the cases above broke real connections; tests/pubsub/test_frames.py
+pins each one). Remove it, and those hooks, when txamqp decodes such frames
+itself: the tests say when.
 """
 
 from __future__ import annotations

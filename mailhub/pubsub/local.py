@@ -9,27 +9,33 @@ has finished, so a caller can wait for the work it started.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
+from zope.interface import implementer
 
-Subscriber = Callable[[Any], Any]
+from mailhub.pubsub.interfaces import IPubSub, ITopic, Subscriber
 
 
+@implementer(ITopic)
 class LocalTopic:
     """One named topic of a :class:`LocalPubSub`."""
 
     log = Logger()
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, owner: IPubSub, name: str) -> None:
+        self.owner = owner
         self.name = name
         self._subscribers: list[Subscriber] = []
 
-    def subscribe(self, callback: Subscriber) -> None:
+    def subscribe(self, callback: Subscriber) -> Deferred[None]:
+        """Call ``callback`` for every publication from now on (in place at once)."""
         self._subscribers.append(callback)
+        return succeed(None)
 
     def unsubscribe(self, callback: Subscriber) -> None:
+        """Stop calling ``callback``."""
         try:
             self._subscribers.remove(callback)
         except ValueError:
@@ -59,21 +65,19 @@ class LocalTopic:
             return waits[0].addCallback(lambda _: None)
         return DeferredList(waits).addCallback(lambda _: None)
 
-    def forward(self, other: Any, data: Any) -> Deferred[None]:
+    def forward(self, other: IPubSub, data: Any) -> Deferred[None]:
         """Publish here, then on ``other`` under the same name."""
         here = self.publish(data)
-        there = other.topic(self.name).publish(data) if other is not self._owner() else succeed(None)
+        there = other.topic(self.name).publish(data) if other is not self.owner else succeed(None)
         return DeferredList([here, there], fireOnOneErrback=True, consumeErrors=True).addCallback(
             lambda _: None).addErrback(lambda f: f.value.subFailure)
-
-    def _owner(self) -> Any:
-        return getattr(self, "owner", None)
 
     def _failed(self, failure: Any, callback: Subscriber) -> None:
         self.log.failure("subscriber {subscriber!r} of {topic} failed", failure,
                          subscriber=callback, topic=self.name)
 
 
+@implementer(IPubSub)
 class LocalPubSub:
     """Topics by name, created on first use."""
 
@@ -81,8 +85,16 @@ class LocalPubSub:
         self._topics: dict[str, LocalTopic] = {}
 
     def topic(self, name: str) -> LocalTopic:
+        """The topic called ``name``."""
         found = self._topics.get(name)
         if found is None:
-            found = self._topics[name] = LocalTopic(name)
-            found.owner = self  # type: ignore[attr-defined]
+            found = self._topics[name] = LocalTopic(self, name)
         return found
+
+    def has_room(self) -> bool:
+        """Always: in process, a publication is handed over at once."""
+        return True
+
+    def when_room(self) -> Deferred[None]:
+        """At once (see :meth:`has_room`)."""
+        return succeed(None)

@@ -13,10 +13,13 @@ broker confirms it (publisher confirms, ``confirm.select``):
   twice, it never misses one that was confirmed or still waiting);
 - the outbox is bounded: when ``limit`` publications are waiting, ``put``
   fails at once with :class:`~mailhub.errors.Unavailable` and a counter goes
-  up. Nothing is ever dropped without the caller's Deferred failing.
+  up. Nothing is ever dropped without the caller's Deferred failing. A
+  publisher that would rather wait asks :meth:`Outbox.has_room` first and
+  waits on :meth:`Outbox.when_room`, which fires as soon as the broker has
+  confirmed (or refused) enough to make room.
 
 The outbox knows nothing of txamqp: it talks to an :class:`IPublishChannel`
-(the real one lives in :mod:`mailhub.pubsub.amqp`, tests use a fake).
+(the real one lives in :mod:`mailhub.pubsub.connection`, tests use a fake).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from collections import deque
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from zope.interface import Interface
 
@@ -94,6 +97,7 @@ class Outbox:
         self._tag = 0
         self._pumping = False
         self._full_logged = False
+        self._room_waiters: list[Deferred[None]] = []
         metrics = metrics or Metrics()
         metrics.gauge_callback(
             "mailhub_pubsub_outbox",
@@ -111,6 +115,27 @@ class Outbox:
 
     def __len__(self) -> int:
         return len(self._queued) + len(self._inflight)
+
+    def has_room(self) -> bool:
+        """Whether :meth:`put` would take a publication now."""
+        return len(self) < self.limit
+
+    def when_room(self) -> Deferred[None]:
+        """Fires once :meth:`has_room` is true (at once when it is)."""
+        if self.has_room():
+            return succeed(None)
+        waiter: Deferred[None] = Deferred(lambda d: self._forget_waiter(d))
+        self._room_waiters.append(waiter)
+        return waiter
+
+    def _forget_waiter(self, waiter: Deferred[None]) -> None:
+        if waiter in self._room_waiters:
+            self._room_waiters.remove(waiter)
+
+    def _room_made(self) -> None:
+        """Publications left: wake those waiting for room, oldest first."""
+        while self._room_waiters and self.has_room():
+            self._room_waiters.pop(0).callback(None)
 
     @property
     def attached(self) -> bool:
@@ -160,15 +185,20 @@ class Outbox:
             self._confirmed.inc(len(settled))
         for pending in settled:
             pending.done.callback(None)
+        if settled:
+            self._room_made()
 
     def nack(self, tag: int, multiple: bool) -> None:
         """The broker could not take ``tag`` (and earlier ones if ``multiple``)."""
-        for pending in self._settle(tag, multiple):
+        settled = self._settle(tag, multiple)
+        for pending in settled:
             self._refused.inc()
             self.log.error("the broker refused a publication to {exchange!r}",
                            exchange=pending.route.exchange)
             pending.done.errback(Unavailable(
                 "the broker refused the publication to %r" % (pending.route.exchange,)))
+        if settled:
+            self._room_made()
 
     def fail_all(self, reason: str) -> None:
         """Fail every waiting publication (at shutdown): loudly, never silently."""
@@ -177,6 +207,7 @@ class Outbox:
         self._queued.clear()
         for pending in waiting:
             pending.done.errback(Unavailable(reason))
+        self._room_made()
 
     def _settle(self, tag: int, multiple: bool) -> list[_Pending]:
         if not multiple:
@@ -222,6 +253,7 @@ class Outbox:
                                route=pending.route, reason=str(e))
                 pending.done.errback(Unavailable(
                     "the broker refused %r: %s" % (pending.route.exchange, e)))
+                self._room_made()
         except Exception:
             # The connection is going away: the publication waits for the
             # next one. attach() starts sending again, or already did while

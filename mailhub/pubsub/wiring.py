@@ -3,13 +3,16 @@
 ``make_pubsub(config, reactor, metrics)`` is what ``mailhub.tap`` calls:
 
 - without ``[amqp] url``: ``Hub(local)``, whose ``global_`` is the local
-  pubsub; no service; no work queues (the collector then takes its input
-  in process only);
-- with a URL: one :class:`~mailhub.pubsub.amqp.Broker` (an IService named
-  ``amqp`` to add to the MultiService) and a
-  :class:`~mailhub.pubsub.amqp.GlobalPubSub` as ``hub.global_``;
-  ``work_queue(name)`` gives point-to-point queues and
+  pubsub; no service; ``work_queue(name)`` gives a
+  :class:`~mailhub.pubsub.spool.SpoolQueue` in the data folder;
+- with a URL: one :class:`~mailhub.pubsub.connection.Broker` (an IService
+  named ``amqp`` to add to the MultiService) and a
+  :class:`~mailhub.pubsub.globalpubsub.GlobalPubSub` as ``hub.global_``;
+  ``work_queue(name)`` gives RabbitMQ's point-to-point queues and
   ``shared_subscription(topic)`` a global topic's queue shared by instances.
+
+Either way ``work_queue`` gives an
+:class:`~mailhub.pubsub.interfaces.IWorkQueue`: callers never ask which.
 
 A missing spec file or a bad URL raises :class:`~mailhub.errors.ConfigError`
 here, so start-up stops with one line.
@@ -17,15 +20,22 @@ here, so start-up stops with one line.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import attrs
+from twisted.application.service import Service
 
 from mailhub.config import Config
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
-from mailhub.pubsub.amqp import Broker, GlobalPubSub
+from mailhub.pubsub.connection import Broker
+from mailhub.pubsub.globalpubsub import GlobalPubSub
+from mailhub.pubsub.interfaces import IWorkQueue
 from mailhub.pubsub.local import LocalPubSub
+from mailhub.pubsub.retry import RetryPolicy
+from mailhub.pubsub.shared import LocalSharedSubscription
+from mailhub.pubsub.spool import Spool, SpoolQueue
 from mailhub.pubsub.workqueue import WorkQueue
 
 #: The shared queue of a global topic is named as the topic with this prefix.
@@ -41,18 +51,29 @@ class PubSub:
     broker: Broker | None
     reactor: Any
     metrics: Metrics
-    _queues: dict[str, WorkQueue] = attrs.Factory(dict)
+    #: Where spooled work queues keep their folders (without a broker).
+    data_dir: Path = Path(".")
+    _queues: dict[str, IWorkQueue] = attrs.Factory(dict)
+    _shared: dict[str, WorkQueue | LocalSharedSubscription] = attrs.Factory(dict)
 
     def work_queue(self, name: str, dead_letter: str | None = None,
-                   retry_initial: float = 1.0, retry_max: float = 300.0) -> WorkQueue | None:
-        """The shared work queue ``name`` (None without a broker).
+                   retry_initial: float = 1.0, retry_max: float = 300.0,
+                   spool: str | None = None) -> IWorkQueue:
+        """The work queue ``name``: RabbitMQ's with a broker, else a spool.
 
+        Without a broker the messages live in ``data_dir / spool`` (default:
+        the queue's name with ``:`` as ``-``), dead letters in its ``dead/``.
         Asking twice for a name gives the same queue.
         """
-        if self.broker is None:
-            return None
         found = self._queues.get(name)
-        if found is None:
+        if found is not None:
+            return found
+        if self.broker is None:
+            folder = self.data_dir / (spool or name.replace(":", "-"))
+            found = self._queues[name] = SpoolQueue(
+                name, Spool(folder), self.reactor, RetryPolicy(retry_initial, retry_max),
+                metrics=self.metrics)
+        else:
             found = self._queues[name] = WorkQueue(
                 self.broker.outbox, name, self.reactor, dead_letter=dead_letter,
                 retry_initial=retry_initial, retry_max=retry_max,
@@ -61,7 +82,7 @@ class PubSub:
 
     def shared_subscription(self, topic: str, queue: str | None = None,
                             dead_letter: str | None = None, retry_initial: float = 1.0,
-                            retry_max: float = 300.0) -> WorkQueue | None:
+                            retry_max: float = 300.0) -> WorkQueue | LocalSharedSubscription:
         """A subscription to the global ``topic`` that mailhub instances share.
 
         Unlike ``hub.global_.topic(topic).subscribe`` (one queue of its own per
@@ -71,18 +92,24 @@ class PubSub:
         after its handler succeeded, retried on transient failures and
         dead-lettered (``queue`` + ``:dead``) when it can never succeed. Call
         ``consume(handler)`` on the result; ``handler`` gets the raw body.
-        None without a broker: subscribe on ``hub.global_`` (local) then.
+        Without a broker it is the topic of ``hub.global_`` (local then), with
+        the same retries: a
+        :class:`~mailhub.pubsub.shared.LocalSharedSubscription`.
         """
-        if self.broker is None:
-            return None
         name = queue or SHARED_PREFIX + topic
-        found = self._queues.get(name)
+        found = self._shared.get(name)
         if found is None:
-            found = self._queues[name] = WorkQueue(
-                self.broker.outbox, name, self.reactor, dead_letter=dead_letter,
-                retry_initial=retry_initial, retry_max=retry_max,
-                prefetch=self.broker.prefetch, metrics=self.metrics, broker=self.broker,
-                exchange=topic)
+            policy = RetryPolicy(retry_initial, retry_max)
+            if self.broker is None:
+                found = LocalSharedSubscription(self.hub.global_, topic, name, self.reactor,
+                                                policy, self.metrics)
+            else:
+                found = WorkQueue(
+                    self.broker.outbox, name, self.reactor, dead_letter=dead_letter,
+                    retry_initial=retry_initial, retry_max=retry_max,
+                    prefetch=self.broker.prefetch, metrics=self.metrics, broker=self.broker,
+                    exchange=topic)
+            self._shared[name] = found
         elif found.exchange != topic:
             raise ValueError("queue %s is bound to %s, not %s" % (name, found.exchange, topic))
         return found
@@ -100,11 +127,23 @@ def make_pubsub(config: Config, reactor: Any, metrics: Metrics) -> PubSub:
     local = LocalPubSub()
     amqp = config.amqp
     if not amqp.url:
-        return PubSub(Hub(local, local), [], None, reactor, metrics)
+        return PubSub(Hub(local, local), [], None, reactor, metrics, config.data_dir)
     broker = Broker(reactor, amqp.url, amqp.spec, heartbeat=amqp.heartbeat,
                     outbox=amqp.outbox, prefetch=amqp.prefetch, metrics=metrics)
     return PubSub(Hub(local, GlobalPubSub(broker, metrics)), [broker], broker,
-                  reactor, metrics)
+                  reactor, metrics, config.data_dir)
+
+
+class Resume(Service):
+    """Starts a work queue on what an earlier run left (``resume``), once
+    mailhub is ready (under :class:`~mailhub.service.AfterReady`)."""
+
+    def __init__(self, queue: IWorkQueue) -> None:
+        self.queue = queue
+
+    def startService(self) -> None:
+        super().startService()
+        self.queue.resume()
 
 
 def make_hub(config: Config, reactor: Any, metrics: Metrics) -> tuple[Hub, list[Any]]:

@@ -20,7 +20,7 @@ so each message is handled once. What mailhub adds:
 With ``exchange`` set, the queue is instead a *shared subscription* to a
 global topic: the durable, non-exclusive queue ``name`` is bound with ``''``
 to the topic's fanout exchange ``exchange`` (declared as
-:class:`~mailhub.pubsub.amqp.GlobalPubSub` declares it, durable fanout, so
+:class:`~mailhub.pubsub.globalpubsub.GlobalPubSub` declares it, durable fanout, so
 ESN nodes can share it). Every publication on the topic reaches that queue
 once, next to each ordinary subscriber's own queue, and the mailhub
 instances consuming it compete for it: each publication is handled by one of
@@ -29,25 +29,39 @@ them, with the same ack, retry and dead-letter rules.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from mailhub.errors import Unavailable, ValidationError
+from mailhub.errors import Unavailable
+from mailhub.logs import printable
 from mailhub.metrics import Metrics
-from mailhub.pubsub.amqp import JSON_PROPERTIES, Consumer, IDelivery, call_handler, encode_json
+from mailhub.pubsub.connection import JSON_PROPERTIES, encode_json
+from mailhub.pubsub.consumer import Consumer, IDelivery
+from mailhub.pubsub.interfaces import Handler, IWorkQueue
 from mailhub.pubsub.outbox import Outbox, Route
+from mailhub.pubsub.retry import Outcome, RetryPolicy, attempt
 
 REASON_HEADER = "x-mailhub-reason"
 QUEUE_HEADER = "x-mailhub-queue"
 
 __all__ = ["IDelivery", "WorkQueue", "REASON_HEADER", "QUEUE_HEADER"]
 
-Handler = Callable[[bytes], Any]
+
+def encode_body(data: Any) -> bytes:
+    """A work queue message's body: bytes as they are, str as UTF-8, else JSON."""
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, str):
+        return data.encode("utf-8")
+    return encode_json(data).encode("utf-8")
 
 
+@implementer(IWorkQueue)
 class WorkQueue:
     """A durable queue that mailhub processes share; see the module docstring.
 
@@ -69,8 +83,7 @@ class WorkQueue:
         self.exchange = exchange or name
         self.dead_letter = dead_letter or name + ":dead"
         self.clock = clock
-        self.retry_initial = retry_initial
-        self.retry_max = retry_max
+        self.policy = RetryPolicy(retry_initial, retry_max)
         self.prefetch = prefetch
         self._handler: Handler | None = None
         self._consumer: Any = None
@@ -95,6 +108,16 @@ class WorkQueue:
             broker.add(self)
 
     @property
+    def retry_initial(self) -> float:
+        """Seconds before the first retry of a failed message."""
+        return self.policy.initial
+
+    @property
+    def retry_max(self) -> float:
+        """The longest wait between two tries."""
+        return self.policy.maximum
+
+    @property
     def route(self) -> Route:
         """Publish to the exchange; the queue and its binding are declared first."""
         return Route(self.exchange, "", queue=self.name)
@@ -112,13 +135,7 @@ class WorkQueue:
         Persistent; fires when the broker confirmed it; fails with
         :class:`~mailhub.errors.Unavailable` when the outbox is full.
         """
-        if isinstance(data, bytes):
-            body = data
-        elif isinstance(data, str):
-            body = data.encode("utf-8")
-        else:
-            body = encode_json(data).encode("utf-8")
-        return self.outbox.put(self.route, body, JSON_PROPERTIES)
+        return self.outbox.put(self.route, encode_body(data), JSON_PROPERTIES)
 
     def consume(self, handler: Handler) -> None:
         """Hand every message's body to ``handler`` (value, Deferred or coroutine).
@@ -128,6 +145,9 @@ class WorkQueue:
         if self._handler is not None:
             raise ValueError("work queue %s already has a consumer" % self.name)
         self._handler = handler
+
+    def resume(self) -> None:
+        """Nothing to do: the broker redelivers what an earlier run left unacked."""
 
     # Broker connection life cycle -------------------------------------
 
@@ -187,43 +207,35 @@ class WorkQueue:
         assert self._handler is not None
         self.in_progress += 1
         try:
-            delay = self.retry_initial
-            while True:
-                if not delivery.alive():
-                    self._abandon()
-                    return
-                try:
-                    await call_handler(self._handler, delivery.body)
-                except ValidationError as e:
-                    await self._send_to_dead_letter(delivery, e)
-                    return
-                except Exception:
-                    self._retries.inc()
-                    self.log.failure("handling a message from {queue} failed; retrying in "
-                                     "{delay} s", queue=self.name, delay=delay)
-                    if not await self._sleep(delivery, delay):
-                        self._abandon()
-                        return
-                    delay = min(delay * 2, self.retry_max)
-                    continue
+            settled = await attempt(self._handler, delivery.body, self.policy,
+                                    lambda delay: self._sleep(delivery, delay),
+                                    self._retrying, delivery.alive)
+            if settled.outcome is Outcome.DONE:
                 if await self._ack(delivery):
                     self._acked.inc()
-                return
+            elif settled.outcome is Outcome.DEAD:
+                await self._send_to_dead_letter(delivery, settled.reason)
+            else:
+                self._abandon()
         finally:
             self.in_progress -= 1
 
-    async def _send_to_dead_letter(self, delivery: IDelivery, error: ValidationError) -> None:
-        reason = "; ".join(error.messages)
+    def _retrying(self, failure: Failure, delay: float) -> None:
+        self._retries.inc()
+        self.log.failure("handling a message from {queue} failed; retrying in {delay} s",
+                         failure, queue=self.name, delay=delay)
+
+    async def _send_to_dead_letter(self, delivery: IDelivery, reason: str) -> None:
         self.log.warn("message from {queue} can never succeed, dead-lettered to "
                       "{dead}: {reason}", queue=self.name, dead=self.dead_letter,
-                      reason=reason)
+                      reason=printable(reason))
         properties = dict(delivery.properties)
         headers = dict(properties.get("headers") or {})
         headers[REASON_HEADER] = reason
         headers[QUEUE_HEADER] = self.name
         properties["headers"] = headers
         properties["delivery-mode"] = 2
-        delay = self.retry_initial
+        delay = self.policy.initial
         while True:
             try:
                 await self.outbox.put(self.dead_route, delivery.body, properties)
@@ -234,7 +246,7 @@ class WorkQueue:
                 if not await self._sleep(delivery, delay):
                     self._abandon()
                     return
-                delay = min(delay * 2, self.retry_max)
+                delay = self.policy.after(delay)
         if await self._ack(delivery):
             self._dead.inc()
 

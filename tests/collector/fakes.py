@@ -10,11 +10,11 @@ the collector uses (PROPFIND Depth 1, addressbook-query with text-match
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Awaitable, Callable
 from urllib.parse import unquote
 from xml.etree import ElementTree as ET
 
-from twisted.internet.defer import fail, succeed
+from twisted.internet.defer import ensureDeferred, fail, succeed
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
@@ -275,6 +275,7 @@ class FakeUsers:
         self.down = False
         self.finds: list[str] = []
         self.authentications = 0
+        self.on_catch_up: Callable[[], Awaitable[None]] | None = None
 
     def find(self, login: str) -> Any:
         self.finds.append(login)
@@ -283,6 +284,12 @@ class FakeUsers:
         for user in self.users:
             if user.login == login or user.id == login or user.owns(login):
                 return succeed(user)
+        return succeed(None)
+
+    def catch_up(self) -> Any:
+        """Run ``on_catch_up`` (a test's stand-in for a directory that follows its store)."""
+        if self.on_catch_up is not None:
+            return ensureDeferred(self.on_catch_up())
         return succeed(None)
 
     def authenticate(self, login: str, password: str) -> Any:

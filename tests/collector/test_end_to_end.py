@@ -296,7 +296,11 @@ def test_poison_goes_to_the_dead_letter_queue_with_its_reason_and_the_rest_is_co
     site.add_user(ALICE, "Alice Example")
     mailhub = site.start()
     poison = {
-        b"this is not JSON": "not JSON",
+        b"this is not JSON": "not valid JSON",
+        '{"userEmail": "alice@example.org", "emails": ["u16@y.org"]}'.encode("utf-16"):
+            "not valid UTF-8",
+        b'{"userEmail": "alice@example.org", "emails": ["nan@y.org"], "n": NaN}':
+            "NaN is not JSON",
         b'{"userEmail": "nobody@example.org", "emails": ["x@y.org"]}': "unknown user",
         b'{"userEmail": "alice@example.org", "emails": []}': "no emails",
         b'{"emails": ["x@y.org"]}': "no user",

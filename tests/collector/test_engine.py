@@ -86,9 +86,9 @@ class EngineTests(SynchronousTestCase):
 
     def test_poison_messages_fail_with_a_validation_error_saying_why(self) -> None:
         cases = {
-            b"not json": "not JSON",
-            b"\xff\xfe": "not UTF-8",
-            b"[1]": "not a JSON object",
+            b"not json": "not valid JSON",
+            b"\xff\xfe": "not valid UTF-8",
+            b"[1]": "must be a JSON object",
             body(emails=["a@b.org"]): "no user",
             body(userId="A1"): "no emails",
             body(userId="A1", emails="a@b.org"): "not a list",
@@ -113,10 +113,11 @@ class EngineTests(SynchronousTestCase):
             if carol not in self.users.users:
                 self.users.users.append(carol)
 
+        self.users.on_catch_up = refresh
         engine = CollectorEngine(
             self.users, CardDAVClient(self.stub, self.clock, credentials=("svc", "pw")),
             BookLayout.from_config("http://dav.test/dav/", ""), self.hub, self.metrics,
-            self.clock, refresh_users=refresh)
+            self.clock)
         outcome = self.successResultOf(engine.handle(body(userId="C3", emails=["k@y.org"])))
         self.assertEqual((outcome.user, outcome.created), ("carol@example.org", ["k@y.org"]))
         self.assertEqual(caught_up, [1])

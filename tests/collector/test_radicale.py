@@ -30,6 +30,7 @@ from mailhub.errors import Unavailable
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from tests.collector.fakes import FakeUsers
+from tests.support.auth import auth_failures
 from tests.support.radicale import RadicaleServer
 
 ALICE = User(login="alice@example.org", emails=("alice@example.org",), id="A1")
@@ -193,8 +194,7 @@ class EmbeddedTests(TestCase):
         self.dav_hub.local.topic("login:failure").subscribe(failures.append)
         code, _ = await self.get("alice@example.org/", ("alice@example.org", "nope"), "PROPFIND")
         self.assertEqual(code, 401)
-        self.assertEqual(self.dav_metrics.value("mailhub_dav_logins_total",
-                                                {"result": "failure"}), 1)
+        self.assertEqual(auth_failures(self.dav_metrics, "dav", "wrong"), 1)
         self.assertEqual([(f["user"], f["source"], f["client"]) for f in failures],
                          [("alice@example.org", "dav", "127.0.0.1")])
         self.assertNotIn("nope", json.dumps(failures))

@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any, Callable
 
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailhub.auth import Auth, SiteToken
 from mailhub.collector.sources import (
-    CalendarSource, InProcessDispatcher, MailSource, QueueDispatcher, Spool, folder_matches,
-    ical_addresses, jcal_addresses)
+    CalendarSource, MailSource, folder_matches, ical_addresses, jcal_addresses)
+from mailhub.config import Config
 from mailhub.errors import Unavailable, ValidationError
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from mailhub.pubsub.local import LocalPubSub
 from mailhub.pubsub.outbox import Route
+from mailhub.pubsub.shared import LocalSharedSubscription
+from mailhub.pubsub.wiring import make_pubsub
 from mailhub.pubsub.workqueue import REASON_HEADER, WorkQueue
 from mailhub.web.calendar import CalendarCollect
 
@@ -51,11 +51,17 @@ JCAL = ["vcalendar", [], [["vevent", [
 ], []]]]
 
 
+def local_shared(hub: Hub) -> Callable[[str], LocalSharedSubscription]:
+    """Shared subscriptions as PubSub gives them without a broker."""
+    return lambda topic: LocalSharedSubscription(hub.global_, topic, "mailhub:" + topic,
+                                                 Clock())
+
+
 class Recorder:
     def __init__(self) -> None:
         self.bodies: list[dict[str, Any]] = []
 
-    def submit(self, body: bytes) -> Any:
+    def publish(self, body: bytes) -> Any:
         self.bodies.append(json.loads(body))
         return succeed(None)
 
@@ -107,7 +113,7 @@ class CalendarSourceTests(SynchronousTestCase):
         global_ = LocalPubSub()
         hub = Hub(LocalPubSub(), global_)
         out = Recorder()
-        CalendarSource(hub, out).start()
+        CalendarSource(out, local_shared(hub)).start()
         event = {"eventPath": "/calendars/U1/cal/1.ics", "event": JCAL, "import": False}
         self.successResultOf(global_.topic("calendar:event:created").publish(event))
         self.successResultOf(global_.topic("calendar:event:updated").publish(
@@ -117,11 +123,11 @@ class CalendarSourceTests(SynchronousTestCase):
         self.assertEqual(out.bodies[0]["userId"], "U1")
 
     def test_without_a_broker_the_events_come_from_the_local_global_topics(self) -> None:
-        hub = Hub()
+        made = make_pubsub(Config(), Clock(), Metrics())
         out = Recorder()
-        CalendarSource(hub, out, shared=lambda topic: None).start()
+        CalendarSource(out, made.shared_subscription).start()
         event = {"eventPath": "/calendars/U1/cal/1.ics", "event": JCAL}
-        self.successResultOf(hub.global_.topic("calendar:event:updated").publish(event))
+        self.successResultOf(made.hub.global_.topic("calendar:event:updated").publish(event))
         self.assertEqual([b["userId"] for b in out.bodies], ["U1"])
 
     def test_junk_icalendar_is_a_validation_error(self) -> None:
@@ -129,149 +135,13 @@ class CalendarSourceTests(SynchronousTestCase):
         self.assertRaises(ValidationError, ical_addresses, "BEGIN:VCALENDAR\r\nBROKEN")
 
 
-class DispatcherTests(SynchronousTestCase):
-    def test_transient_failures_are_retried_with_backoff(self) -> None:
-        clock = Clock()
-        calls: list[bytes] = []
-
-        def handler(body: bytes) -> Any:
-            calls.append(body)
-            return fail(Unavailable("down")) if len(calls) < 3 else succeed(None)
-
-        d = InProcessDispatcher(handler, clock, retry_initial=1, retry_max=10)
-        self.successResultOf(d.submit(b"m"))
-        self.assertEqual(len(calls), 1)
-        clock.advance(1)
-        self.assertEqual(len(calls), 2)
-        clock.advance(1.5)
-        self.assertEqual(len(calls), 2)
-        clock.advance(0.5)
-        self.assertEqual(len(calls), 3)
-        self.assertEqual(d.held, 0)
-
-    def test_poison_is_dropped_and_a_full_dispatcher_pushes_back(self) -> None:
-        metrics = Metrics()
-        d = InProcessDispatcher(lambda b: fail(ValidationError("bad")), Clock(), limit=1,
-                                metrics=metrics)
-        self.successResultOf(d.submit(b"x"))
-        self.assertEqual(d.held, 0)
-        self.assertEqual(metrics.value("mailhub_collector_dropped_total", {"reason": "poison"}), 1)
-        stuck = InProcessDispatcher(lambda b: fail(Unavailable("x")), Clock(), limit=1)
-        stuck.submit(b"x")
-        self.assertRaises(Unavailable, stuck.submit, b"y")
-        stuck.stop()
-
-    def folder(self) -> Path:
-        """A spool folder outside the work tree, removed after the test."""
-        top = Path(tempfile.mkdtemp(prefix="mailhub-spool-"))
-        self.addCleanup(shutil.rmtree, top, True)
-        return top / "spool"
-
-    def spooled(self, handler: Callable[[bytes], Any], **kw: Any) -> tuple[Any, Any]:
-        folder = self.folder()
-        spool = Spool(folder)
-        return InProcessDispatcher(handler, kw.pop("clock", Clock()), spool=spool, **kw), spool
-
-    def test_a_message_is_on_disk_until_it_is_collected(self) -> None:
-        answers: list[Deferred[None]] = []
-        d, spool = self.spooled(lambda body: answers.append(Deferred()) or answers[-1])
-        self.successResultOf(d.submit(b'{"m": 1}'))
-        [(name, body)] = spool.messages()
-        self.assertEqual(body, b'{"m": 1}')
-        answers[0].callback(None)
-        self.assertEqual(spool.messages(), [])
-        self.assertEqual(list(spool.dead_folder.iterdir()), [])
-
-    def test_a_message_held_for_a_retry_survives_a_stop_and_is_collected_next_time(
-            self) -> None:
-        clock = Clock()
-        d, spool = self.spooled(lambda body: fail(Unavailable("down")), clock=clock)
-        self.successResultOf(d.submit(b"first"))
-        self.successResultOf(d.submit(b"second"))
-        d.stop()
-        self.assertEqual([body for _, body in spool.messages()], [b"first", b"second"])
-        # The next process, on the same folder; a half-written file is dropped.
-        (spool.folder / "junk.tmp").write_bytes(b"half")
-        seen: list[bytes] = []
-        again = InProcessDispatcher(lambda body: succeed(seen.append(body)), Clock(),
-                                    spool=Spool(spool.folder))
-        self.assertEqual(again.recover(), 2)
-        self.assertEqual(seen, [b"first", b"second"])
-        self.assertEqual(list(spool.folder.glob("*.msg")) + list(spool.folder.glob("*.tmp")),
-                         [])
-        self.assertEqual(again.recover(), 0)
-
-    def test_recover_leaves_alone_what_this_process_is_collecting(self) -> None:
-        answers: list[Deferred[None]] = []
-        d, spool = self.spooled(lambda body: answers.append(Deferred()) or answers[-1])
-        d.submit(b"running")
-        self.assertEqual(d.recover(), 0)
-        self.assertEqual(len(answers), 1)
-        answers[0].callback(None)
-
-    def test_a_message_failing_while_stopping_is_not_tried_again_but_kept(self) -> None:
-        clock = Clock()
-        answers: list[Deferred[None]] = []
-        d, spool = self.spooled(lambda body: answers.append(Deferred()) or answers[-1],
-                                clock=clock)
-        d.submit(b"running")
-        d.stop()
-        answers[0].errback(Unavailable("down"))
-        self.assertEqual(clock.getDelayedCalls(), [])
-        self.assertEqual(d.held, 0)
-        self.assertEqual([body for _, body in spool.messages()], [b"running"])
-
-    def test_recovered_messages_start_as_room_allows_under_the_limit(self) -> None:
-        folder = self.folder()
-        left = Spool(folder)
-        for n in range(5):
-            left.keep(b"m%d" % n)
-        answers: list[Deferred[None]] = []
-        metrics = Metrics()
-        d = InProcessDispatcher(lambda body: answers.append(Deferred()) or answers[-1],
-                                Clock(), limit=2, spool=Spool(folder), metrics=metrics)
-        self.assertEqual(d.recover(), 5)
-        self.assertEqual((len(answers), d.held), (2, 2))
-        self.assertEqual(metrics.value("mailhub_collector_held"), 5)
-        self.assertRaises(Unavailable, d.submit, b"new")  # the limit holds for new ones too
-        for n in range(5):
-            answers[n].callback(None)
-        self.assertEqual((len(answers), d.held, left.messages()), (5, 0, []))
-
-    def test_poison_is_kept_in_dead_with_its_reason(self) -> None:
-        live = Metrics()
-        d, spool = self.spooled(lambda body: fail(ValidationError("unknown user (x)")),
-                                metrics=live)
-        self.successResultOf(d.submit(b"poison"))
-        self.assertEqual(spool.messages(), [])
-        [reason] = spool.dead_folder.glob("*.reason")
-        self.assertEqual(reason.read_text(), "unknown user (x)\n")
-        self.assertEqual(reason.with_suffix(".msg").read_bytes(), b"poison")
-        self.assertEqual(live.value("mailhub_collector_spool_dead"), 1)
-        metrics = Metrics()  # and the next process counts it too
-        InProcessDispatcher(lambda body: succeed(None), Clock(), spool=Spool(spool.folder),
-                            metrics=metrics)
-        self.assertEqual(metrics.value("mailhub_collector_spool_dead"), 1)
-
-    def test_a_disk_that_refuses_the_message_pushes_back(self) -> None:
-        d, spool = self.spooled(lambda body: succeed(None))
-        # The spool's folder is gone and a file stands in its place: every
-        # write fails, as on a full or broken disk (also for root).
-        shutil.rmtree(spool.folder)
-        spool.folder.write_bytes(b"")
-        self.assertRaises(Unavailable, d.submit, b"m")
-        self.assertEqual(d.held, 0)
-
-    def test_queue_dispatcher_publishes_the_body(self) -> None:
-        sent: list[bytes] = []
-        QueueDispatcher(lambda b: succeed(sent.append(b))).submit(b"{}")
-        self.assertEqual(sent, [b"{}"])
-
-
 class CalendarWebTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.out = Recorder()
-        self.web = CalendarCollect(self.out, lambda t: succeed(t == "s3cret"), max_body=4096)
+        self.clock, self.metrics = Clock(), Metrics()
+        token = SiteToken(Auth(self.clock, self.metrics), "calendar",
+                          lambda t: succeed(t == "s3cret"))
+        self.web = CalendarCollect(self.out, token, max_body=4096)
         self.http = StubTreq(self.web.resource())
 
     def post(self, query: str, body: str, headers: dict[str, str] | None = None) -> Any:
@@ -302,18 +172,18 @@ class CalendarWebTests(SynchronousTestCase):
 
 
 class Flaky(Recorder):
-    """A dispatcher whose first ``failures`` submits fail as a full outbox does."""
+    """A collector queue whose first ``failures`` publications fail as a full outbox does."""
 
     def __init__(self, failures: int) -> None:
         super().__init__()
         self.failures = failures
         self.attempts = 0
 
-    def submit(self, body: bytes) -> Any:
+    def publish(self, body: bytes) -> Any:
         self.attempts += 1
         if self.attempts <= self.failures:
             raise Unavailable("the outbox is full")
-        return super().submit(body)
+        return super().publish(body)
 
 
 class SharedCalendarQueueTests(SynchronousTestCase):
@@ -335,7 +205,7 @@ class SharedCalendarQueueTests(SynchronousTestCase):
                 retry_max=4, metrics=self.broker.metrics, broker=self.broker, exchange=topic)
             return queue
 
-        self.source = CalendarSource(self.hub, dispatcher, shared=shared)
+        self.source = CalendarSource(dispatcher, shared)
         self.source.start()
 
     def test_each_calendar_topic_gets_a_shared_queue_instead_of_a_subscription(self) -> None:
@@ -380,11 +250,31 @@ class SharedCalendarQueueTests(SynchronousTestCase):
             self.successResultOf(d)
             self.assertEqual(delivery.acks, 1)
         reasons = [props["headers"][REASON_HEADER] for route, _, props in self.channel.published]
-        self.assertEqual(reasons, ["the calendar event is not JSON"] * 2 + [
-            "the calendar event is not a JSON object",
+        self.assertEqual(reasons, [
+            "the calendar event is not valid JSON: Expecting value: line 1 column 1 (char 0)",
+            "the calendar event is nested too deeply (more than 64 levels)",
+            "the calendar event must be a JSON object",
             "the calendar event has no usable eventPath"])
         self.assertEqual({route.routing_key for route, _, _ in self.channel.published},
                          {"mailhub:calendar:event:created:dead"})
+        self.assertEqual(out.bodies, [])
+
+    def test_nan_infinity_utf16_and_too_large_events_are_dead_lettered_with_the_reason(
+            self) -> None:
+        from tests.test_decoding import REFUSED
+
+        out = Recorder()
+        self.start(out)
+        queue = self.queues["calendar:event:updated"]
+        for n, (raw, why) in enumerate(REFUSED.items(), 1):
+            delivery = FakeDelivery(raw)
+            d = queue.handle(delivery)
+            self.broker.outbox.ack(n, False)
+            self.successResultOf(d)
+            self.assertEqual(delivery.acks, 1)
+            reason = self.channel.published[-1][2]["headers"][REASON_HEADER]
+            self.assertTrue(reason.startswith("the calendar event "), reason)
+            self.assertIn(why, reason)
         self.assertEqual(out.bodies, [])
 
     def test_imported_events_and_events_without_attendees_are_acked_quietly(self) -> None:

@@ -10,8 +10,9 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
+from mailhub.config import LDAPSection
 from mailhub.directory.interfaces import IUserSource
-from mailhub.directory.ldap import LDAPService, LDAPSettings
+from mailhub.directory.ldap import LDAPService
 from mailhub.errors import Unavailable
 from tests.support import slapd as fixture
 from tests.support.slapd import Slapd
@@ -32,7 +33,7 @@ class LDAPServiceTests(TestCase):
         cls._tmp.cleanup()
 
     def setUp(self) -> None:
-        self.service = LDAPService(reactor, LDAPSettings(**self.server.settings(timeout=1.0)),
+        self.service = LDAPService(reactor, LDAPSection(**self.server.settings(timeout=1.0)),
                                    threads=2)
         self.service.startService()
         self.addCleanup(self.service.stopService)

@@ -24,7 +24,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
-from mailhub.directory.ldap import LDAPService, LDAPSettings, LDAPUserSource
+from mailhub.config import LDAPSection
+from mailhub.directory.ldap import LDAPService, LDAPUserSource
 from mailhub.errors import Unavailable
 from tests.support import slapd as fixture
 from tests.support.slapd import Slapd, make_certificates
@@ -119,7 +120,7 @@ class LDAPTLSTests(TestCase):
 
     def source(self, server: Slapd, **overrides: Any) -> LDAPUserSource:
         """A started LDAPService's source for ``server``, stopped after the test."""
-        settings = LDAPSettings(**server.settings(**{"timeout": 2.0, **overrides}))
+        settings = LDAPSection(**server.settings(**{"timeout": 2.0, **overrides}))
         service = LDAPService(reactor, settings, threads=2)
         service.startService()
         self.addCleanup(service.stopService)

@@ -200,6 +200,10 @@ class FakeSource:
         found = self.users.get(login)
         return succeed(found[0] if found and password and found[1] == password else None)
 
+    def catch_up(self) -> "Deferred[None]":
+        self.asked.append("catch up")
+        return fail(Unavailable(self.name + " is down")) if self.down else succeed(None)
+
     async def pages(self, page_size: int) -> AsyncIterator[list[User]]:
         if self.down:
             raise Unavailable(self.name + " is down")
@@ -304,7 +308,7 @@ def cached_site(pool: InlinePool, directory_loaded: bool = True) -> tuple[
         SiteUserSource, CountingStore, Any]:
     from twisted.internet.task import Clock
 
-    from mailhub.directory.cache import Directory
+    from mailhub.directory.service import Directory
 
     store = MemoryStore()
     result(store.create_profile(ALICE))
@@ -328,6 +332,19 @@ def test_a_login_that_is_no_site_user_costs_no_store_call(pool: InlinePool) -> N
     assert result(chain.find("dave")).source == "ldap"
     assert store.calls == {}
     assert pool.calls == 0  # no hashing either: the site source never decided
+
+
+def test_catching_up_brings_a_site_user_made_elsewhere_through_the_one_chain(
+        pool: InlinePool) -> None:
+    site, store, directory = cached_site(pool)
+    ldap = FakeSource("ldap", {})
+    chain = ChainedUserSource([site, ldap])
+    carol = Profile("C" * 22, "Carol", emails=(Email("carol@example.test"),))
+    result(store.create_profile(carol))  # by the CLI, or another instance
+    assert result(chain.find("carol@example.test")) is None  # memory has not followed yet
+    result(chain.catch_up())
+    assert result(chain.find("carol@example.test")).id == carol.id
+    assert ldap.asked.count("catch up") == 1
 
 
 def test_cached_site_users_are_found_by_id_and_by_any_address(pool: InlinePool) -> None:

@@ -12,7 +12,7 @@ from txamqp.content import Content
 
 from mailhub.errors import ValidationError
 from mailhub.metrics import Metrics
-from mailhub.pubsub.amqp import Consumer, Delivery, IDelivery
+from mailhub.pubsub.consumer import Consumer, Delivery, IDelivery
 from mailhub.pubsub.outbox import Outbox
 from mailhub.pubsub.workqueue import WorkQueue
 

@@ -6,17 +6,21 @@ import json
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailhub.config import DEFAULT_SPEC, AMQPSection, Config
-from mailhub.errors import ConfigError
+from mailhub.config import DEFAULT_SPEC, AMQPSection, Config, MailhubSection
+from mailhub.errors import ConfigError, Unavailable
 from mailhub.metrics import Metrics
-from mailhub.pubsub.amqp import Broker, BrokerAddress, GlobalPubSub, _Subscription, load_spec
+from mailhub.pubsub.connection import Broker, BrokerAddress, load_spec
+from mailhub.pubsub.globalpubsub import GlobalPubSub, _Subscription
 from mailhub.pubsub.local import LocalPubSub
 from mailhub.pubsub.outbox import Route
+from mailhub.pubsub.shared import LocalSharedSubscription
+from mailhub.pubsub.spool import SpoolQueue
 from mailhub.pubsub.wiring import make_hub, make_pubsub
 
 from tests.pubsub.fakes import FakeBroker, FakeChannel, FakeDelivery, require_spec
@@ -88,6 +92,22 @@ class GlobalPubSubTests(SynchronousTestCase):
         self.assertEqual(delivery.acks, 1)
         self.assertEqual(self.broker.metrics.value("mailhub_pubsub_bad_messages_total"), 1)
 
+    def test_utf16_nan_infinity_too_deep_and_too_large_are_dropped_counted_and_acked(
+            self) -> None:
+        from tests.test_decoding import REFUSED
+
+        seen = []
+        bodies = ('{"a": 1}'.encode("utf-16"), '{"a": 1}'.encode("utf-16-le"),
+                  b'{"a": NaN}', b'{"a": Infinity}', b'[-Infinity]', *REFUSED)
+        for body in bodies:
+            delivery = FakeDelivery(body)
+            self.successResultOf(self.pubsub._deliver(_Subscription("t", seen.append),
+                                                      delivery))
+            self.assertEqual(delivery.acks, 1)
+        self.assertEqual(seen, [])
+        self.assertEqual(self.broker.metrics.value("mailhub_pubsub_bad_messages_total"),
+                         len(bodies))
+
     def test_subscribe_waits_for_a_connection(self) -> None:
         d = self.pubsub.topic("t").subscribe(lambda data: None)
         self.assertNoResult(d)
@@ -141,11 +161,19 @@ class ConfigurationTests(SynchronousTestCase):
         self.assertEqual((default.port, default.vhost, default.username), (5672, "/", "guest"))
         self.assertNotIn("p:w", repr(address))
 
-    def test_without_broker_global_topics_are_local(self) -> None:
-        made = make_pubsub(Config(), Clock(), Metrics())
+    def test_without_broker_global_topics_are_local_and_work_queues_are_spools(self) -> None:
+        data = tempfile.mkdtemp(prefix="mailhub-data-")
+        self.addCleanup(shutil.rmtree, data, True)
+        config = Config(mailhub=MailhubSection(data=data))
+        made = make_pubsub(config, Clock(), Metrics())
         self.assertIs(made.hub.global_, made.hub.local)
         self.assertEqual(made.services, [])
-        self.assertIsNone(made.work_queue("collector:email"))
+        queue = made.work_queue("collector:email", spool="collector-spool")
+        self.assertIsInstance(queue, SpoolQueue)
+        self.assertIs(made.work_queue("collector:email"), queue)
+        assert isinstance(queue, SpoolQueue)
+        self.assertEqual(queue.spool.folder, Path(data) / "collector-spool")
+        self.assertTrue((Path(data) / "collector-spool" / "dead").is_dir())
         self.assertEqual(made.health(), {"ok": True, "state": "disabled"})
 
     def test_missing_spec_stops_start_up(self) -> None:
@@ -166,7 +194,12 @@ class ConfigurationTests(SynchronousTestCase):
         self.assertEqual(made.health(), {"ok": False, "state": "disconnected", "outbox": 0})
 
     def test_shared_subscription_is_one_named_queue_bound_to_the_topic(self) -> None:
-        self.assertIsNone(make_pubsub(Config(), Clock(), Metrics()).shared_subscription("t"))
+        local = make_pubsub(Config(), Clock(), Metrics())
+        without = local.shared_subscription("t")
+        # Without a broker: the (local) global topic itself, with the retries.
+        self.assertIsInstance(without, LocalSharedSubscription)
+        self.assertIs(local.shared_subscription("t"), without)
+        self.assertEqual((without.name, without.exchange), ("mailhub:t", "t"))
         require_spec()
         config = Config(amqp=AMQPSection(url="amqp://127.0.0.1", prefetch=3))
         made = make_pubsub(config, Clock(), Metrics())
@@ -192,3 +225,59 @@ class ConfigurationTests(SynchronousTestCase):
         self.assertEqual(client.heartbeatInterval, 7)
         self.assertIs(client.clock, clock)
         self.assertEqual(client.delegate.connection_name, "node-1")
+
+
+class OwnPublicationTests(SynchronousTestCase):
+    """A process's own publications reach its own subscribers at once, once."""
+
+    def setUp(self) -> None:
+        self.broker = FakeBroker(limit=3)
+        self.pubsub = GlobalPubSub(self.broker)  # type: ignore[arg-type]
+        self.seen: list[tuple[str, object]] = []
+        for topic in ("mail:expunge", "mailbox:create", "mailbox:delete"):
+            self.pubsub.topic(topic).subscribe(
+                lambda data, topic=topic: self.seen.append((topic, data)))
+
+    def test_at_once_and_in_publication_order_with_the_broker_away(self) -> None:
+        for topic in ("mail:expunge", "mailbox:create", "mailbox:delete"):
+            self.pubsub.topic(topic).publish({"user": "alice"})
+        self.assertEqual([topic for topic, _ in self.seen],
+                         ["mail:expunge", "mailbox:create", "mailbox:delete"])
+        self.assertEqual(len(self.broker.outbox), 3)  # and on their way to the broker
+
+    def test_the_copy_coming_back_from_the_broker_is_acked_not_delivered_again(self) -> None:
+        channel = FakeChannel()
+        self.broker.outbox.attach(channel)
+        self.pubsub.topic("mail:expunge").publish({"n": 1})
+        [(route, body, properties)] = channel.published
+        self.assertEqual(properties["headers"], {"x-mailhub-instance": self.pubsub.instance})
+        own = FakeDelivery(body, properties)
+        subscription = _Subscription("mail:expunge", self.seen.append)
+        self.successResultOf(self.pubsub._deliver(subscription, own))
+        self.assertEqual((own.acks, len(self.seen)), (1, 1))
+        # Another mailhub's publication, and an ESN node's (no header), are delivered.
+        other = FakeDelivery(body, {"headers": {"x-mailhub-instance": "another"}})
+        esn = FakeDelivery(b'{"n": 2}')
+        self.successResultOf(self.pubsub._deliver(subscription, other))
+        self.successResultOf(self.pubsub._deliver(subscription, esn))
+        self.assertEqual(self.seen[1:], [{"n": 1}, {"n": 2}])
+        self.assertEqual((other.acks, esn.acks), (1, 1))
+
+    def test_a_full_outbox_refuses_and_nobody_sees_the_publication(self) -> None:
+        for n in range(3):
+            self.pubsub.topic("mail:expunge").publish({"n": n})
+        self.failureResultOf(self.pubsub.topic("mail:expunge").publish({"n": 3}), Unavailable)
+        self.assertEqual([data for _, data in self.seen], [{"n": 0}, {"n": 1}, {"n": 2}])
+        self.assertFalse(self.pubsub.has_room())
+        room = self.pubsub.when_room()
+        self.assertNoResult(room)
+        self.broker.outbox.attach(FakeChannel())
+        self.broker.outbox.ack(1, False)
+        self.successResultOf(room)
+
+    def test_unsubscribed_callbacks_see_no_more_own_publications(self) -> None:
+        gone: list[object] = []
+        self.pubsub.topic("t").subscribe(gone.append)
+        self.pubsub.topic("t").unsubscribe(gone.append)
+        self.pubsub.topic("t").publish({"n": 1})
+        self.assertEqual(gone, [])

@@ -150,3 +150,49 @@ class OutboxTests(SynchronousTestCase):
         self.failureResultOf(sent, Unavailable)
         self.failureResultOf(queued, Unavailable)
         self.assertEqual(len(self.outbox), 0)
+
+
+class RoomTests(SynchronousTestCase):
+    """``when_room``: a publisher waits for room instead of reading Deferred internals."""
+
+    def setUp(self) -> None:
+        self.outbox = Outbox(2, Metrics())
+        self.channel = FakeChannel()
+
+    def test_room_is_at_once_while_there_is_some(self) -> None:
+        self.assertTrue(self.outbox.has_room())
+        self.successResultOf(self.outbox.when_room())
+
+    def test_a_full_outbox_makes_room_when_the_broker_confirms(self) -> None:
+        puts = [self.outbox.put(TOPIC, b"%d" % i, PROPS) for i in range(2)]
+        self.assertFalse(self.outbox.has_room())
+        room = self.outbox.when_room()
+        self.assertNoResult(room)
+        self.outbox.attach(self.channel)
+        self.assertNoResult(room)  # sent, not yet confirmed: still held
+        self.outbox.ack(1, False)
+        self.successResultOf(room)
+        self.successResultOf(puts[0])
+
+    def test_a_refusal_or_a_shutdown_makes_room_too(self) -> None:
+        puts = [self.outbox.put(TOPIC, b"%d" % i, PROPS) for i in range(2)]
+        self.outbox.attach(self.channel)
+        room = self.outbox.when_room()
+        self.outbox.nack(1, False)
+        self.successResultOf(room)
+        self.failureResultOf(puts[0], Unavailable)
+        self.outbox.put(TOPIC, b"2", PROPS).addErrback(lambda _: None)
+        again = self.outbox.when_room()
+        self.outbox.fail_all("stopping")
+        self.successResultOf(again)
+        self.failureResultOf(puts[1], Unavailable)
+
+    def test_a_cancelled_wait_is_forgotten(self) -> None:
+        for i in range(2):
+            self.outbox.put(TOPIC, b"%d" % i, PROPS)
+        room = self.outbox.when_room()
+        room.cancel()
+        self.failureResultOf(room)
+        self.outbox.attach(self.channel)
+        self.outbox.ack(2, True)  # nothing left to wake, nothing fails
+        self.assertTrue(self.outbox.has_room())

@@ -20,7 +20,8 @@ from mailhub.collector.sources import CALENDAR_TOPICS, CalendarSource
 from mailhub.errors import Unavailable, ValidationError
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
-from mailhub.pubsub.amqp import Broker, GlobalPubSub
+from mailhub.pubsub.connection import Broker
+from mailhub.pubsub.globalpubsub import GlobalPubSub
 from mailhub.pubsub.local import LocalPubSub
 from mailhub.pubsub.wiring import PubSub
 from mailhub.pubsub.workqueue import REASON_HEADER, WorkQueue
@@ -175,6 +176,24 @@ class GlobalPubSubTests(RabbitMQTestCase):
         await raw.publish_like_esn(topic, b'{"after": 1}')
         await wait_for(lambda: seen == [{"after": 1}], what="the message after the bad one")
         self.assertEqual(broker.metrics.value("mailhub_pubsub_bad_messages_total"), 1)
+
+    @inline
+    async def test_utf16_and_nan_bodies_are_refused_and_the_subscription_goes_on(
+            self) -> None:
+        raw = await self.raw()
+        topic = self.topic_name()
+        broker = await self.broker()
+        pubsub = GlobalPubSub(broker)
+        seen: list[Any] = []
+        await pubsub.topic(topic).subscribe(seen.append)
+        refused = ('{"a": 1}'.encode("utf-16"), '{"a": 1}'.encode("utf-16-le"),
+                   b'{"a": NaN}', b'{"a": -Infinity}')
+        for body in refused:
+            await raw.publish_like_esn(topic, body)
+        await raw.publish_like_esn(topic, b'{"after": 1}')
+        await wait_for(lambda: seen == [{"after": 1}], what="the message after the bad ones")
+        self.assertEqual(broker.metrics.value("mailhub_pubsub_bad_messages_total"),
+                         len(refused))
 
     @inline
     async def test_unsubscribe_stops_delivery(self) -> None:
@@ -410,11 +429,11 @@ class SharedSubscriptionTests(RabbitMQTestCase):
         pubsub = PubSub(Hub(LocalPubSub(), GlobalPubSub(broker)), [broker], broker,
                         reactor, broker.metrics)
 
-        def shared(topic: str) -> WorkQueue | None:
+        def shared(topic: str) -> Any:
             return pubsub.shared_subscription(topics[topic], queue=topics[topic] + ":shared",
                                               retry_initial=0.05, retry_max=0.2, **kw)
 
-        source = CalendarSource(pubsub.hub, dispatcher, broker.metrics, shared=shared)
+        source = CalendarSource(dispatcher, shared, broker.metrics)
         source.start()
         self.addCleanup(source.stop)
         queues = [pubsub.shared_subscription(topic, queue=topic + ":shared")
@@ -452,7 +471,7 @@ class SharedSubscriptionTests(RabbitMQTestCase):
             def __init__(self, who: str) -> None:
                 self.who = who
 
-            def submit(self, body: bytes) -> Deferred[None]:
+            def publish(self, body: bytes) -> Deferred[None]:
                 submitted[self.who].append(json.loads(body)["userId"])
                 return deferLater(reactor, 0.01, lambda: None)
 
@@ -484,7 +503,7 @@ class SharedSubscriptionTests(RabbitMQTestCase):
         attempts: list[str] = []
 
         class FullOutbox:
-            def submit(self, body: bytes) -> Deferred[None]:
+            def publish(self, body: bytes) -> Deferred[None]:
                 attempts.append(json.loads(body)["userId"])
                 if len(attempts) < 3:
                     return fail(Unavailable("the outbox is full"))

@@ -14,8 +14,8 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
-from mailhub.config import Config, PushSection
-from mailhub.directory.ldap import LDAPService, LDAPSettings
+from mailhub.config import Config, LDAPSection, PushSection
+from mailhub.directory.ldap import LDAPService
 from mailhub.directory.users import ChainedUserSource
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
@@ -32,7 +32,7 @@ class LDAPEventStreamTests(TestCase):
         self.addCleanup(self._tmp.cleanup)
         self.server = Slapd(self._tmp.name, users=3).start()
         self.addCleanup(self.server.stop)
-        ldap = LDAPService(reactor, LDAPSettings(**self.server.settings(timeout=2.0)),
+        ldap = LDAPService(reactor, LDAPSection(**self.server.settings(timeout=2.0)),
                            threads=1)
         ldap.startService()
         self.addCleanup(ldap.stopService)

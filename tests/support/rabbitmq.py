@@ -78,7 +78,7 @@ class RawClient:
 
     @classmethod
     async def connect(cls, reactor: Any) -> "RawClient":
-        from mailhub.pubsub.amqp import load_spec
+        from mailhub.pubsub.connection import load_spec
 
         delegate = TwistedDelegate()
         client = AMQClient(delegate, "/", load_spec(DEFAULT_SPEC), heartbeat=0, clock=reactor)

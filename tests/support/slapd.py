@@ -269,11 +269,18 @@ class Slapd:
         return str(self.tls_files.ca_file)
 
     def settings(self, **overrides: Any) -> dict[str, Any]:
-        """Keyword arguments for LDAPSettings that point at this server."""
+        """Keyword arguments for LDAPSection that point at this server.
+
+        ``urls`` (a sequence of servers, in failover order) may be given
+        instead of ``url``.
+        """
         values: dict[str, Any] = {
-            "urls": (self.url,), "base_dn": BASE_DN, "bind_dn": READER_DN,
+            "url": self.url, "base_dn": BASE_DN, "bind_dn": READER_DN,
             "bind_password": READER_PASSWORD,
         }
+        if "urls" in overrides:
+            overrides = dict(overrides)
+            values["url"] = " ".join(overrides.pop("urls"))
         values.update(overrides)
         return values
 

@@ -21,18 +21,19 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.server import Site
 from zope.interface import implementer
 
+from mailhub.auth import Throttle
 from mailhub.config import Config, LDAPSection, MailStoreSection
 from mailhub.directory.interfaces import IUserSource
-from mailhub.directory.ldap import LDAPService, LDAPSettings
+from mailhub.directory.ldap import LDAPService
 from mailhub.directory.memory import MemoryStore
 from mailhub.directory.model import Email, Profile, User
-from mailhub.directory.throttle import Throttle
 from mailhub.directory.users import ChainedUserSource, HashingService, SiteUserSource, hash_password
 from mailhub.errors import Unavailable
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from mailhub.web.mailstore import MailStoreIntegration
 from tests.support import slapd as fixture
+from tests.support.auth import auth_failures
 from tests.support.require import free_port
 from tests.support.slapd import Slapd
 
@@ -148,14 +149,14 @@ class MailStoreUnitTests(SynchronousTestCase):
         self.assertEqual(data["at"], "1970-01-01T00:00:00Z")
         self.assertIn("client", data)
         self.assertNotIn("pw-user2", json.dumps(data))
-        self.assertEqual(self.metrics.value("mailhub_mailstore_auth_total", {"result": "success"}), 1)
+        self.assertEqual(self.metrics.value("mailhub_auth_successes_total", {"surface": "mailstore"}), 1)
 
     def test_wrong_or_empty_passwords_fail_and_are_published(self) -> None:
         for password in ("nope", ""):
             response, body = self.post({"cmd": "auth", "user": "user2", "pass": password})
             self.assertEqual((response.code, body), (200, {"succeeded": False}))
         self.assertEqual([t for t, _ in self.events], ["login:failure", "login:failure"])
-        self.assertEqual(self.metrics.value("mailhub_mailstore_auth_total", {"result": "failure"}), 2)
+        self.assertEqual(auth_failures(self.metrics, "mailstore"), 2)
 
     def test_auth_while_the_source_is_down_is_a_503_never_a_success(self) -> None:
         self.users.down = True
@@ -251,7 +252,7 @@ class MailStoreAgainstSlapd(TestCase):
         cls._tmp.cleanup()
 
     def build(self, urls: tuple[str, ...]) -> None:
-        settings = LDAPSettings(**self.server.settings(urls=urls, timeout=1.0))
+        settings = LDAPSection(**self.server.settings(urls=urls, timeout=1.0))
         ldap = LDAPService(reactor, settings, threads=2)
         hashing = HashingService(threads=1)
         for service in (ldap, hashing):

@@ -1,34 +1,24 @@
-"""The global pubsub over RabbitMQ (AMQP 0-9-1, txamqp), ESN-compatible.
+"""The one reconnecting AMQP connection of a mailhub process (txamqp).
 
-:class:`Broker` is the one reconnecting connection of a mailhub process: a
-``ClientService`` with ``backoffPolicy()``, heartbeats on, whose
-``prepareConnection`` authenticates, opens a publisher channel in confirm mode
-and a control channel for declarations, then lets each user of the connection
-(:class:`GlobalPubSub`, :class:`~mailhub.pubsub.workqueue.WorkQueue`) set its
-channels up again. Publications go through the broker's
-:class:`~mailhub.pubsub.outbox.Outbox` (bounded, confirmed, kept across
-reconnections).
+:class:`Broker` is a ``ClientService`` with ``backoffPolicy()``, heartbeats
+on, whose ``prepareConnection`` authenticates, opens a publisher channel in
+confirm mode and a control channel for declarations, then lets each user of
+the connection (:class:`~mailhub.pubsub.globalpubsub.GlobalPubSub`,
+:class:`~mailhub.pubsub.workqueue.WorkQueue`) set its channels up again.
+Publications go through the broker's :class:`~mailhub.pubsub.outbox.Outbox`
+(bounded, confirmed, kept across reconnections). A :class:`Session` is one
+live connection; consumers (:mod:`mailhub.pubsub.consumer`) open their
+channels on it.
 
-:class:`GlobalPubSub` speaks ESN's wire format: one durable fanout exchange per
-topic, named as the topic; JSON text bodies; routing key ``''``; each
-subscription has its own queue bound to that exchange. ESN's queues are
-server-named, exclusive and auto-delete, so they die with the connection and
-a subscriber misses what is published until it is back; mailhub's are named
-per subscription and expire (``x-expires``) only after
-:data:`SUBSCRIPTION_EXPIRES` without a consumer, so a subscription that comes
-back after a cut connection gets what was published meanwhile. Exchanges are
-declared exactly as OpenPaaS declares them
-(amqplib's ``assertExchange(topic, 'fanout')``, whose default is
-``durable: true``), so both can share a topic without PRECONDITION_FAILED.
+Frames are coded by :mod:`mailhub.pubsub.frames` (quarantined there: see its
+docstring for why txamqp's own codec is not enough).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import socket
-import uuid
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 from urllib.parse import unquote, urlsplit
@@ -36,10 +26,9 @@ from urllib.parse import unquote, urlsplit
 import attrs
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
-from twisted.internet.defer import (
-    Deferred, DeferredList, TimeoutError as DeferredTimeout, fail, maybeDeferred, succeed,
-)
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.internet.ssl import optionsForClientTLS
@@ -48,8 +37,7 @@ from twisted.python.failure import Failure
 from txamqp.client import ChannelClosed, Closed, TwistedDelegate
 from txamqp.content import Content
 from txamqp.protocol import AMQClient
-from txamqp.queue import Closed as QueueClosed
-from zope.interface import Attribute, Interface, implementer
+from zope.interface import implementer
 
 from mailhub.errors import ConfigError, Unavailable
 from mailhub.metrics import Metrics
@@ -126,6 +114,23 @@ class BrokerAddress:
         if self.tls:
             return wrapClientTLS(optionsForClientTLS(self.host), tcp)
         return tcp
+
+
+@implementer(IStreamClientEndpoint)
+class _Watched:
+    """An endpoint that tells ``failed`` why a connection attempt failed
+    (ClientService retries without saying)."""
+
+    def __init__(self, endpoint: Any, failed: Callable[[Failure], None]) -> None:
+        self._endpoint = endpoint
+        self._failed = failed
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        def failed(failure: Failure) -> Failure:
+            self._failed(failure)
+            return failure
+
+        return self._endpoint.connect(factory).addErrback(failed)  # type: ignore[no-any-return]
 
 
 class _Delegate(TwistedDelegate):
@@ -336,185 +341,6 @@ class _PublishChannel:
         d.addErrback(_ignore)
 
 
-class IDelivery(Interface):
-    """One message handed to a consumer."""
-
-    body = Attribute("the message body (bytes)")
-    properties = Attribute("its AMQP properties (dict, txamqp names: 'headers', ...)")
-    redelivered = Attribute("whether the broker delivered it before")
-
-    def alive() -> bool:
-        """Whether it can still be acked (its channel is open)."""
-
-    def ack() -> Deferred[None]:
-        """Acknowledge it: the broker forgets it."""
-
-    def requeue() -> Deferred[None]:
-        """Give it back to the broker (``basic.reject``, requeue): redelivered later.
-
-        Does nothing once it was acked or requeued, or when its channel is
-        closed (the broker has taken it back already).
-        """
-
-
-@implementer(IDelivery)
-class Delivery:
-    """One message delivered to one of our consumers (pubsub or work queue)."""
-
-    def __init__(self, channel: Any, message: Any) -> None:
-        self._channel = channel
-        self.tag = message.delivery_tag
-        self.redelivered = bool(message.redelivered)
-        content = message.content
-        body = content.body if content is not None else b""
-        self.body: bytes = body if isinstance(body, bytes) else body.encode("utf-8")
-        self.properties: dict[str, Any] = dict(content.properties) if content is not None else {}
-
-        self.settled = False
-
-    def alive(self) -> bool:
-        """Whether it can still be acked (its channel is open)."""
-        return not self._channel.closed
-
-    def ack(self) -> Deferred[None]:
-        self.settled = True
-        return self._channel.basic_ack(delivery_tag=self.tag, multiple=False)
-
-    def requeue(self) -> Deferred[None]:
-        if self.settled or not self.alive():
-            return succeed(None)
-        self.settled = True
-        return self._channel.basic_reject(delivery_tag=self.tag, requeue=True)
-
-
-class _Unreadable(Delivery):
-    """A message :class:`Delivery` could not read: it can only be requeued."""
-
-    def __init__(self, channel: Any, message: Any) -> None:
-        self._channel = channel
-        self.tag = getattr(message, "delivery_tag", None)
-        self.redelivered = True
-        self.body = b""
-        self.properties = {}
-        self.settled = False
-
-
-class Consumer:
-    """A basic.consume on its own channel, feeding deliveries to a function.
-
-    ``sequential``: wait for each delivery's handling before taking the next
-    (pubsub subscriptions keep order); otherwise up to ``prefetch`` messages
-    are handled at once (work queues). The loop ends when the connection
-    closes; the owner starts a new Consumer on the next session.
-
-    ``handle`` is expected to settle every delivery itself (ack, dead-letter
-    or leave it to a lost connection). When it raises or its Deferred fails
-    anyway (a bug), the failure is logged, the loop goes on with the next
-    message, and the delivery is given back to the broker after
-    :attr:`requeue_delay` seconds (so it is neither lost nor held unacked
-    until the connection ends, and a message that always trips the bug is
-    not redelivered in a hot loop).
-    """
-
-    log = Logger()
-
-    #: Seconds before a delivery whose handling failed unexpectedly is
-    #: requeued.
-    requeue_delay = 5.0
-
-    def __init__(self, session: Session, channel: Any, tag: str, queue: Any,
-                 clock: Any = None) -> None:
-        self.session = session
-        self.channel = channel
-        self.tag = tag
-        self._queue = queue
-        self._clock = clock
-        self._requeues: set[Any] = set()
-        self.cancelled = False
-        self.failures = 0
-
-    @classmethod
-    async def start(cls, session: Session, queue_name: str, prefetch: int,
-                    handle: Callable[[IDelivery], Any], sequential: bool,
-                    channel: Any = None, clock: Any = None) -> "Consumer":
-        if channel is None:
-            channel = await session.open_channel()
-        await channel.basic_qos(prefetch_size=0, prefetch_count=prefetch, global_=False)
-        reply = await channel.basic_consume(queue=queue_name, no_ack=False)
-        queue = await session.client.queue(reply.consumer_tag)
-        consumer = cls(session, channel, reply.consumer_tag, queue, clock)
-        d = Deferred.fromCoroutine(consumer._run(handle, sequential))
-        d.addErrback(lambda f: cls.log.failure("AMQP consumer {tag} stopped", f,
-                                               tag=consumer.tag))
-        return consumer
-
-    async def _run(self, handle: Callable[[IDelivery], Any], sequential: bool) -> None:
-        while True:
-            try:
-                message = await self._queue.get()
-            except (QueueClosed, Closed):
-                return
-            try:
-                delivery = Delivery(self.channel, message)
-            except Exception:
-                # Not expected of txamqp's messages; if it happens, the
-                # message still goes back to the broker, unseen.
-                self._handling_failed(Failure(), _Unreadable(self.channel, message))
-                continue
-            try:
-                result = handle(delivery)
-            except Exception:
-                self._handling_failed(Failure(), delivery)
-                continue
-            if isinstance(result, Deferred):
-                result.addErrback(self._handling_failed, delivery)
-                if sequential:
-                    await result
-
-    def _handling_failed(self, failure: Failure, delivery: IDelivery) -> None:
-        self.failures += 1
-        self.log.failure("handling a message on AMQP consumer {tag} failed; it goes back "
-                         "to the queue in {delay} s", failure, tag=self.tag,
-                         delay=self.requeue_delay)
-        if self._clock is None:
-            self._requeue(delivery)
-            return
-        call = self._clock.callLater(self.requeue_delay, self._requeue, delivery)
-        self._requeues.add(call)
-
-    def _requeue(self, delivery: IDelivery) -> None:
-        self._requeues = {c for c in self._requeues if c.active()}
-        d = delivery.requeue()
-        d.addErrback(lambda f: None)  # channel gone: the broker requeued it already
-
-    async def cancel(self) -> None:
-        """Stop consuming; unacked messages go back to the queue."""
-        if self.cancelled:
-            return
-        self.cancelled = True
-        for call in self._requeues:
-            if call.active():
-                call.cancel()
-        self._requeues.clear()
-        try:
-            await self.channel.basic_cancel(consumer_tag=self.tag)
-        except Closed:
-            pass
-        self._queue.close()
-        self.session.client.queues.pop(self.tag, None)
-        await self.session.close_channel(self.channel)
-
-
-def call_handler(handler: Callable[[Any], Any], value: Any) -> Deferred[Any]:
-    """Call a handler that may return a value, a Deferred or a coroutine."""
-    def call() -> Any:
-        result = handler(value)
-        if inspect.iscoroutine(result):
-            return Deferred.fromCoroutine(result)
-        return result
-    return maybeDeferred(call)
-
-
 class Broker(Service):
     """The reconnecting AMQP connection of one mailhub process.
 
@@ -549,10 +375,14 @@ class Broker(Service):
             "mailhub_amqp_connected", "1 while the AMQP broker is connected")
         self._connections = self.metrics.counter(
             "mailhub_amqp_connections_total", "AMQP connections made")
+        #: Why the last connection attempt failed (None once one succeeded),
+        #: for the health checks (mailhub.checks).
+        self.last_error: str | None = None
+        self._settling: list[Deferred[None]] = []
         self._factory = _Factory(self.spec, self.address.vhost, heartbeat, reactor,
                                  self.connection_name)
         self._service = ClientService(
-            self.address.endpoint(reactor), self._factory,
+            _Watched(self.address.endpoint(reactor), self._connect_failed), self._factory,
             retryPolicy=self._retry_delay,
             clock=reactor, prepareConnection=self._prepare)
 
@@ -587,6 +417,25 @@ class Broker(Service):
         d: Deferred[Session] = Deferred()
         self._waiting.append(d)
         return d
+
+    def settled(self) -> Deferred[None]:
+        """Fires once a connection attempt has ended: set up (``connected``)
+        or failed (``last_error`` says why); at once if one has already."""
+        if self.session is not None or self.last_error is not None:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._settling.append(d)
+        return d
+
+    def _settle(self, error: str | None) -> None:
+        self.last_error = error
+        waiting, self._settling = self._settling, []
+        for d in waiting:
+            d.callback(None)
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self._settle("%s:%d: cannot connect: %s" % (
+            self.address.host, self.address.port, failure.getErrorMessage()))
 
     def startService(self) -> None:
         super().startService()
@@ -667,6 +516,7 @@ class Broker(Service):
             self.log.warn("AMQP set-up on {host}:{port} failed: {error}",
                           host=self.address.host, port=self.address.port,
                           error=_reply_text(e))
+            self._settle(self._refusal(e))
             # ClientService (Twisted 26) neither closes a connection whose
             # preparation failed nor accepts that connection being lost
             # afterwards. So the preparation never fails: ClientService
@@ -687,9 +537,21 @@ class Broker(Service):
                       host=self.address.host, port=self.address.port,
                       name=self.connection_name)
         self.outbox.attach(_PublishChannel(session))
+        self._settle(None)
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(session)
+
+    def _refusal(self, error: Exception) -> str:
+        """What a failed set-up means, in the words an operator needs."""
+        where = "%s:%d" % (self.address.host, self.address.port)
+        reason = _reply_text(error)
+        code = reason.split(" ", 1)[0]
+        if code == "403":
+            return "%s refused the login of %s: %s" % (where, self.address.username, reason)
+        if code == "530":
+            return "%s refused the virtual host %s: %s" % (where, self.address.vhost, reason)
+        return "%s refused the channel set-up: %s" % (where, reason)
 
     def _lost(self, session: Session) -> None:
         session.lost = True
@@ -699,6 +561,8 @@ class Broker(Service):
             self.outbox.detach()
             self.log.warn("AMQP connection to {host}:{port} lost",
                           host=self.address.host, port=self.address.port)
+            self._settle("%s:%d: the connection was lost; reconnecting"
+                         % (self.address.host, self.address.port))
         for user in list(self._users):
             try:
                 user.disconnected(session)
@@ -706,243 +570,4 @@ class Broker(Service):
                 self.log.failure("AMQP user {user!r} failed on disconnection", user=user)
 
 
-Subscriber = Callable[[Any], Any]
-
-
 #: Milliseconds a subscription's queue outlives its consumer (``x-expires``):
-#: long enough to come back after a cut connection or a broker restart, short
-#: enough that a node that died leaves nothing behind for long.
-SUBSCRIPTION_EXPIRES = 300_000
-#: Messages a subscription's queue keeps at most while its node is away
-#: (``x-max-length``; the oldest go first).
-SUBSCRIPTION_MAX_LENGTH = 100_000
-
-
-def _queue_name(topic: str) -> str:
-    """A subscription's own queue: recognisable, unique, within AMQP's 255 bytes."""
-    return "mailhub.sub.%s.%s" % (topic.encode("utf-8")[:200].decode("utf-8", "ignore"),
-                                  uuid.uuid4().hex)
-
-
-@attrs.define(eq=False)
-class _Subscription:
-    topic: str
-    callback: Subscriber
-    queue: str = attrs.field(default=attrs.Factory(lambda self: _queue_name(self.topic),
-                                                   takes_self=True))
-    consumer: Consumer | None = None
-    active: bool = False
-    waiting: list[Deferred[None]] = attrs.Factory(list)
-
-    def ready(self) -> None:
-        waiting, self.waiting = self.waiting, []
-        for d in waiting:
-            d.callback(None)
-
-
-class GlobalTopic:
-    """One topic of the :class:`GlobalPubSub`: ESN's topic API over AMQP."""
-
-    def __init__(self, owner: "GlobalPubSub", name: str) -> None:
-        self.owner = owner
-        self.name = name
-        self._route = Route(name)
-
-    def subscribe(self, callback: Subscriber) -> Deferred[None]:
-        """Call ``callback(data)`` for every publication on this topic, from any node.
-
-        The returned Deferred fires once the subscription's queue is bound on
-        the broker (later if the broker is away now); callers may ignore it.
-        """
-        return self.owner._subscribe(self.name, callback)
-
-    def unsubscribe(self, callback: Subscriber) -> None:
-        """Stop calling ``callback`` for this topic (each of its subscriptions)."""
-        self.owner._unsubscribe(self.name, callback)
-
-    def publish(self, data: Any) -> Deferred[None]:
-        """Publish ``data`` as JSON; fires when the broker has confirmed it.
-
-        Fails with :class:`~mailhub.errors.Unavailable` when the outbox is
-        full (the broker has been away too long) or the broker refused it.
-        """
-        try:
-            body = encode_json(data).encode("utf-8")
-        except (TypeError, ValueError) as e:
-            return fail(TypeError("cannot publish %r on %s as JSON: %s" % (data, self.name, e)))
-        return self.owner.outbox.put(self._route, body, JSON_PROPERTIES)
-
-    def forward(self, other: Any, data: Any) -> Deferred[None]:
-        """Publish here, then on ``other`` under the same name (ESN's forward)."""
-        here = self.publish(data)
-        if other is self.owner:
-            return here
-        there = other.topic(self.name).publish(data)
-        return DeferredList([here, there], fireOnOneErrback=True, consumeErrors=True
-                            ).addCallback(lambda _: None).addErrback(
-                                lambda f: f.value.subFailure)
-
-
-class GlobalPubSub:
-    """ESN's global pubsub: topics shared by every node on the broker.
-
-    Subscriptions outlive connections: each is set up again on every new
-    connection. A subscriber that raises or fails is logged and the others
-    (on this topic and every other) still run. Messages that are not JSON (or
-    nest too deep to decode) are logged, counted and acked (a raw publisher's mistake cannot stop a topic).
-    """
-
-    log = Logger()
-
-    def __init__(self, broker: Broker, metrics: Metrics | None = None) -> None:
-        self.broker = broker
-        self.outbox = broker.outbox
-        self.prefetch = broker.prefetch
-        self._topics: dict[str, GlobalTopic] = {}
-        self._subscriptions: list[_Subscription] = []
-        self._ending: set[Deferred[None]] = set()
-        self._session: Session | None = None
-        metrics = metrics or broker.metrics
-        self._received = metrics.counter(
-            "mailhub_pubsub_received_total", "global pubsub messages received")
-        self._bad = metrics.counter(
-            "mailhub_pubsub_bad_messages_total",
-            "global pubsub messages dropped because they were not JSON")
-        self._subscriber_failures = metrics.counter(
-            "mailhub_pubsub_subscriber_failures_total", "global pubsub subscribers that failed")
-        broker.add(self)
-
-    def topic(self, name: str) -> GlobalTopic:
-        """The topic called ``name`` (an exchange of the same name)."""
-        found = self._topics.get(name)
-        if found is None:
-            found = self._topics[name] = GlobalTopic(self, name)
-        return found
-
-    def _subscribe(self, topic: str, callback: Subscriber) -> Deferred[None]:
-        subscription = _Subscription(topic, callback)
-        self._subscriptions.append(subscription)
-        ready: Deferred[None] = Deferred()
-        subscription.waiting.append(ready)
-        if self._session is not None:
-            self._start_soon(self._session, subscription)
-        return ready
-
-    def _unsubscribe(self, topic: str, callback: Subscriber) -> None:
-        for subscription in [s for s in self._subscriptions
-                             if s.topic == topic and s.callback == callback]:
-            self._subscriptions.remove(subscription)
-            subscription.active = False
-            subscription.ready()
-            consumer, subscription.consumer = subscription.consumer, None
-            if consumer is not None:
-                self._end_soon(consumer, subscription.queue)
-
-    def _end_soon(self, consumer: Consumer, queue: str) -> None:
-        """:meth:`_end` in the background; :meth:`drain` waits for it."""
-        d = Deferred.fromCoroutine(self._end(consumer, queue))
-        d.addErrback(lambda f: self.log.failure("cannot delete the queue {queue}", f,
-                                                queue=queue))
-        self._ending.add(d)
-        d.addBoth(lambda _: self._ending.discard(d))
-
-    async def _end(self, consumer: Consumer, queue: str) -> None:
-        """Stop consuming and delete the subscription's queue (it would expire anyway)."""
-        await consumer.cancel()
-        if not consumer.session.lost:
-            await consumer.session.delete_queue(queue)
-
-    async def drain(self, timeout: float) -> None:
-        """On shutdown: delete every subscription's queue, as nothing will come back
-        for it (within ``timeout`` seconds; what is left expires on the broker)."""
-        for subscription in list(self._subscriptions):
-            consumer, subscription.consumer = subscription.consumer, None
-            if consumer is not None:
-                self._end_soon(consumer, subscription.queue)
-        if not self._ending:
-            return
-        waiting = DeferredList(list(self._ending), consumeErrors=True)
-        waiting.addTimeout(timeout, self.broker.reactor)
-        try:
-            await waiting
-        except DeferredTimeout:
-            self.log.warn("the broker did not delete {count} subscription queues in {timeout} s;"
-                          " they expire by themselves", count=len(self._ending), timeout=timeout)
-
-    async def connected(self, session: Session) -> None:
-        self._session = session
-        for subscription in list(self._subscriptions):
-            await self._start(session, subscription)
-
-    def disconnected(self, session: Session) -> None:
-        if self._session is session:
-            self._session = None
-        for subscription in self._subscriptions:
-            if subscription.consumer is not None and subscription.consumer.session is session:
-                subscription.consumer = None
-
-    def _start_soon(self, session: Session, subscription: _Subscription) -> None:
-        d = Deferred.fromCoroutine(self._start(session, subscription))
-        d.addErrback(lambda f: self.log.failure(
-            "cannot subscribe to {topic}", f, topic=subscription.topic))
-
-    async def _start(self, session: Session, subscription: _Subscription) -> None:
-        try:
-            await session.declare_exchange(subscription.topic)
-        except Refused as e:
-            self.log.error("cannot subscribe to {topic}: the broker refused its exchange: "
-                           "{reason}", topic=subscription.topic, reason=str(e))
-            return
-        channel = await session.open_channel()
-        # Durable: RabbitMQ 4 deprecates transient queues that are not
-        # exclusive (and will refuse them); x-expires removes it all the same.
-        await channel.queue_declare(
-            queue=subscription.queue, exclusive=False, auto_delete=False, durable=True,
-            arguments={"x-expires": SUBSCRIPTION_EXPIRES,
-                       "x-max-length": SUBSCRIPTION_MAX_LENGTH})
-        await channel.queue_bind(queue=subscription.queue, exchange=subscription.topic,
-                                 routing_key="")
-
-        def handle(delivery: IDelivery) -> Deferred[None]:
-            return self._deliver(subscription, delivery)
-
-        consumer = await Consumer.start(session, subscription.queue, self.prefetch, handle,
-                                        sequential=True, channel=channel,
-                                        clock=self.broker.reactor)
-        if subscription not in self._subscriptions:
-            # Unsubscribed while we were setting up.
-            self._end_soon(consumer, subscription.queue)
-            return
-        subscription.consumer = consumer
-        subscription.active = True
-        subscription.ready()
-
-    def _deliver(self, subscription: _Subscription, delivery: Any) -> Deferred[None]:
-        """Hand one message to its subscriber, then ack it (failure or not)."""
-        self._received.inc()
-        try:
-            data = json.loads(delivery.body)
-        except (ValueError, RecursionError):
-            # RecursionError: JSON nested deeper than Python's stack (b"[" *
-            # 200000). Either way the body can never be decoded: drop it.
-            self._bad.inc()
-            self.log.warn("dropping a message on {topic} that is not JSON ({size} bytes)",
-                          topic=subscription.topic, size=len(delivery.body))
-            return self._ack(delivery)
-        d = call_handler(subscription.callback, data)
-
-        def failed(failure: Any) -> None:
-            self._subscriber_failures.inc()
-            self.log.failure("subscriber {subscriber!r} of {topic} failed", failure,
-                             subscriber=subscription.callback, topic=subscription.topic)
-
-        d.addErrback(failed)
-        d.addCallback(lambda _: self._ack(delivery))
-        return d
-
-    def _ack(self, delivery: Any) -> Deferred[None]:
-        if not delivery.alive():
-            return succeed(None)
-        d = delivery.ack()
-        d.addErrback(lambda f: None)
-        return d
