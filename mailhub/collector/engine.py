@@ -24,8 +24,13 @@ one contact across redeliveries and competing instances. Each creation
 The cache of known addresses holds only "this contact exists" answers (and
 whether anything could still be filled in), for [collector] cache_ttl
 seconds: a stale entry can only delay the re-collection of a contact the user
-deleted, never create a duplicate. It is dropped for a user whose collected
-book turns out to be gone.
+deleted, never create a duplicate. An entry for a contact of the collected
+book is used only once the book's copy, brought up to date (one
+sync-collection shared by the user's messages in flight, see
+:class:`~mailhub.collector.mirror.BookMirror`), still holds the address: a
+deleted or re-created book, or a deleted contact, is noticed at the next
+message. Entries for contacts in the user's other books are trusted until
+they expire.
 """
 
 from __future__ import annotations
@@ -84,26 +89,32 @@ class KnownAddresses:
         self._clock = clock
         self._ttl = ttl
         self._size = size
-        self._entries: OrderedDict[tuple[str, str], tuple[bool, float]] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, str], tuple[bool, float, bool]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def known(self, user: str, key: str, has_name: bool) -> bool:
         """True when the address is known to need no work for this message."""
+        return self.where(user, key, has_name) is not None
+
+    def where(self, user: str, key: str, has_name: bool) -> bool | None:
+        """None when the address is not known to need no work for this message;
+        else whether its contact is in the collected book (True) or another one."""
         entry = self._entries.get((user, key))
         if entry is None:
-            return False
-        final, expires = entry
+            return None
+        final, expires, collected = entry
         if expires <= self._clock.seconds():
             del self._entries[(user, key)]
-            return False
-        return final or not has_name
+            return None
+        return collected if final or not has_name else None
 
-    def remember(self, user: str, key: str, final: bool) -> None:
+    def remember(self, user: str, key: str, final: bool, collected: bool = True) -> None:
+        """Remember that the address has a contact (in the collected book or not)."""
         if self._size <= 0 or self._ttl <= 0:
             return
-        self._entries[(user, key)] = (final, self._clock.seconds() + self._ttl)
+        self._entries[(user, key)] = (final, self._clock.seconds() + self._ttl, collected)
         self._entries.move_to_end((user, key))
         while len(self._entries) > self._size:
             self._entries.popitem(last=False)
@@ -245,6 +256,9 @@ class CollectorEngine:
         self.known = KnownAddresses(clock, cache_ttl, cache_size)
         self.books = BookMirror(carddav, mirror_size, clock, metrics)
         self.lookups = Coalescer(self._find, carddav.when_short)
+        #: Checks that known contacts are still in the collected book, shared
+        #: like lookups by the messages of a user in flight together.
+        self.checks = Coalescer(self._in_collected)
         self._messages = metrics.counter(
             "mailhub_collector_messages_total", "Collector messages handled, by outcome",
             ["outcome"])
@@ -329,13 +343,28 @@ class CollectorEngine:
             self._skipped.labels(reason="invalid").inc()
         own = {k for k in (address_key(a) for a in (user.login, *user.emails)) if k}
         todo: list[Recipient] = []
+        in_collected: list[Recipient] = []
         for r in parsed.recipients:
             if r.key in own or user.owns(r.email):
                 self._skip(outcome, "own", r)
-            elif self.known.known(user.login, r.key, bool(r.name)):
-                self._skip(outcome, "exists", r)
-            else:
+                continue
+            where = self.known.where(user.login, r.key, bool(r.name))
+            if where is None:
                 todo.append(r)
+            elif where:
+                in_collected.append(r)
+            else:
+                self._skip(outcome, "exists", r)
+        if in_collected:
+            # Known, but the book (or the card) may have been deleted since:
+            # ask the collected book's copy, brought up to date.
+            found = await self.checks.lookup(self._layout.book(user), user, in_collected)
+            for r in in_collected:
+                if found.get(r.key):
+                    self._skip(outcome, "exists", r)
+                else:
+                    self.known.forget(user.login, r.key)
+                    todo.append(r)
         if todo and self._skip_site_users:
             site = await _settle(self._users.find(r.email) for r in todo)
             remaining = []
@@ -352,6 +381,18 @@ class CollectorEngine:
     def _skip(self, outcome: Outcome, reason: str, r: Recipient) -> None:
         outcome.skip(reason, r.email)
         self._skipped.labels(reason=reason).inc()
+
+    async def _in_collected(self, user: User,
+                            todo: list[Recipient]) -> dict[str, list[Card]]:
+        """Cards by key for ``todo`` in the collected book alone (none when it is gone)."""
+        by_key: dict[str, list[Card]] = {r.key: [] for r in todo}
+        spellings = [s for r in todo for s in (r.forms or (r.email,))]
+        for card in await self.books.find(self._layout.book(user), by_key, spellings):
+            for email in parse_vcard(card.text).emails:
+                key = address_key(email)
+                if key in by_key and card not in by_key[key]:
+                    by_key[key].append(card)
+        return by_key
 
     async def _find(self, user: User, todo: list[Recipient]) -> dict[str, list[Card]]:
         """One lookup for a batch: cards by key in any of the user's books.
@@ -395,7 +436,8 @@ class CollectorEngine:
             if r.name and not named and mine:
                 fills.append(self._fill(user, r, mine[0].url, outcome))
             else:
-                self.known.remember(user.login, r.key, final=named or not mine)
+                self.known.remember(user.login, r.key, final=named or not mine,
+                                    collected=bool(mine))
                 self._skip(outcome, "exists", r)
         await _settle(fills)
         if not new:

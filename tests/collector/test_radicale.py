@@ -176,6 +176,27 @@ class EmbeddedTests(TestCase):
         again = await self.engine.handle(body(userId="A1", emails=["ann@x.org"]))
         self.assertEqual(again.skipped, {"exists": ["ann@x.org"]})
 
+    async def test_a_deleted_collected_book_is_noticed_at_the_next_message(self) -> None:
+        alice = ("alice@example.org", "pw-a")
+        first = await self.engine.handle(body(userId="A1", emails=["Ann Lee <ann@x.org>"]))
+        self.assertEqual(first.created, ["ann@x.org"])
+        code, _ = await self.get("alice@example.org/collected/", alice, "DELETE")
+        self.assertIn(code, (200, 204))
+        again = await self.engine.handle(body(userId="A1", emails=["Ann Lee <ann@x.org>"]))
+        self.assertEqual(again.created, ["ann@x.org"])
+        code, text = await self.get("alice@example.org/collected/", alice, "PROPFIND",
+                                    headers={"Depth": "1"})
+        self.assertEqual(code, 207)
+        self.assertEqual(text.count(".vcf"), 1)
+        # And a single contact the user deletes comes back at the next message too.
+        href = [h for h in text.split("<") if ".vcf" in h][0].split(">", 1)[1]
+        code, _ = await self.get(unquote(href.split("/dav/", 1)[1]), alice, "DELETE")
+        self.assertIn(code, (200, 204))
+        third = await self.engine.handle(body(userId="A1", emails=["Ann Lee <ann@x.org>"]))
+        self.assertEqual(third.created, ["ann@x.org"])
+        fourth = await self.engine.handle(body(userId="A1", emails=["Ann Lee <ann@x.org>"]))
+        self.assertEqual(fourth.skipped, {"exists": ["ann@x.org"]})
+
     async def test_wrong_password_and_other_users_books_are_refused(self) -> None:
         await self.engine.handle(body(userId="A1", emails=["ann@x.org"]))
         code, _ = await self.get("alice@example.org/collected/", ("alice@example.org", "nope"),
