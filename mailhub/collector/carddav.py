@@ -248,6 +248,11 @@ class CardDAVClient:
             "mailhub_collector_carddav_seconds",
             "CardDAV request latency (PUT is the write of a contact)", ["method"])
 
+    @property
+    def concurrency(self) -> int:
+        """Requests in flight at most ([carddav] concurrency)."""
+        return self._limit.size
+
     def when_short(self) -> Deferred[None]:
         """Fires when fewer requests wait for a slot than can run at once."""
         return self._limit.when_short()

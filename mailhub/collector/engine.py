@@ -37,17 +37,21 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from functools import partial
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
 from urllib.parse import unquote, urljoin, urlsplit
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailhub.collector.addresses import Parsed, Recipient, address_key, parse_entries
+from mailhub.collector.addresses import (
+    Parsed, Recipient, Rejected, address_key, parse_entries,
+)
 from mailhub.collector.carddav import (
     BookLayout, BookMissing, Card, CardDAVClient, CardDAVError, same_collection,
 )
@@ -60,6 +64,11 @@ from mailhub.pubsub import Hub
 
 CONTACT_ADDED = "contacts:contact:add"
 T = TypeVar("T")
+#: Entries parsed between two turns of the reactor (parsing costs about
+#: 0.6 ms per address: a long list parsed at once would stall everything).
+PARSE_SLICE = 50
+#: Site-user checks one message has in flight at most (LDAP is shared).
+FIND_WINDOW = 16
 
 
 @attrs.define
@@ -71,6 +80,8 @@ class Outcome:
     named: list[str] = attrs.Factory(list)
     skipped: dict[str, list[str]] = attrs.Factory(dict)
     rejected: list[tuple[str, str]] = attrs.Factory(list)
+    #: Entries of ``emails`` (or addresses) left out: over [collector] max_addresses.
+    over: int = 0
 
     def skip(self, reason: str, address: str) -> None:
         self.skipped.setdefault(reason, []).append(address)
@@ -234,6 +245,26 @@ async def _settle(calls: Iterable[Awaitable[T]]) -> list[T]:
     return out
 
 
+async def _windowed(calls: list[Callable[[], Awaitable[T]]], width: int) -> list[T]:
+    """:func:`_settle` with at most ``width`` of the calls started and unfinished.
+
+    One message's requests then queue behind each other, not in front of
+    every other message's: a large message holds ``width`` places in the
+    CardDAV client's queue (or the user sources'), and memory for as many.
+    """
+    window = DeferredSemaphore(max(1, width))
+
+    def start(call: Callable[[], Awaitable[T]]) -> Deferred[T]:
+        def run() -> Deferred[T]:
+            result = call()
+            if isinstance(result, Deferred):
+                return result
+            return Deferred.fromCoroutine(result)  # type: ignore[arg-type]
+        return window.run(run)
+
+    return await _settle(start(call) for call in calls)
+
+
 class CollectorEngine:
     """Turns collector messages into contacts in each user's ``collected`` book."""
 
@@ -244,7 +275,8 @@ class CollectorEngine:
                  cache_ttl: float = 600.0, cache_size: int = 100_000,
                  mirror_size: int = 50_000,
                  book_display_name: str = "Collected contacts",
-                 refresh_users: Callable[[], Awaitable[None]] | None = None) -> None:
+                 refresh_users: Callable[[], Awaitable[None]] | None = None,
+                 max_addresses: int = 1000) -> None:
         self._users = users
         self._dav = carddav
         self._layout = layout
@@ -253,6 +285,11 @@ class CollectorEngine:
         self._skip_site_users = skip_site_users
         self._book_display_name = book_display_name
         self._refresh_users = refresh_users
+        self._max_addresses = max(1, max_addresses)
+        #: PUTs one message has queued at most: the CardDAV client's
+        #: concurrency, so another message's PUT waits behind a few, not
+        #: behind a whole large message.
+        self._put_window = max(1, carddav.concurrency)
         self.known = KnownAddresses(clock, cache_ttl, cache_size)
         self.books = BookMirror(carddav, mirror_size, clock, metrics)
         self.lookups = Coalescer(self._find, carddav.when_short)
@@ -302,11 +339,24 @@ class CollectorEngine:
         message = decode_message(body)
         user = await self._resolve(message)
         try:
-            return await self.collect(user, message["emails"])
+            outcome = await self.collect(user, message["emails"])
         except CardDAVError as e:
             # An answer no retry will change (a 4xx other than those that mean
             # "busy" or "not there"): retrying would hold the message for ever.
             raise ValidationError("the CardDAV server refused the work: %s" % e)
+        if outcome.over:
+            # The first max_addresses are collected; the message goes to the
+            # dead letters, where an operator sees what was left out and why.
+            self.log.warn("a collector message for {user} names more than {limit} "
+                          "addresses: {created} collected, {over} left out",
+                          user=user.login, limit=self._max_addresses,
+                          created=len(outcome.created), over=outcome.over)
+            raise ValidationError(
+                "more addresses than [collector] max_addresses = %d: the first %d were "
+                "collected or decided (%d created), %d more entries were left out"
+                % (self._max_addresses, self._max_addresses, len(outcome.created),
+                   outcome.over))
+        return outcome
 
     async def _resolve(self, message: dict[str, Any]) -> User:
         user = await self._find_user(message)
@@ -336,8 +386,10 @@ class CollectorEngine:
 
     async def collect(self, user: User, entries: Iterable[object]) -> Outcome:
         """Collect the addresses of ``entries`` for ``user``; the Outcome says what happened."""
-        parsed: Parsed = parse_entries(entries)
-        outcome = Outcome(user=user.login)
+        parsed, over = await self._parse(entries)
+        outcome = Outcome(user=user.login, over=over)
+        if over:
+            self._skipped.labels(reason="over_limit").inc(over)
         for bad in parsed.rejected:
             outcome.rejected.append((bad.raw, bad.reason))
             self._skipped.labels(reason="invalid").inc()
@@ -366,7 +418,8 @@ class CollectorEngine:
                     self.known.forget(user.login, r.key)
                     todo.append(r)
         if todo and self._skip_site_users:
-            site = await _settle(self._users.find(r.email) for r in todo)
+            site = await _windowed([partial(self._users.find, r.email) for r in todo],
+                                   FIND_WINDOW)
             remaining = []
             for r, found in zip(todo, site):
                 if found is not None:
@@ -377,6 +430,31 @@ class CollectorEngine:
         if todo:
             await self._write(user, todo, outcome)
         return outcome
+
+    async def _parse(self, entries: Iterable[object]) -> tuple[Parsed, int]:
+        """The first [collector] max_addresses addresses of ``entries``, and how many
+        entries (or addresses of list entries) were left out.
+
+        Parsed a slice at a time, letting the reactor turn between slices.
+        Each address once, as :func:`parse_entries` gives them.
+        """
+        kept = list(entries)
+        over = max(0, len(kept) - self._max_addresses)
+        kept = kept[:self._max_addresses]
+        by_key: dict[str, Recipient] = {}
+        rejected: list[Rejected] = []
+        for start in range(0, len(kept), PARSE_SLICE):
+            if start:
+                await deferLater(self._clock, 0, lambda: None)
+            part = parse_entries(kept[start:start + PARSE_SLICE])
+            rejected.extend(part.rejected)
+            for r in part.recipients:
+                known = by_key.get(r.key)
+                if known is None or (not known.name and r.name):
+                    by_key[r.key] = r
+        recipients = list(by_key.values())
+        over += max(0, len(recipients) - self._max_addresses)
+        return Parsed(tuple(recipients[:self._max_addresses]), tuple(rejected)), over
 
     def _skip(self, outcome: Outcome, reason: str, r: Recipient) -> None:
         outcome.skip(reason, r.email)
@@ -443,7 +521,8 @@ class CollectorEngine:
         if not new:
             return
         try:
-            await _settle(self._create(user, r, collected, home, outcome) for r in new)
+            await _windowed([partial(self._create, user, r, collected, home, outcome)
+                             for r in new], self._put_window)
         except BookMissing:
             # The collected book went away between the PROPFIND and the PUT:
             # whatever was remembered about it is void. Make it and go again.
@@ -451,8 +530,8 @@ class CollectorEngine:
             self.books.forget(collected)
             await self._dav.create_book(collected, self._book_display_name)
             done = set(outcome.created) | {a for v in outcome.skipped.values() for a in v}
-            await _settle(self._create(user, r, collected, home, outcome)
-                          for r in new if r.email not in done)
+            await _windowed([partial(self._create, user, r, collected, home, outcome)
+                             for r in new if r.email not in done], self._put_window)
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock.seconds(), timezone.utc)
