@@ -18,8 +18,14 @@ one user that are in flight: see :class:`Coalescer` and
 :class:`~mailhub.collector.mirror.BookMirror`); fill in the display name of an
 existing *collected* contact that has none; create the rest with
 ``If-None-Match: *`` at a UID derived from the address, so each address is
-one contact across redeliveries and competing instances. Each creation
-(201/204, never 412) publishes ``contacts:contact:add`` once.
+one contact across redeliveries and competing instances, in the vCard
+version the book's ``supported-address-data`` offers (4.0, else 3.0). Each
+creation (201/204, never 412) publishes ``contacts:contact:add`` once.
+
+A message names at most [collector] max_addresses addresses: the first ones
+are collected and the message is then dead-lettered with the reason. One
+message keeps at most [carddav] concurrency PUTs queued, so it never holds
+up another user's message for long.
 
 The cache of known addresses holds only "this contact exists" answers (and
 whether anything could still be filled in), for [collector] cache_ttl
@@ -53,10 +59,12 @@ from mailhub.collector.addresses import (
     Parsed, Recipient, Rejected, address_key, parse_entries,
 )
 from mailhub.collector.carddav import (
-    BookLayout, BookMissing, Card, CardDAVClient, CardDAVError, same_collection,
+    Book, BookLayout, BookMissing, Card, CardDAVClient, CardDAVError, same_collection,
 )
 from mailhub.collector.mirror import BookMirror
-from mailhub.collector.vcard import Contact, contact_uuid, parse_vcard, to_jcard, to_vcard, with_name
+from mailhub.collector.vcard import (
+    Contact, choose_version, contact_uuid, parse_vcard, to_jcard, to_vcard, with_name,
+)
 from mailhub.directory.model import User
 from mailhub.errors import ValidationError
 from mailhub.metrics import Metrics
@@ -296,6 +304,11 @@ class CollectorEngine:
         #: Checks that known contacts are still in the collected book, shared
         #: like lookups by the messages of a user in flight together.
         self.checks = Coalescer(self._in_collected)
+        #: The vCard version each collected book takes, from its
+        #: supported-address-data (learnt by each lookup, for free).
+        self._versions: OrderedDict[str, str] = OrderedDict()
+        self._versions_size = max(1, cache_size)
+        self._asking: dict[str, list[Deferred[str]]] = {}
         self._messages = metrics.counter(
             "mailhub_collector_messages_total", "Collector messages handled, by outcome",
             ["outcome"])
@@ -482,21 +495,66 @@ class CollectorEngine:
         (every such address is about to be PUT).
         """
         collected = self._layout.book(user)
-        books = await self._dav.list_books(self._layout.home(user))
+        books = await self._dav.books(self._layout.home(user))
         by_key: dict[str, list[Card]] = {r.key: [] for r in todo}
         spellings = [s for r in todo for s in (r.forms or (r.email,))]
-        for found in await _settle(self.books.find(b, by_key, spellings) for b in books):
+        for found in await _settle(self.books.find(b.url, by_key, spellings) for b in books):
             for card in found:
                 for email in parse_vcard(card.text).emails:
                     key = address_key(email)
                     if key in by_key and card not in by_key[key]:
                         by_key[key].append(card)
-        has_collected = any(same_collection(b, collected) for b in books)
-        if not has_collected:
+        mine = [b for b in books if same_collection(b.url, collected)]
+        if mine:
+            self._learn_version(collected, mine[0].versions)
+        else:
             self.books.forget(collected)  # gone: a book made anew starts afresh
             if not all(by_key.values()):
-                await self._dav.create_book(collected, self._book_display_name)
+                await self._make_book(collected, books)
         return by_key
+
+    async def _make_book(self, collected: str, siblings: list[Book]) -> None:
+        """Create the collected book, and learn which vCard version it takes.
+
+        From the user's other books where the home has some (one server, one
+        answer; no request), else from the new book (PROPFIND Depth 0).
+        """
+        await self._dav.create_book(collected, self._book_display_name)
+        if siblings:
+            self._learn_version(collected, siblings[0].versions)
+        else:
+            self._versions.pop(collected, None)  # _version asks the new book
+
+    def _learn_version(self, collected: str, offered: tuple[str, ...]) -> None:
+        """Remember the vCard version to write into a collected book."""
+        self._versions.pop(collected, None)
+        self._versions[collected] = choose_version(offered)
+        while len(self._versions) > self._versions_size:
+            self._versions.popitem(last=False)
+
+    async def _version(self, collected: str) -> str:
+        """The vCard version the collected book takes (asked once if not known)."""
+        version = self._versions.get(collected)
+        if version is not None:
+            return version
+        waiters = self._asking.get(collected)
+        if waiters is not None:  # the PUTs of one message share one PROPFIND
+            d: Deferred[str] = Deferred()
+            waiters.append(d)
+            return await d
+        waiters = self._asking[collected] = []
+        try:
+            made = await self._dav.book(collected)
+        except Exception:
+            failure = Failure()
+            for d in self._asking.pop(collected, []):
+                d.errback(failure)
+            raise
+        self._learn_version(collected, made.versions if made is not None else ())
+        version = self._versions[collected]
+        for d in self._asking.pop(collected, []):
+            d.callback(version)
+        return version
 
     async def _write(self, user: User, todo: list[Recipient], outcome: Outcome) -> None:
         collected = self._layout.book(user)
@@ -528,6 +586,8 @@ class CollectorEngine:
             # whatever was remembered about it is void. Make it and go again.
             self.known.forget(user.login)
             self.books.forget(collected)
+            # Made again at the same URL, on the same server: the version
+            # learnt for it stands.
             await self._dav.create_book(collected, self._book_display_name)
             done = set(outcome.created) | {a for v in outcome.skipped.values() for a in v}
             await _windowed([partial(self._create, user, r, collected, home, outcome)
@@ -543,7 +603,8 @@ class CollectorEngine:
                           family=family, given=given, rev=self._now())
         url = urljoin(collected, contact.href_name)
         try:
-            created = await self._dav.put_new(url, to_vcard(contact))
+            created = await self._dav.put_new(url, to_vcard(contact,
+                                                            await self._version(collected)))
         except BookMissing:
             raise
         except CardDAVError as e:
