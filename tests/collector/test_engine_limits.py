@@ -11,6 +11,9 @@ keeps at most ``[carddav] concurrency`` of one message's PUTs queued.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from treq.testing import StubTreq
@@ -20,6 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailhub.collector.carddav import BookLayout, CardDAVClient
 from mailhub.collector.engine import CollectorEngine
+from mailhub.collector.sources import InProcessDispatcher, Spool
 from mailhub.collector.vcard import contact_uuid
 from mailhub.directory.model import User
 from mailhub.errors import ValidationError
@@ -37,7 +41,9 @@ def body(**message: Any) -> bytes:
     return json.dumps(message).encode("utf-8")
 
 
-class LimitTests(SynchronousTestCase):
+class _Case(SynchronousTestCase):
+    """Two users with collected books on the fake server; a client of concurrency 2."""
+
     def setUp(self) -> None:
         self.dav = FakeCardDAV()
         for user in ("alice", "bob"):
@@ -63,6 +69,9 @@ class LimitTests(SynchronousTestCase):
             self.dav.release()
             self.stub.flush()
         self.fail("not finished after %d rounds" % rounds)
+
+
+class LimitTests(_Case):
 
     def test_the_first_max_addresses_are_collected_and_the_message_dead_lettered(self) -> None:
         engine = self.engine(max_addresses=120)
@@ -125,3 +134,42 @@ class LimitTests(SynchronousTestCase):
         self.assertLessEqual(small_at, 6)
         self.pump(large)
         self.assertEqual(len(self.successResultOf(large).created), 300)
+
+
+class LocalQueueTests(_Case):
+    """The same, fed through the local work queue (no broker) with its spool."""
+
+    def test_through_the_local_queue_the_small_message_passes_and_the_large_is_dead(
+            self) -> None:
+        folder = Path(tempfile.mkdtemp(prefix="mailhub-spool-"))
+        self.addCleanup(shutil.rmtree, folder, True)
+        spool = Spool(folder)
+        engine = self.engine(max_addresses=200)
+        dispatcher = InProcessDispatcher(engine.handle, self.clock, spool=spool)
+        self.dav.hold.add("PUT")
+        dispatcher.submit(body(userId="A1", emails=["p%03d@x.org" % n for n in range(250)]))
+        for _ in range(20):
+            self.clock.advance(0)
+            self.stub.flush()
+        dispatcher.submit(body(userId="B2", emails=["ann@y.org"]))
+        for _ in range(10):
+            self.clock.advance(0)
+            self.stub.flush()
+            self.dav.release()
+            self.stub.flush()
+        # The small message is collected while the large one is still being written.
+        self.assertIn(contact_uuid("ann@y.org") + ".vcf", self.dav.cards(BOB_BOOK))
+        self.assertLess(len(self.dav.cards(ALICE_BOOK)), 200)
+        for _ in range(1000):
+            if spool.dead_count():
+                break
+            self.clock.advance(0)
+            self.stub.flush()
+            self.dav.release()
+            self.stub.flush()
+        self.assertEqual(spool.dead_count(), 1)
+        reasons = [p.read_text() for p in spool.dead_folder.glob("*.reason")]
+        self.assertIn("max_addresses = 200", reasons[0])
+        self.assertIn("50 more entries were left out", reasons[0])
+        self.assertEqual(len(self.dav.cards(ALICE_BOOK)), 200)
+        self.assertEqual(spool.messages(), [])
