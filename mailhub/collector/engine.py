@@ -42,9 +42,10 @@ they expire.
 from __future__ import annotations
 
 import json
+import re
 from collections import OrderedDict
-from functools import partial
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
 from urllib.parse import unquote, urljoin, urlsplit
 
@@ -77,6 +78,8 @@ T = TypeVar("T")
 PARSE_SLICE = 50
 #: Site-user checks one message has in flight at most (LDAP is shared).
 FIND_WINDOW = 16
+#: Control characters (C0 and DEL): never part of a login, an id or an address.
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
 @attrs.define
@@ -372,6 +375,13 @@ class CollectorEngine:
         return outcome
 
     async def _resolve(self, message: dict[str, Any]) -> User:
+        for field in ("userId", "userEmail"):
+            value = message.get(field)
+            if isinstance(value, str) and _CONTROL.search(value):
+                # No user has one, and PostgreSQL refuses NUL outright: a
+                # lookup would fail on every retry instead of ending here.
+                raise ValidationError("%s holds a control character: %s"
+                                      % (field, ascii(value)[:80]))
         user = await self._find_user(message)
         if user is None and self._refresh_users is not None:
             # The site's users are answered from memory, which follows the

@@ -25,7 +25,7 @@ from mailhub.collector.engine import message_body
 from mailhub.collector.sources import ical_addresses
 from mailhub.errors import ValidationError
 from mailhub.web.common import (
-    HTTPError, decode_text, handle_errors, json_routing_errors, read_body, reply,
+    HTTPError, decode_text, handle_errors, json_routing_errors, read_body, refuse_controls, reply,
 )
 
 CheckToken = Callable[[str], Awaitable[bool]]
@@ -77,6 +77,8 @@ def _query(request: IRequest, name: bytes) -> str:
     if not values:
         return ""
     try:
-        return values[-1].decode("utf-8")
+        value = values[-1].decode("utf-8")
     except UnicodeDecodeError:
         raise ValidationError("query parameter %s is not UTF-8" % name.decode())
+    refuse_controls({name.decode(): value})
+    return value

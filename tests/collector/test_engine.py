@@ -203,6 +203,13 @@ class EngineTests(SynchronousTestCase):
         self.assertEqual(len(self.dav.cards(COLLECTED)), 1)
         self.assertEqual(len(self.events), 1)
 
+    def test_a_control_character_in_the_user_is_poison_not_a_retry(self) -> None:
+        for message in ({"userId": "\x00", "emails": ["a@x.org"]},
+                        {"userEmail": "alice@example.org\x00", "emails": ["a@x.org"]}):
+            failure = self.failureResultOf(self.engine.handle(body(**message)), ValidationError)
+            self.assertIn("control character", failure.getErrorMessage())
+        self.assertEqual(self.dav.log, [])
+
     def test_known_addresses_are_decided_with_one_sync_of_the_collected_book(self) -> None:
         # Issue 11: a deleted collected book must be noticed at the next
         # message, so known addresses of the collected book cost one request
