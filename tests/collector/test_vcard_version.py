@@ -127,3 +127,40 @@ class NegotiationTests(SynchronousTestCase):
         self.collect("bob@x.org")
         self.assertIn("VERSION:3.0\r\n", self.card("ann@x.org"))
         self.assertIn("VERSION:4.0\r\n", self.card("bob@x.org"))
+
+
+class SupportedAddressDataTests(SynchronousTestCase):
+    """What a PROPFIND answer says about a book's vCard versions (no server needed)."""
+
+    def books(self, props: str, status: str = "200 OK") -> Any:
+        from mailhub.collector.carddav import _books
+
+        body = ('<?xml version="1.0"?><d:multistatus xmlns:d="DAV:" '
+                'xmlns:c="urn:ietf:params:xml:ns:carddav"><d:response>'
+                "<d:href>/h/b/</d:href><d:propstat><d:prop><d:resourcetype><d:collection/>"
+                "<c:addressbook/></d:resourcetype></d:prop><d:status>HTTP/1.1 200 OK"
+                "</d:status></d:propstat><d:propstat><d:prop>%s</d:prop><d:status>HTTP/1.1 %s"
+                "</d:status></d:propstat></d:response></d:multistatus>" % (props, status))
+        return _books(body.encode(), "http://dav.test/h/")
+
+    def test_sabredav_lists_3_4_and_jcard(self) -> None:
+        (book,) = self.books(
+            "<c:supported-address-data>"
+            '<c:address-data-type content-type="text/vcard" version="3.0"/>'
+            '<c:address-data-type content-type="text/vcard" version="4.0"/>'
+            '<c:address-data-type content-type="application/vcard+json" version="4.0"/>'
+            "</c:supported-address-data>")
+        self.assertEqual(book.url, "http://dav.test/h/b/")
+        self.assertEqual(book.versions, ("3.0", "4.0"))
+        self.assertEqual(choose_version(book.versions), "4.0")
+
+    def test_radicale_with_an_old_vobject_lists_3(self) -> None:
+        (book,) = self.books(
+            '<c:supported-address-data><c:address-data-type content-type="text/vcard" '
+            'version="3.0"/></c:supported-address-data>')
+        self.assertEqual(choose_version(book.versions), "3.0")
+
+    def test_a_property_the_server_does_not_know_means_3(self) -> None:
+        (book,) = self.books("<c:supported-address-data/>", "404 Not Found")
+        self.assertEqual(book.versions, ())
+        self.assertEqual(choose_version(book.versions), "3.0")
