@@ -430,9 +430,16 @@ class CollectorEngine:
                 in_collected.append(r)
             else:
                 self._skip(outcome, "exists", r)
-        if in_collected:
-            # Known, but the book (or the card) may have been deleted since:
-            # ask the collected book's copy, brought up to date.
+        todo = await self._not_site_users(todo, outcome)
+        if in_collected and todo:
+            # Known, but the book (or the card) may have been deleted since.
+            # The lookup these new addresses need reads the collected book
+            # anyway: it answers for the known ones too (they passed the
+            # site-user check when they were first decided).
+            todo.extend(in_collected)
+        elif in_collected:
+            # Only known ones: ask the collected book's copy alone, brought
+            # up to date (one sync-collection, shared by the user's messages).
             found = await self.checks.lookup(self._layout.book(user), user, in_collected)
             for r in in_collected:
                 if found.get(r.key):
@@ -440,19 +447,25 @@ class CollectorEngine:
                 else:
                     self.known.forget(user.login, r.key)
                     todo.append(r)
-        if todo and self._skip_site_users:
-            site = await _windowed([partial(self._users.find, r.email) for r in todo],
-                                   FIND_WINDOW)
-            remaining = []
-            for r, found in zip(todo, site):
-                if found is not None:
-                    self._skip(outcome, "site_user", r)
-                else:
-                    remaining.append(r)
-            todo = remaining
+            todo = await self._not_site_users(todo, outcome)
         if todo:
             await self._write(user, todo, outcome)
         return outcome
+
+    async def _not_site_users(self, todo: list[Recipient],
+                              outcome: Outcome) -> list[Recipient]:
+        """``todo`` without the site users' addresses ([collector] skip_site_users)."""
+        if not todo or not self._skip_site_users:
+            return todo
+        site = await _windowed([partial(self._users.find, r.email) for r in todo],
+                               FIND_WINDOW)
+        remaining = []
+        for r, found in zip(todo, site):
+            if found is not None:
+                self._skip(outcome, "site_user", r)
+            else:
+                remaining.append(r)
+        return remaining
 
     async def _parse(self, entries: Iterable[object]) -> tuple[Parsed, int]:
         """The first [collector] max_addresses addresses of ``entries``, and how many

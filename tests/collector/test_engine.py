@@ -262,6 +262,23 @@ class EngineTests(SynchronousTestCase):
         outcome = self.handle(userId="A1", emails=["Ann <a@x.org>"])
         self.assertEqual(outcome.created, ["a@x.org"])
 
+    def test_a_known_address_beside_a_new_one_needs_no_check_of_its_own(self) -> None:
+        self.handle(userId="A1", emails=["Ann <a@x.org>"])
+        before = len(self.dav.log)
+        outcome = self.handle(userId="A1", emails=["Ann <a@x.org>", "new@x.org"])
+        self.assertEqual(outcome.created, ["new@x.org"])
+        self.assertEqual(outcome.skipped, {"exists": ["a@x.org"]})
+        # One lookup (the home, then each book once) and the PUT.
+        self.assertEqual(sorted(self.dav.log[before:]), sorted([
+            ("PROPFIND", HOME), ("REPORT", HOME + "personal/"), ("REPORT", COLLECTED),
+            ("PUT", COLLECTED + contact_uuid("new@x.org") + ".vcf")]))
+
+    def test_a_deleted_book_is_noticed_by_a_message_with_new_addresses_too(self) -> None:
+        self.handle(userId="A1", emails=["Ann <a@x.org>"])
+        del self.dav.books[COLLECTED]
+        outcome = self.handle(userId="A1", emails=["Ann <a@x.org>", "new@x.org"])
+        self.assertEqual(sorted(outcome.created), ["a@x.org", "new@x.org"])
+
     def test_known_addresses_in_another_book_need_no_request(self) -> None:
         self.dav.add_card(HOME + "personal/", "p.vcf", "BEGIN:VCARD\r\nVERSION:3.0\r\n"
                           "UID:p\r\nFN:Pat\r\nEMAIL:p@x.org\r\nEND:VCARD\r\n")
