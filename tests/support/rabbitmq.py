@@ -12,6 +12,7 @@ import shutil
 import uuid
 from typing import Any
 
+import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.utils import getProcessOutputAndValue
 from txamqp.client import TwistedDelegate
@@ -20,7 +21,7 @@ from txamqp.protocol import AMQClient
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from mailhub.config import DEFAULT_SPEC
-from tests.support.require import missing, require_port
+from tests.support.require import require_port
 
 HOST = "127.0.0.1"
 PORT = 5672
@@ -28,10 +29,10 @@ URL = "amqp://guest:guest@%s:%d/" % (HOST, PORT)
 
 
 def require_rabbitmq() -> None:
-    """missing() unless RabbitMQ listens on 127.0.0.1:5672 and the spec exists."""
+    """Skip the test unless RabbitMQ listens on 127.0.0.1:5672 and the spec exists."""
     require_port(HOST, PORT, "RabbitMQ")
     if not os.path.isfile(DEFAULT_SPEC):
-        missing("Debian's amqp-specs is not installed (%s)" % DEFAULT_SPEC)
+        pytest.skip("Debian's amqp-specs is not installed (%s)" % DEFAULT_SPEC)
 
 
 def unique(prefix: str = "test") -> str:
@@ -43,7 +44,7 @@ def _rabbitmqctl() -> str:
     found = shutil.which("rabbitmqctl") or (
         "/usr/sbin/rabbitmqctl" if os.path.exists("/usr/sbin/rabbitmqctl") else None)
     if found is None:
-        missing("rabbitmqctl is not installed (it comes with rabbitmq-server)")
+        pytest.skip("rabbitmqctl is not installed (it comes with rabbitmq-server)")
     assert found is not None
     return found
 
@@ -56,7 +57,7 @@ async def close_connections(name: str) -> int:
         ctl, ["list_connections", "-q", "--no-table-headers", "pid", "client_properties"],
         env=env)
     if code != 0:
-        missing("rabbitmqctl list_connections failed: %s" % err.decode(errors="replace"))
+        pytest.skip("rabbitmqctl list_connections failed: %s" % err.decode(errors="replace"))
     closed = 0
     needle = '{"connection_name","%s"}' % name
     for line in out.decode().splitlines():
