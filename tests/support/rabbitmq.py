@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from txamqp.client import TwistedDelegate
 from txamqp.content import Content
@@ -68,6 +69,47 @@ async def close_connections(name: str) -> int:
             if code == 0:
                 closed += 1
     return closed
+
+
+async def _listing(what: str, *columns: str) -> list[list[str]]:
+    """``rabbitmqctl list_<what>`` of the default virtual host: one row of columns a line."""
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": os.environ.get("HOME", "/root")}
+    out, err, code = await getProcessOutputAndValue(
+        _rabbitmqctl(), ["list_" + what, "-q", "--no-table-headers", *columns], env=env)
+    if code != 0:
+        pytest.skip("rabbitmqctl list_%s failed: %s" % (what, err.decode(errors="replace")))
+    return [line.split("\t") for line in out.decode().splitlines() if line.strip()]
+
+
+async def bound_queues(exchange: str) -> list[str]:
+    """The queues the broker routes ``exchange``'s messages to now."""
+    rows = await _listing("bindings", "source_name", "destination_name", "destination_kind")
+    return sorted(row[1] for row in rows if len(row) == 3 and row[0] == exchange
+                  and row[2] == "queue")
+
+
+async def unsettled(queue: str) -> int:
+    """Messages of ``queue`` still ready or delivered but not acknowledged.
+
+    Once it is 0 (and nothing more is published) no consumer can get another
+    message from ``queue``: what proves that nothing else will arrive,
+    without waiting a while to see.
+    """
+    for row in await _listing("queues", "name", "messages_ready", "messages_unacknowledged"):
+        if len(row) == 3 and row[0] == queue:
+            return int(row[1]) + int(row[2])
+    raise AssertionError("no queue %s on the broker" % queue)
+
+
+async def settled(queue: str, timeout: float = 20.0) -> None:
+    """Wait until every message of ``queue`` is acknowledged (:func:`unsettled` is 0)."""
+    from twisted.internet import reactor
+
+    deadline = reactor.seconds() + timeout  # type: ignore[attr-defined]
+    while (left := await unsettled(queue)) != 0:
+        if reactor.seconds() > deadline:  # type: ignore[attr-defined]
+            raise AssertionError("%d messages of %s still unacknowledged" % (left, queue))
+        await deferLater(reactor, 0.05, lambda: None)
 
 
 class RawClient:
