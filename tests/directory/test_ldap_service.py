@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
-from typing import Any
-
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
@@ -19,17 +16,10 @@ from tests.support.slapd import Slapd
 
 class LDAPServiceTests(TestCase):
     server: Slapd
-    _tmp: Any
 
     @classmethod
     def setUpClass(cls) -> None:
-        cls._tmp = tempfile.TemporaryDirectory()
-        cls.server = Slapd(cls._tmp.name, users=1200).start()
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls.server.stop()
-        cls._tmp.cleanup()
+        cls.server = fixture.shared()
 
     def setUp(self) -> None:
         self.service = LDAPService(reactor, LDAPSettings(**self.server.settings(timeout=1.0)),

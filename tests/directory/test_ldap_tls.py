@@ -13,10 +13,12 @@ a silent fallback to plaintext.
 
 from __future__ import annotations
 
+import gc
 import socket
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +26,13 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
-from mailhub.directory.ldap import LDAPService, LDAPSettings, LDAPUserSource
+from mailhub.directory.ldap import LDAPClient, LDAPService, LDAPSettings, LDAPUserSource
 from mailhub.errors import Unavailable
 from tests.support import slapd as fixture
 from tests.support.slapd import Slapd, make_certificates
 
-USERS = 120
-PAGE = 50
+USERS = fixture.SHARED_USERS
+PAGE = 500
 
 
 class Relay:
@@ -98,7 +100,7 @@ class LDAPTLSTests(TestCase):
     def setUpClass(cls) -> None:
         cls._tmp = tempfile.TemporaryDirectory()
         root = Path(cls._tmp.name)
-        cls.tls = Slapd(root / "tls", users=USERS, tls=True).start()
+        cls.tls = fixture.shared()
         try:
             cls.misnamed = Slapd(root / "misnamed", users=3, tls=True,
                                  tls_names=("ldap.example.org",)).start()
@@ -111,7 +113,7 @@ class LDAPTLSTests(TestCase):
 
     @classmethod
     def tearDownClass(cls) -> None:
-        for name in ("tls", "misnamed", "plain"):
+        for name in ("misnamed", "plain"):  # tls is the run's shared slapd
             server = cls.__dict__.get(name)
             if server is not None:
                 server.stop()
@@ -222,6 +224,20 @@ class LDAPTLSTests(TestCase):
     def test_starttls_certificate_for_another_host_is_refused(self) -> Deferred[None]:
         source = self.source(self.misnamed, start_tls=True, ca_file=self.misnamed.ca_file)
         return Deferred.fromCoroutine(self._refused(source))
+
+    def test_a_refused_certificate_leaves_no_socket_open(self) -> None:
+        # ldap3 itself drops the socket of a refused name unclosed; ours closes it.
+        for overrides in ({"urls": (self.misnamed.ldaps_url,)}, {"start_tls": True}):
+            client = LDAPClient(LDAPSettings(**self.misnamed.settings(
+                ca_file=self.misnamed.ca_file, timeout=2.0, **overrides)))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ResourceWarning)
+                with self.assertRaises(Unavailable):
+                    client.authenticate("user00001", fixture.password(1))
+                client.close_all()
+                gc.collect()
+            self.assertEqual([str(w.message) for w in caught
+                              if w.category is ResourceWarning], [], overrides)
 
     async def _refused_on_the_wire(self, relay: Relay, source: LDAPUserSource) -> None:
         await self._refused(source)
