@@ -201,6 +201,26 @@ class _Listing:
         self.done = False
 
 
+class _VerifiedTls(Tls):
+    """ldap3's Tls, but the server's name is checked in the TLS handshake itself.
+
+    ldap3 turns the context's ``check_hostname`` off and compares the names
+    after the handshake; when they differ it raises and drops the wrapped
+    socket unclosed (a ResourceWarning, a descriptor left to the garbage
+    collector, on every refused connection). Here the standard library checks
+    the name during the handshake, and a handshake that fails closes its socket.
+    Both a TLS-from-the-start (``ldaps://``) and a StartTLS connection come here.
+    """
+
+    def wrap_socket(self, connection: Connection, do_handshake: bool = False) -> None:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_certs_file)
+        context.check_hostname = True
+        context.verify_mode = ssl.CERT_REQUIRED
+        connection.socket = context.wrap_socket(
+            connection.socket, server_side=False, do_handshake_on_connect=do_handshake,
+            server_hostname=connection.server.host)
+
+
 class LDAPClient:
     """The blocking half: servers, connections, searches, binds (worker threads only)."""
 
@@ -222,7 +242,7 @@ class LDAPClient:
         self._down_until: dict[str, float] = {}
         tls = None
         if settings.start_tls or any(u.lower().startswith("ldaps:") for u in settings.urls):
-            tls = Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=settings.ca_file or None)
+            tls = _VerifiedTls(validate=ssl.CERT_REQUIRED, ca_certs_file=settings.ca_file or None)
         self._tls = tls
 
     # -- servers and connections --------------------------------------------
@@ -540,10 +560,21 @@ def _send(conn: Connection, message_id: int, message: bytes, kind: str) -> None:
 
 
 def _close(conn: Connection) -> None:
+    """Unbind and close ``conn``, whatever state it is in.
+
+    A connection whose ``open()`` failed (refused, timed out) is not bound,
+    so ``unbind()`` leaves alone the socket ldap3 made for it: close it here.
+    """
     try:
         conn.unbind()
     except Exception:
         pass
+    sock = getattr(conn, "socket", None)
+    if sock is not None:
+        try:
+            sock.close()
+        except OSError:
+            pass
 
 
 def _why(conn: Connection) -> str:
