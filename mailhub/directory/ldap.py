@@ -43,6 +43,7 @@ from ldap3.core.exceptions import LDAPException
 from ldap3.strategy.sync import SyncStrategy
 from ldap3.utils.conv import escape_filter_chars
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -593,10 +594,10 @@ def _reason(error: BaseException) -> str:
 class LDAPUserSource:
     """IUserSource over :class:`LDAPClient`, every call in the LDAP thread pool."""
 
-    name = "ldap"  # type: ignore[assignment]
+    name = "ldap"
     log = Logger()
 
-    def __init__(self, client: LDAPClient, reactor: Any, pool: ThreadPool) -> None:
+    def __init__(self, client: LDAPClient, reactor: IReactorFromThreads, pool: ThreadPool) -> None:
         self.client = client
         self.reactor = reactor
         self.pool = pool
@@ -650,13 +651,15 @@ class LDAPService(ThreadPoolService):
 
     name = "ldap"  # type: ignore[assignment]
 
-    def __init__(self, reactor: Any, settings: LDAPSettings, threads: int = 4) -> None:
+    def __init__(self, reactor: IReactorFromThreads, settings: LDAPSettings,
+                 threads: int = 4) -> None:
         super().__init__(threads, "mailhub-ldap")
         self.client = LDAPClient(settings)
         self.source = LDAPUserSource(self.client, reactor, self.pool)
 
     @classmethod
-    def from_config(cls, reactor: Any, section: LDAPSection) -> "LDAPService | None":
+    def from_config(cls, reactor: IReactorFromThreads,
+                    section: LDAPSection) -> "LDAPService | None":
         """The service for ``[ldap]``, or None when ``url`` is empty (no LDAP)."""
         if not section.url.strip():
             return None

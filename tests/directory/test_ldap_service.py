@@ -12,6 +12,7 @@ from mailhub.directory.ldap import LDAPService, LDAPSettings
 from mailhub.errors import Unavailable
 from tests.support import slapd as fixture
 from tests.support.slapd import Slapd
+from tests.support.sources import check_user_source
 
 
 class LDAPServiceTests(TestCase):
@@ -30,6 +31,11 @@ class LDAPServiceTests(TestCase):
 
     def test_the_source_provides_the_interface(self) -> None:
         verifyObject(IUserSource, self.source)
+
+    def test_the_source_answers_with_the_interfaces_types(self) -> Deferred[None]:
+        # The same check as the site source's (tests/directory/test_users.py).
+        return Deferred.fromCoroutine(
+            check_user_source(self.source, "user00011", fixture.password(11)))
 
     async def _auth(self) -> None:
         user = await self.source.authenticate("user00011", fixture.password(11))
