@@ -665,7 +665,8 @@ class LDAPService(ThreadPoolService):
             return None
         return cls(reactor, LDAPSettings.from_config(section), threads=section.pool_size)
 
-    def stopService(self) -> Any:
+    def stopService(self) -> None:
+        """Stop the pool (its threads finish first), then close their connections."""
         super().stopService()
         self.client.close_all()
 
