@@ -1,7 +1,7 @@
 """LDAPS and StartTLS against a real slapd, through LDAPService and its source.
 
-Three servers (tests.support.slapd): one serving TLS with a certificate for
-127.0.0.1 signed by a throwaway CA, one whose certificate (from the same CA)
+Three servers (tests.support.slapd): the run's shared one, serving TLS with a
+certificate for 127.0.0.1 signed by a throwaway CA, one whose certificate (from the same CA)
 names another host, and one without TLS at all. A recording relay in front
 of a server keeps every byte mailhub sends, so "nothing in plaintext" is
 checked on the wire, not inferred.
