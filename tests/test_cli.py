@@ -9,6 +9,7 @@ Radicale (started here on free ports), and against ports nothing listens on.
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import re
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -227,11 +229,16 @@ def test_token_create_as_a_postgresql_user_without_rights_exits_2(site: str) -> 
             with psycopg.connect(dsn, autocommit=True) as admin:
                 admin.execute('CREATE ROLE "%s" LOGIN' % role)
                 admin.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
-            ran = mailhub("token", "create", dsn.replace("postgres@", role + "@", 1),
-                          "--config", site)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ResourceWarning)
+                ran = mailhub("token", "create", dsn.replace("postgres@", role + "@", 1),
+                              "--config", site)
+                gc.collect()
             assert ran.code == 2, ran
             assert ran.out == ""
             assert "cannot be used" in ran.err
+            # The refused store's connection was closed, not left to the collector.
+            assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
     finally:
         with psycopg.connect(SERVER, autocommit=True) as admin:
             admin.execute('DROP ROLE IF EXISTS "%s"' % role)
