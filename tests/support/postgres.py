@@ -23,7 +23,8 @@ def _admin():  # type: ignore[no-untyped-def]
     try:
         return psycopg.connect(SERVER, autocommit=True, connect_timeout=3)
     except psycopg.OperationalError as e:
-        pytest.skip("PostgreSQL is not reachable at %s: %s" % (SERVER, str(e).strip().splitlines()[0]))
+        pytest.skip("PostgreSQL is not reachable at %s: %s"
+                    % (SERVER, str(e).strip().splitlines()[0]))
 
 
 @contextlib.contextmanager
