@@ -101,3 +101,24 @@ def test_a_module_skipped_at_collection_fails_under_ci(tmp_path: Path) -> None:
     assert "skipped" not in done.stdout.splitlines()[-1], done.stdout
     assert "skipped under CI=true" in done.stdout, done.stdout
     assert "no_such_module_mailhub_needs" in done.stdout, done.stdout
+
+
+def test_the_root_conftest_installs_the_hook() -> None:
+    from tests import conftest
+    from tests.support import ci
+
+    assert conftest.pytest_runtest_makereport is ci.pytest_runtest_makereport
+    assert conftest.pytest_make_collect_report is ci.pytest_make_collect_report
+
+
+def test_no_test_decides_by_itself_whether_it_runs_in_ci() -> None:
+    # The hook is the one place that reads CI: a test that read it could skip
+    # (and so pass) in CI, or fail outside it, on its own rules.
+    offenders = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        if path.name in ("ci.py", "test_ci.py"):
+            continue
+        text = path.read_text(encoding="utf-8")
+        if 'environ.get("CI"' in text or 'environ["CI"]' in text or 'getenv("CI"' in text:
+            offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []
