@@ -95,7 +95,7 @@ from mailhub.events import login_event, publish
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from mailhub.web.common import (
-    HTTPError, basic_credentials, parse_basic, same_secret, unauthorized,
+    HTTPError, basic_credentials, parse_basic, refuse_controls, same_secret, unauthorized,
 )
 
 K = TypeVar("K", bound=Hashable)
@@ -711,9 +711,15 @@ class SiteToken:
         raise Refused("wrong")
 
     async def authorise(self, request: IRequest) -> None:
-        """The token from ``Authorization: Bearer`` or ``?token=``; 403 otherwise."""
+        """The token from ``Authorization: Bearer`` or ``?token=``; 403 otherwise.
+
+        A token holding a control character is bad input (400), as in every field.
+        """
+        token = bearer_or_query_token(request)
+        if token is not None:
+            refuse_controls({"token": token})
         try:
-            await self.check(bearer_or_query_token(request), client_of(request))
+            await self.check(token, client_of(request))
         except Refused:
             raise HTTPError(403, {"error": "a valid site token is required"})
 

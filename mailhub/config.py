@@ -146,6 +146,7 @@ class CollectorSection:
     cache_ttl: float = 600.0  # seconds a known-address answer is trusted
     cache_size: int = 100000  # known addresses remembered (all users)
     mirror_size: int = 50000  # cards of users' books copied locally (all users)
+    max_addresses: int = 1000  # addresses collected from one message at most
 
 
 @attrs.frozen

@@ -267,7 +267,8 @@ def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, rea
     engine = CollectorEngine(users, carddav, layout, pubsub.hub, metrics, reactor,
                              skip_site_users=collector.skip_site_users,
                              cache_ttl=collector.cache_ttl, cache_size=collector.cache_size,
-                             mirror_size=collector.mirror_size)
+                             mirror_size=collector.mirror_size,
+                             max_addresses=collector.max_addresses)
     # Without a broker the queue lives in {data}/collector-spool (doc/collector.rst).
     queue = pubsub.work_queue(collector.queue, dead_letter=collector.dead_letter,
                               retry_initial=collector.retry_initial,

@@ -245,7 +245,28 @@ class DAVMount(Resource):
     def render(self, request: Any) -> Any:
         if request.postpath and request.postpath[0] == self._segment:
             request.prepath.append(request.postpath.pop(0))
+        _declare_length(request)
         return self._wsgi.render(request)
+
+
+def _declare_length(request: Any) -> None:
+    """Give a chunked request body the Content-Length WSGI needs.
+
+    twisted.web has already received the whole body (de-chunked, and cut at
+    ``[mailhub] max_body`` by the site's request class); WSGIResource takes
+    CONTENT_LENGTH from the request's header only, and Radicale reads no body
+    without one: a chunked PUT was refused (400) and a chunked PROPFIND read
+    as an empty one (allprop). The buffered body's size is its length.
+    """
+    headers = request.requestHeaders
+    content = request.content
+    if content is None or headers.hasHeader(b"content-length"):
+        return
+    content.seek(0, 2)
+    size = content.tell()
+    content.seek(0)
+    headers.removeHeader(b"transfer-encoding")
+    headers.setRawHeaders(b"content-length", [b"%d" % size])
 
 
 @attrs.frozen

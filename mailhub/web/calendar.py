@@ -28,7 +28,9 @@ from mailhub.collector.sources import ical_addresses
 from mailhub.decoding import decode_utf8
 from mailhub.errors import ValidationError
 from mailhub.pubsub.interfaces import IWorkQueue
-from mailhub.web.common import handle_errors, json_routing_errors, read_body, reply
+from mailhub.web.common import (
+    handle_errors, json_routing_errors, read_body, refuse_controls, reply,
+)
 
 
 class CalendarCollect:
@@ -67,6 +69,8 @@ def _query(request: IRequest, name: bytes) -> str:
     if not values:
         return ""
     try:
-        return values[-1].decode("utf-8")
+        value = values[-1].decode("utf-8")
     except UnicodeDecodeError:
         raise ValidationError("query parameter %s is not UTF-8" % name.decode())
+    refuse_controls({name.decode(): value})
+    return value

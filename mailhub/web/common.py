@@ -13,6 +13,7 @@ import binascii
 import functools
 import hmac
 import json
+import re
 from typing import Any, Awaitable, Callable, TypeVar
 from urllib.parse import parse_qsl
 
@@ -91,7 +92,9 @@ def form_fields(request: IRequest, limit: int) -> dict[str, str]:
     """Query string and form body as one dict of text, as GroupServer reads them.
 
     Bare names (``&add``) count with an empty value. A JSON body (an object)
-    is accepted too, for clients that send one. Later values win.
+    is accepted too, for clients that send one. Later values win. A name or
+    value holding a control character (see :func:`refuse_controls`) is a
+    ValidationError.
     """
     fields: dict[str, str] = {}
     query = request.uri.split(b"?", 1)[1] if b"?" in request.uri else b""
@@ -112,7 +115,28 @@ def form_fields(request: IRequest, limit: int) -> dict[str, str]:
             fields.update(_multipart(request.getHeader(b"content-type") or b"", body))
         else:
             _merge_form(fields, text, "the request body")
+    refuse_controls(fields)
     return fields
+
+
+#: C0 controls but tab, line feed and carriage return (a biography may hold
+#: lines), and DEL. PostgreSQL refuses NUL in text outright; none of them
+#: belongs in a name, an address, an id or a token.
+_CONTROLS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def refuse_controls(fields: dict[str, str]) -> None:
+    """Raise ValidationError naming every field whose name or value holds a control character.
+
+    Checked on decoded values (after percent- and JSON-decoding), so ``%00``
+    and ``\\u0000`` are refused alike, at the edge, before any store sees them.
+    """
+    bad = [key for key, value in fields.items()
+           if _CONTROLS.search(key) or _CONTROLS.search(value)]
+    if bad:
+        raise ValidationError(["field %s holds a control character (NUL or another "
+                               "character below U+0020 but tab and line ends)"
+                               % ascii(key)[1:-1][:64] for key in bad])
 
 
 def _multipart(content_type: bytes, body: bytes) -> dict[str, str]:

@@ -150,6 +150,14 @@ class CalendarWebTests(SynchronousTestCase):
             headers=headers or {"Content-Type": "text/calendar"}))
         return response.code, json.loads(self.successResultOf(response.content()))
 
+    def test_a_control_character_in_the_user_or_token_is_400(self) -> None:
+        for query in ("?user=%00&token=s3cret", "?user=a%01b@example.org&token=s3cret",
+                      "?user=alice@example.org&token=s3cret%00"):
+            code, answer = self.post(query, ICS)
+            self.assertEqual(code, 400, query)
+            self.assertIn("control character", answer["error"])
+        self.assertEqual(self.out.bodies, [])
+
     def test_attendees_are_submitted_for_the_named_user(self) -> None:
         code, answer = self.post("?user=alice@example.org&token=s3cret", ICS)
         self.assertEqual(code, 202)
