@@ -20,6 +20,7 @@ import json
 import os
 import re
 import socket
+import weakref
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 from urllib.parse import unquote, urlsplit
@@ -189,8 +190,12 @@ class _Factory(Factory):
                        heartbeat=self.heartbeat, clock=self.clock)
 
 
-def _reply_text(error: Exception) -> str:
-    reason = error.args[0] if error.args else error
+def _reply_text(error: Any) -> str:
+    """The broker's words (``406 PRECONDITION_FAILED - ...``) from a
+    ``Closed`` error, the channel.close message itself, or a Failure."""
+    reason = error
+    if isinstance(error, Exception):
+        reason = error.args[0] if error.args else error
     if isinstance(reason, Failure):
         return reason.getErrorMessage() or reason.type.__name__
     code = getattr(reason, "reply_code", None)
@@ -271,9 +276,11 @@ class Session:
         # One declaration at a time on the control channel: a refusal closes
         # the channel, and must fail only the declaration it answers.
         self._control_lock = DeferredLock()
-        #: Channels being set up (qos, consume): a refusal there fails only
-        #: their owner (see :meth:`refusable`), not the connection.
-        self._setting_up: set[Any] = set()
+        #: Control channels, and channels being set up (qos, consume): a
+        #: refusal there fails only their owner (see :meth:`refusable`), not
+        #: the connection. Weak: a refused channel is forgotten with its owner
+        #: (txamqp wakes the owner before it reports the channel closed).
+        self._setting_up: weakref.WeakSet[Any] = weakref.WeakSet()
         self.lost = False
         self.closing = False
 
@@ -305,6 +312,7 @@ class Session:
         self.publish_channel = await self.open_channel()
         await self.publish_channel.confirm_select()
         self._control = await self.open_channel()
+        self.refusable(self._control)
 
     async def _on_control(self, call: Callable[[Any], Awaitable[Any]], what: str,
                           record: bool = True) -> Any:
@@ -322,6 +330,7 @@ class Session:
                               record: bool) -> Any:
         if self._control is None or self._control.closed:
             self._control = await self.open_channel()
+            self.refusable(self._control)
         channel = self._control
         try:
             result = await call(channel)

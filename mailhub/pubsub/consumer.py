@@ -134,8 +134,7 @@ class Consumer:
             reply = await channel.basic_consume(queue=queue_name, no_ack=False)
         except ChannelClosed as e:
             raise session.refusal(channel, "consuming from queue %r" % queue_name, e)
-        finally:
-            session.set_up(channel)
+        session.set_up(channel)
         queue = await session.client.queue(reply.consumer_tag)
         consumer = cls(session, channel, reply.consumer_tag, queue, clock)
         d = Deferred.fromCoroutine(consumer._run(handle, sequential))
