@@ -10,11 +10,13 @@ do: Apache James' ``AmqpForwardAttribute`` makes ``collector:email`` a
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.logger import globalLogPublisher
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from mailhub.collector.sources import CALENDAR_TOPICS
@@ -25,10 +27,12 @@ from mailhub.pubsub.connection import Broker
 from mailhub.pubsub.globalpubsub import GlobalPubSub
 from mailhub.pubsub.local import LocalPubSub
 from mailhub.pubsub.wiring import PubSub
+from mailhub.web.events import STREAM_TOPICS
 
 from tests.pubsub.test_rabbitmq import SPEC, inline, wait_for
 from tests.support.amqp_peer import VirtualHost, _pika
-from tests.support.rabbitmq import HOST, PORT, require_rabbitmq, unique
+from tests.support.amqplib import SCRIPTS, require_amqplib
+from tests.support.rabbitmq import HOST, PORT, _rabbitmqctl, require_rabbitmq, unique
 
 
 class Peer:
@@ -190,3 +194,101 @@ class DeclarationTests(TestCase):
         # Own publications on topics still go out and come back to others.
         d: Deferred[None] = pubsub.hub.global_.topic("mail:new").publish({"n": 2})
         await d
+
+
+class OpenPaaSDeclarationTests(TestCase):
+    """OpenPaaS's own declarations, made by node's amqplib, before and after mailhub's."""
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        require_rabbitmq()
+        self.node, self.env = require_amqplib()
+        self.vhost = VirtualHost().create()
+        self.addCleanup(self.vhost.delete)
+
+    async def openpaas(self, *args: str) -> dict[str, Any]:
+        out, err, code = await getProcessOutputAndValue(
+            self.node, [str(SCRIPTS / "openpaas.js"), self.vhost.url, *args], env=self.env)
+        self.assertEqual(code, 0, (out, err))
+        return json.loads(out.decode().strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+    @inline
+    async def test_openpaas_declarations_never_meet_a_406_and_messages_flow_both_ways(
+            self) -> None:
+        topics = list(STREAM_TOPICS) + list(CALENDAR_TOPICS)
+        # OpenPaaS first.
+        before = await self.openpaas("declare", json.dumps(topics))
+        self.assertEqual(before, {"errors": []})
+
+        # Then a mailhub instance with everything that declares on the broker:
+        # the collector's queue, the calendar's shared subscriptions, an
+        # event stream's subscription and a plain topic subscription.
+        broker = Broker(reactor, self.vhost.url, SPEC, heartbeat=5, metrics=Metrics(),
+                        connection_name=unique("conn"), retry_policy=lambda n: 0.1)
+        broker.startService()
+        self.addCleanup(broker.stopService)
+        pubsub = PubSub(Hub(LocalPubSub(), GlobalPubSub(broker)), [broker], broker,
+                        reactor, broker.metrics)
+        queue = pubsub.work_queue("collector:email", retry_initial=0.05, retry_max=0.2)
+        collected: list[Any] = []
+
+        def collect(body: bytes) -> Deferred[None]:
+            data = json.loads(body)
+            if "emails" not in data:
+                raise ValidationError("no emails")
+            collected.append(data)
+            return pubsub.hub.global_.topic("contacts:contact:add").publish(
+                {"contactId": "c1", "bookName": "collected", "user": data["userEmail"]})
+
+        queue.consume(collect)
+        self.addCleanup(queue.stop)
+        shared = [pubsub.shared_subscription(topic) for topic in CALENDAR_TOPICS]
+        for subscription in shared:
+            subscription.consume(lambda body: None)
+        streamed: list[tuple[str, Any]] = []
+        await pubsub.hub.global_.subscribe_topics(STREAM_TOPICS,
+                                                  lambda t, d: streamed.append((t, d)))
+        await pubsub.hub.global_.topic("mail:new").subscribe(lambda data: None)
+        await wait_for(lambda: queue._consumer is not None and all(
+            s._consumer is not None for s in shared), what="mailhub's consumers")
+        self.assertEqual(pubsub.health()["ok"], True)
+
+        # OpenPaaS again, after mailhub: the same declarations, a subscriber
+        # to a topic mailhub publishes, and collector messages (one that can
+        # never be collected).
+        after = await self.openpaas(
+            "exchange", json.dumps(topics), "contacts:contact:add",
+            json.dumps([{"userEmail": "nobody@example.org"},
+                        {"userEmail": "a@example.org", "emails": ["b@example.org"]}]),
+            "20000")
+        self.assertEqual(after["errors"], [])
+        self.assertEqual(collected, [{"userEmail": "a@example.org", "emails": ["b@example.org"]}])
+        self.assertEqual(after["received"], {"contactId": "c1", "bookName": "collected",
+                                             "user": "a@example.org"})
+        self.assertIn(("contacts:contact:add", after["received"]), streamed)
+        self.assertEqual(pubsub.health()["ok"], True)
+
+        # The dead letter went to mailhub's own queue: collector:email is
+        # still exactly what OpenPaaS declares (durable, not exclusive, not
+        # auto-delete, no arguments).
+        peer = Peer(self.vhost.name)
+        self.addCleanup(peer.close)
+        dead = peer.channel.queue_declare("collector:email:dead", passive=True)
+        self.assertEqual(dead.method.message_count, 1)
+        described = await self.queues()
+        self.assertEqual(described["collector:email"], ("true", "false", "false", "[]"))
+
+    async def queues(self) -> dict[str, tuple[str, ...]]:
+        """name -> (durable, exclusive, auto_delete, arguments), from rabbitmqctl."""
+        out, err, code = await getProcessOutputAndValue(
+            _rabbitmqctl(), ["list_queues", "-q", "--no-table-headers", "-p", self.vhost.name,
+                             "name", "durable", "exclusive", "auto_delete", "arguments"],
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                 "HOME": os.environ.get("HOME", "/root")})
+        self.assertEqual(code, 0, err)
+        found = {}
+        for line in out.decode().splitlines():
+            name, *rest = line.split("\t")
+            found[name] = tuple(rest)
+        return found
