@@ -253,6 +253,14 @@ class OpenPaaSDeclarationTests(TestCase):
         await wait_for(lambda: queue._consumer is not None and all(
             s._consumer is not None for s in shared), what="mailhub's consumers")
         self.assertEqual(pubsub.health()["ok"], True)
+        # pika (another client, as a Python ESN peer would) declares the same,
+        # exactly as OpenPaaS does: a refusal would raise ChannelClosedByBroker.
+        pika_peer = Peer(self.vhost.name)
+        self.addCleanup(pika_peer.close)
+        for topic in topics + ["collector:email"]:
+            pika_peer.channel.exchange_declare(topic, exchange_type="fanout", durable=True)
+        pika_peer.channel.queue_declare("collector:email", durable=True)
+        pika_peer.channel.queue_bind("collector:email", "collector:email", routing_key="")
 
         # OpenPaaS again, after mailhub: the same declarations, a subscriber
         # to a topic mailhub publishes, and collector messages (one that can
