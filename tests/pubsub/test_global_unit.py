@@ -177,6 +177,20 @@ class ConfigurationTests(SynchronousTestCase):
         self.assertEqual(made.broker.outbox.limit, 5)
         self.assertEqual(made.health(), {"ok": False, "state": "disconnected", "outbox": 0})
 
+    def test_health_names_each_refused_declaration_with_the_brokers_reason(self) -> None:
+        require_spec()
+        made = make_pubsub(Config(amqp=AMQPSection(url="amqp://127.0.0.1")), Clock(), Metrics())
+        assert made.broker is not None
+        reason = "406 PRECONDITION_FAILED - inequivalent arg 'type'"
+        made.broker.refusals.refused("exchange 'calendar:event:created'", reason)
+        health = made.health()
+        self.assertFalse(health["ok"])
+        self.assertEqual(health["refused"], {"exchange 'calendar:event:created'": reason})
+        self.assertEqual(health["state"], "disconnected; the broker refused exchange "
+                         "'calendar:event:created': " + reason)
+        made.broker.refusals.accepted("exchange 'calendar:event:created'")
+        self.assertEqual(made.health(), {"ok": False, "state": "disconnected", "outbox": 0})
+
     def test_shared_subscription_is_one_named_queue_bound_to_the_topic(self) -> None:
         local = make_pubsub(Config(), Clock(), Metrics())
         without = local.shared_subscription("t")
