@@ -26,7 +26,8 @@ from mailhub.pubsub import Hub
 from mailhub.pubsub.connection import Broker
 from mailhub.pubsub.globalpubsub import GlobalPubSub
 from mailhub.pubsub.local import LocalPubSub
-from mailhub.pubsub.wiring import PubSub
+from mailhub.config import AMQPSection, Config
+from mailhub.pubsub.wiring import PubSub, make_pubsub
 from mailhub.web.events import STREAM_TOPICS
 
 from tests.pubsub.test_rabbitmq import SPEC, inline, wait_for
@@ -55,7 +56,9 @@ class Peer:
             self.connection.close()
 
 
-class DeclarationTests(TestCase):
+class InVirtualHost(TestCase):
+    """A vhost of the test's own, a pika peer in it, and the log collected."""
+
     timeout = 90
 
     def setUp(self) -> None:
@@ -94,6 +97,9 @@ class DeclarationTests(TestCase):
         self.addCleanup(queue.stop)
         return queue, handled
 
+
+
+class DeclarationTests(InVirtualHost):
     @inline
     async def test_a_direct_collector_exchange_is_adopted_and_the_rest_works(self) -> None:
         # James' AmqpForwardAttribute got there first, with its default type.
@@ -300,3 +306,28 @@ class OpenPaaSDeclarationTests(TestCase):
             name, *rest = line.split("\t")
             found[name] = tuple(rest)
         return found
+
+
+class CheckDeclarationsTests(InVirtualHost):
+    """What ``mailhub check`` declares to find refusals before mailhub runs."""
+
+    @inline
+    async def test_check_declarations_name_what_the_broker_refuses_and_adopt_the_rest(
+            self) -> None:
+        self.peer.channel.exchange_declare(CALENDAR_TOPICS[0], exchange_type="direct",
+                                           durable=True)
+        self.peer.channel.exchange_declare("collector:email", exchange_type="direct",
+                                           durable=True)
+        config = Config(amqp=AMQPSection(url=self.vhost.url, spec=SPEC))
+        pubsub = make_pubsub(config, reactor, Metrics())
+        pubsub.check_declarations(config, CALENDAR_TOPICS)
+        assert pubsub.broker is not None
+        broker = pubsub.broker
+        broker.startService()
+        self.addCleanup(broker.stopService)
+        await wait_for(lambda: broker.connected, what="the connection")
+        health = pubsub.health()
+        self.assertFalse(health["ok"])
+        # The calendar topic is refused; collector:email is adopted, not refused.
+        self.assertEqual(list(health["refused"]), ["exchange %r" % CALENDAR_TOPICS[0]])
+        self.assertIn("current is 'direct'", health["state"])
