@@ -28,7 +28,7 @@ from urllib.parse import unquote, urlsplit
 import attrs
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredLock, succeed
+from twisted.internet.defer import Deferred, DeferredList, DeferredLock, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
@@ -561,11 +561,15 @@ class Broker(Service):
         session = self.session
         if session is None:
             return  # the next connection sets everything up anyway
+        attempts = []
         for user in list(self._users):
             d = Deferred.fromCoroutine(self._set_user_up(user, session))
-            d.addErrback(self._user_failed, session)
+            attempts.append(d.addErrback(self._user_failed, session))
+        DeferredList(attempts).addCallback(lambda _: self._retried())
+
+    def _retried(self) -> None:
         if not self.refusals.current:
-            self._retry_delay_now = self.refusal_retry
+            self._retry_delay_now = self.refusal_retry  # all healed: start short again
 
     async def _set_user_up(self, user: Any, session: Session) -> None:
         """``user.connected(session)``; a refusal is recorded, not fatal."""
