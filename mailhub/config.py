@@ -16,12 +16,12 @@ import configparser
 import os
 from pathlib import Path
 from typing import Any, Callable
-import re
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import attrs
 
 from mailhub.errors import ConfigError
+from mailhub.logs import redact_url
 
 DEFAULT_SPEC = "/usr/share/amqp/specs/0-9-1/amqp0-9-1.stripped.xml"
 
@@ -35,6 +35,11 @@ class MailhubSection:
     site_url: str = "http://localhost:8080"
     max_body: int = 1024 * 1024
     threads: int = 4
+    # Connection bounds (see doc/configuration.rst): open connections at
+    # most; how many of those serve only /healthz; seconds to send headers.
+    max_connections: int = 800
+    health_reserve: int = 16
+    header_timeout: float = 15.0
 
 
 @attrs.frozen
@@ -64,6 +69,8 @@ class CardDAVSection:
 
 @attrs.frozen
 class LDAPSection:
+    """``[ldap]``: the one description of the LDAP source (the client reads it as it is)."""
+
     url: str = ""
     bind_dn: str = ""
     bind_password: str = attrs.field(default="", repr=False)
@@ -79,6 +86,27 @@ class LDAPSection:
     timeout: float = 5.0
     page_size: int = 500
     pool_size: int = 4
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """The servers of ``url``, in failover order."""
+        return tuple(self.url.split())
+
+    @property
+    def mail_attributes(self) -> tuple[str, ...]:
+        """The attributes of ``mail_attribute`` (spaces or commas between them)."""
+        return tuple(self.mail_attribute.replace(",", " ").split())
+
+    @property
+    def attributes(self) -> list[str]:
+        """The attributes every search asks for, each once (compared without case)."""
+        wanted = [self.login_attribute, self.name_attribute, *self.mail_attributes]
+        if self.dn_attribute:
+            wanted.append(self.dn_attribute)
+        seen: dict[str, str] = {}
+        for name in wanted:
+            seen.setdefault(name.casefold(), name)
+        return list(seen.values())
 
 
 @attrs.frozen
@@ -114,6 +142,7 @@ class CollectorSection:
     cache_ttl: float = 600.0  # seconds a known-address answer is trusted
     cache_size: int = 100000  # known addresses remembered (all users)
     mirror_size: int = 50000  # cards of users' books copied locally (all users)
+    max_addresses: int = 1000  # addresses collected from one message at most
 
 
 @attrs.frozen
@@ -203,7 +232,7 @@ def _whole_number(raw: str) -> int:
 
 
 #: Whole-number keys for which 0 means "none" (every other one must be positive).
-_ZERO_ALLOWED = frozenset([("collector", "mirror_size")])
+_ZERO_ALLOWED = frozenset([("collector", "mirror_size"), ("mailhub", "health_reserve")])
 
 
 def _positive_float(raw: str) -> float:
@@ -257,16 +286,12 @@ def _check(section: str, key: str, value: Any) -> None:
 
 
 def redact(dsn_or_url: str) -> str:
-    """A DSN or URL with its password replaced by ``***``, fit to print."""
-    try:
-        parts = urlsplit(dsn_or_url)
-        if parts.password is None:
-            return dsn_or_url
-    except ValueError:  # not even a URL: hide whatever sits between ':' and '@'
-        return re.sub(r"(//[^/:@]*):[^/@]*@", r"\1:***@", dsn_or_url)
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    netloc = "%s:***@%s" % (userinfo.partition(":")[0], hostport)
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    """A DSN or URL with its password replaced by ``***``, fit to print.
+
+    One implementation for the CLI, the checks and the log: see
+    :func:`mailhub.logs.redact_url` (which also hides password query parameters).
+    """
+    return redact_url(dsn_or_url)
 
 
 def parse(text: str, path: str = "<string>",
@@ -305,6 +330,10 @@ def parse(text: str, path: str = "<string>",
                                   "an empty password would be accepted by nobody)"
                                   % (path, section, missing_key, first, second))
         sections[section] = cls(**values)
+    mailhub = sections.get("mailhub", MailhubSection())
+    if mailhub.health_reserve >= mailhub.max_connections:
+        raise ConfigError("%s: [mailhub] health_reserve: bad value: must be smaller than "
+                          "max_connections (%d)" % (path, mailhub.max_connections))
     return Config(path=path, **sections)
 
 

@@ -1,7 +1,8 @@
 """Events mailhub publishes about itself, in one shape wherever they come from.
 
-``login:success`` and ``login:failure`` are published by every surface that
-checks a user's password (MailStore, the event stream), always as
+``login:success`` and ``login:failure`` are published by
+:meth:`mailhub.auth.Auth.login`, the one password login of every surface
+(MailStore ``cmd=auth``, the event stream, ``/dav/``), always as
 ``{"user", "source", "client", "at"}``, never with the password.
 """
 

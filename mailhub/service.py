@@ -4,15 +4,24 @@
 (migrating and loading the directory) has succeeded, retrying it with backoff
 while the database cannot be reached, so mailhub never serves requests from
 an empty directory.
+
+:class:`Listening` binds the web site's port when twistd starts the
+application (before the reactor runs and before privileges are dropped), and
+a port that cannot be bound ends the process with one line and exit code 1,
+so a supervisor (systemd's ``Restart=on-failure``) sees the failure.
+
+:class:`StartupLog` writes, once, what the process uses.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Awaitable, Callable
 
-from twisted.application.internet import backoffPolicy
+from twisted.application.internet import StreamServerEndpointService, backoffPolicy
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -118,6 +127,66 @@ class ThreadPoolService(Service):
         super().startService()
         self.pool.start()
 
-    def stopService(self) -> Any:
+    def stopService(self) -> None:
         super().stopService()
         self.pool.stop()
+
+
+class ListenFailed(Exception):
+    """The web site's port cannot be bound; the message is the one line to show."""
+
+
+def _quiet_listen_failure(previous: Any) -> Any:
+    """An excepthook that ends on ListenFailed without a traceback (it is logged)."""
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if not isinstance(value, ListenFailed):
+            previous(kind, value, tb)
+
+    return hook
+
+
+class Listening(StreamServerEndpointService):
+    """The web site's listening port: bound at once, or the process stops.
+
+    twistd calls ``privilegedStartService`` before it runs the reactor; the
+    endpoint is asked to listen there and its failure raised at once (as
+    ``twisted.application.strports.service`` does). The failure is logged as
+    one critical line and raised as :class:`ListenFailed`: twistd then removes
+    its pid file and, when daemonizing, tells the waiting parent (which prints
+    the line and exits 1); the process ends with exit code 1 and no traceback.
+    """
+
+    log = Logger()
+
+    def __init__(self, endpoint: Any, factory: Any, address: str) -> None:
+        super().__init__(endpoint, factory)
+        self.address = address
+        self._raiseSynchronously = True
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except (CannotListenError, OSError) as e:
+            error = e.socketError if isinstance(e, CannotListenError) else e
+            reason = getattr(error, "strerror", None) or str(error)
+            line = "mailhub: cannot listen on %s: %s" % (self.address, reason)
+            self.log.critical("{line}", line=line)
+            sys.excepthook = _quiet_listen_failure(sys.excepthook)
+            raise ListenFailed(line) from None
+
+
+class StartupLog(Service):
+    """Logs, once, the settings this process runs with (never a secret)."""
+
+    log = Logger()
+
+    def __init__(self, summary: dict[str, str]) -> None:
+        self.summary = summary
+
+    def startService(self) -> None:
+        super().startService()
+        self.log.info(
+            "mailhub starting: listen {listen}; data {data}; database {database}; "
+            "broker {broker}; CardDAV {carddav}; LDAP {ldap}; config {config}",
+            **self.summary)

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 import treq
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
@@ -22,21 +21,23 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from mailhub import __version__
+from mailhub.auth import Auth, SiteToken
+from mailhub.checks import carddav_for_checks, make_checks, startup_check
 from mailhub.collector.carddav import BookLayout, CardDAVClient
 from mailhub.collector.embedded import EmbeddedDAV
 from mailhub.collector.engine import CollectorEngine
 from mailhub.collector.sources import CalendarSource, MailSource
 from mailhub.config import Config, load
-from mailhub.directory.cache import Directory
+from mailhub.directory.service import Directory
 from mailhub.directory.ldap import LDAPService
 from mailhub.directory.sql import StoreService
-from mailhub.directory.throttle import Throttle
 from mailhub.directory.users import ChainedUserSource, HashingService, SiteUserSource
 from mailhub.errors import ConfigError
+from mailhub.logs import startup_summary
 from mailhub.metrics import Metrics
 from mailhub.pubsub.interfaces import IWorkQueue
 from mailhub.pubsub.wiring import PubSub, Resume, make_pubsub
-from mailhub.service import AfterReady, InOrder
+from mailhub.service import AfterReady, InOrder, Listening, StartupLog
 from mailhub.web.calendar import CalendarCollect
 from mailhub.web.hooks import GroupHooks
 from mailhub.web.mailstore import MailStoreIntegration
@@ -45,9 +46,6 @@ from mailhub.web.ops import Operations
 from mailhub.web.events import EventStream
 from mailhub.web.push import PushReceiver
 from mailhub.web.site import MailhubSite, Root
-
-Check = Callable[[], Any]
-
 
 class Options(usage.Options):
     """Options of ``twistd mailhub``."""
@@ -80,11 +78,13 @@ def makeService(options: usage.Options) -> IService:
 
     config = load_config(options)
     listen = options["listen"] or config.mailhub.listen
+    source = "--listen" if options["listen"] else "[mailhub] listen"
     try:
-        return build(config, listen, reactor)
+        return build(config, listen, reactor, listen_source=source)
     except (ConfigError, ValueError) as e:
         message = str(e)
-        if config.path and not message.startswith(config.path):
+        # A key of the file is named with the file; --listen is not in it.
+        if config.path and not message.startswith((config.path, "--")):
             message = "%s: %s" % (config.path, message)
         raise SystemExit("mailhub: configuration error: %s" % message)
 
@@ -111,11 +111,42 @@ class OnStop(Service):
         self.log.failure("{call!r} failed at shutdown", failure, call=call)
 
 
-def build(config: Config, listen: str, reactor: Any) -> MultiService:
+def listen_endpoint(reactor: Any, listen: str, source: str = "[mailhub] listen") -> Any:
+    """The server endpoint that ``listen`` describes, or ConfigError naming ``source``.
+
+    Parsing an endpoint string may read files (an ``ssl:`` endpoint's key and
+    certificate), so their errors are the setting's errors too.
+    """
+    try:
+        return serverFromString(reactor, listen)
+    except OSError as e:
+        why = "%s: %s" % (e.strerror, e.filename) if e.filename else (e.strerror or str(e))
+        raise ConfigError("%s: bad value %r: %s" % (source, listen, why))
+    except Exception as e:  # ValueError, KeyError, TypeError, OpenSSL's errors...
+        raise ConfigError("%s: bad value %r: %s" % (source, listen, str(e) or type(e).__name__))
+
+
+def data_folder(config: Config) -> None:
+    """Make ``[mailhub] data`` (and its parents), or ConfigError naming the key."""
+    try:
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError("[mailhub] data: bad value: %s is a file, not a folder"
+                          % config.data_dir)
+    except OSError as e:
+        raise ConfigError("[mailhub] data: bad value: cannot make the folder %s: %s"
+                          % (config.data_dir, e.strerror))
+
+
+def build(config: Config, listen: str, reactor: Any,
+          listen_source: str = "[mailhub] listen") -> MultiService:
     """Wire every part for ``config``, listening on ``listen``."""
+    endpoint = listen_endpoint(reactor, listen, listen_source)
+    data_folder(config)
     # Stopped in reverse: the web site and its surfaces first, then the
     # broker (which drains its consumers), then the thread pools they used.
     top = InOrder()
+    StartupLog(startup_summary(config, listen)).setServiceParent(top)
     pools = MultiService()
     pools.setServiceParent(top)
     metrics = Metrics()
@@ -124,50 +155,55 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
 
     database = StoreService(config.dsn, config.mailhub.site_id, reactor,
                             threads=config.mailhub.threads)
-    endpoint = serverFromString(reactor, listen)
     database.setServiceParent(pools)
     directory = Directory(database.store, reactor, config.database.poll_interval, hub)
 
-    async def database_check() -> tuple[bool, str]:
-        await database.store.ping()
-        return True, database.dialect.name
-
-    checks: dict[str, Check] = {"database": database_check, "amqp": _amqp_check(pubsub)}
-    users = _users(config, database, directory, reactor, pools, checks)
+    users, ldap = _users(config, database, directory, reactor, pools)
 
     root = Root(metrics)
-    hooks = GroupHooks(directory, config, metrics, hub)
+    # One failure budget, one metric and one log for every surface that checks a secret.
+    auth = Auth(reactor, metrics, hub)
+    hooks = GroupHooks(directory, config, metrics, hub, auth=auth)
     for name in GroupHooks.paths:
         root.mount(name, hooks.resource())
-    push = PushReceiver(config, hub, metrics, reactor)
-    events = EventStream(config, hub, metrics, users, reactor)
+    push = PushReceiver(config, hub, metrics, reactor, auth=auth)
+    events = EventStream(config, hub, metrics, users, reactor, auth=auth)
     root.mount(b"preliminary", push.resource())
     root.mount(b"push", push.resource())
     root.mount(b"api", events.resource())
-    # One failure budget for every surface that checks passwords by Basic auth.
-    throttle = Throttle(reactor)
-    mailstore = MailStoreIntegration(config, users, hub, metrics, reactor, throttle=throttle)
+    mailstore = MailStoreIntegration(config, users, hub, metrics, reactor, auth=auth)
     root.mount_at(config.mailstore.path, mailstore.resource())
 
     stops: list[Callable[[], Any]] = [push.stop, events.close]
     later: list[Service] = []  # started once the database and directory are ready
     if config.collector.enabled:
-        queue, dav = _collector(config, pubsub, users, metrics, reactor, pools, stops,
-                                throttle, directory.refresh)
+        queue, dav = _collector(config, pubsub, users, metrics, reactor, pools, stops, auth)
         calendar = CalendarCollect(
-            queue, lambda token: Deferred.fromCoroutine(directory.check_token(token)),
+            queue, SiteToken(auth, "calendar", directory.check_token,
+                             directory.check_token_cached),
             config.mailhub.max_body)
         root.mount(b"collector", calendar.resource())
         later.append(Resume(queue))
         if dav is not None:
             root.mount(dav.segment, dav.resource())
+            root.serve_dav_discovery(b"/" + dav.segment + b"/")
             directory.on_change.append(dav.directory_changed)
 
+    carddav, close_carddav = carddav_for_checks(config, reactor)
+    stops.append(close_carddav)
+    checks = make_checks(config, reactor, listen=listen, database=database, pubsub=pubsub,
+                         ldap=ldap, carddav=carddav, embedded_dav=config.embedded_carddav)
+    # twistd listens before the start-up work is done (privilegedStartService):
+    # until then /healthz says so. (``ready`` is made below.)
+    checks.insert(0, startup_check(lambda: ready.ready.called))
     ops = Operations(metrics, checks, functools.partial(
-        site_document, config.mailstore.path, config.collector.enabled))
+        site_document, config.mailstore.path, config.collector.enabled), reactor)
     for name in (b"healthz", b"metrics", b"openapi.json"):
         root.mount(name, ops.resource())
-    site = MailhubSite(root, config.mailhub.max_body)
+    site = MailhubSite(root, config.mailhub.max_body,
+                       max_connections=config.mailhub.max_connections,
+                       health_reserve=config.mailhub.health_reserve,
+                       header_timeout=config.mailhub.header_timeout, metrics=metrics)
 
     async def prepare() -> None:
         await database.store.migrate()
@@ -181,22 +217,15 @@ def build(config: Config, listen: str, reactor: Any) -> MultiService:
     OnStop(*stops).setServiceParent(ready)
     for service in later:
         service.setServiceParent(ready)
-    web = StreamServerEndpointService(endpoint, site)
+    web = Listening(endpoint, site, listen)
     web.setName("web")
     web.setServiceParent(ready)
     return top
 
 
-def _amqp_check(pubsub: PubSub) -> Check:
-    def check() -> tuple[bool, str]:
-        state = pubsub.health()
-        return bool(state["ok"]), str(state.get("state", ""))
-    return check
-
-
 def _users(config: Config, database: StoreService, directory: Directory, reactor: Any,
-           top: MultiService, checks: dict[str, Check]) -> ChainedUserSource:
-    """The site's users first, then LDAP when ``[ldap] url`` is set."""
+           top: MultiService) -> tuple[ChainedUserSource, LDAPService | None]:
+    """The site's users first, then LDAP when ``[ldap] url`` is set (and its service)."""
     hashing = HashingService(threads=2)
     hashing.setServiceParent(top)
     sources: list[Any] = [SiteUserSource(database.store, reactor, hashing.pool,
@@ -205,25 +234,18 @@ def _users(config: Config, database: StoreService, directory: Directory, reactor
     if ldap is not None:
         ldap.setServiceParent(top)
         sources.append(ldap.source)
-
-        async def ldap_check() -> tuple[bool, str]:
-            ok = await ldap.source.ping()
-            return bool(ok), "a server answered" if ok else "no server answered"
-
-        checks["ldap"] = ldap_check
-    return ChainedUserSource(sources)
+    return ChainedUserSource(sources), ldap
 
 
 def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, reactor: Any,
                top: MultiService, stops: list[Callable[[], Any]],
-               throttle: Throttle, refresh_users: Callable[[], Awaitable[None]],
-               ) -> tuple[IWorkQueue, EmbeddedDAV | None]:
+               auth: Auth) -> tuple[IWorkQueue, EmbeddedDAV | None]:
     """The contact collector: CardDAV client, engine, queue consumer and sources."""
     dav: EmbeddedDAV | None = None
     credentials: tuple[str, str] | None = None
     if config.embedded_carddav:
         dav = EmbeddedDAV(reactor, config.data_dir / "dav", users, threads=config.mailhub.threads,
-                          hub=pubsub.hub, metrics=metrics, throttle=throttle)
+                          hub=pubsub.hub, metrics=metrics, auth=auth)
         dav.setServiceParent(top)
         http: Any = dav.http_client()
         base = dav.url
@@ -245,7 +267,8 @@ def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, rea
     engine = CollectorEngine(users, carddav, layout, pubsub.hub, metrics, reactor,
                              skip_site_users=collector.skip_site_users,
                              cache_ttl=collector.cache_ttl, cache_size=collector.cache_size,
-                             mirror_size=collector.mirror_size, refresh_users=refresh_users)
+                             mirror_size=collector.mirror_size,
+                             max_addresses=collector.max_addresses)
     # Without a broker the queue lives in {data}/collector-spool (doc/collector.rst).
     queue = pubsub.work_queue(collector.queue, dead_letter=collector.dead_letter,
                               retry_initial=collector.retry_initial,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -16,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from mailhub.cli import result_of
+from mailhub.cli.common import result_of
 from mailhub.directory.sql import SQLStore, dialect_for
+from tests.support.metrics import matching
 from tests.support.postgres import throwaway_database
 from tests.support.process import TWISTD, Mailhub
 from tests.support.require import free_port
@@ -29,7 +31,7 @@ def test_defaults_serve_on_sqlite_and_stop_cleanly_on_sigterm(tmp_path: Path) ->
     mailhub = Mailhub(tmp_path).start()
     status, health = mailhub.get("/healthz")
     assert status == 200
-    assert health["dependencies"]["database"] == {"ok": True, "detail": "sqlite"}
+    assert health["dependencies"]["database"] == {"ok": True, "detail": "sqlite: schema version 1 of 1"}
     assert (tmp_path / "mailhub-data" / "mailhub.sqlite").exists()
     status, body = mailhub.get("/no/such/thing")
     assert status == 404 and "no such resource" in body["error"]
@@ -46,9 +48,10 @@ def test_config_file_selects_postgresql(tmp_path: Path) -> None:
     with throwaway_database() as dsn:
         with Mailhub(tmp_path, config="[database]\ndsn = %s\n" % dsn) as mailhub:
             status, health = mailhub.get("/healthz")
-            assert health["dependencies"]["database"] == {"ok": True, "detail": "postgresql"}
-            status, metrics = mailhub.get("/metrics")
-            assert b'mailhub_http_requests_total{method="GET",route="/healthz",status="200"}' in metrics
+            assert health["dependencies"]["database"] == {"ok": True, "detail": "postgresql: schema version 1 of 1"}
+            status, text = mailhub.get("/metrics")
+            assert matching(text, "mailhub_http_requests_total",
+                            method="GET", route="/healthz", status="200")
 
 
 def test_bad_config_stops_start_up_with_one_line(tmp_path: Path) -> None:
@@ -176,7 +179,14 @@ def test_multipart_forms_are_parsed_and_malformed_ones_get_json_400(tmp_path: Pa
 @pytest.mark.parametrize("text, says", [
     ("[amqp]\nurl = amqp://guest:guest@127.0.0.1:5672/\nspec = /nonexistent/amqp.xml\n",
      "[amqp] spec: /nonexistent/amqp.xml not found: install Debian's amqp-specs package"),
-    ("[mailhub]\nlisten = nonsense:1\n", "Unknown endpoint type"),
+    ("[mailhub]\nlisten = nonsense:1\n", "[mailhub] listen: bad value 'nonsense:1': Unknown endpoint type"),
+    ("[mailhub]\nlisten = nonsense\n", "[mailhub] listen: bad value 'nonsense': Unknown endpoint type"),
+    ("[mailhub]\nlisten = ssl:8443:privateKey=/nonexistent/key.pem\n",
+     "[mailhub] listen: bad value 'ssl:8443:privateKey=/nonexistent/key.pem': "
+     "No such file or directory: /nonexistent/key.pem"),
+    ("[mailhub]\ndata = mailhub.ini\n", "[mailhub] data: bad value: mailhub.ini is a file, not a folder"),
+    ("[mailhub]\nmax_connections = 10\nhealth_reserve = 10\n",
+     "[mailhub] health_reserve: bad value: must be smaller than max_connections (10)"),
     ("[carddav]\nurl = https://dav.example.com/\naddressbook = https://dav.example.com/books/\n",
      "[carddav] addressbook: bad value"),
 ])
@@ -191,3 +201,74 @@ def test_unusable_settings_found_while_wiring_stop_start_up_with_one_line(
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("mailhub: configuration error: %s: " % config)
     assert says in lines[0]
+
+
+def test_listen_option_errors_name_the_option(tmp_path: Path) -> None:
+    done = subprocess.run([TWISTD, "-n", "--pidfile=", "mailhub", "--listen", "tcp:notaport"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines == ["mailhub: configuration error: --listen: bad value 'tcp:notaport': "
+                     "invalid literal for int() with base 10: 'notaport'"]
+
+
+def test_a_port_in_use_ends_the_process_with_one_line_and_exit_code_1(tmp_path: Path) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        done = subprocess.run([TWISTD, "-n", "--pidfile=", "mailhub",
+                               "--listen", "tcp:%d:interface=127.0.0.1" % port],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    finally:
+        taken.close()
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    failures = [line for line in output.splitlines() if "cannot listen" in line]
+    assert len(failures) == 1, output
+    assert failures[0].endswith("mailhub: cannot listen on tcp:%d:interface=127.0.0.1: "
+                                "Address already in use" % port)
+    assert "Traceback" not in output and "mailhub is ready" not in output
+
+
+def test_a_port_in_use_ends_a_daemonized_twistd_too(tmp_path: Path) -> None:
+    """Daemonized, twistd's parent waits for its child's word: it must get one."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    pidfile, logfile = tmp_path / "twistd.pid", tmp_path / "twistd.log"
+    try:
+        done = subprocess.run([TWISTD, "--pidfile", str(pidfile), "--logfile", str(logfile),
+                               "mailhub", "--listen", "tcp:%d:interface=127.0.0.1" % port],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    finally:
+        taken.close()
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "mailhub: cannot listen on tcp:%d" % port in done.stderr
+    assert not pidfile.exists()
+    log = logfile.read_text()
+    assert [line for line in log.splitlines() if "cannot listen" in line], log
+    assert "Traceback" not in log
+
+
+def test_start_up_logs_what_it_uses_once_without_secrets(tmp_path: Path) -> None:
+    config = ("[database]\ndsn = %s\n[amqp]\nurl = amqp://guest:broker-secret@127.0.0.1:1/\n"
+              "[ldap]\nurl = ldap://127.0.0.1:1 ldaps://127.0.0.2:1\n"
+              "bind_password = ldap-secret\n")
+    dsn = "sqlite:///%s" % (tmp_path / "hub.sqlite")
+    with Mailhub(tmp_path, config=config % dsn) as mailhub:
+        pass
+    log = mailhub.log.read_text()
+    lines = [line for line in log.splitlines() if "mailhub starting:" in line]
+    assert len(lines) == 1, log
+    line = lines[0]
+    assert "listen tcp:%d:interface=127.0.0.1" % mailhub.port in line
+    assert "data %s" % (tmp_path / "mailhub-data") in line
+    assert "database %s" % dsn in line
+    assert "broker amqp://guest:***@127.0.0.1:1/" in line
+    assert "CardDAV embedded at http://localhost:8080/dav/" in line
+    assert "LDAP ldap://127.0.0.1:1 ldaps://127.0.0.2:1" in line
+    assert "config %s" % (tmp_path / "mailhub.ini") in line
+    assert "secret" not in log

@@ -9,7 +9,8 @@ One run, one Radicale (subprocess on 127.0.0.1, temp folder), side by side:
    CollectorEngine.handle, into a new user's collected book;
 3. RabbitMQ (when a broker answers on 127.0.0.1:5672): the same again,
    published on a work queue and consumed by the engine (prefetch 16);
-4. re-collecting known addresses: with the engine's cache (no request at all)
+4. re-collecting known addresses: with the engine's cache (one sync-collection of
+   the collected book per batch of messages)
    and without it (lookups only, never a PUT: the PUTs are counted).
 
 Phases 1-3 run ``--rounds`` times, alternating, each into fresh books, so a

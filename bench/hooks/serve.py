@@ -50,7 +50,7 @@ def bare(path: str, port: int) -> None:
 
 def mailhub(dsn: str, port: int, site_url: str) -> None:
     from mailhub.config import Config, DatabaseSection, MailhubSection
-    from mailhub.directory.cache import Directory
+    from mailhub.directory.service import Directory
     from mailhub.directory.sql import StoreService
     from mailhub.metrics import Metrics
     from mailhub.pubsub import Hub

@@ -17,10 +17,10 @@ from twisted.internet.defer import Deferred
 from mailhub.web.site import MailhubSite, Root
 
 from mailhub.config import Config, LDAPSection, MailStoreSection
-from mailhub.directory.cache import Directory
-from mailhub.directory.ldap import LDAPService, LDAPSettings
+from mailhub.directory.service import Directory
+from mailhub.directory.ldap import LDAPService
 from mailhub.directory.memory import MemoryStore
-from mailhub.directory.throttle import Throttle
+from mailhub.auth import Throttle
 from mailhub.directory.users import ChainedUserSource, HashingService, SiteUserSource
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
@@ -29,7 +29,7 @@ from mailhub.web.mailstore import MailStoreIntegration
 
 def main() -> None:
     port, url, base, bind_dn, bind_password, threads = sys.argv[1:7]
-    settings = LDAPSettings(urls=(url,), base_dn=base, bind_dn=bind_dn,
+    settings = LDAPSection(url=url, base_dn=base, bind_dn=bind_dn,
                             bind_password=bind_password, timeout=10.0)
     ldap = LDAPService(reactor, settings, threads=int(threads))
     hashing = HashingService()

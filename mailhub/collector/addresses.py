@@ -28,12 +28,12 @@ from email.policy import default as default_policy
 from typing import Iterable
 
 import attrs
-import idna
+
+from mailhub.decoding import address_problem, domain_forms
 
 # Defects Python's parser reports that still leave a usable address: RFC 6532
 # allows UTF-8 local parts.
 _HARMLESS_DEFECTS = ("NonASCIILocalPartDefect",)
-_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SPACES = re.compile(r"\s+")
 
@@ -111,41 +111,6 @@ def split_name(name: str) -> tuple[str, str]:
             return family, given
     first, _, rest = name.partition(" ")
     return rest.strip(), first
-
-
-def domain_forms(domain: str) -> tuple[str, str] | None:
-    """(ASCII, Unicode) forms of a domain, lower-cased; None when it is not one.
-
-    Uses IDNA 2008 with UTS 46 mapping (what browsers and mail clients do),
-    then IDNA 2003 (Python's codec) for the few older names 2008 refuses.
-    A domain needs two labels or more, each a valid host-name label in its
-    ASCII form, and a top-level label that is not all digits.
-    """
-    domain = unicodedata.normalize("NFC", domain.strip().rstrip(".")).lower()
-    if not domain or domain.startswith("["):
-        return None
-    ascii_form: str | None = None
-    try:
-        ascii_form = idna.encode(domain, uts46=True).decode("ascii")
-    except (idna.IDNAError, UnicodeError, ValueError):
-        try:
-            ascii_form = domain.encode("idna").decode("ascii")
-        except UnicodeError:
-            return None
-    ascii_form = ascii_form.lower()
-    labels = ascii_form.split(".")
-    if len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
-        return None
-    if labels[-1].isdigit():
-        return None
-    try:
-        unicode_form = idna.decode(ascii_form)
-    except (idna.IDNAError, UnicodeError, ValueError):
-        try:
-            unicode_form = ascii_form.encode("ascii").decode("idna")
-        except UnicodeError:
-            return None
-    return ascii_form, unicodedata.normalize("NFC", unicode_form).lower()
 
 
 def address_key(address: str) -> str | None:
@@ -238,8 +203,6 @@ def parse_one(text: str) -> Recipient | Rejected:
     if forms is None:
         return Rejected(raw, "%r is not an internet domain name" % domain)
     local = unicodedata.normalize("NFC", local)
-    if len(local.encode("utf-8")) > 64:
-        return Rejected(raw, "local part longer than 64 octets")
     written_domain = forms[1] if domain.strip().lower() != forms[0] else forms[0]
     try:
         email = Address(username=local, domain=written_domain).addr_spec
@@ -247,8 +210,10 @@ def parse_one(text: str) -> Recipient | Rejected:
             Address(username=local, domain=d).addr_spec for d in (written_domain, *forms)))
     except (ValueError, TypeError):
         return Rejected(raw, "not an email address")
-    if len(email.encode("utf-8")) > 254:
-        return Rejected(raw, "address longer than 254 octets")
+    # The one validator (lengths, local part, domain) has the last word.
+    problem = address_problem(email)
+    if problem is not None:
+        return Rejected(raw, "the address %s" % problem)
     key = local.casefold() + "@" + forms[1].casefold()
     name = clean_name(mailbox.display_name or "")
     # A "name" that is only the address again ("a@x" <a@x>) is no name.

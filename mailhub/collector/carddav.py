@@ -197,6 +197,38 @@ class BookLayout:
 
 
 @attrs.frozen
+class Book:
+    """An address book: its absolute URL, and the ``text/vcard`` versions its
+    ``supported-address-data`` lists (empty: the server does not say)."""
+
+    url: str
+    versions: tuple[str, ...] = ()
+
+
+_BOOK_PROPS = ('<?xml version="1.0" encoding="utf-8"?>'
+               '<d:propfind xmlns:d="DAV:" xmlns:c="%s"><d:prop><d:resourcetype/>'
+               "<c:supported-address-data/></d:prop></d:propfind>" % CARD).encode("utf-8")
+
+
+def _books(body: bytes, base: str) -> list[Book]:
+    """The address books of a PROPFIND answer asking for :data:`_BOOK_PROPS`."""
+    books = []
+    for href, prop in _responses(body, base):
+        kind = prop.find(_q("resourcetype"))
+        if kind is None or kind.find(_q("addressbook", CARD)) is None:
+            continue
+        versions: list[str] = []
+        supported = prop.find(_q("supported-address-data", CARD))
+        if supported is not None:
+            for data_type in supported.iter(_q("address-data-type", CARD)):
+                media = (data_type.get("content-type") or "text/vcard").strip().lower()
+                if media == "text/vcard":
+                    versions.append((data_type.get("version") or "3.0").strip())
+        books.append(Book(href, tuple(versions)))
+    return books
+
+
+@attrs.frozen
 class Card:
     """A card as the server holds it: absolute URL, ETag (may be empty), text."""
 
@@ -247,6 +279,11 @@ class CardDAVClient:
         self._seconds = metrics.histogram(
             "mailhub_collector_carddav_seconds",
             "CardDAV request latency (PUT is the write of a contact)", ["method"])
+
+    @property
+    def concurrency(self) -> int:
+        """Requests in flight at most ([carddav] concurrency)."""
+        return self._limit.size
 
     def when_short(self) -> Deferred[None]:
         """Fires when fewer requests wait for a slot than can run at once."""
@@ -329,21 +366,30 @@ class CardDAVClient:
 
     async def list_books(self, home: str) -> list[str]:
         """Absolute URLs of the address books in a home (empty when it does not exist)."""
-        body = ('<?xml version="1.0" encoding="utf-8"?>'
-                '<d:propfind xmlns:d="DAV:"><d:prop><d:resourcetype/></d:prop></d:propfind>')
+        return [book.url for book in await self.books(home)]
+
+    async def books(self, home: str) -> list["Book"]:
+        """The address books in a home, with the vCard versions each accepts
+        (one PROPFIND Depth 1; empty when the home does not exist)."""
         answer = self._check(
             await self.request("PROPFIND", home, {b"content-type": XML_TYPE},
-                               body.encode("utf-8"), depth="1", urgent=True),
+                               _BOOK_PROPS, depth="1", urgent=True),
             "PROPFIND", home, (207, 404))
         if answer.code == 404:
             return []
-        books = []
-        for href, prop in _responses(answer.body, home):
-            kind = prop.find(_q("resourcetype"))
-            if kind is not None and kind.find(_q("addressbook", CARD)) is not None:
-                if not same_collection(href, home):
-                    books.append(href)
-        return books
+        return [book for book in _books(answer.body, home)
+                if not same_collection(book.url, home)]
+
+    async def book(self, url: str) -> "Book | None":
+        """The address book at ``url`` with the vCard versions it accepts, or None
+        (one PROPFIND Depth 0)."""
+        answer = self._check(
+            await self.request("PROPFIND", url, {b"content-type": XML_TYPE},
+                               _BOOK_PROPS, depth="0", urgent=True),
+            "PROPFIND", url, (207, 404))
+        if answer.code == 404:
+            return None
+        return next(iter(_books(answer.body, url)), None)
 
     async def find_emails(self, book: str, spellings: Iterable[str]) -> list[Card]:
         """Cards of a book having an EMAIL equal (case-insensitively) to any spelling."""

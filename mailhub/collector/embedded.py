@@ -16,9 +16,9 @@ Pieces:
   site's :class:`~mailhub.directory.interfaces.IUserSource`. WSGI runs in a
   worker thread, so it calls back into the reactor with
   ``blockingCallFromThread`` (which blocks only that worker); on the reactor
-  side every check is throttled (:class:`~mailhub.directory.throttle.Throttle`),
-  counted (``mailhub_dav_logins_total{result}``) and published as
-  ``login:success`` / ``login:failure`` (source ``dav``). Successful logins are
+  side every check is the site's one password login (:mod:`mailhub.auth`):
+  throttled, counted (``mailhub_auth_failures_total{surface="dav"}``) and
+  published as ``login:success`` / ``login:failure`` (source ``dav``). Successful logins are
   remembered for ten seconds (keyed by an HMAC of login and password under a
   per-process key), so a syncing client's burst of requests pays one password
   check; :meth:`Guard.invalidate` forgets them when a site user changes;
@@ -47,11 +47,11 @@ from urllib.parse import unquote, urlsplit
 
 import attrs
 import radicale
+from cachetools import TTLCache
 import radicale.config
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
 from twisted.internet.threads import blockingCallFromThread, deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -59,12 +59,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource, Resource
 from twisted.web.wsgi import WSGIResource
 
+from mailhub.auth import Auth, Throttle
 from mailhub.directory.model import User
-from mailhub.directory.throttle import Throttle
 from mailhub.errors import Unavailable
-from mailhub.events import MAX_PUBLISHED_LOGIN, login_event, publish
+from mailhub.logs import route_radicale_logging
 from mailhub.metrics import Metrics
-from mailhub.pubsub import Hub
 from mailhub.web.common import parse_basic
 
 #: Base URL the collector uses for the embedded store (never resolved: the
@@ -78,6 +77,7 @@ StartResponse = Callable[..., Any]
 def radicale_app(folder: Path) -> Any:
     """A Radicale WSGI application storing under ``folder``, trusting REMOTE_USER."""
     folder.mkdir(parents=True, exist_ok=True)
+    route_radicale_logging()
     configuration = radicale.config.load()
     configuration.update({
         "auth": {"type": "remote_user", "delay": "0"},
@@ -108,10 +108,12 @@ class Guard:
 
     It runs in a WSGI worker thread. A login not in the success cache makes
     one hop to the reactor (``blockingCallFromThread``) where :meth:`check`
-    does everything that must happen there: the throttle's wait (a Deferred
-    on ``clock``: the worker waits, the reactor does not), the user source,
-    the ``mailhub_dav_logins_total{result}`` counter and the
-    ``login:success`` / ``login:failure`` events (source ``dav``).
+    runs the site's password login there (:meth:`mailhub.auth.Auth.login`,
+    surface ``dav``): the throttle's wait (a Deferred on ``clock``: the
+    worker waits, the reactor does not), the user source, the counters and
+    the ``login:success`` / ``login:failure`` events (source ``dav``). A
+    wait longer than ``max_wait`` is refused at once: it would hold a worker
+    thread that the collector shares.
 
     The success cache maps an HMAC of (login, password) under a per-process
     random key to the canonical login: never a password, nor anything a
@@ -126,25 +128,26 @@ class Guard:
     def __init__(self, app: Any, users: Any, reactor: Any, ttl: float = 10.0,
                  size: int = 1000, *, hub: Any = None, metrics: Metrics | None = None,
                  clock: IReactorTime | None = None, throttle: Throttle | None = None,
-                 max_wait: float = 2.0) -> None:
+                 max_wait: float = 2.0, auth: Auth | None = None) -> None:
         self._app = app
         self._users = users
         self._reactor = reactor
         self._clock: IReactorTime = clock if clock is not None else reactor
-        self._hub = hub if hub is not None else Hub()
-        metrics = metrics if metrics is not None else Metrics()
-        self._logins_total = metrics.counter(
-            "mailhub_dav_logins_total",
-            "/dav/ password checks by result (success, failure, throttled, unavailable)",
-            ["result"])
-        self._throttle = throttle if throttle is not None else Throttle(self._clock)
+        if auth is None:
+            auth = Auth(self._clock, metrics if metrics is not None else Metrics(), hub,
+                        throttle)
+        self._auth = auth
         self._max_wait = max_wait
         self._ttl = ttl
         self._size = size
         self._key = secrets.token_bytes(32)
         self._lock = threading.Lock()
         self._generation = 0
-        self._logins: dict[bytes, tuple[str, float]] = {}
+        #: HMAC of (login, password) -> (canonical login, when stored), for
+        #: ``ttl`` seconds on the reactor's clock, the least recently used
+        #: dropped beyond ``size``.
+        self._logins: TTLCache[bytes, tuple[str, float]] = TTLCache(maxsize=max(size, 1), ttl=ttl,
+                                                      timer=self._clock.seconds)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         _fix_text(environ, "PATH_INFO")
@@ -192,8 +195,8 @@ class Guard:
         now = self._clock.seconds()
         with self._lock:
             known = self._logins.get(key)
-            # A stamp in the future means the clock went back: check again.
-            if known is not None and known[1] - self._ttl <= now < known[1]:
+            # Stored in the future means the clock went back: check again.
+            if known is not None and known[1] <= now:
                 return known[0]
             generation = self._generation
         # Wait here (this worker only) for the reactor's answer.
@@ -205,11 +208,8 @@ class Guard:
             if generation != self._generation:
                 # Invalidated while we checked: answer, but do not remember.
                 return str(user.login)
-            if len(self._logins) >= self._size:
-                self._logins = {k: v for k, v in self._logins.items() if v[1] > now}
-                if len(self._logins) >= self._size:
-                    self._logins.clear()
-            self._logins[key] = (str(user.login), now + self._ttl)
+            if self._size > 0 and self._ttl > 0:
+                self._logins[key] = (str(user.login), now)
         return str(user.login)
 
     def check(self, login: str, password: str, client: str) -> "Deferred[User | None]":
@@ -217,41 +217,8 @@ class Guard:
         return Deferred.fromCoroutine(self._check(login, password, client))
 
     async def _check(self, login: str, password: str, client: str) -> User | None:
-        shown = login[:MAX_PUBLISHED_LOGIN]
-        if not login.strip() or not password:
-            self._failed(login, client, "failure")
-            return None
-        # Looked at before reserving: a wait longer than max_wait would hold
-        # a worker thread (shared with the collector), so it is refused now.
-        wait: float | None = self._throttle.delay_of(login, client)
-        if wait is not None and wait <= self._max_wait:
-            wait = self._throttle.before(login, client)
-        if wait is None or wait > self._max_wait:
-            self.log.info("CardDAV login for {user!r} from {client} refused: "
-                          "too many failures", user=shown, client=client)
-            self._failed(login, client, "throttled")
-            return None
-        if wait > 0:
-            await deferLater(self._clock, wait, lambda: None)
-        try:
-            user: User | None = await self._users.authenticate(login, password)
-        except Unavailable:
-            self._logins_total.labels("unavailable").inc()
-            raise
-        self._throttle.after(login, client, user is not None)
-        if user is None:
-            self.log.info("CardDAV login failed for {user!r} from {client}",
-                          user=shown, client=client)
-            self._failed(login, client, "failure")
-            return None
-        self._logins_total.labels("success").inc()
-        publish(self._hub, *login_event(True, user.login, "dav", client, self._clock.seconds()))
-        return user
-
-    def _failed(self, login: str, client: str, result: str) -> None:
-        self._logins_total.labels(result).inc()
-        if login.strip():
-            publish(self._hub, *login_event(False, login, "dav", client, self._clock.seconds()))
+        return await self._auth.login("dav", self._users, login, password, client,
+                                      max_wait=self._max_wait)
 
 
 def _deny(start_response: StartResponse) -> list[bytes]:
@@ -278,7 +245,28 @@ class DAVMount(Resource):
     def render(self, request: Any) -> Any:
         if request.postpath and request.postpath[0] == self._segment:
             request.prepath.append(request.postpath.pop(0))
+        _declare_length(request)
         return self._wsgi.render(request)
+
+
+def _declare_length(request: Any) -> None:
+    """Give a chunked request body the Content-Length WSGI needs.
+
+    twisted.web has already received the whole body (de-chunked, and cut at
+    ``[mailhub] max_body`` by the site's request class); WSGIResource takes
+    CONTENT_LENGTH from the request's header only, and Radicale reads no body
+    without one: a chunked PUT was refused (400) and a chunked PROPFIND read
+    as an empty one (allprop). The buffered body's size is its length.
+    """
+    headers = request.requestHeaders
+    content = request.content
+    if content is None or headers.hasHeader(b"content-length"):
+        return
+    content.seek(0, 2)
+    size = content.tell()
+    content.seek(0)
+    headers.removeHeader(b"transfer-encoding")
+    headers.setRawHeaders(b"content-length", [b"%d" % size])
 
 
 @attrs.frozen
@@ -371,13 +359,14 @@ class EmbeddedDAV(Service):
 
     def __init__(self, reactor: Any, folder: Path, users: Any, threads: int = 4,
                  segment: bytes = b"dav", *, hub: Any = None, metrics: Metrics | None = None,
-                 clock: IReactorTime | None = None, throttle: Throttle | None = None) -> None:
+                 clock: IReactorTime | None = None, throttle: Throttle | None = None,
+                 auth: Auth | None = None) -> None:
         self.reactor = reactor
         self.folder = folder
         self.app = radicale_app(folder)
         self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="mailhub-dav")
         self.guard = Guard(self.app, users, reactor, hub=hub, metrics=metrics, clock=clock,
-                           throttle=throttle)
+                           throttle=throttle, auth=auth)
         self.segment = segment
 
     def directory_changed(self, kind: str, key: str) -> None:

@@ -18,36 +18,55 @@ one user that are in flight: see :class:`Coalescer` and
 :class:`~mailhub.collector.mirror.BookMirror`); fill in the display name of an
 existing *collected* contact that has none; create the rest with
 ``If-None-Match: *`` at a UID derived from the address, so each address is
-one contact across redeliveries and competing instances. Each creation
-(201/204, never 412) publishes ``contacts:contact:add`` once.
+one contact across redeliveries and competing instances, in the vCard
+version the book's ``supported-address-data`` offers (4.0, else 3.0). Each
+creation (201/204, never 412) publishes ``contacts:contact:add`` once.
+
+A message names at most [collector] max_addresses addresses: the first ones
+are collected and the message is then dead-lettered with the reason. One
+message keeps at most [carddav] concurrency PUTs queued, so it never holds
+up another user's message for long.
 
 The cache of known addresses holds only "this contact exists" answers (and
 whether anything could still be filled in), for [collector] cache_ttl
 seconds: a stale entry can only delay the re-collection of a contact the user
-deleted, never create a duplicate. It is dropped for a user whose collected
-book turns out to be gone.
+deleted, never create a duplicate. An entry for a contact of the collected
+book is used only once the book's copy, brought up to date (one
+sync-collection shared by the user's messages in flight, see
+:class:`~mailhub.collector.mirror.BookMirror`), still holds the address: a
+deleted or re-created book, or a deleted contact, is noticed at the next
+message. Entries for contacts in the user's other books are trusted until
+they expire.
 """
 
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
+import re
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
 from urllib.parse import unquote, urljoin, urlsplit
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredList
+from cachetools import LRUCache, TTLCache
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailhub.collector.addresses import Parsed, Recipient, address_key, parse_entries
+from mailhub.collector.addresses import (
+    Parsed, Recipient, Rejected, address_key, parse_entries,
+)
 from mailhub.collector.carddav import (
-    BookLayout, BookMissing, Card, CardDAVClient, CardDAVError, same_collection,
+    Book, BookLayout, BookMissing, Card, CardDAVClient, CardDAVError, same_collection,
 )
 from mailhub.collector.mirror import BookMirror
-from mailhub.collector.vcard import Contact, contact_uuid, parse_vcard, to_jcard, to_vcard, with_name
+from mailhub.collector.vcard import (
+    Contact, choose_version, contact_uuid, parse_vcard, to_jcard, to_vcard, with_name,
+)
+from mailhub.decoding import decode_json_object
 from mailhub.directory.model import User
 from mailhub.errors import ValidationError
 from mailhub.metrics import Metrics
@@ -55,6 +74,13 @@ from mailhub.pubsub import Hub
 
 CONTACT_ADDED = "contacts:contact:add"
 T = TypeVar("T")
+#: Entries parsed between two turns of the reactor (parsing costs about
+#: 0.6 ms per address: a long list parsed at once would stall everything).
+PARSE_SLICE = 50
+#: Site-user checks one message has in flight at most (LDAP is shared).
+FIND_WINDOW = 16
+#: Control characters (C0 and DEL): never part of a login, an id or an address.
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
 @attrs.define
@@ -66,6 +92,8 @@ class Outcome:
     named: list[str] = attrs.Factory(list)
     skipped: dict[str, list[str]] = attrs.Factory(dict)
     rejected: list[tuple[str, str]] = attrs.Factory(list)
+    #: Entries of ``emails`` (or addresses) left out: over [collector] max_addresses.
+    over: int = 0
 
     def skip(self, reason: str, address: str) -> None:
         self.skipped.setdefault(reason, []).append(address)
@@ -81,40 +109,45 @@ class KnownAddresses:
     """
 
     def __init__(self, clock: IReactorTime, ttl: float, size: int) -> None:
-        self._clock = clock
-        self._ttl = ttl
-        self._size = size
-        self._entries: OrderedDict[tuple[str, str], tuple[bool, float]] = OrderedDict()
+        #: (user, key) -> (final, in the collected book); expires ttl seconds
+        #: after it was remembered (on the reactor's clock), the least
+        #: recently used dropped first.
+        self._entries: TTLCache[tuple[str, str], tuple[bool, bool]] | None = (
+            TTLCache(maxsize=size, ttl=ttl, timer=clock.seconds)
+            if size > 0 and ttl > 0 else None)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) if self._entries is not None else 0
 
     def known(self, user: str, key: str, has_name: bool) -> bool:
         """True when the address is known to need no work for this message."""
+        return self.where(user, key, has_name) is not None
+
+    def where(self, user: str, key: str, has_name: bool) -> bool | None:
+        """None when the address is not known to need no work for this message;
+        else whether its contact is in the collected book (True) or another one."""
+        if self._entries is None:
+            return None
         entry = self._entries.get((user, key))
         if entry is None:
-            return False
-        final, expires = entry
-        if expires <= self._clock.seconds():
-            del self._entries[(user, key)]
-            return False
-        return final or not has_name
+            return None
+        final, collected = entry
+        return collected if final or not has_name else None
 
-    def remember(self, user: str, key: str, final: bool) -> None:
-        if self._size <= 0 or self._ttl <= 0:
-            return
-        self._entries[(user, key)] = (final, self._clock.seconds() + self._ttl)
-        self._entries.move_to_end((user, key))
-        while len(self._entries) > self._size:
-            self._entries.popitem(last=False)
+    def remember(self, user: str, key: str, final: bool, collected: bool = True) -> None:
+        """Remember that the address has a contact (in the collected book or not)."""
+        if self._entries is not None:
+            self._entries[(user, key)] = (final, collected)
 
     def forget(self, user: str, key: str | None = None) -> None:
         """Forget one address of a user, or (key None) every address of the user."""
+        if self._entries is None:
+            return
         if key is not None:
             self._entries.pop((user, key), None)
             return
         for entry in [k for k in self._entries if k[0] == user]:
-            del self._entries[entry]
+            self._entries.pop(entry, None)
 
 
 class _Batch:
@@ -223,6 +256,26 @@ async def _settle(calls: Iterable[Awaitable[T]]) -> list[T]:
     return out
 
 
+async def _windowed(calls: list[Callable[[], Awaitable[T]]], width: int) -> list[T]:
+    """:func:`_settle` with at most ``width`` of the calls started and unfinished.
+
+    One message's requests then queue behind each other, not in front of
+    every other message's: a large message holds ``width`` places in the
+    CardDAV client's queue (or the user sources'), and memory for as many.
+    """
+    window = DeferredSemaphore(max(1, width))
+
+    def start(call: Callable[[], Awaitable[T]]) -> Deferred[T]:
+        def run() -> Deferred[T]:
+            result = call()
+            if isinstance(result, Deferred):
+                return result
+            return Deferred.fromCoroutine(result)  # type: ignore[arg-type]
+        return window.run(run)
+
+    return await _settle(start(call) for call in calls)
+
+
 class CollectorEngine:
     """Turns collector messages into contacts in each user's ``collected`` book."""
 
@@ -233,7 +286,7 @@ class CollectorEngine:
                  cache_ttl: float = 600.0, cache_size: int = 100_000,
                  mirror_size: int = 50_000,
                  book_display_name: str = "Collected contacts",
-                 refresh_users: Callable[[], Awaitable[None]] | None = None) -> None:
+                 max_addresses: int = 1000) -> None:
         self._users = users
         self._dav = carddav
         self._layout = layout
@@ -241,10 +294,21 @@ class CollectorEngine:
         self._clock = clock
         self._skip_site_users = skip_site_users
         self._book_display_name = book_display_name
-        self._refresh_users = refresh_users
+        self._max_addresses = max(1, max_addresses)
+        #: PUTs one message has queued at most: the CardDAV client's
+        #: concurrency, so another message's PUT waits behind a few, not
+        #: behind a whole large message.
+        self._put_window = max(1, carddav.concurrency)
         self.known = KnownAddresses(clock, cache_ttl, cache_size)
         self.books = BookMirror(carddav, mirror_size, clock, metrics)
         self.lookups = Coalescer(self._find, carddav.when_short)
+        #: Checks that known contacts are still in the collected book, shared
+        #: like lookups by the messages of a user in flight together.
+        self.checks = Coalescer(self._in_collected)
+        #: The vCard version each collected book takes, from its
+        #: supported-address-data (learnt by each lookup, for free).
+        self._versions: LRUCache[str, str] = LRUCache(maxsize=max(1, cache_size))
+        self._asking: dict[str, list[Deferred[str]]] = {}
         self._messages = metrics.counter(
             "mailhub_collector_messages_total", "Collector messages handled, by outcome",
             ["outcome"])
@@ -288,20 +352,40 @@ class CollectorEngine:
         message = decode_message(body)
         user = await self._resolve(message)
         try:
-            return await self.collect(user, message["emails"])
+            outcome = await self.collect(user, message["emails"])
         except CardDAVError as e:
             # An answer no retry will change (a 4xx other than those that mean
             # "busy" or "not there"): retrying would hold the message for ever.
             raise ValidationError("the CardDAV server refused the work: %s" % e)
+        if outcome.over:
+            # The first max_addresses are collected; the message goes to the
+            # dead letters, where an operator sees what was left out and why.
+            self.log.warn("a collector message for {user} names more than {limit} "
+                          "addresses: {created} collected, {over} left out",
+                          user=user.login, limit=self._max_addresses,
+                          created=len(outcome.created), over=outcome.over)
+            raise ValidationError(
+                "more addresses than [collector] max_addresses = %d: the first %d were "
+                "collected or decided (%d created), %d more entries were left out"
+                % (self._max_addresses, self._max_addresses, len(outcome.created),
+                   outcome.over))
+        return outcome
 
     async def _resolve(self, message: dict[str, Any]) -> User:
+        for field in ("userId", "userEmail"):
+            value = message.get(field)
+            if isinstance(value, str) and _CONTROL.search(value):
+                # No user has one, and PostgreSQL refuses NUL outright: a
+                # lookup would fail on every retry instead of ending here.
+                raise ValidationError("%s holds a control character: %s"
+                                      % (field, ascii(value)[:80]))
         user = await self._find_user(message)
-        if user is None and self._refresh_users is not None:
+        if user is None:
             # The site's users are answered from memory, which follows the
             # database every [database] poll_interval: a user made a moment
             # ago (by the CLI, by another instance) may not be there yet.
             # Catch up once before calling the message poison.
-            await self._refresh_users()
+            await self._users.catch_up()
             user = await self._find_user(message)
         if user is None:
             tried = ["%s %r" % (field, message[field]) for field in ("userId", "userEmail")
@@ -322,36 +406,104 @@ class CollectorEngine:
 
     async def collect(self, user: User, entries: Iterable[object]) -> Outcome:
         """Collect the addresses of ``entries`` for ``user``; the Outcome says what happened."""
-        parsed: Parsed = parse_entries(entries)
-        outcome = Outcome(user=user.login)
+        parsed, over = await self._parse(entries)
+        outcome = Outcome(user=user.login, over=over)
+        if over:
+            self._skipped.labels(reason="over_limit").inc(over)
         for bad in parsed.rejected:
             outcome.rejected.append((bad.raw, bad.reason))
             self._skipped.labels(reason="invalid").inc()
         own = {k for k in (address_key(a) for a in (user.login, *user.emails)) if k}
         todo: list[Recipient] = []
+        in_collected: list[Recipient] = []
         for r in parsed.recipients:
             if r.key in own or user.owns(r.email):
                 self._skip(outcome, "own", r)
-            elif self.known.known(user.login, r.key, bool(r.name)):
-                self._skip(outcome, "exists", r)
-            else:
+                continue
+            where = self.known.where(user.login, r.key, bool(r.name))
+            if where is None:
                 todo.append(r)
-        if todo and self._skip_site_users:
-            site = await _settle(self._users.find(r.email) for r in todo)
-            remaining = []
-            for r, found in zip(todo, site):
-                if found is not None:
-                    self._skip(outcome, "site_user", r)
+            elif where:
+                in_collected.append(r)
+            else:
+                self._skip(outcome, "exists", r)
+        todo = await self._not_site_users(todo, outcome)
+        if in_collected and todo:
+            # Known, but the book (or the card) may have been deleted since.
+            # The lookup these new addresses need reads the collected book
+            # anyway: it answers for the known ones too (they passed the
+            # site-user check when they were first decided).
+            todo.extend(in_collected)
+        elif in_collected:
+            # Only known ones: ask the collected book's copy alone, brought
+            # up to date (one sync-collection, shared by the user's messages).
+            found = await self.checks.lookup(self._layout.book(user), user, in_collected)
+            for r in in_collected:
+                if found.get(r.key):
+                    self._skip(outcome, "exists", r)
                 else:
-                    remaining.append(r)
-            todo = remaining
+                    self.known.forget(user.login, r.key)
+                    todo.append(r)
+            todo = await self._not_site_users(todo, outcome)
         if todo:
             await self._write(user, todo, outcome)
         return outcome
 
+    async def _not_site_users(self, todo: list[Recipient],
+                              outcome: Outcome) -> list[Recipient]:
+        """``todo`` without the site users' addresses ([collector] skip_site_users)."""
+        if not todo or not self._skip_site_users:
+            return todo
+        site = await _windowed([partial(self._users.find, r.email) for r in todo],
+                               FIND_WINDOW)
+        remaining = []
+        for r, found in zip(todo, site):
+            if found is not None:
+                self._skip(outcome, "site_user", r)
+            else:
+                remaining.append(r)
+        return remaining
+
+    async def _parse(self, entries: Iterable[object]) -> tuple[Parsed, int]:
+        """The first [collector] max_addresses addresses of ``entries``, and how many
+        entries (or addresses of list entries) were left out.
+
+        Parsed a slice at a time, letting the reactor turn between slices.
+        Each address once, as :func:`parse_entries` gives them.
+        """
+        kept = list(entries)
+        over = max(0, len(kept) - self._max_addresses)
+        kept = kept[:self._max_addresses]
+        by_key: dict[str, Recipient] = {}
+        rejected: list[Rejected] = []
+        for start in range(0, len(kept), PARSE_SLICE):
+            if start:
+                await deferLater(self._clock, 0, lambda: None)
+            part = parse_entries(kept[start:start + PARSE_SLICE])
+            rejected.extend(part.rejected)
+            for r in part.recipients:
+                known = by_key.get(r.key)
+                if known is None or (not known.name and r.name):
+                    by_key[r.key] = r
+        recipients = list(by_key.values())
+        over += max(0, len(recipients) - self._max_addresses)
+        return Parsed(tuple(recipients[:self._max_addresses]), tuple(rejected)), over
+
     def _skip(self, outcome: Outcome, reason: str, r: Recipient) -> None:
         outcome.skip(reason, r.email)
         self._skipped.labels(reason=reason).inc()
+
+    async def _in_collected(self, user: User,
+                            todo: list[Recipient]) -> dict[str, list[Card]]:
+        """Cards by key for ``todo`` in the collected book alone (none when it is gone)."""
+        by_key: dict[str, list[Card]] = {r.key: [] for r in todo}
+        spellings = [s for r in todo for s in (r.forms or (r.email,))]
+        for card in await self.books.find(self._layout.book(user), by_key, spellings):
+            for email in parse_vcard(card.text).emails:
+                key = address_key(email)
+                if key in by_key and card not in by_key[key]:
+                    by_key[key].append(card)
+        return by_key
 
     async def _find(self, user: User, todo: list[Recipient]) -> dict[str, list[Card]]:
         """One lookup for a batch: cards by key in any of the user's books.
@@ -363,21 +515,63 @@ class CollectorEngine:
         (every such address is about to be PUT).
         """
         collected = self._layout.book(user)
-        books = await self._dav.list_books(self._layout.home(user))
+        books = await self._dav.books(self._layout.home(user))
         by_key: dict[str, list[Card]] = {r.key: [] for r in todo}
         spellings = [s for r in todo for s in (r.forms or (r.email,))]
-        for found in await _settle(self.books.find(b, by_key, spellings) for b in books):
+        for found in await _settle(self.books.find(b.url, by_key, spellings) for b in books):
             for card in found:
                 for email in parse_vcard(card.text).emails:
                     key = address_key(email)
                     if key in by_key and card not in by_key[key]:
                         by_key[key].append(card)
-        has_collected = any(same_collection(b, collected) for b in books)
-        if not has_collected:
+        mine = [b for b in books if same_collection(b.url, collected)]
+        if mine:
+            self._learn_version(collected, mine[0].versions)
+        else:
             self.books.forget(collected)  # gone: a book made anew starts afresh
             if not all(by_key.values()):
-                await self._dav.create_book(collected, self._book_display_name)
+                await self._make_book(collected, books)
         return by_key
+
+    async def _make_book(self, collected: str, siblings: list[Book]) -> None:
+        """Create the collected book, and learn which vCard version it takes.
+
+        From the user's other books where the home has some (one server, one
+        answer; no request), else from the new book (PROPFIND Depth 0).
+        """
+        await self._dav.create_book(collected, self._book_display_name)
+        if siblings:
+            self._learn_version(collected, siblings[0].versions)
+        else:
+            self._versions.pop(collected, None)  # _version asks the new book
+
+    def _learn_version(self, collected: str, offered: tuple[str, ...]) -> None:
+        """Remember the vCard version to write into a collected book."""
+        self._versions[collected] = choose_version(offered)
+
+    async def _version(self, collected: str) -> str:
+        """The vCard version the collected book takes (asked once if not known)."""
+        version = self._versions.get(collected)
+        if version is not None:
+            return version
+        waiters = self._asking.get(collected)
+        if waiters is not None:  # the PUTs of one message share one PROPFIND
+            d: Deferred[str] = Deferred()
+            waiters.append(d)
+            return await d
+        waiters = self._asking[collected] = []
+        try:
+            made = await self._dav.book(collected)
+        except Exception:
+            failure = Failure()
+            for d in self._asking.pop(collected, []):
+                d.errback(failure)
+            raise
+        self._learn_version(collected, made.versions if made is not None else ())
+        version = self._versions[collected]
+        for d in self._asking.pop(collected, []):
+            d.callback(version)
+        return version
 
     async def _write(self, user: User, todo: list[Recipient], outcome: Outcome) -> None:
         collected = self._layout.book(user)
@@ -395,22 +589,26 @@ class CollectorEngine:
             if r.name and not named and mine:
                 fills.append(self._fill(user, r, mine[0].url, outcome))
             else:
-                self.known.remember(user.login, r.key, final=named or not mine)
+                self.known.remember(user.login, r.key, final=named or not mine,
+                                    collected=bool(mine))
                 self._skip(outcome, "exists", r)
         await _settle(fills)
         if not new:
             return
         try:
-            await _settle(self._create(user, r, collected, home, outcome) for r in new)
+            await _windowed([partial(self._create, user, r, collected, home, outcome)
+                             for r in new], self._put_window)
         except BookMissing:
             # The collected book went away between the PROPFIND and the PUT:
             # whatever was remembered about it is void. Make it and go again.
             self.known.forget(user.login)
             self.books.forget(collected)
+            # Made again at the same URL, on the same server: the version
+            # learnt for it stands.
             await self._dav.create_book(collected, self._book_display_name)
             done = set(outcome.created) | {a for v in outcome.skipped.values() for a in v}
-            await _settle(self._create(user, r, collected, home, outcome)
-                          for r in new if r.email not in done)
+            await _windowed([partial(self._create, user, r, collected, home, outcome)
+                             for r in new if r.email not in done], self._put_window)
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock.seconds(), timezone.utc)
@@ -422,7 +620,8 @@ class CollectorEngine:
                           family=family, given=given, rev=self._now())
         url = urljoin(collected, contact.href_name)
         try:
-            created = await self._dav.put_new(url, to_vcard(contact))
+            created = await self._dav.put_new(url, to_vcard(contact,
+                                                            await self._version(collected)))
         except BookMissing:
             raise
         except CardDAVError as e:
@@ -500,16 +699,7 @@ def decode_message(body: bytes) -> dict[str, Any]:
 
     Raises ValidationError (dead-letter) saying every problem found.
     """
-    try:
-        message = json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ValidationError("message is not UTF-8 (byte %d)" % e.start)
-    except ValueError as e:
-        raise ValidationError("message is not JSON: %s" % e)
-    except RecursionError:
-        raise ValidationError("message is JSON nested too deeply")
-    if not isinstance(message, dict):
-        raise ValidationError("message is not a JSON object")
+    message = decode_json_object(body, "the message")
     problems = []
     for field in ("userId", "userEmail"):
         value = message.get(field)

@@ -33,6 +33,7 @@ from collections import OrderedDict
 from typing import Iterable
 from urllib.parse import unquote, urlsplit
 
+from cachetools import TTLCache
 from twisted.internet.defer import DeferredLock
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -136,10 +137,14 @@ class BookMirror:
         self._size = size
         self._clock = clock
         self._held = 0
+        # Least recently used first. Not a cachetools map: a copy weighs its
+        # cards, which change after it is stored, and one a lookup holds
+        # (its lock taken) must not be evicted under it (see _evict).
         self._copies: OrderedDict[str, _Copy] = OrderedDict()
-        #: Books asked with the query, and until when: no sync-collection
-        #: there, or too large to keep.
-        self._queried: OrderedDict[str, float] = OrderedDict()
+        #: Books asked with the query for QUERY_FOR seconds (on the reactor's
+        #: clock): no sync-collection there, or too large to keep.
+        self._queried: TTLCache[str, bool] = TTLCache(
+            maxsize=QUERIED_MAX, ttl=QUERY_FOR, timer=clock.seconds)
         metrics = metrics or Metrics()
         metrics.gauge_callback("mailhub_collector_mirror_cards",
                                "Cards held in the local copies of users' address books",
@@ -178,21 +183,11 @@ class BookMirror:
             copy.stale = True  # dropped by the lookup that holds it
 
     def _is_queried(self, book: str) -> bool:
-        key = _book_key(book)
-        until = self._queried.get(key)
-        if until is None:
-            return False
-        if until > self._clock.seconds():
-            return True
-        del self._queried[key]
-        return False
+        return _book_key(book) in self._queried
 
     def _query_from_now_on(self, book: str) -> None:
         key = _book_key(book)
-        self._queried.pop(key, None)
-        self._queried[key] = self._clock.seconds() + QUERY_FOR
-        while len(self._queried) > QUERIED_MAX:
-            self._queried.popitem(last=False)
+        self._queried[key] = True
         self._drop(key)
 
     async def _synced(self, book: str) -> _Copy | None:

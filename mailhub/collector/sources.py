@@ -19,7 +19,6 @@ the HTTP surface in :mod:`mailhub.web.calendar`.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any, Callable, Iterable
 
@@ -29,6 +28,7 @@ from twisted.logger import Logger
 
 from mailhub.collector.addresses import format_address
 from mailhub.collector.engine import message_body
+from mailhub.decoding import decode_json_object
 from mailhub.errors import ValidationError
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
@@ -225,13 +225,7 @@ class CalendarSource:
         event; returns what the collector queue's ``publish`` returns, so the
         message is acked only after that queue accepted it.
         """
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError):
-            raise ValidationError("the calendar event is not JSON")
-        if not isinstance(data, dict):
-            raise ValidationError("the calendar event is not a JSON object")
-        return self._submit(data)
+        return self._submit(decode_json_object(body, "the calendar event"))
 
     def _submit(self, data: dict[str, Any]) -> Deferred[Any] | None:
         if data.get("import") is True:

@@ -2,7 +2,11 @@
 
 A collected contact is a vCard 4.0 (RFC 6350) with ``FN``, ``N``,
 ``EMAIL;TYPE=work``, ``UID``, ``REV`` and ``PRODID``, lines ended by CRLF and
-folded at 75 octets without splitting a UTF-8 sequence.
+folded at 75 octets without splitting a UTF-8 sequence; or, for a book whose
+server offers only vCard 3.0 (``supported-address-data``, RFC 6352 6.2.2;
+3.0 is also what a server that says nothing accepts), the same card as
+vCard 3.0 (RFC 2426), with ``EMAIL;TYPE=INTERNET,WORK``. See
+:func:`choose_version`.
 
 UID: ``urn:uuid:`` + a UUID version 5 of the address's comparison key
 (:func:`mailhub.collector.addresses.address_key`). Deterministic, so every
@@ -107,16 +111,33 @@ def _rev(when: datetime) -> str:
     return when.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
 
-def to_vcard(contact: Contact) -> str:
-    """The vCard 4.0 text of a contact (CRLF lines, folded)."""
+#: The vCard versions mailhub writes, best first.
+VERSIONS = ("4.0", "3.0")
+
+
+def choose_version(offered: tuple[str, ...] | None) -> str:
+    """The vCard version to write into a book whose server offers ``offered``.
+
+    ``offered`` is the book's ``supported-address-data`` (the versions of its
+    ``text/vcard`` types); empty or None when the server does not say, which
+    RFC 6352 (6.2.2) reads as vCard 3.0 only. 4.0 where offered, else 3.0.
+    """
+    return "4.0" if offered and "4.0" in offered else "3.0"
+
+
+def to_vcard(contact: Contact, version: str = "4.0") -> str:
+    """The vCard text (4.0 or 3.0) of a contact (CRLF lines, folded)."""
+    if version not in VERSIONS:
+        raise ValueError("cannot write vCard %r" % version)
+    email = "EMAIL;TYPE=work:" if version == "4.0" else "EMAIL;TYPE=INTERNET,WORK:"
     lines = [
         "BEGIN:VCARD",
-        "VERSION:4.0",
+        "VERSION:" + version,
         "PRODID:" + PRODID,
         "UID:urn:uuid:" + contact.uid,
         "FN:" + escape(contact.fn),
         "N:%s;%s;;;" % (escape(contact.family), escape(contact.given)),
-        "EMAIL;TYPE=work:" + escape(contact.email),
+        email + escape(contact.email),
         "REV:" + _rev(contact.rev),
         "END:VCARD",
     ]

@@ -18,10 +18,12 @@ users' own binds), so no connection is ever shared by two threads at once.
   given password. An empty password is refused before anything is sent
   (LDAP would treat it as an unauthenticated bind, which "succeeds").
 - **Cost**: the search and the bind of a login are the two requests every
-  login sends; they are encoded by :mod:`mailhub.directory.ber` (the same
-  bytes ldap3 would send, without pyasn1's cost) and answered through
-  ldap3's connection and decoder. ldap3's own path remains for everything
-  else, and for a ``user_filter`` the template cannot serve.
+  login sends; they are sent pre-encoded by the quarantined
+  :mod:`mailhub.directory.ldap_wire` (the same bytes ldap3 would send,
+  without pyasn1's cost) and answered through ldap3's connection and
+  decoder. ldap3's own path remains for everything else, for a
+  ``user_filter`` the template cannot serve, and for any ldap3 version but
+  the pinned one.
 - **Listing** uses the simple paged results control (RFC 2696) on one
   connection, one page per thread-pool call, with the next page fetched
   while the current one is being written: memory holds two pages at most.
@@ -35,21 +37,20 @@ import threading
 import time
 from typing import Any, AsyncIterator, Callable, TypeVar
 
-import attrs
 from ldap3 import (
     ANONYMOUS, NONE, SIMPLE, SUBTREE, Connection, Server, Tls,
 )
 from ldap3.core.exceptions import LDAPException
-from ldap3.strategy.sync import SyncStrategy
 from ldap3.utils.conv import escape_filter_chars
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mailhub.config import LDAPSection
-from mailhub.directory import ber
+from mailhub.directory.ldap_wire import FAST_REQUESTS, FastRequests, ber
 from mailhub.directory.interfaces import IUserSource
 from mailhub.directory.model import User, unique
 from mailhub.errors import Unavailable
@@ -76,66 +77,8 @@ REFUSED_BINDS = {
 }
 #: Longest login looked up at all.
 MAX_LOGIN = 320
-#: The login the search template is recorded for: plain letters, so ldap3
-#: and RFC 4515 escaping leave it as it is, and found nowhere else.
-TEMPLATE_MARKER = "mailhubLoginMarker7f3a9c1e"
-#: Whether this ldap3 has the pieces the pre-encoded requests go through.
-FAST_REQUESTS = all(hasattr(SyncStrategy, name) for name in (
-    "post_send_search", "post_send_single_response", "get_response"))
-_UNTRIED = object()
-
-
 class LDAPFailure(Exception):
     """An operation that failed on one connection; another server may work."""
-
-
-@attrs.frozen
-class LDAPSettings:
-    """What the LDAP source needs, taken from ``[ldap]``."""
-
-    urls: tuple[str, ...]
-    base_dn: str
-    bind_dn: str = ""
-    bind_password: str = attrs.field(default="", repr=False)
-    user_filter: str = LDAPSection().user_filter
-    list_filter: str = LDAPSection().list_filter
-    login_attribute: str = "uid"
-    name_attribute: str = "cn"
-    mail_attributes: tuple[str, ...] = ("mail",)
-    dn_attribute: str = ""
-    start_tls: bool = False
-    ca_file: str = ""
-    timeout: float = 5.0
-    page_size: int = 500
-    retry_after: float = 30.0
-
-    @classmethod
-    def from_config(cls, section: LDAPSection) -> "LDAPSettings":
-        """Settings from the ``[ldap]`` section (its ``url`` must not be empty)."""
-        return cls(
-            urls=tuple(section.url.split()),
-            base_dn=section.base_dn,
-            bind_dn=section.bind_dn,
-            bind_password=section.bind_password,
-            user_filter=section.user_filter,
-            list_filter=section.list_filter,
-            login_attribute=section.login_attribute,
-            name_attribute=section.name_attribute,
-            mail_attributes=tuple(section.mail_attribute.replace(",", " ").split()),
-            dn_attribute=section.dn_attribute,
-            start_tls=section.start_tls,
-            ca_file=section.ca_file,
-            timeout=section.timeout,
-            page_size=section.page_size,
-        )
-
-    @property
-    def attributes(self) -> list[str]:
-        """The attributes every search asks for."""
-        wanted = [self.login_attribute, self.name_attribute, *self.mail_attributes]
-        if self.dn_attribute:
-            wanted.append(self.dn_attribute)
-        return unique(wanted)
 
 
 def user_filter(template: str, login: str) -> str:
@@ -173,7 +116,7 @@ def _addresses(values: list[str]) -> list[str]:
     return out
 
 
-def user_of_entry(settings: LDAPSettings, entry: dict[str, Any]) -> User | None:
+def user_of_entry(settings: LDAPSection, entry: dict[str, Any]) -> User | None:
     """The User an ldap3 search entry describes, or None without a login."""
     raw = entry.get("raw_attributes") or {}
     logins = _text(raw.get(settings.login_attribute))
@@ -201,28 +144,48 @@ class _Listing:
         self.done = False
 
 
+class _VerifiedTls(Tls):
+    """ldap3's Tls, but the server's name is checked in the TLS handshake itself.
+
+    ldap3 turns the context's ``check_hostname`` off and compares the names
+    after the handshake; when they differ it raises and drops the wrapped
+    socket unclosed (a ResourceWarning, a descriptor left to the garbage
+    collector, on every refused connection). Here the standard library checks
+    the name during the handshake, and a handshake that fails closes its socket.
+    Both a TLS-from-the-start (``ldaps://``) and a StartTLS connection come here.
+    """
+
+    def wrap_socket(self, connection: Connection, do_handshake: bool = False) -> None:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_certs_file)
+        context.check_hostname = True
+        context.verify_mode = ssl.CERT_REQUIRED
+        connection.socket = context.wrap_socket(
+            connection.socket, server_side=False, do_handshake_on_connect=do_handshake,
+            server_hostname=connection.server.host)
+
+
 class LDAPClient:
     """The blocking half: servers, connections, searches, binds (worker threads only)."""
 
     log = Logger()
 
-    def __init__(self, settings: LDAPSettings, clock: Callable[[], float] = time.monotonic,
-                 fast: bool = FAST_REQUESTS) -> None:
+    def __init__(self, settings: LDAPSection, clock: Callable[[], float] = time.monotonic,
+                 fast: bool = FAST_REQUESTS, retry_after: float = 30.0) -> None:
         if not settings.urls:
             raise ValueError("no LDAP server URL")
         self.settings = settings
+        self.retry_after = retry_after
         self._clock = clock
-        #: Send logins' searches and binds pre-encoded (mailhub.directory.ber).
+        #: Send logins' searches and binds pre-encoded (mailhub.directory.ldap_wire).
         self.fast = fast
-        self._template: Any = _UNTRIED if fast else None
-        self._template_lock = threading.Lock()
+        self._wire = FastRequests(settings)
         self._local = threading.local()
         self._lock = threading.Lock()
         self._open: set[Connection] = set()
         self._down_until: dict[str, float] = {}
         tls = None
         if settings.start_tls or any(u.lower().startswith("ldaps:") for u in settings.urls):
-            tls = Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=settings.ca_file or None)
+            tls = _VerifiedTls(validate=ssl.CERT_REQUIRED, ca_certs_file=settings.ca_file or None)
         self._tls = tls
 
     # -- servers and connections --------------------------------------------
@@ -237,7 +200,7 @@ class LDAPClient:
 
     def _mark_down(self, url: str) -> None:
         with self._lock:
-            self._down_until[url] = self._clock() + self.settings.retry_after
+            self._down_until[url] = self._clock() + self.retry_after
 
     def _connect(self, url: str, service: bool) -> Connection:
         """An open connection to ``url``: bound as the service account if ``service``."""
@@ -320,38 +283,6 @@ class LDAPClient:
 
     # -- operations -------------------------------------------------------
 
-    def _search_template(self, conn: Connection) -> ber.SearchTemplate | None:
-        """The pre-encoded search, recorded once from ldap3 on ``conn``; None if unusable."""
-        if self._template is _UNTRIED and self._template_lock.acquire(blocking=False):
-            try:
-                if self._template is _UNTRIED:
-                    self._template = self._record_template(conn)
-            finally:
-                self._template_lock.release()
-        template = self._template
-        return template if isinstance(template, ber.SearchTemplate) else None
-
-    def _record_template(self, conn: Connection) -> ber.SearchTemplate | None:
-        s = self.settings
-        expected = s.user_filter.count("{login}")
-        if not expected:
-            return None
-        recorder = ber.Recorder(conn.socket)
-        conn.socket = recorder
-        try:
-            conn.search(s.base_dn, user_filter(s.user_filter, TEMPLATE_MARKER), SUBTREE,
-                        attributes=s.attributes, size_limit=2)
-        finally:
-            if conn.socket is recorder:
-                conn.socket = recorder._sock
-        try:
-            if len(recorder.sent) != 1:
-                raise ber.BERError("%d messages sent for one search" % len(recorder.sent))
-            return ber.SearchTemplate(recorder.sent[0], TEMPLATE_MARKER, expected)
-        except ber.BERError as e:
-            self.log.info("LDAP logins use ldap3's own request encoding: {why}", why=str(e))
-            return None
-
     def _search_entry(self, login: str) -> dict[str, Any] | None:
         login = login.strip()
         if not login or len(login) > MAX_LOGIN:
@@ -360,25 +291,7 @@ class LDAPClient:
         query = user_filter(s.user_filter, login)
 
         def search(conn: Connection) -> list[dict[str, Any]]:
-            template = self._search_template(conn) if self.fast else None
-            message = None
-            if template is not None and not (conn.auto_referrals or conn.empty_attributes):
-                message_id = conn.server.next_message_id()
-                try:
-                    message = template.message(message_id, login)
-                except UnicodeEncodeError:
-                    message = None  # ldap3's path decides what such a login is
-            if message is not None:
-                with conn.connection_lock:
-                    auto_range, conn.auto_range = conn.auto_range, False
-                    try:
-                        _send(conn, message_id, message, "searchRequest")
-                        conn.strategy.post_send_search(message_id)
-                    finally:
-                        conn.auto_range = auto_range
-                if auto_range and _ranged(conn.response):
-                    message = None  # a ranged attribute (AD): ldap3 fetches the rest
-            if message is None:
+            if not (self.fast and self._wire.search(conn, login)):
                 conn.search(s.base_dn, query, SUBTREE, attributes=s.attributes, size_limit=2)
             code = conn.result.get("result", 0)
             if code == 32:  # noSuchObject: the base itself is not there
@@ -422,11 +335,7 @@ class LDAPClient:
 
         def bind(conn: Connection) -> bool:
             if self.fast:
-                message_id = conn.server.next_message_id()
-                with conn.connection_lock:
-                    _send(conn, message_id, ber.bind_message(message_id, dn, prepared),
-                          "bindRequest")
-                    conn.strategy.post_send_single_response(message_id)
+                self._wire.bind(conn, dn, prepared)
             else:
                 conn.authentication = SIMPLE
                 conn.user = dn
@@ -511,39 +420,39 @@ class LDAPClient:
 
         return self._run("search", read_base)
 
-
-def _ranged(response: Any) -> bool:
-    """Whether an entry holds a ranged attribute (``member;range=0-1499``)."""
-    return any(";range=" in name for entry in response or ()
-               for name in entry.get("raw_attributes") or ())
-
-
-def _send(conn: Connection, message_id: int, message: bytes, kind: str) -> None:
-    """Send a pre-encoded request on ``conn`` so that ldap3 reads its answer.
-
-    ldap3 answers only message ids it has outstanding; the entry it keeps
-    holds no request detail (no password), which nothing reads with
-    referrals, auto-range and empty attributes turned off.
-    """
-    strategy = conn.strategy
-    outstanding = getattr(strategy, "_outstanding", None)
-    if conn.closed or conn.socket is None or outstanding is None:
-        raise LDAPFailure("the connection is closed")
-    request = {"type": kind}
-    conn.request = request
-    outstanding[message_id] = request
-    try:
-        conn.socket.sendall(message)
-    except OSError:
-        outstanding.pop(message_id, None)
-        raise
+    def check_server(self, url: str) -> str:
+        """Connect to the one server ``url`` as the service account (StartTLS
+        if set) and read the base entry: what was found, or LDAPFailure
+        saying why not. For the health checks, one server at a time."""
+        conn = self._connect(url, service=True)
+        try:
+            s = self.settings
+            detail = "%s: bound as %s" % (url, s.bind_dn or "anonymous")
+            if s.base_dn:
+                if not conn.search(s.base_dn, "(objectClass=*)", "BASE", attributes=["1.1"]):
+                    raise LDAPFailure("%s: base DN %s: %s" % (url, s.base_dn, _why(conn)))
+                detail += ", base DN %s found" % s.base_dn
+            return detail
+        finally:
+            self._forget(conn)
 
 
 def _close(conn: Connection) -> None:
+    """Unbind and close ``conn``, whatever state it is in.
+
+    A connection whose ``open()`` failed (refused, timed out) is not bound,
+    so ``unbind()`` leaves alone the socket ldap3 made for it: close it here.
+    """
     try:
         conn.unbind()
     except Exception:
         pass
+    sock = getattr(conn, "socket", None)
+    if sock is not None:
+        try:
+            sock.close()
+        except OSError:
+            pass
 
 
 def _why(conn: Connection) -> str:
@@ -562,10 +471,10 @@ def _reason(error: BaseException) -> str:
 class LDAPUserSource:
     """IUserSource over :class:`LDAPClient`, every call in the LDAP thread pool."""
 
-    name = "ldap"  # type: ignore[assignment]
+    name = "ldap"
     log = Logger()
 
-    def __init__(self, client: LDAPClient, reactor: Any, pool: ThreadPool) -> None:
+    def __init__(self, client: LDAPClient, reactor: IReactorFromThreads, pool: ThreadPool) -> None:
         self.client = client
         self.reactor = reactor
         self.pool = pool
@@ -584,8 +493,12 @@ class LDAPUserSource:
         return self._call(self.client.authenticate, login, password)
 
     def ping(self) -> "Deferred[bool]":
-        """Fires with True when a server answers (for /healthz and ``mailhub check``)."""
+        """Fires with True when a server answers."""
         return self._call(self.client.ping)
+
+    def catch_up(self) -> "Deferred[None]":
+        """Nothing to follow: every question goes to the server."""
+        return succeed(None)
 
     async def pages(self, page_size: int) -> AsyncIterator[list[User]]:
         """Every user of ``list_filter``, a page at a time, the next one prefetched."""
@@ -619,19 +532,22 @@ class LDAPService(ThreadPoolService):
 
     name = "ldap"  # type: ignore[assignment]
 
-    def __init__(self, reactor: Any, settings: LDAPSettings, threads: int = 4) -> None:
-        super().__init__(threads, "mailhub-ldap")
+    def __init__(self, reactor: IReactorFromThreads, settings: LDAPSection,
+                 threads: int | None = None) -> None:
+        super().__init__(settings.pool_size if threads is None else threads, "mailhub-ldap")
         self.client = LDAPClient(settings)
         self.source = LDAPUserSource(self.client, reactor, self.pool)
 
     @classmethod
-    def from_config(cls, reactor: Any, section: LDAPSection) -> "LDAPService | None":
+    def from_config(cls, reactor: IReactorFromThreads,
+                    section: LDAPSection) -> "LDAPService | None":
         """The service for ``[ldap]``, or None when ``url`` is empty (no LDAP)."""
         if not section.url.strip():
             return None
-        return cls(reactor, LDAPSettings.from_config(section), threads=section.pool_size)
+        return cls(reactor, section)
 
-    def stopService(self) -> Any:
+    def stopService(self) -> None:
+        """Stop the pool (its threads finish first), then close their connections."""
         super().stopService()
         self.client.close_all()
 

@@ -6,6 +6,7 @@ token is a random integer below ``62**32`` written in base 62.
 
 from __future__ import annotations
 
+import enum
 import re
 import secrets
 from typing import Iterable
@@ -47,6 +48,26 @@ def new_token() -> str:
 def normalise_email(address: str) -> str:
     """The form addresses are compared in: trimmed and case-folded."""
     return address.strip().casefold()
+
+
+class Added(enum.Enum):
+    """What adding someone to a group did (the web hooks map it to GroupServer's numbers)."""
+
+    #: No profile owned the address: one was made, then added.
+    NEW_PROFILE = "new-profile"
+    #: An existing profile joined the group.
+    EXISTING_PROFILE = "existing-profile"
+    #: The profile was a member already: nothing changed.
+    ALREADY_MEMBER = "already-member"
+
+
+class Left(enum.Enum):
+    """What taking someone out of a group did."""
+
+    LEFT = "left"
+    NO_SUCH_GROUP = "no-such-group"
+    NO_SUCH_USER = "no-such-user"
+    NOT_A_MEMBER = "not-a-member"
 
 
 @attrs.frozen

@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlsplit
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -326,6 +327,22 @@ class SQLStore:
     def ping(self) -> "Deferred[bool]":
         return self._read(lambda tx: tx.one("SELECT 1") is not None)
 
+    def schema_version(self) -> "Deferred[int]":
+        """The schema version the database holds (0 before the first
+        migration), changing nothing: for the health checks."""
+        def work(tx: _Transaction) -> int:
+            if self.dialect.name == "postgresql":
+                found = tx.one("SELECT to_regclass('schema_version') IS NOT NULL")
+            else:
+                found = tx.one("SELECT count(*) > 0 FROM sqlite_master "
+                               "WHERE type = 'table' AND name = 'schema_version'")
+            if not (found and found[0]):
+                return 0
+            row = tx.one("SELECT version FROM schema_version")
+            return int(row[0]) if row else 0
+
+        return self._read(work)
+
     # -- token and audit ----------------------------------------------------
 
     def get_token(self) -> "Deferred[str | None]":
@@ -545,7 +562,8 @@ class StoreService(Service):
 
     name = "database"  # type: ignore[assignment]
 
-    def __init__(self, dsn: str, site_id: str, reactor: Any, threads: int = 4) -> None:
+    def __init__(self, dsn: str, site_id: str, reactor: IReactorFromThreads,
+                 threads: int = 4) -> None:
         self.dialect = dialect_for(dsn)
         if isinstance(self.dialect, SQLiteDialect) and self.dialect.path == ":memory:":
             threads = 1  # one connection, one database

@@ -30,6 +30,7 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, DeferredLock, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.internet.ssl import optionsForClientTLS
@@ -115,6 +116,23 @@ class BrokerAddress:
         if self.tls:
             return wrapClientTLS(optionsForClientTLS(self.host), tcp)
         return tcp
+
+
+@implementer(IStreamClientEndpoint)
+class _Watched:
+    """An endpoint that tells ``failed`` why a connection attempt failed
+    (ClientService retries without saying)."""
+
+    def __init__(self, endpoint: Any, failed: Callable[[Failure], None]) -> None:
+        self._endpoint = endpoint
+        self._failed = failed
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        def failed(failure: Failure) -> Failure:
+            self._failed(failure)
+            return failure
+
+        return self._endpoint.connect(factory).addErrback(failed)  # type: ignore[no-any-return]
 
 
 class _Delegate(TwistedDelegate):
@@ -512,10 +530,14 @@ class Broker(Service):
             "mailhub_amqp_connected", "1 while the AMQP broker is connected")
         self._connections = self.metrics.counter(
             "mailhub_amqp_connections_total", "AMQP connections made")
+        #: Why the last connection attempt failed (None once one succeeded),
+        #: for the health checks (mailhub.checks).
+        self.last_error: str | None = None
+        self._settling: list[Deferred[None]] = []
         self._factory = _Factory(self.spec, self.address.vhost, heartbeat, reactor,
                                  self.connection_name)
         self._service = ClientService(
-            self.address.endpoint(reactor), self._factory,
+            _Watched(self.address.endpoint(reactor), self._connect_failed), self._factory,
             retryPolicy=self._retry_delay,
             clock=reactor, prepareConnection=self._prepare)
 
@@ -599,6 +621,25 @@ class Broker(Service):
         self._waiting.append(d)
         return d
 
+    def settled(self) -> Deferred[None]:
+        """Fires once a connection attempt has ended: set up (``connected``)
+        or failed (``last_error`` says why); at once if one has already."""
+        if self.session is not None or self.last_error is not None:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._settling.append(d)
+        return d
+
+    def _settle(self, error: str | None) -> None:
+        self.last_error = error
+        waiting, self._settling = self._settling, []
+        for d in waiting:
+            d.callback(None)
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self._settle("%s:%d: cannot connect: %s" % (
+            self.address.host, self.address.port, failure.getErrorMessage()))
+
     def startService(self) -> None:
         super().startService()
         self._service.startService()
@@ -680,6 +721,7 @@ class Broker(Service):
             self.log.warn("AMQP set-up on {host}:{port} failed: {error}",
                           host=self.address.host, port=self.address.port,
                           error=_reply_text(e))
+            self._settle(self._refusal(e))
             # ClientService (Twisted 26) neither closes a connection whose
             # preparation failed nor accepts that connection being lost
             # afterwards. So the preparation never fails: ClientService
@@ -700,9 +742,21 @@ class Broker(Service):
                       host=self.address.host, port=self.address.port,
                       name=self.connection_name)
         self.outbox.attach(_PublishChannel(session))
+        self._settle(None)
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(session)
+
+    def _refusal(self, error: Exception) -> str:
+        """What a failed set-up means, in the words an operator needs."""
+        where = "%s:%d" % (self.address.host, self.address.port)
+        reason = _reply_text(error)
+        code = reason.split(" ", 1)[0]
+        if code == "403":
+            return "%s refused the login of %s: %s" % (where, self.address.username, reason)
+        if code == "530":
+            return "%s refused the virtual host %s: %s" % (where, self.address.vhost, reason)
+        return "%s refused the channel set-up: %s" % (where, reason)
 
     def _lost(self, session: Session) -> None:
         session.lost = True
@@ -712,6 +766,8 @@ class Broker(Service):
             self.outbox.detach()
             self.log.warn("AMQP connection to {host}:{port} lost",
                           host=self.address.host, port=self.address.port)
+            self._settle("%s:%d: the connection was lost; reconnecting"
+                         % (self.address.host, self.address.port))
         for user in list(self._users):
             try:
                 user.disconnected(session)

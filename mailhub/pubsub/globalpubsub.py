@@ -24,7 +24,6 @@ its own at once and other nodes' (mailhub or ESN) through RabbitMQ.
 from __future__ import annotations
 
 import functools
-import json
 import uuid
 from typing import Any, Callable, Sequence
 
@@ -35,6 +34,8 @@ from twisted.internet.defer import (
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailhub.decoding import decode_json
+from mailhub.errors import ValidationError
 from mailhub.metrics import Metrics
 from mailhub.pubsub.connection import JSON_PROPERTIES, Broker, Session, encode_json
 from mailhub.pubsub.consumer import Consumer, IDelivery
@@ -368,13 +369,13 @@ class GlobalPubSub:
         if isinstance(headers, dict) and headers.get(INSTANCE_HEADER) == self.instance:
             return self._ack(delivery)
         try:
-            data = json.loads(delivery.body)
-        except (ValueError, RecursionError):
-            # RecursionError: JSON nested deeper than Python's stack (b"[" *
-            # 200000). Either way the body can never be decoded: drop it.
+            data = decode_json(delivery.body, "the message")
+        except ValidationError as e:
+            # Never decodable (not UTF-8 JSON, NaN, too deep, too large): drop it.
             self._bad.inc()
-            self.log.warn("dropping a message on {topic} that is not JSON ({size} bytes)",
+            self.log.warn("dropping a message on {topic}: {reason} ({size} bytes)",
                           topic=delivery.exchange or subscription.topics[0],
+                          reason=e.messages[0],
                           size=len(delivery.body))
             return self._ack(delivery)
         topic = delivery.exchange or subscription.topics[0]

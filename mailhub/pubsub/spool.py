@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailhub.errors import Unavailable
+from mailhub.logs import printable
 from mailhub.metrics import Metrics
 from mailhub.pubsub.interfaces import Handler, IWorkQueue
 from mailhub.pubsub.retry import Outcome, RetryPolicy, Sleeps, attempt
@@ -232,7 +233,8 @@ class SpoolQueue:
             elif settled.outcome is Outcome.DEAD:
                 self._dropped.labels(reason="poison").inc()
                 self.log.warn("message from {queue} can never succeed, kept in the spool's "
-                              "dead/: {reason}", queue=self.name, reason=settled.reason)
+                              "dead/: {reason}", queue=self.name,
+                              reason=printable(settled.reason))
                 self.spool.dead(name, settled.reason)
                 self._dead += 1
             else:
@@ -248,4 +250,5 @@ class SpoolQueue:
             return  # the wait says stop: not a retry
         self._retries.inc()
         self.log.info("a message from {queue} failed ({reason}); retrying in {delay} s",
-                      queue=self.name, reason=failure.getErrorMessage(), delay=delay)
+                      queue=self.name, reason=printable(failure.getErrorMessage()),
+                      delay=delay)

@@ -21,7 +21,7 @@ here, so start-up stops with one line.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import attrs
 from twisted.application.service import Service
@@ -33,7 +33,6 @@ from mailhub.pubsub.connection import Broker
 from mailhub.pubsub.globalpubsub import GlobalPubSub
 from mailhub.pubsub.interfaces import IWorkQueue
 from mailhub.pubsub.local import LocalPubSub
-from mailhub.pubsub.outbox import Refused, Route
 from mailhub.pubsub.retry import RetryPolicy
 from mailhub.pubsub.shared import LocalSharedSubscription
 from mailhub.pubsub.spool import Spool, SpoolQueue
@@ -120,27 +119,6 @@ class PubSub:
             raise ValueError("queue %s is bound to %s, not %s" % (name, found.exchange, topic))
         return found
 
-    def check_declarations(self, config: Config, topics: Sequence[str] = ()) -> None:
-        """For ``mailhub check``: declare what a running mailhub declares.
-
-        On the next connection, the collector's queues (when it is enabled:
-        its exchange adopted as a running mailhub adopts it, the queue and its
-        dead-letter queue), each of ``topics``' exchange and the shared queue
-        of each; then :meth:`health` names what the broker refuses. These are
-        the declarations of a running mailhub and of OpenPaaS, so making them
-        changes nothing on the broker. Without a broker: nothing to check.
-        """
-        if self.broker is None:
-            return
-        routes: list[Route] = []
-        collector = config.collector
-        if collector.enabled:
-            routes += [Route(collector.queue, collector.routing_key, queue=collector.queue,
-                             adopt=True),
-                       Route("", collector.dead_letter, queue=collector.dead_letter)]
-        routes += [Route(topic) for topic in topics]
-        self.broker.add(_Declarations(routes))
-
     def health(self) -> dict[str, Any]:
         """The broker's state for /healthz and ``mailhub check``: ``ok`` is
         False when a configured broker is not connected or refuses a
@@ -160,24 +138,6 @@ def make_pubsub(config: Config, reactor: Any, metrics: Metrics) -> PubSub:
                     outbox=amqp.outbox, prefetch=amqp.prefetch, metrics=metrics)
     return PubSub(Hub(local, GlobalPubSub(broker, metrics)), [broker], broker,
                   reactor, metrics, config.data_dir)
-
-
-class _Declarations:
-    """A broker user that only declares routes (see :meth:`PubSub.check_declarations`)."""
-
-    def __init__(self, routes: list[Route]) -> None:
-        self.routes = routes
-
-    async def connected(self, session: Any) -> None:
-        """Declare every route; each refusal is recorded, the others go on."""
-        for route in self.routes:
-            try:
-                await session.declare_route(route)
-            except Refused:
-                pass  # recorded in the broker's refusals: health() names it
-
-    def disconnected(self, session: Any) -> None:
-        """Nothing held."""
 
 
 class Resume(Service):

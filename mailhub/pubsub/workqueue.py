@@ -20,7 +20,7 @@ so each message is handled once. What mailhub adds:
 With ``exchange`` set, the queue is instead a *shared subscription* to a
 global topic: the durable, non-exclusive queue ``name`` is bound with ``''``
 to the topic's fanout exchange ``exchange`` (declared as
-:class:`~mailhub.pubsub.amqp.GlobalPubSub` declares it, durable fanout, so
+:class:`~mailhub.pubsub.globalpubsub.GlobalPubSub` declares it, durable fanout, so
 ESN nodes can share it). Every publication on the topic reaches that queue
 once, next to each ordinary subscriber's own queue, and the mailhub
 instances consuming it compete for it: each publication is handled by one of
@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailhub.errors import Unavailable
+from mailhub.logs import printable
 from mailhub.metrics import Metrics
 from mailhub.pubsub.connection import JSON_PROPERTIES, encode_json
 from mailhub.pubsub.consumer import Consumer, IDelivery
@@ -247,7 +248,7 @@ class WorkQueue:
     async def _send_to_dead_letter(self, delivery: IDelivery, reason: str) -> None:
         self.log.warn("message from {queue} can never succeed, dead-lettered to "
                       "{dead}: {reason}", queue=self.name, dead=self.dead_letter,
-                      reason=reason)
+                      reason=printable(reason))
         properties = dict(delivery.properties)
         headers = dict(properties.get("headers") or {})
         headers[REASON_HEADER] = reason

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import math
 import re
 from typing import Any, Callable
 from urllib.parse import parse_qsl
 
+from mailhub.decoding import decode_json_object, decode_utf8
 from mailhub.errors import ValidationError
 from mailhub.push.events import (
     CONTENT_EVENTS,
@@ -44,8 +44,6 @@ FLAG_BITS = ((0x01, "\\Answered"), (0x02, "\\Flagged"), (0x04, "\\Deleted"),
              (0x08, "\\Seen"), (0x10, "\\Draft"), (0x20, "\\Recent"))
 
 _ENCODED_WORD = re.compile(r"=\?([^?\s*]+)(?:\*[^?\s]*)?\?([QqBb])\?([^?\s]*)\?=")
-#: A JSON escape that may make a lone surrogate (\\uD800 to \\uDFFF).
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _INTEGER = re.compile(r"^\s*([+-]?\d{1,20})(?:\.0*)?\s*$")
 
 #: The payload of mail:new and mail:append, in order.
@@ -153,14 +151,6 @@ def decode_addresses(text: str) -> str:
     return ", ".join(out)
 
 
-def _check_unicode(value: str, field: str) -> str:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValidationError("field %r is not valid Unicode (lone surrogate)" % field)
-    return value
-
-
 # -- typed fields -----------------------------------------------------------
 
 
@@ -183,11 +173,6 @@ class _Fields:
             return None
         if not isinstance(value, str):
             self._error(key, "must be text")
-            return None
-        try:
-            _check_unicode(value, key)
-        except ValidationError:
-            self._error(key, "is not valid Unicode (lone surrogate)")
             return None
         if required and not value.strip():
             self._error(key, "must not be empty")
@@ -236,11 +221,6 @@ class _Fields:
         if isinstance(value, dict) and not value:
             return []  # an empty Lua table encoded as an object
         if isinstance(value, str):
-            try:
-                _check_unicode(value, key)
-            except ValidationError:
-                self._error(key, "is not valid Unicode (lone surrogate)")
-                return None
             return value.replace(",", " ").split()
         if bitmask and isinstance(value, (int, float)) and not isinstance(value, bool):
             bits = self._to_int(key, value)
@@ -256,11 +236,7 @@ class _Fields:
                 if not isinstance(item, str):
                     self._error(key, "must be a list of text")
                     return None
-                try:
-                    out.append(_check_unicode(item, key))
-                except ValidationError:
-                    self._error(key, "is not valid Unicode (lone surrogate)")
-                    return None
+                out.append(item)
             return out
         self._error(key, "must be a list of names")
         return None
@@ -318,7 +294,6 @@ def _lua_event(obj: dict[str, Any], user: Any, where: str, default_event: str | 
         raise ValidationError("%s: field 'user' is required" % where)
     if not isinstance(user, str) or not user.strip():
         raise ValidationError("%s: field 'user' must be non-empty text" % where)
-    _check_unicode(user, "user")
     mailbox = f.text("mailbox", required=event not in MESSAGE_EVENTS)
     if event in MESSAGE_EVENTS:
         uid = f.integer("uid", 0, UINT32)
@@ -333,44 +308,18 @@ def _lua_event(obj: dict[str, Any], user: Any, where: str, default_event: str | 
     return PushEvent(topic_of(event), data)
 
 
-def _no_constants(name: str) -> None:
-    raise ValueError("%s is not JSON" % name)
-
-
-#: json.loads without NaN and Infinity, made once (json.loads with options
-#: would make a decoder for every body).
-_JSON = json.JSONDecoder(parse_constant=_no_constants)
-
-
-def _json_object(text: str) -> Any:
-    try:
-        return _JSON.decode(text)
-    except RecursionError:
-        raise ValidationError("the JSON body is nested too deeply")
-    except ValueError as e:
-        raise ValidationError("the body is not valid JSON: %s" % e)
-
-
-def _text_of(body: bytes) -> str:
-    try:
-        return body.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValidationError("the body is not valid UTF-8 (byte %d)" % e.start)
-
-
 def decode_ox(body: bytes) -> list[PushEvent]:
     """Events of one OX driver body: one ``mail:new`` per UID in ``imap-uid``.
 
     ``event`` must be ``messageNew`` in any case (Dovecot sends
     ``messageNew``, its documentation says ``MessageNew``); ``imap-uid`` may
     be a number or an array of numbers; ``from`` and ``subject`` have their
-    MIME encoded-words decoded.
+    MIME encoded-words decoded. The body is read by the shared
+    :func:`~mailhub.decoding.decode_json_object` (UTF-8 only, no NaN, no lone
+    surrogate, bounded depth), then by the fast path or the checked one.
     """
-    text = _text_of(body)
-    data = _json_object(text)
-    if not isinstance(data, dict):
-        raise ValidationError("the body must be a JSON object")
-    return _ox_as_sent(data, text) or _ox_checked(data)
+    data = decode_json_object(body, "the body")
+    return _ox_as_sent(data) or _ox_checked(data)
 
 
 def _uint32(value: Any) -> bool:
@@ -381,7 +330,7 @@ def _text_or_none(value: Any) -> bool:
     return value is None or type(value) is str
 
 
-def _ox_as_sent(data: dict[str, Any], text: str) -> list[PushEvent] | None:
+def _ox_as_sent(data: dict[str, Any]) -> list[PushEvent] | None:
     """The events of a body exactly as Dovecot's OX driver sends it; None for
     anything else, which :func:`_ox_checked` reads field by field.
 
@@ -403,8 +352,6 @@ def _ox_as_sent(data: dict[str, Any], text: str) -> list[PushEvent] | None:
             and _uint32(uid) and _uint32(uid_validity) and (unseen is None or _uint32(unseen))
             and _text_or_none(sender) and _text_or_none(subject) and _text_or_none(snippet)):
         return None
-    if "\\u" in text and _SURROGATE_ESCAPE.search(text):
-        return None  # maybe a lone surrogate: let the checks say which field
     return _ox_events(user, folder, uid_validity, [uid], unseen,
                       None if sender is None else decode_addresses(sender),
                       None if subject is None else decode_words(subject), snippet)
@@ -472,11 +419,9 @@ def decode_lua(body: bytes) -> list[PushEvent]:
     appended messages). A flag change that names no flag and no keyword is
     left out.
     """
-    text = _text_of(body)
+    text = decode_utf8(body, "the body")
     if text.lstrip().startswith("{"):
-        data = _json_object(text)
-        if not isinstance(data, dict):
-            raise ValidationError("the body must be a JSON object")
+        data = decode_json_object(text, "the body")
         if "events" in data:
             events = data["events"]
             if isinstance(events, dict) and not events:

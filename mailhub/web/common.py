@@ -13,12 +13,15 @@ import binascii
 import functools
 import hmac
 import json
+import re
 from typing import Any, Awaitable, Callable, TypeVar
 from urllib.parse import parse_qsl
 
+from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
+from mailhub.decoding import decode_json_object, decode_utf8
 from mailhub.errors import NotFound, Unavailable, ValidationError
 
 log = Logger(namespace="mailhub.web")
@@ -85,35 +88,23 @@ def read_body(request: IRequest, limit: int) -> bytes:
     return content.read()
 
 
-def decode_text(raw: bytes, what: str) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValidationError("%s is not valid UTF-8 (byte %d)" % (what, e.start))
-
-
 def form_fields(request: IRequest, limit: int) -> dict[str, str]:
     """Query string and form body as one dict of text, as GroupServer reads them.
 
     Bare names (``&add``) count with an empty value. A JSON body (an object)
-    is accepted too, for clients that send one. Later values win.
+    is accepted too, for clients that send one. Later values win. A name or
+    value holding a control character (see :func:`refuse_controls`) is a
+    ValidationError.
     """
     fields: dict[str, str] = {}
     query = request.uri.split(b"?", 1)[1] if b"?" in request.uri else b""
-    _merge_form(fields, decode_text(query, "the query string"), "the query string")
+    _merge_form(fields, decode_utf8(query, "the query string"), "the query string")
     body = read_body(request, limit)
     if body:
         ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
-        text = "" if ctype == b"multipart/form-data" else decode_text(body, "the request body")
+        text = "" if ctype == b"multipart/form-data" else decode_utf8(body, "the request body")
         if ctype == b"application/json":
-            try:
-                data = json.loads(text)
-            except ValueError as e:
-                raise ValidationError("the request body is not valid JSON: %s" % e)
-            except RecursionError:
-                raise ValidationError("the JSON body is nested too deeply")
-            if not isinstance(data, dict):
-                raise ValidationError("the JSON body must be an object")
+            data = decode_json_object(text, "the request body", limit)
             for key, value in data.items():
                 if isinstance(value, bool) or value is None:
                     value = "" if value in (None, True) else "false"
@@ -124,7 +115,28 @@ def form_fields(request: IRequest, limit: int) -> dict[str, str]:
             fields.update(_multipart(request.getHeader(b"content-type") or b"", body))
         else:
             _merge_form(fields, text, "the request body")
+    refuse_controls(fields)
     return fields
+
+
+#: C0 controls but tab, line feed and carriage return (a biography may hold
+#: lines), and DEL. PostgreSQL refuses NUL in text outright; none of them
+#: belongs in a name, an address, an id or a token.
+_CONTROLS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def refuse_controls(fields: dict[str, str]) -> None:
+    """Raise ValidationError naming every field whose name or value holds a control character.
+
+    Checked on decoded values (after percent- and JSON-decoding), so ``%00``
+    and ``\\u0000`` are refused alike, at the edge, before any store sees them.
+    """
+    bad = [key for key, value in fields.items()
+           if _CONTROLS.search(key) or _CONTROLS.search(value)]
+    if bad:
+        raise ValidationError(["field %s holds a control character (NUL or another "
+                               "character below U+0020 but tab and line ends)"
+                               % ascii(key)[1:-1][:64] for key in bad])
 
 
 def _multipart(content_type: bytes, body: bytes) -> dict[str, str]:
@@ -145,7 +157,7 @@ def _multipart(content_type: bytes, body: bytes) -> dict[str, str]:
         payload = part.get_payload(decode=True)
         if not isinstance(payload, bytes):
             raise ValidationError("field %r is not a simple value" % str(name))
-        fields[str(name)] = decode_text(payload, "field %r" % str(name))
+        fields[str(name)] = decode_utf8(payload, "field %r" % str(name))
     return fields
 
 
@@ -216,6 +228,10 @@ def handle_errors(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Await
         except Unavailable as e:
             return reply(request, {"error": str(e) or "temporarily unavailable"}, 503,
                          {b"retry-after": b"5"})
+        except CancelledError:
+            # The client hung up while the handler waited: expected, and
+            # Klein drops it quietly once the request is gone.
+            raise
         except Exception:
             log.failure("unhandled error in {path}", path=request.path)
             return reply(request, {"error": "internal error"}, 500)

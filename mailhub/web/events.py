@@ -15,25 +15,18 @@ import attrs
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
+from mailhub.auth import Auth, PasswordLogin, requires
 from mailhub.config import Config
 from mailhub.directory.model import User, normalise_email
-from mailhub.events import login_event, publish
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from mailhub.push import TOPICS
-from mailhub.web.common import (
-    HTTPError,
-    basic_credentials,
-    handle_errors,
-    json_bytes,
-    json_routing_errors,
-    unauthorized,
-)
+from mailhub.web.common import HTTPError, handle_errors, json_bytes, json_routing_errors
 
 EVENTS_REALM = "mailhub events"
 
@@ -136,7 +129,9 @@ class EventStream:
     """``/api/v1/events``: a user's own push and contact events, as Server-Sent Events.
 
     Users authenticate with Basic credentials against ``user_source`` (an
-    :class:`~mailhub.directory.interfaces.IUserSource`). An event goes to a
+    :class:`~mailhub.directory.interfaces.IUserSource`) through ``auth``
+    (:class:`mailhub.auth.Auth`: the site's one throttle, metric and login
+    events; a private one when not given). An event goes to a
     user when its ``user`` is their login or one of their addresses
     (``contacts:contact:add`` also by user id). Ids are ``EPOCH-SEQ``, where
     EPOCH is drawn when this stream starts: ``Last-Event-ID`` resumes from the
@@ -150,7 +145,7 @@ class EventStream:
     log = Logger()
 
     def __init__(self, config: Config, hub: Hub, metrics: Metrics, user_source: Any,
-                 clock: IReactorTime) -> None:
+                 clock: IReactorTime, auth: Auth | None = None) -> None:
         self._settings = config.push
         self._hub = hub
         self._users = user_source
@@ -161,9 +156,8 @@ class EventStream:
         self._buffer: deque[_Buffered] = deque(maxlen=self._settings.sse_buffer)
         self._by_key: dict[str, set[_Client]] = {}
         self._clients: set[_Client] = set()
-        self._failures: dict[str, int] = {}
-        self._auth_failures = metrics.counter(
-            "mailhub_sse_auth_failures_total", "Event stream logins refused")
+        auth = auth if auth is not None else Auth(clock, metrics, hub)
+        self._login = PasswordLogin(auth, "events", user_source, EVENTS_REALM)
         self._sent = metrics.counter("mailhub_sse_events_total",
                                      "Events written to event streams")
         metrics.gauge_callback("mailhub_sse_clients", "Open event streams",
@@ -195,9 +189,9 @@ class EventStream:
 
     @app.route("/api/v1/events", methods=["GET"])
     @handle_errors
-    async def events(self, request: IRequest) -> None:
+    @requires("_login")
+    async def events(self, request: IRequest, user: User) -> None:
         """Stream the authenticated user's events until they disconnect."""
-        user = await self._authenticate(request)
         if sum(1 for c in self._clients if c.user.login == user.login) >= MAX_STREAMS_PER_USER:
             raise HTTPError(429, {"error": "too many event streams open for this user"},
                             {b"retry-after": b"30"})
@@ -230,34 +224,6 @@ class EventStream:
         finally:
             self._forget(client)
         return None
-
-    async def _authenticate(self, request: IRequest) -> User:
-        given = basic_credentials(request)
-        if given is None or not given[1]:
-            self._auth_failures.inc()
-            raise unauthorized(EVENTS_REALM)
-        login, password = given
-        user = await self._users.authenticate(login, password)
-        if user is None:
-            self._auth_failures.inc()
-            failures = self._failures.get(login, 0) + 1
-            if len(self._failures) > 10000:
-                self._failures.clear()
-            self._failures[login] = failures
-            client = getattr(request.getClientAddress(), "host", None)
-            self.log.info("event stream login refused for {login} from {client}",
-                          login=login, client=client)
-            publish(self._hub, *login_event(False, login, "events", client, self._clock.seconds()))
-            # Repeated failures for one login are answered more and more slowly.
-            delay = min(0.5 * (failures - 1), 5.0)
-            if delay:
-                await deferLater(self._clock, delay, lambda: None)
-            raise unauthorized(EVENTS_REALM)
-        self._failures.pop(login, None)
-        publish(self._hub, *login_event(True, user.login, "events",
-                                        getattr(request.getClientAddress(), "host", None),
-                                        self._clock.seconds()))
-        return user
 
     # -- events ------------------------------------------------------------
 

@@ -12,7 +12,7 @@ compared in constant time and never echoed, and real HTTP codes are used:
 with GroupServer's error shape ``{"status": 100, "message": [...]}``.
 
 The read path (``/gs-search-people.json``) is served from the
-:class:`~mailhub.directory.cache.Directory`'s memory on the reactor thread,
+:class:`~mailhub.directory.service.Directory`'s memory on the reactor thread,
 with each profile's JSON serialised once and reused until the profile object
 changes; only a miss is checked against the database.
 """
@@ -24,20 +24,19 @@ from typing import Any, Awaitable, Callable
 from zoneinfo import ZoneInfo
 
 import attrs
+from cachetools import LRUCache
 from klein import Klein
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from mailhub.auth import Auth, Refused, SiteToken, client_of
 from mailhub.config import Config
-from mailhub.directory.cache import (
-    ADDED_EXISTING, ADDED_NEW, ALREADY_MEMBER, LEFT, NO_SUCH_GROUP, NO_SUCH_USER,
-    Directory,
-)
-from mailhub.directory.model import Profile
+from mailhub.decoding import address_problem
+from mailhub.directory.model import Added, Left, Profile
+from mailhub.directory.service import Directory
 from mailhub.errors import ValidationError
 from mailhub.metrics import Metrics
 from mailhub.web.common import JSON_TYPE, HTTPError, form_fields, handle_errors, json_bytes
@@ -46,40 +45,16 @@ from mailhub.web.common import JSON_TYPE, HTTPError, form_fields, handle_errors,
 VALIDATION_ERROR = 100
 #: GroupServer's status for "an unknown event occurred" in the add hook.
 UNKNOWN_EVENT = 257
+#: GroupServer's status numbers of the add hook, for what the directory did.
+ADD_STATUS = {Added.NEW_PROFILE: 0, Added.EXISTING_PROFILE: 1, Added.ALREADY_MEMBER: 256}
+#: GroupServer's status numbers of the leave hook.
+LEAVE_STATUS = {Left.LEFT: 0, Left.NO_SUCH_GROUP: 1, Left.NO_SUCH_USER: 2,
+                Left.NOT_A_MEMBER: 4}
 
 TOKEN_MISMATCH = "The authentication token does not match the one in the database."
 TOKEN_MISSING = "The authentication token (token) is required."
 
-_LOCAL_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010FFFF]+"
-_LOCAL = re.compile(r"^%s(?:\.%s)*$" % (_LOCAL_ATOM, _LOCAL_ATOM))
-_LABEL = re.compile(r"^(?!-)[A-Za-z0-9\-\u0080-\U0010FFFF]{1,63}(?<!-)$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def check_address(address: str) -> str | None:
-    """Why ``address`` is not a plain addr-spec we accept, or None when it is.
-
-    Strict on purpose: one ``local@domain`` with a dot-atom local part (UTF-8
-    allowed, RFC 6531) and a domain of at least two labels that IDNA can
-    encode; no display name, no comments, no spaces, at most 254 characters.
-    """
-    if len(address) > 254:
-        return "is longer than 254 characters"
-    local, at, domain = address.rpartition("@")
-    if not at or not local or not domain:
-        return "is not an email address (local@domain)"
-    if len(local) > 64:
-        return "has a local part longer than 64 characters"
-    if not _LOCAL.match(local):
-        return "has a local part with characters an address cannot hold"
-    labels = domain.split(".")
-    if len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
-        return "has an invalid domain"
-    try:
-        domain.encode("idna")
-    except UnicodeError:
-        return "has a domain that cannot be written in IDNA"
-    return None
 
 
 @attrs.frozen
@@ -161,48 +136,6 @@ MAX_BIOGRAPHY = 64 * 1024
 MAX_USER = 320
 
 
-class FailureThrottle:
-    """A growing, bounded delay for clients whose token keeps being wrong.
-
-    The first failure is answered at once; each following one within
-    ``forget_after`` seconds waits twice as long as the one before, from
-    ``base`` up to ``cap`` seconds. At most ``max_clients`` addresses are
-    remembered (the oldest is forgotten first), so memory stays bounded.
-    """
-
-    def __init__(self, clock: IReactorTime, base: float = 0.25, cap: float = 8.0,
-                 forget_after: float = 900.0, max_clients: int = 10000) -> None:
-        self.clock = clock
-        self.base = base
-        self.cap = cap
-        self.forget_after = forget_after
-        self.max_clients = max_clients
-        self.clients: dict[str, tuple[int, float]] = {}
-
-    def failed(self, client: str) -> float:
-        """Count one failure of ``client``; the delay its answer should wait."""
-        now = self.clock.seconds()
-        count, last = self.clients.pop(client, (0, now))
-        if now - last > self.forget_after:
-            count = 0
-        count += 1
-        self.clients[client] = (count, now)
-        while len(self.clients) > self.max_clients:
-            del self.clients[next(iter(self.clients))]
-        if count == 1:
-            return 0.0
-        return float(min(self.base * 2 ** (count - 2), self.cap))
-
-    def succeeded(self, client: str) -> None:
-        """Forget the failures of a client that has just shown the right token."""
-        self.clients.pop(client, None)
-
-
-def _client(request: IRequest) -> str:
-    address = request.getClientAddress()
-    return str(getattr(address, "host", address))
-
-
 def _invalid(messages: list[str]) -> HTTPError:
     return HTTPError(400, {"status": VALIDATION_ERROR, "message": list(messages)})
 
@@ -225,23 +158,22 @@ class GroupHooks:
     paths: tuple[bytes, ...] = tuple(p.lstrip("/").encode("ascii") for p in HOOKS)
 
     def __init__(self, directory: Directory, config: Config, metrics: Metrics, hub: Any,
-                 clock: IReactorTime | None = None) -> None:
+                 clock: IReactorTime | None = None, auth: Auth | None = None) -> None:
         self.directory = directory
         self.hub = hub
         self.site_url = config.mailhub.site_url.rstrip("/")
         self.max_body = config.mailhub.max_body
         self.clock = clock if clock is not None else directory.clock
-        self.throttle = FailureThrottle(self.clock)
-        self._failures = metrics.counter(
-            "mailhub_auth_failures_total", "Authentication failures, by surface",
-            ["surface"]).labels(surface="hooks")
+        auth = auth if auth is not None else Auth(self.clock, metrics, hub)
+        self._token = SiteToken(auth, "hooks", directory.check_token,
+                                directory.check_token_cached)
         self._answers = metrics.counter(
             "mailhub_hook_requests_total", "Group hook requests answered, by hook and status",
             ["hook", "status"])
         self._answer_children: dict[tuple[str, int], Any] = {}
-        # profile id -> (the Profile object it was made from, its JSON bytes)
-        self._json: dict[str, tuple[Profile, bytes]] = {}
-        self._json_limit = 500_000
+        #: profile id -> (the Profile object it was made from, its JSON bytes),
+        #: the least recently used dropped beyond half a million.
+        self._json: LRUCache[str, tuple[Profile, bytes]] = LRUCache(maxsize=500_000)
 
     def resource(self) -> IResource:
         """The Klein resource; it expects to see the whole request path."""
@@ -262,8 +194,6 @@ class GroupHooks:
         if cached is not None and cached[0] is profile:
             return cached[1]
         body = json_bytes(profile.data(self.site_url))
-        if len(self._json) >= self._json_limit:
-            self._json.clear()
         self._json[profile.id] = (profile, body)
         return body
 
@@ -294,31 +224,21 @@ class GroupHooks:
         action = hook.action(fields)
         if action is None:
             return self._send(request, hook, json_bytes(hook.description()))
-        token = fields.get("token", "")
-        known = self.directory.check_token_cached(token) if token else False
-        if known is None:
-            known = await self.directory.check_token(token)
-        if not known:
-            await self._refuse(request, hook, "missing" if "token" not in fields
-                               else "empty" if not token else "wrong")
-        if self.throttle.clients:
-            self.throttle.succeeded(_client(request))
+        client = client_of(request)
+        try:
+            # Counted, logged and slowed down by mailhub.auth.
+            await self._token.check(fields.get("token"), client)
+        except Refused as refused:
+            await self._refuse(hook, client, refused.reason)
         return await handler(request, action, fields)
 
-    async def _refuse(self, request: IRequest, hook: HookSpec, reason: str) -> None:
-        """Record, count and slow down a token mismatch; then answer 403."""
-        client = _client(request)
-        self._failures.inc()
-        self.log.warn("refused a {reason} token on {hook} from {client}",
-                      reason=reason, hook=hook.path, client=client)
+    async def _refuse(self, hook: HookSpec, client: str, reason: str) -> None:
+        """Audit a refused token (never the token itself); then answer 403."""
         try:
             await self.directory.audit("token-mismatch", client,
                                        "hook=%s token=%s" % (hook.path, reason))
         except Exception:
             self.log.failure("cannot write the audit log")
-        delay = self.throttle.failed(client)
-        if delay:
-            await deferLater(self.clock, delay, lambda: None)
         self._count(hook, 403)
         message = TOKEN_MISSING if reason == "missing" else TOKEN_MISMATCH
         raise HTTPError(403, {"status": VALIDATION_ERROR, "message": [message]})
@@ -425,7 +345,7 @@ class GroupHooks:
         if not email:
             errors.append("email: Required input is missing.")
         else:
-            wrong = check_address(email)
+            wrong = address_problem(email)
             if wrong:
                 errors.append("email: %r %s." % (email, wrong))
         if not name:
@@ -450,27 +370,28 @@ class GroupHooks:
         if errors:
             raise ValidationError(errors)
         try:
-            status, profile = await self.directory.add_member(group_id, email, name)
+            added, profile = await self.directory.add_member(group_id, email, name)
         except ValidationError as e:
             if self.directory.group(group_id) is None:
                 raise ValidationError("groupId: there is no group %r on this site." % group_id)
             raise ValidationError(e.messages)
         group = self.directory.group(group_id)
         group_name = group.name if group is not None else group_id
-        if status == ADDED_NEW:
+        status = ADD_STATUS.get(added, UNKNOWN_EVENT)
+        if added is Added.NEW_PROFILE:
             message = "Created a new profile for {0} and added {0} to {1}".format(
                 profile.name, group_name)
-        elif status == ADDED_EXISTING:
+        elif added is Added.EXISTING_PROFILE:
             message = "Added {0} to {1}".format(profile.name, group_name)
-        elif status == ALREADY_MEMBER:
+        elif added is Added.ALREADY_MEMBER:
             message = "{0} is already a member of {1}".format(profile.name, group_name)
-        else:  # pragma: no cover - the directory returns only the three above
+        else:  # pragma: no cover - Added has only the three above
             body = {"status": UNKNOWN_EVENT, "message": "An unknown event occurred."}
             return self._send(request, MEMBER_ADD, json_bytes(body))
-        if status == ADDED_NEW:
+        if added is Added.NEW_PROFILE:
             self._publish("profile:created", {"userId": profile.id, "name": profile.name,
                                               "email": email})
-        if status in (ADDED_NEW, ADDED_EXISTING):
+        if added in (Added.NEW_PROFILE, Added.EXISTING_PROFILE):
             self._publish("member:added", {"groupId": group_id, "userId": profile.id,
                                            "email": email, "status": status})
         body = {"status": status, "message": message, "user": profile.data(self.site_url)}
@@ -487,25 +408,26 @@ class GroupHooks:
         if errors:
             raise ValidationError(errors)
         profile = self.directory.lookup(user_id)
-        status = await self.directory.leave(group_id, user_id)
+        left = await self.directory.leave(group_id, user_id)
         group = self.directory.group(group_id)
         if profile is None:
             profile = self.directory.lookup(user_id)
-        if status == NO_SUCH_GROUP:
+        if left is Left.NO_SUCH_GROUP:
             message = 'No such group "{0}"'.format(group_id)
-        elif status == NO_SUCH_USER:
+        elif left is Left.NO_SUCH_USER:
             message = 'No such user "{0}"'.format(user_id)
         else:
             who = profile.name if profile is not None else user_id
             where = group.name if group is not None else group_id
-            if status == LEFT:
+            if left is Left.LEFT:
                 message = "{0} has left {1}".format(who, where)
                 self._publish("member:left", {"groupId": group_id,
                                               "userId": profile.id if profile else user_id})
             else:  # NOT_A_MEMBER
                 message = "{0} is not a member of {1}".format(who, where)
-        body = {"status": status, "message": message, "groupId": group_id, "userId": user_id}
+        body = {"status": LEAVE_STATUS[left], "message": message, "groupId": group_id,
+                "userId": user_id}
         return self._send(request, LEAVE, json_bytes(body))
 
 
-__all__ = ["GroupHooks", "HOOKS", "HookSpec", "FailureThrottle", "check_address"]
+__all__ = ["GroupHooks", "HOOKS", "HookSpec"]

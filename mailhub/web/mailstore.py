@@ -15,50 +15,43 @@ the Basic credentials its administrator entered:
   JSON reason when the source that must decide cannot be asked. Each
   checked attempt is published on ``login:success`` or ``login:failure``
   (``{"user", "source": "mailstore", "client", "at"}``, never a password),
-  counted, and repeated failures are slowed down by
-  :class:`~mailhub.directory.throttle.Throttle`.
+  counted, and repeated failures are slowed down: all of it by
+  :mod:`mailhub.auth`, which checks MailStore's own Basic credentials too.
 
 Anything else (no ``cmd``, an unknown one, a GET) is a 4xx with a JSON reason.
 """
 
 from __future__ import annotations
 
-import datetime
 from typing import Any
 
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IPushProducer, IReactorTime
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from zope.interface import implementer
 
+from mailhub.auth import Auth, StaticBasic, Throttle, client_of, requires
 from mailhub.config import Config
 from mailhub.directory.interfaces import IUserSource
-from mailhub.directory.throttle import Throttle
 from mailhub.errors import Unavailable, ValidationError
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from mailhub.web.common import (
     JSON_TYPE,
     HTTPError,
-    basic_credentials,
     form_fields,
     handle_errors,
     json_bytes,
     json_routing_errors,
     reply,
-    same_secret,
-    unauthorized,
 )
 
 REALM = "mailhub MailStore"
 #: Form bodies MailStore sends are tiny; a login and a password at most.
 MAX_BODY = 64 * 1024
-#: Longest user name published in a login event.
-MAX_PUBLISHED_LOGIN = 256
 
 
 @implementer(IPushProducer)
@@ -95,10 +88,10 @@ class _Pacer:
 class MailStoreIntegration:
     """The MailStore Application Integration surface (one Klein app).
 
-    ``users`` is the chained user source; ``hub`` receives login events;
-    ``clock`` drives the failure delays. ``throttle`` defaults to a
-    :class:`Throttle` on ``clock``; ``page_size`` defaults to ``[ldap]
-    page_size``.
+    ``users`` is the chained user source; ``auth`` (:class:`mailhub.auth.Auth`)
+    checks MailStore's Basic credentials and the users' passwords, counts,
+    throttles and publishes (a private one on ``clock``, with ``throttle``,
+    when not given); ``page_size`` defaults to ``[ldap] page_size``.
     """
 
     app = Klein()
@@ -107,26 +100,18 @@ class MailStoreIntegration:
 
     def __init__(self, config: Config, users: IUserSource, hub: Hub, metrics: Metrics,
                  clock: IReactorTime, throttle: Throttle | None = None,
-                 page_size: int | None = None) -> None:
+                 page_size: int | None = None, auth: Auth | None = None) -> None:
         self._settings = config.mailstore
         self._users = users
-        self._hub = hub
-        self._clock = clock
-        self._throttle = throttle if throttle is not None else Throttle(clock)
+        self._auth = auth if auth is not None else Auth(clock, metrics, hub, throttle)
+        self._service = StaticBasic(self._auth, "mailstore-service", "service:mailstore",
+                                    self._settings.username, self._settings.password, REALM)
         self._page_size = page_size or config.ldap.page_size
-        self._auth = metrics.counter(
-            "mailhub_mailstore_auth_total",
-            "MailStore cmd=auth answers by result (success, failure, throttled, unavailable)",
-            ["result"])
         self._lists = metrics.counter(
             "mailhub_mailstore_list_total",
             "MailStore cmd=list answers by result (complete, failed, cancelled)", ["result"])
         self._listed = metrics.counter(
             "mailhub_mailstore_listed_users_total", "Users sent in MailStore cmd=list answers")
-        self._refused = metrics.counter(
-            "mailhub_mailstore_unauthorized_total",
-            "MailStore requests refused for missing or wrong Basic credentials")
-        self._warned_unconfigured = False
 
     def resource(self) -> IResource:
         """The Klein resource to mount at ``[mailstore] path``."""
@@ -136,9 +121,9 @@ class MailStoreIntegration:
 
     @app.route("/", methods=["POST"])
     @handle_errors
-    async def command(self, request: IRequest) -> Any:
+    @requires("_service")
+    async def command(self, request: IRequest, _: None) -> Any:
         """One MailStore command: ``cmd=list`` or ``cmd=auth``."""
-        self._check_credentials(request)
         fields = form_fields(request, MAX_BODY)
         cmd = fields.get("cmd")
         if cmd is None:
@@ -158,69 +143,12 @@ class MailStoreIntegration:
 
     # -- pieces ---------------------------------------------------------------
 
-    def _check_credentials(self, request: IRequest) -> None:
-        expected_user = self._settings.username
-        expected_password = self._settings.password
-        if not expected_user or not expected_password:
-            if not self._warned_unconfigured:
-                self._warned_unconfigured = True
-                self.log.warn("MailStore request refused: [mailstore] username and "
-                              "password are not both set")
-            self._refused.inc()
-            raise unauthorized(REALM)
-        given = basic_credentials(request)
-        if given is None:
-            self._refused.inc()
-            raise unauthorized(REALM)
-        user_ok = same_secret(given[0], expected_user)
-        password_ok = same_secret(given[1], expected_password)
-        if not (user_ok and password_ok):
-            self._refused.inc()
-            self.log.info("MailStore request with wrong Basic credentials from {client}",
-                          client=_client(request))
-            raise unauthorized(REALM)
-
     async def _authenticate(self, request: IRequest, fields: dict[str, str]) -> bytes:
         if "user" not in fields:
             raise ValidationError("user is missing")
-        login = fields["user"]
-        password = fields.get("pass", "")
-        client = _client(request)
-        if not login.strip() or not password:
-            self._publish(False, login, client)
-            self._auth.labels("failure").inc()
-            return reply(request, {"succeeded": False})
-        wait = self._throttle.before(login, client)
-        if wait is None:
-            self._auth.labels("throttled").inc()
-            self.log.info("MailStore login for {user!r} from {client} refused: "
-                          "too many failures", user=login[:MAX_PUBLISHED_LOGIN], client=client)
-            self._publish(False, login, client)
-            return reply(request, {"succeeded": False})
-        if wait > 0:
-            await deferLater(self._clock, wait, lambda: None)
-        try:
-            user = await self._users.authenticate(login, password)
-        except Unavailable:
-            self._auth.labels("unavailable").inc()
-            raise
-        succeeded = user is not None
-        self._throttle.after(login, client, succeeded)
-        self._auth.labels("success" if succeeded else "failure").inc()
-        self._publish(succeeded, user.login if user is not None else login, client)
-        if not succeeded:
-            self.log.info("MailStore login failed for {user!r} from {client}",
-                          user=login[:MAX_PUBLISHED_LOGIN], client=client)
-        return reply(request, {"succeeded": succeeded})
-
-    def _publish(self, succeeded: bool, login: str, client: str) -> None:
-        """Publish login:success or login:failure without making the reply wait."""
-        topic = "login:success" if succeeded else "login:failure"
-        at = datetime.datetime.fromtimestamp(self._clock.seconds(), datetime.timezone.utc)
-        payload = {"user": login[:MAX_PUBLISHED_LOGIN], "source": "mailstore",
-                   "client": client, "at": at.isoformat().replace("+00:00", "Z")}
-        d = self._hub.local.topic(topic).forward(self._hub.global_, payload)
-        d.addErrback(lambda f: self.log.failure("publishing {topic} failed", f, topic=topic))
+        user = await self._auth.login("mailstore", self._users, fields["user"],
+                                      fields.get("pass", ""), client_of(request))
+        return reply(request, {"succeeded": user is not None})
 
     async def _list(self, request: Any) -> Any:
         pages = self._users.pages(self._page_size).__aiter__()
@@ -299,9 +227,3 @@ async def _abort(request: Any) -> None:
         await finished
     except Exception:
         pass
-
-
-def _client(request: IRequest) -> str:
-    address = request.getClientAddress()
-    return str(getattr(address, "host", "") or "unknown")
-

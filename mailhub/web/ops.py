@@ -7,41 +7,70 @@ balancers that should send no traffic to an instance that cannot work.
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable, Sequence
 
 from klein import Klein
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
 from mailhub import __version__
+from mailhub.checks import Check, Row, run_checks
 from mailhub.metrics import Metrics
 from mailhub.web.common import handle_errors, json_routing_errors, reply
 
-#: A dependency check: fires with (ok, detail) or fails (counted as not ok).
-Check = Callable[[], "Deferred[tuple[bool, str]] | Awaitable[tuple[bool, str]] | tuple[bool, str]"]
-
-
-def _run(check: Check) -> "Deferred[tuple[bool, str]]":
-    def call() -> Any:
-        result = check()
-        if hasattr(result, "__await__") and not isinstance(result, Deferred):
-            return Deferred.fromCoroutine(result)  # type: ignore[arg-type]
-        return result
-    return maybeDeferred(call)
+#: What one run of the checks found: each check with its rows.
+Results = list[tuple[Check, list[Row]]]
 
 
 class Operations:
-    """Liveness, metrics and the API description."""
+    """Liveness, metrics and the API description.
+
+    ``checks`` are the process's health checks (:func:`mailhub.checks.make_checks`),
+    the same that ``mailhub check`` runs; each becomes one entry of
+    ``dependencies``, its rows' details joined. ``/healthz`` needs no
+    credentials, so requests that arrive while the checks run share that
+    run, and its results answer for :attr:`reuse` seconds: a flood of
+    requests costs the database, LDAP and CardDAV one probe a second.
+    """
 
     app = Klein()
     json_routing_errors(app)
 
-    def __init__(self, metrics: Metrics, checks: dict[str, Check],
-                 openapi: Callable[[], dict[str, Any]]) -> None:
+    #: Seconds the results of one run of the checks answer /healthz.
+    reuse = 1.0
+
+    def __init__(self, metrics: Metrics, checks: Sequence[Check],
+                 openapi: Callable[[], dict[str, Any]], clock: IReactorTime) -> None:
         self.metrics = metrics
-        self.checks = checks
+        self.checks = list(checks)
         self.openapi = openapi
+        self.clock = clock
+        self._latest: tuple[float, Results] | None = None
+        self._waiting: list[Deferred[Results]] = []
+
+    def _results(self) -> Deferred[Results]:
+        """The latest results if fresh, else those of the run under way or a new one."""
+        if self._latest is not None and self.clock.seconds() - self._latest[0] < self.reuse:
+            return succeed(self._latest[1])
+        d: Deferred[Results] = Deferred()
+        self._waiting.append(d)
+        if len(self._waiting) == 1:
+            run = Deferred.fromCoroutine(run_checks(self.checks, self.clock))
+            run.addBoth(self._ran)
+        return d
+
+    def _ran(self, results: "Results | Failure") -> None:
+        if not isinstance(results, Failure):
+            self._latest = (self.clock.seconds(), results)
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            if isinstance(results, Failure):
+                d.errback(results)
+            else:
+                d.callback(results)
 
     def resource(self) -> IResource:
         return self.app.resource()  # type: ignore[no-any-return]
@@ -49,17 +78,12 @@ class Operations:
     @app.route("/healthz", methods=["GET", "HEAD"])
     @handle_errors
     async def healthz(self, request: IRequest) -> bytes:
-        names = sorted(self.checks)
-        results = await DeferredList([_run(self.checks[n]) for n in names], consumeErrors=True)
         state: dict[str, dict[str, Any]] = {}
         healthy = True
-        for name, (succeeded, value) in zip(names, results):
-            if succeeded:
-                ok, detail = value
-            else:
-                ok, detail = False, value.getErrorMessage()  # type: ignore[attr-defined]
-            healthy = healthy and bool(ok)
-            state[name] = {"ok": bool(ok), "detail": detail}
+        for check, rows in await self._results():
+            ok = check.healthy(rows)
+            healthy = healthy and ok
+            state[check.name] = {"ok": ok, "detail": "; ".join(r.detail for r in rows)}
         body = {"status": "ok" if healthy else "degraded", "version": __version__,
                 "dependencies": state}
         query = request.uri.partition(b"?")[2]

@@ -20,9 +20,6 @@ The events reach web clients through :mod:`mailhub.web.events`.
 
 from __future__ import annotations
 
-import base64
-import hmac
-import ipaddress
 from typing import Any, Callable
 
 from klein import Klein
@@ -33,21 +30,21 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from zope.interface import implementer
 
+from mailhub.auth import Auth, StaticBasic
 from mailhub.config import Config
 from mailhub.errors import ValidationError
+from mailhub.logs import printable
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from mailhub.pubsub.relay import Relay
 from mailhub.push import PushEvent, decode_lua, decode_ox
 from mailhub.web.common import (
     HTTPError,
-    basic_credentials,
     json_bytes,
     json_routing_errors,
     read_body,
     reply,
     reply_encoded,
-    same_secret,
     unauthorized,
 )
 
@@ -69,21 +66,6 @@ def _lua_answer(count: int) -> bytes:
     return json_bytes({"success": True, "events": count})
 
 
-def same_bytes(given: bytes, expected: bytes) -> bool:
-    """Constant-time comparison of two byte strings."""
-    return hmac.compare_digest(given, expected)
-
-
-def _is_loopback(request: IRequest) -> bool:
-    host = getattr(request.getClientAddress(), "host", None)
-    if not host:
-        return False
-    try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
-        return False
-
-
 class PushReceiver:
     """The HTTP surface Dovecot's push drivers talk to.
 
@@ -91,7 +73,10 @@ class PushReceiver:
     the body limit (``max_body``) and the queue size (``queue``, counted in
     requests). With neither username nor password set every request is
     refused with 401, unless ``allow_loopback`` is yes: then requests from
-    loopback peers are accepted without credentials.
+    loopback peers are accepted without credentials. The credentials are
+    checked by :class:`mailhub.auth.StaticBasic` (surfaces ``push-ox`` and
+    ``push-lua``, one throttle key for both), synchronously: accepting a
+    delivery costs no Deferred.
 
     After the answer, each request's events go to a
     :class:`~mailhub.pubsub.relay.Relay` of ``config.push.queue`` requests,
@@ -106,7 +91,7 @@ class PushReceiver:
     log = Logger()
 
     def __init__(self, config: Config, hub: Hub, metrics: Metrics,
-                 reactor: IReactorTime) -> None:
+                 reactor: IReactorTime, auth: Auth | None = None) -> None:
         self._settings = config.push
         self._hub = hub
         self._reactor = reactor
@@ -114,13 +99,13 @@ class PushReceiver:
         self._requests = metrics.counter(
             "mailhub_push_requests_total", "Push notifications answered, by driver and status",
             ["driver", "status"])
-        self._auth_failures = metrics.counter(
-            "mailhub_push_auth_failures_total",
-            "Push requests refused for missing or wrong credentials", ["driver"])
-        self._warned_open = False
+        auth = auth if auth is not None else Auth(reactor, metrics, hub)
+        self._credentials = {
+            driver: StaticBasic(auth, "push-" + driver, "service:push",
+                                self._settings.username, self._settings.password,
+                                PUSH_REALM, allow_loopback=self._settings.allow_loopback)
+            for driver in ("ox", "lua")}
         self._counters: dict[tuple[str, int], Any] = {}
-        self._expected_header = b"Basic " + base64.b64encode(
-            ("%s:%s" % (self._settings.username, self._settings.password)).encode("utf-8"))
 
     def resource(self) -> IResource:
         """The resource to mount at the root of the site (it sees the whole path).
@@ -193,34 +178,15 @@ class PushReceiver:
             events = decode(body)
         except ValidationError as e:
             self.log.info("refused a {driver} push notification: {reason}",
-                          driver=driver, reason=e.messages[0])
+                          driver=driver, reason=printable(e.messages[0]))
             raise
         self._relay.hand_over(events)
         return len(events)
 
     def _authorize(self, request: IRequest, driver: str) -> None:
-        username, password = self._settings.username, self._settings.password
-        if not username or not password:
-            if self._settings.allow_loopback and _is_loopback(request):
-                return
-            if not self._warned_open:
-                self._warned_open = True
-                self.log.warn("push request refused: set [push] username and password "
-                              "(or allow_loopback = yes)")
-            self._auth_failures.labels(driver).inc()
-            raise unauthorized(PUSH_REALM)
-        header = request.getHeader(b"authorization")
-        if header is not None and same_bytes(header, self._expected_header):
-            return  # the exact header Dovecot sends: no decoding needed
-        given = basic_credentials(request)
-        # Both compared every time, in constant time, so timing tells nothing.
-        good = given is not None
-        user_ok = same_secret(given[0] if given else "", username)
-        password_ok = same_secret(given[1] if given else "", password)
-        if not (good and user_ok and password_ok):
-            self._auth_failures.labels(driver).inc()
-            self.log.info("push request with bad credentials from {client}",
-                          client=getattr(request.getClientAddress(), "host", "?"))
+        # Wrong credentials are answered at once: the throttle's slots bound
+        # how many are checked, so Dovecot's deliveries never wait on them.
+        if self._credentials[driver].check(request) is not None:
             raise unauthorized(PUSH_REALM)
 
 

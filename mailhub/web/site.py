@@ -5,6 +5,14 @@ segment, unchanged (Klein sees the whole path), answers JSON 404s for the
 rest, and times every request for ``/metrics``. :class:`LimitedRequest`
 refuses bodies above ``[mailhub] max_body`` with a JSON 413 without keeping
 them: the bytes past the limit are read from the socket and dropped.
+
+:class:`MailhubSite` bounds connections: a client has ``header_timeout``
+seconds to send a request's headers (a slow-header client cannot hold a
+socket), at most ``max_connections`` are open (at the cap, the connection
+that has waited longest for its headers makes room, else the new one is
+closed), and the last ``health_reserve`` of them serve only ``/healthz``, so
+a health check gets through when the site is full. Its access log hides
+``token``, ``password`` and ``pass`` query parameters.
 """
 
 from __future__ import annotations
@@ -12,10 +20,15 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
+from mailhub.logs import access_log_formatter
 from mailhub.metrics import Metrics
 from mailhub.web.common import json_bytes
 
@@ -63,6 +76,16 @@ class LimitedRequest(Request):
             observed[0].finished(self)
 
     def process(self) -> None:
+        if getattr(self.channel, "reserved", False) and self.path not in HEALTH_PATHS:
+            # Accepted on a connection kept for health checks: the site is full.
+            self.channel.site.dropped("reserve")  # type: ignore[attr-defined]
+            self.setResponseCode(503)
+            self.setHeader(b"content-type", b"application/json; charset=utf-8")
+            self.setHeader(b"retry-after", b"1")
+            self.setHeader(b"connection", b"close")
+            self.write(json_bytes({"error": "too many connections, try again"}))
+            self.finish()
+            return
         if self.too_large:
             self.setResponseCode(413)
             self.setHeader(b"content-type", b"application/json; charset=utf-8")
@@ -73,18 +96,154 @@ class LimitedRequest(Request):
         super().process()
 
 
+#: Paths answered on the connections kept in reserve for health checks.
+HEALTH_PATHS = frozenset([b"/healthz"])
+
+
+class MailhubChannel(HTTPChannel):
+    """An HTTP connection that must send each request's headers in time.
+
+    The deadline runs from the connection (or the end of the previous
+    response) until the request's headers are complete; the idle timeout of
+    twisted.web restarts at every byte, so it does not stop a client that
+    sends one byte at a time.
+    """
+
+    site: "MailhubSite"
+    #: Accepted from the reserve: serves health checks only.
+    reserved = False
+    _deadline: IDelayedCall | None = None
+    _gone = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._start_deadline()
+
+    def allHeadersReceived(self) -> None:
+        self._stop_deadline()
+        super().allHeadersReceived()
+
+    def requestDone(self, request: Any) -> None:
+        super().requestDone(request)
+        if self.persistent and not self._gone:
+            self._start_deadline()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._gone = True
+        self._stop_deadline()
+        self.site.connection_closed(self)
+        super().connectionLost(reason)
+
+    def drop(self) -> None:
+        """Close at once: too slow, or making room for another connection."""
+        self._stop_deadline()
+        _abort(self.transport)
+
+    def _start_deadline(self) -> None:
+        self._stop_deadline()
+        self._deadline = self.callLater(self.site.header_timeout, self._too_slow)
+        self.site.waiting_for_headers(self)
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+        self.site.headers_done(self)
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        self.site.headers_done(self)
+        self.site.dropped("header_timeout")
+        _abort(self.transport)
+
+
+class _Refused(Protocol):
+    """A connection the site has no room for: closed as soon as it is made."""
+
+    def connectionMade(self) -> None:
+        _abort(self.transport)
+
+
+def _abort(transport: Any) -> None:
+    """Close without waiting for the peer to read what is pending."""
+    if transport is not None:
+        getattr(transport, "abortConnection", transport.loseConnection)()
+
+
 class MailhubSite(Site):
-    """The Site with mailhub's request class and body limit."""
+    """The Site with mailhub's request class, body limit and connection bounds."""
 
     requestFactory = LimitedRequest
+    # The port logs "MailhubSite starting on PORT"; "Starting factory <...
+    # object at 0x...>" says nothing more.
+    noisy = False
+    # HTTP/1.1 only: the HTTP/2 negotiation wrapper is private to twisted.web
+    # (and HTTP/2 needs TLS with ALPN, which mailhub leaves to its proxy).
+    protocol = MailhubChannel  # type: ignore[assignment]
 
-    def __init__(self, root: IResource, max_body: int, **kw: Any) -> None:
+    def __init__(self, root: IResource, max_body: int, *, max_connections: int = 800,
+                 health_reserve: int = 16, header_timeout: float = 15.0,
+                 metrics: Metrics | None = None, **kw: Any) -> None:
         # Surfaces parse their own bodies (common.form_fields); twisted.web's
         # parse would be done twice, and it answers a malformed multipart
         # body with an empty, non-JSON 400.
         kw.setdefault("parsePOSTFormSubmission", False)
+        kw.setdefault("logFormatter", access_log_formatter)
         super().__init__(root, **kw)
+        if not 0 <= health_reserve < max_connections:
+            raise ValueError("health_reserve must be smaller than max_connections")
         self.max_body = max_body
+        self.max_connections = max_connections
+        self.health_reserve = health_reserve
+        self.header_timeout = header_timeout
+        self.connections: set[MailhubChannel] = set()
+        # Insertion-ordered: the first is the one that has waited longest.
+        self._awaiting: dict[MailhubChannel, None] = {}
+        metrics = metrics if metrics is not None else Metrics()
+        self._open = metrics.gauge("mailhub_http_connections", "HTTP connections open")
+        self._dropped = metrics.counter(
+            "mailhub_http_connections_dropped_total",
+            "HTTP connections cut by the connection bounds, by reason (full, evicted, "
+            "header_timeout) and requests refused on the health-check reserve (reserve)",
+            ["reason"])
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if len(self.connections) >= self.max_connections:
+            if not self._awaiting:
+                self.dropped("full")
+                # Every connection is busy: close this one. (Not None: a
+                # wrapping factory, TLS's, would wrap it.)
+                return _Refused()
+            oldest = next(iter(self._awaiting))
+            self.dropped("evicted")
+            self.connection_closed(oldest)
+            oldest.drop()
+        channel = super().buildProtocol(addr)
+        channel.reserved = len(self.connections) >= self.max_connections - self.health_reserve
+        self.connections.add(channel)
+        self._open.set(len(self.connections))
+        return channel
+
+    def dropped(self, reason: str) -> None:
+        """Count a connection (or a request) cut by the bounds, for ``reason``."""
+        self._dropped.labels(reason).inc()
+
+    def waiting_for_headers(self, channel: MailhubChannel) -> None:
+        """``channel`` waits for a request's headers (it may be evicted)."""
+        if channel in self.connections:
+            self._awaiting.pop(channel, None)
+            self._awaiting[channel] = None
+
+    def headers_done(self, channel: MailhubChannel) -> None:
+        """``channel`` has its request's headers (or is gone)."""
+        self._awaiting.pop(channel, None)
+
+    def connection_closed(self, channel: MailhubChannel) -> None:
+        """Forget ``channel``: its slot is free."""
+        self.connections.discard(channel)
+        self._awaiting.pop(channel, None)
+        self._open.set(len(self.connections))
 
 
 @implementer(IResource)
@@ -101,6 +260,43 @@ class _NotFound:
 
     def putChild(self, path: bytes, child: IResource) -> None:  # pragma: no cover
         raise NotImplementedError
+
+
+def _redirect(request: Any, location: bytes) -> bytes:
+    request.setResponseCode(301)
+    request.setHeader(b"location", location)
+    request.setHeader(b"content-type", b"application/json; charset=utf-8")
+    return json_bytes({"location": location.decode("utf-8")})
+
+
+class _Redirect(Resource):
+    """A 301 to ``location`` for any method."""
+
+    isLeaf = True
+
+    def __init__(self, location: bytes) -> None:
+        super().__init__()
+        self._location = location
+
+    def render(self, request: Any) -> bytes:
+        return _redirect(request, self._location)
+
+
+class _WellKnown(Resource):
+    """``/.well-known/carddav`` (RFC 6764): a redirect to the CardDAV store."""
+
+    isLeaf = True
+
+    def __init__(self, dav_root: bytes, not_found: IResource) -> None:
+        super().__init__()
+        self._dav_root = dav_root
+        self._not_found = not_found
+
+    def render(self, request: Any) -> bytes:
+        # Root hands over the whole path: [b".well-known", b"carddav"].
+        if request.postpath[1:] in ([b"carddav"], [b"carddav", b""]):
+            return _redirect(request, self._dav_root)
+        return self._not_found.render(request)  # type: ignore[no-any-return]
 
 
 class Root(Resource):
@@ -126,6 +322,18 @@ class Root(Resource):
         self._errors = metrics.counter(
             "mailhub_http_errors_total", "HTTP requests answered 5xx, by route", ["route"])
         self._instruments: dict[tuple[str, bytes, int], tuple[Any, Any, Any]] = {}
+        #: Where the embedded CardDAV store is mounted ("/dav/"), or None.
+        self.dav_root: bytes | None = None
+
+    def serve_dav_discovery(self, dav_root: bytes) -> None:
+        """RFC 6764 discovery of the CardDAV store at ``dav_root``.
+
+        ``/.well-known/carddav`` (any method) and a PROPFIND on ``/`` are
+        redirected (301, as Radicale does) to ``dav_root``, where the store
+        answers ``current-user-principal`` to an authenticated client.
+        """
+        self.dav_root = dav_root
+        self.mount(b".well-known", _WellKnown(dav_root, self.not_found))
 
     def mount(self, segment: bytes, resource: IResource) -> None:
         """Hand requests whose first segment is ``segment`` to ``resource``,
@@ -153,6 +361,11 @@ class Root(Resource):
                 self._observe(request, "/" + b"/".join([name, *rest]).decode("utf-8", "replace"))
                 return resource
         target = self.routes.get(name)
+        if name == b"" and request.postpath == [] and self.dav_root is not None \
+                and request.method == b"PROPFIND":
+            # CardDAV clients given only the host ask "/" for their principal.
+            target = _Redirect(self.dav_root)
+            route = "/"
         if target is None:
             target = self.not_found
             route = "other"

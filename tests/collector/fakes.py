@@ -10,11 +10,11 @@ the collector uses (PROPFIND Depth 1, addressbook-query with text-match
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Awaitable, Callable
 from urllib.parse import unquote
 from xml.etree import ElementTree as ET
 
-from twisted.internet.defer import fail, succeed
+from twisted.internet.defer import ensureDeferred, fail, succeed
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
@@ -54,6 +54,10 @@ class FakeCardDAV(Resource):
         self.tokens: dict[str, tuple[str, dict[str, str]]] = {}
         #: At most this many changes per sync-collection answer (then a 507).
         self.sync_page: int | None = None
+        #: The vCard versions each book's supported-address-data lists (as
+        #: SabreDAV and Nextcloud: 3.0 and 4.0); None: the property is not
+        #: answered (RFC 6352: then only 3.0 is accepted).
+        self.vcard_versions: tuple[str, ...] | None = ("3.0", "4.0")
 
     # -- test helpers --
     def add_card(self, book: str, name: str, text: str) -> None:
@@ -102,7 +106,19 @@ class FakeCardDAV(Resource):
                 'xmlns:c="urn:ietf:params:xml:ns:carddav">%s</d:multistatus>'
                 % "".join(responses)).encode("utf-8")
 
+    def _book_response(self, book: str) -> str:
+        supported = ""
+        if self.vcard_versions is not None:
+            supported = "<c:supported-address-data>%s</c:supported-address-data>" % "".join(
+                '<c:address-data-type content-type="text/vcard" version="%s"/>' % v
+                for v in self.vcard_versions)
+        return ("<d:response><d:href>%s</d:href><d:propstat><d:prop><d:resourcetype>"
+                "<d:collection/><c:addressbook/></d:resourcetype>%s</d:prop><d:status>"
+                "HTTP/1.1 200 OK</d:status></d:propstat></d:response>" % (book, supported))
+
     def do_PROPFIND(self, request: Any, path: str, body: bytes) -> bytes:
+        if path in self.books and request.getHeader(b"depth") == b"0":
+            return self._multistatus(request, [self._book_response(path)])
         if path not in self.homes:
             request.setResponseCode(404)
             return b""
@@ -111,10 +127,7 @@ class FakeCardDAV(Resource):
                  "</d:status></d:propstat></d:response>" % path]
         for book in sorted(self.books):
             if book.startswith(path) and book.count("/") == path.count("/") + 1:
-                items.append(
-                    "<d:response><d:href>%s</d:href><d:propstat><d:prop><d:resourcetype>"
-                    "<d:collection/><c:addressbook/></d:resourcetype></d:prop><d:status>"
-                    "HTTP/1.1 200 OK</d:status></d:propstat></d:response>" % book)
+                items.append(self._book_response(book))
         return self._multistatus(request, items)
 
     def forget_tokens(self) -> None:
@@ -275,6 +288,7 @@ class FakeUsers:
         self.down = False
         self.finds: list[str] = []
         self.authentications = 0
+        self.on_catch_up: Callable[[], Awaitable[None]] | None = None
 
     def find(self, login: str) -> Any:
         self.finds.append(login)
@@ -283,6 +297,12 @@ class FakeUsers:
         for user in self.users:
             if user.login == login or user.id == login or user.owns(login):
                 return succeed(user)
+        return succeed(None)
+
+    def catch_up(self) -> Any:
+        """Run ``on_catch_up`` (a test's stand-in for a directory that follows its store)."""
+        if self.on_catch_up is not None:
+            return ensureDeferred(self.on_catch_up())
         return succeed(None)
 
     def authenticate(self, login: str, password: str) -> Any:

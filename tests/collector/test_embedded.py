@@ -15,12 +15,13 @@ from typing import Any, Callable
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailhub.auth import Throttle
 from mailhub.collector.embedded import Guard
 from mailhub.directory.model import User
-from mailhub.directory.throttle import Throttle
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from tests.collector.fakes import FakeUsers
+from tests.support.auth import auth_failures
 
 ALICE = User(login="alice@example.org", emails=("alice@example.org",), id="A1")
 CLIENT = "192.0.2.7"
@@ -80,7 +81,12 @@ class GuardTests(SynchronousTestCase):
         return status[0]
 
     def logins(self, result: str) -> float:
-        return self.metrics.value("mailhub_dav_logins_total", {"result": result})
+        if result == "success":
+            return self.metrics.value("mailhub_auth_successes_total", {"surface": "dav"})
+        if result == "failure":  # a wrong or an empty password
+            return (auth_failures(self.metrics, "dav", "wrong")
+                    + auth_failures(self.metrics, "dav", "empty"))
+        return auth_failures(self.metrics, "dav", result)
 
     def test_a_wrong_password_is_refused_counted_and_published_without_the_password(self) -> None:
         self.assertEqual(self.request("alice@example.org", "guess-1"), "401 Unauthorized")

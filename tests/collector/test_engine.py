@@ -86,9 +86,9 @@ class EngineTests(SynchronousTestCase):
 
     def test_poison_messages_fail_with_a_validation_error_saying_why(self) -> None:
         cases = {
-            b"not json": "not JSON",
-            b"\xff\xfe": "not UTF-8",
-            b"[1]": "not a JSON object",
+            b"not json": "not valid JSON",
+            b"\xff\xfe": "not valid UTF-8",
+            b"[1]": "must be a JSON object",
             body(emails=["a@b.org"]): "no user",
             body(userId="A1"): "no emails",
             body(userId="A1", emails="a@b.org"): "not a list",
@@ -113,10 +113,11 @@ class EngineTests(SynchronousTestCase):
             if carol not in self.users.users:
                 self.users.users.append(carol)
 
+        self.users.on_catch_up = refresh
         engine = CollectorEngine(
             self.users, CardDAVClient(self.stub, self.clock, credentials=("svc", "pw")),
             BookLayout.from_config("http://dav.test/dav/", ""), self.hub, self.metrics,
-            self.clock, refresh_users=refresh)
+            self.clock)
         outcome = self.successResultOf(engine.handle(body(userId="C3", emails=["k@y.org"])))
         self.assertEqual((outcome.user, outcome.created), ("carol@example.org", ["k@y.org"]))
         self.assertEqual(caught_up, [1])
@@ -203,12 +204,106 @@ class EngineTests(SynchronousTestCase):
         self.assertEqual(len(self.dav.cards(COLLECTED)), 1)
         self.assertEqual(len(self.events), 1)
 
-    def test_known_addresses_are_decided_without_any_request(self) -> None:
+    def test_a_control_character_in_the_user_is_poison_not_a_retry(self) -> None:
+        for message in ({"userId": "\x00", "emails": ["a@x.org"]},
+                        {"userEmail": "alice@example.org\x00", "emails": ["a@x.org"]}):
+            failure = self.failureResultOf(self.engine.handle(body(**message)), ValidationError)
+            self.assertIn("control character", failure.getErrorMessage())
+        self.assertEqual(self.dav.log, [])
+
+    def test_known_addresses_are_decided_with_one_sync_of_the_collected_book(self) -> None:
+        # Issue 11: a deleted collected book must be noticed at the next
+        # message, so known addresses of the collected book cost one request
+        # (a sync-collection of it), no longer none; still no PROPFIND of
+        # the home, no other book, no PUT.
         self.handle(userId="A1", emails=["Ann <a@x.org>", "b@x.org"])
         before = len(self.dav.log)
         outcome = self.handle(userId="A1", emails=["Ann <a@x.org>", "b@x.org"])
         self.assertEqual(outcome.skipped, {"exists": ["a@x.org", "b@x.org"]})
-        self.assertEqual(len(self.dav.log), before)
+        self.assertEqual(self.dav.log[before:], [("REPORT", COLLECTED)])
+
+    def test_a_deleted_collected_book_is_noticed_at_the_next_message(self) -> None:
+        self.handle(userId="A1", emails=["Ann <a@x.org>", "b@x.org"])
+        del self.dav.books[COLLECTED]
+        outcome = self.handle(userId="A1", emails=["Ann <a@x.org>", "b@x.org"])
+        self.assertEqual(sorted(outcome.created), ["a@x.org", "b@x.org"])
+        self.assertEqual(len(self.dav.cards(COLLECTED)), 2)
+        self.assertEqual(len(self.events), 4)
+
+    def test_a_collected_book_made_anew_is_noticed_at_the_next_message(self) -> None:
+        self.handle(userId="A1", emails=["Ann <a@x.org>", "b@x.org"])
+        self.dav.books[COLLECTED] = {}  # deleted, and made again by a client
+        self.dav.forget_tokens()        # a new book: the old tokens mean nothing
+        outcome = self.handle(userId="A1", emails=["Ann <a@x.org>", "b@x.org"])
+        self.assertEqual(sorted(outcome.created), ["a@x.org", "b@x.org"])
+
+    def test_a_book_made_anew_on_a_server_that_keeps_its_tokens_is_noticed(self) -> None:
+        # The old token still answers: every card reads as removed.
+        self.handle(userId="A1", emails=["Ann <a@x.org>", "b@x.org"])
+        self.dav.books[COLLECTED] = {}
+        outcome = self.handle(userId="A1", emails=["Ann <a@x.org>", "b@x.org"])
+        self.assertEqual(sorted(outcome.created), ["a@x.org", "b@x.org"])
+
+    def test_a_contact_the_user_deleted_is_collected_again_at_the_next_message(self) -> None:
+        self.handle(userId="A1", emails=["Ann <a@x.org>", "b@x.org"])
+        del self.dav.books[COLLECTED][contact_uuid("b@x.org") + ".vcf"]
+        outcome = self.handle(userId="A1", emails=["Ann <a@x.org>", "b@x.org"])
+        self.assertEqual(outcome.created, ["b@x.org"])
+        self.assertEqual(outcome.skipped, {"exists": ["a@x.org"]})
+
+    def test_known_addresses_of_a_queried_book_are_asked_with_one_query(self) -> None:
+        self.dav.sync = False  # the book is queried, not copied
+        self.handle(userId="A1", emails=["Ann <a@x.org>"])
+        self.handle(userId="A1", emails=["Ann <a@x.org>"])  # sync refused, then queried
+        before = len(self.dav.log)
+        outcome = self.handle(userId="A1", emails=["Ann <a@x.org>"])
+        self.assertEqual(outcome.skipped, {"exists": ["a@x.org"]})
+        self.assertEqual(self.dav.log[before:], [("REPORT", COLLECTED)])
+        del self.dav.books[COLLECTED]
+        outcome = self.handle(userId="A1", emails=["Ann <a@x.org>"])
+        self.assertEqual(outcome.created, ["a@x.org"])
+
+    def test_a_known_address_beside_a_new_one_needs_no_check_of_its_own(self) -> None:
+        self.handle(userId="A1", emails=["Ann <a@x.org>"])
+        before = len(self.dav.log)
+        outcome = self.handle(userId="A1", emails=["Ann <a@x.org>", "new@x.org"])
+        self.assertEqual(outcome.created, ["new@x.org"])
+        self.assertEqual(outcome.skipped, {"exists": ["a@x.org"]})
+        # One lookup (the home, then each book once) and the PUT.
+        self.assertEqual(sorted(self.dav.log[before:]), sorted([
+            ("PROPFIND", HOME), ("REPORT", HOME + "personal/"), ("REPORT", COLLECTED),
+            ("PUT", COLLECTED + contact_uuid("new@x.org") + ".vcf")]))
+
+    def test_a_deleted_book_is_noticed_by_a_message_with_new_addresses_too(self) -> None:
+        self.handle(userId="A1", emails=["Ann <a@x.org>"])
+        del self.dav.books[COLLECTED]
+        outcome = self.handle(userId="A1", emails=["Ann <a@x.org>", "new@x.org"])
+        self.assertEqual(sorted(outcome.created), ["a@x.org", "new@x.org"])
+
+    def test_known_addresses_in_another_book_need_no_request(self) -> None:
+        self.dav.add_card(HOME + "personal/", "p.vcf", "BEGIN:VCARD\r\nVERSION:3.0\r\n"
+                          "UID:p\r\nFN:Pat\r\nEMAIL:p@x.org\r\nEND:VCARD\r\n")
+        self.handle(userId="A1", emails=["Pat <p@x.org>"])
+        before = len(self.dav.log)
+        outcome = self.handle(userId="A1", emails=["Pat <p@x.org>"])
+        self.assertEqual(outcome.skipped, {"exists": ["p@x.org"]})
+        self.assertEqual(self.dav.log[before:], [])
+
+    def test_book_checks_of_one_user_in_flight_are_shared(self) -> None:
+        self.handle(userId="A1", emails=["Ann <a@x.org>"])
+        self.dav.hold.add("REPORT")
+        before = len(self.dav.log)
+        first = self.engine.handle(body(userId="A1", emails=["Ann <a@x.org>"]))
+        self.stub.flush()
+        more = [self.engine.handle(body(userId="A1", emails=["Ann <a@x.org>"]))
+                for _ in range(5)]
+        self.dav.hold.clear()
+        self.dav.release()
+        self.stub.flush()
+        for d in [first, *more]:
+            self.assertEqual(self.successResultOf(d).skipped, {"exists": ["a@x.org"]})
+        # One check running, the five that came meanwhile share the next.
+        self.assertEqual(self.dav.methods()[before:], ["REPORT", "REPORT"])
 
     def test_the_cache_expires(self) -> None:
         self.handle(userId="A1", emails=["b@x.org"])

@@ -10,6 +10,7 @@ from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailhub.auth import Auth, SiteToken
 from mailhub.collector.sources import (
     CalendarSource, MailSource, folder_matches, ical_addresses, jcal_addresses)
 from mailhub.config import Config
@@ -137,7 +138,10 @@ class CalendarSourceTests(SynchronousTestCase):
 class CalendarWebTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.out = Recorder()
-        self.web = CalendarCollect(self.out, lambda t: succeed(t == "s3cret"), max_body=4096)
+        self.clock, self.metrics = Clock(), Metrics()
+        token = SiteToken(Auth(self.clock, self.metrics), "calendar",
+                          lambda t: succeed(t == "s3cret"))
+        self.web = CalendarCollect(self.out, token, max_body=4096)
         self.http = StubTreq(self.web.resource())
 
     def post(self, query: str, body: str, headers: dict[str, str] | None = None) -> Any:
@@ -145,6 +149,14 @@ class CalendarWebTests(SynchronousTestCase):
             "http://x/collector/v1/calendar" + query, data=body.encode("utf-8"),
             headers=headers or {"Content-Type": "text/calendar"}))
         return response.code, json.loads(self.successResultOf(response.content()))
+
+    def test_a_control_character_in_the_user_or_token_is_400(self) -> None:
+        for query in ("?user=%00&token=s3cret", "?user=a%01b@example.org&token=s3cret",
+                      "?user=alice@example.org&token=s3cret%00"):
+            code, answer = self.post(query, ICS)
+            self.assertEqual(code, 400, query)
+            self.assertIn("control character", answer["error"])
+        self.assertEqual(self.out.bodies, [])
 
     def test_attendees_are_submitted_for_the_named_user(self) -> None:
         code, answer = self.post("?user=alice@example.org&token=s3cret", ICS)
@@ -246,11 +258,31 @@ class SharedCalendarQueueTests(SynchronousTestCase):
             self.successResultOf(d)
             self.assertEqual(delivery.acks, 1)
         reasons = [props["headers"][REASON_HEADER] for route, _, props in self.channel.published]
-        self.assertEqual(reasons, ["the calendar event is not JSON"] * 2 + [
-            "the calendar event is not a JSON object",
+        self.assertEqual(reasons, [
+            "the calendar event is not valid JSON: Expecting value: line 1 column 1 (char 0)",
+            "the calendar event is nested too deeply (more than 64 levels)",
+            "the calendar event must be a JSON object",
             "the calendar event has no usable eventPath"])
         self.assertEqual({route.routing_key for route, _, _ in self.channel.published},
                          {"mailhub:calendar:event:created:dead"})
+        self.assertEqual(out.bodies, [])
+
+    def test_nan_infinity_utf16_and_too_large_events_are_dead_lettered_with_the_reason(
+            self) -> None:
+        from tests.test_decoding import REFUSED
+
+        out = Recorder()
+        self.start(out)
+        queue = self.queues["calendar:event:updated"]
+        for n, (raw, why) in enumerate(REFUSED.items(), 1):
+            delivery = FakeDelivery(raw)
+            d = queue.handle(delivery)
+            self.broker.outbox.ack(n, False)
+            self.successResultOf(d)
+            self.assertEqual(delivery.acks, 1)
+            reason = self.channel.published[-1][2]["headers"][REASON_HEADER]
+            self.assertTrue(reason.startswith("the calendar event "), reason)
+            self.assertIn(why, reason)
         self.assertEqual(out.bodies, [])
 
     def test_imported_events_and_events_without_attendees_are_acked_quietly(self) -> None:

@@ -7,31 +7,34 @@ MaxPageSize would do: a listing that forgot to page would come up short.
 
 from __future__ import annotations
 
+import gc
 import socket
 import time
+import warnings
 from typing import Any, Iterator
 
 import pytest
 from ldap3 import SUBTREE, Connection, Server
 
-from mailhub.directory.ldap import LDAPClient, LDAPSettings
+from mailhub.config import LDAPSection
+from mailhub.directory.ldap import LDAPClient
 from mailhub.errors import Unavailable
 from tests.support import slapd as fixture
 from tests.support.require import free_port
 from tests.support.slapd import Slapd
 
-USERS = 1200
+USERS = fixture.SHARED_USERS
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: Any) -> Iterator[Slapd]:
-    with Slapd(tmp_path_factory.mktemp("slapd"), users=USERS) as running:
-        yield running
+@pytest.fixture
+def server(slapd: Slapd) -> Slapd:
+    """The run's shared slapd (tests/conftest.py)."""
+    return slapd
 
 
 @pytest.fixture
 def client(server: Slapd) -> Iterator[LDAPClient]:
-    made = LDAPClient(LDAPSettings(**server.settings(timeout=1.0)))
+    made = LDAPClient(LDAPSection(**server.settings(timeout=1.0)))
     yield made
     made.close_all()
 
@@ -108,7 +111,7 @@ def test_filter_injection_finds_nobody_and_never_authenticates(client: LDAPClien
 
 
 def test_a_login_matching_several_entries_is_nobody(server: Slapd) -> None:
-    client = LDAPClient(LDAPSettings(**server.settings(user_filter="(sn={login})")))
+    client = LDAPClient(LDAPSection(**server.settings(user_filter="(sn={login})")))
     try:
         assert client.find("Nüßlein") is None
         assert client.authenticate("Nüßlein", fixture.password(1)) is None
@@ -133,7 +136,7 @@ def test_listing_pages_through_more_users_than_the_server_gives_at_once(
 
 
 def test_an_anonymous_bind_works_when_no_bind_dn_is_set(server: Slapd) -> None:
-    client = LDAPClient(LDAPSettings(**server.settings(bind_dn="", bind_password="")))
+    client = LDAPClient(LDAPSection(**server.settings(bind_dn="", bind_password="")))
     try:
         assert client.find("user00003") is not None
         assert client.authenticate("user00003", fixture.password(3)) is not None
@@ -142,7 +145,7 @@ def test_an_anonymous_bind_works_when_no_bind_dn_is_set(server: Slapd) -> None:
 
 
 def test_a_wrong_service_password_is_unavailable_never_a_success(server: Slapd) -> None:
-    client = LDAPClient(LDAPSettings(**server.settings(bind_password="wrong")))
+    client = LDAPClient(LDAPSection(**server.settings(bind_password="wrong")))
     try:
         with pytest.raises(Unavailable, match="service bind failed"):
             client.authenticate("user00003", fixture.password(3))
@@ -152,7 +155,7 @@ def test_a_wrong_service_password_is_unavailable_never_a_success(server: Slapd) 
 
 def test_failover_skips_a_first_server_that_is_down(server: Slapd) -> None:
     dead = "ldap://127.0.0.1:%d" % free_port()
-    client = LDAPClient(LDAPSettings(**server.settings(urls=(dead, server.url), timeout=1.0)))
+    client = LDAPClient(LDAPSection(**server.settings(urls=(dead, server.url), timeout=1.0)))
     try:
         assert client.authenticate("user00009", fixture.password(9)) is not None
         assert client.find("user00010") is not None
@@ -166,16 +169,29 @@ def test_failover_skips_a_first_server_that_is_down(server: Slapd) -> None:
 
 def test_no_server_at_all_is_unavailable() -> None:
     urls = tuple("ldap://127.0.0.1:%d" % free_port() for _ in range(2))
-    client = LDAPClient(LDAPSettings(urls=urls, base_dn=fixture.BASE_DN, timeout=1.0))
+    client = LDAPClient(LDAPSection(url=" ".join(urls), base_dn=fixture.BASE_DN, timeout=1.0))
     with pytest.raises(Unavailable):
         client.authenticate("user00001", fixture.password(1))
     with pytest.raises(Unavailable):
         client.open_listing()
 
 
+def test_a_refused_connection_leaves_no_socket_open() -> None:
+    urls = tuple("ldap://127.0.0.1:%d" % free_port() for _ in range(2))
+    client = LDAPClient(LDAPSection(url=" ".join(urls), base_dn=fixture.BASE_DN, timeout=1.0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        with pytest.raises(Unavailable):
+            client.authenticate("user00001", fixture.password(1))
+        with pytest.raises(Unavailable):
+            client.open_listing()
+        gc.collect()
+    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
+
+
 def test_a_server_that_stops_answering_is_unavailable_after_the_timeout(
         server: Slapd) -> None:
-    client = LDAPClient(LDAPSettings(**server.settings(timeout=1.0)))
+    client = LDAPClient(LDAPSection(**server.settings(timeout=1.0)))
     try:
         assert client.find("user00001") is not None  # a cached, working connection
         server.pause()
@@ -199,7 +215,7 @@ def test_a_listener_that_never_answers_fails_over_to_the_next(server: Slapd) -> 
     silent.listen(16)
     try:
         url = "ldap://127.0.0.1:%d" % silent.getsockname()[1]
-        client = LDAPClient(LDAPSettings(**server.settings(urls=(url, server.url),
+        client = LDAPClient(LDAPSection(**server.settings(urls=(url, server.url),
                                                            timeout=1.0)))
         try:
             assert client.authenticate("user00002", fixture.password(2)) is not None

@@ -19,7 +19,7 @@ from ldap3.utils.asn1 import encode as ldap3_encode
 from pyasn1.codec.ber import encoder
 from pyasn1.type import univ
 
-from mailhub.directory import ber
+from mailhub.directory.ldap_wire import ber
 
 MESSAGE_IDS = st.integers(min_value=1, max_value=2**31 - 1)
 TEXT = st.text(min_size=1, max_size=80)

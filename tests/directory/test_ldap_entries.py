@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from mailhub.config import parse
-from mailhub.directory.ldap import LDAPService, LDAPSettings, user_filter, user_of_entry
+from mailhub.config import LDAPSection, parse
+from mailhub.directory.ldap import LDAPService, user_filter, user_of_entry
 
-AD = LDAPSettings(
-    urls=("ldaps://dc1.example.test", "ldaps://dc2.example.test"),
+AD = LDAPSection(
+    url="ldaps://dc1.example.test ldaps://dc2.example.test",
     base_dn="DC=example,DC=test",
     login_attribute="sAMAccountName", name_attribute="displayName",
-    mail_attributes=("mail", "proxyAddresses"), dn_attribute="distinguishedName",
+    mail_attribute="mail proxyAddresses", dn_attribute="distinguishedName",
 )
 
 
@@ -60,7 +60,7 @@ mail_attribute = mail proxyAddresses
 dn_attribute = distinguishedName
 timeout = 2.5
 """)
-    settings = LDAPSettings.from_config(config.ldap)
+    settings = config.ldap  # the section is what the client reads: one type
     assert settings.urls == ("ldap://a.example.test", "ldaps://b.example.test")
     assert settings.mail_attributes == ("mail", "proxyAddresses")
     assert settings.attributes == ["uid", "cn", "mail", "proxyAddresses", "distinguishedName"]

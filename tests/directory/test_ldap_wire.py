@@ -1,6 +1,6 @@
 """On the wire, against a real slapd: the pre-encoded login requests.
 
-mailhub sends each login's search and bind pre-encoded (mailhub.directory.ber)
+mailhub sends each login's search and bind pre-encoded (mailhub.directory.ldap_wire)
 instead of through pyasn1. These tests record what goes out on the socket
 and check it is exactly what ldap3 sends for the same login, for several
 ``user_filter`` shapes and any login text (hypothesis), and that the
@@ -10,15 +10,16 @@ behaviour around it (refusals, reconnection, fallback) is unchanged.
 from __future__ import annotations
 
 import socket
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ldap3 import SUBTREE
 
-from mailhub.directory import ber
-from mailhub.directory.ldap import TEMPLATE_MARKER, LDAPClient, LDAPSettings, user_filter
+from mailhub.config import LDAPSection
+from mailhub.directory.ldap import LDAPClient, user_filter
+from mailhub.directory.ldap_wire import TEMPLATE_MARKER, ber
 from tests.support import slapd as fixture
 from tests.support.slapd import Slapd
 
@@ -32,10 +33,10 @@ FILTERS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: Any) -> Iterator[Slapd]:
-    with Slapd(tmp_path_factory.mktemp("slapd"), users=20) as running:
-        yield running
+@pytest.fixture
+def server(slapd: Slapd) -> Slapd:
+    """The run's shared slapd (tests/conftest.py)."""
+    return slapd
 
 
 def message_id(data: bytes) -> int:
@@ -63,11 +64,11 @@ def ldap3_search_bytes(client: LDAPClient, conn: Any, login: str) -> bytes:
 @pytest.mark.parametrize("template", FILTERS)
 def test_the_search_template_sends_what_ldap3_sends_for_any_login(
         server: Slapd, template: str) -> None:
-    client = LDAPClient(LDAPSettings(**server.settings(user_filter=template)))
+    client = LDAPClient(LDAPSection(**server.settings(user_filter=template)))
     conn = client._connect(server.url, service=True)
     try:
         client.find("user00001")  # the first search records the template
-        search = client._search_template(conn)
+        search = client._wire.search_template(conn)
         assert search is not None, "the template should serve this filter"
 
         @settings(max_examples=150, deadline=None,
@@ -92,7 +93,7 @@ def test_the_search_template_sends_what_ldap3_sends_for_any_login(
 
 
 def test_the_fast_bind_sends_what_ldap3_sends(server: Slapd) -> None:
-    client = LDAPClient(LDAPSettings(**server.settings()))
+    client = LDAPClient(LDAPSection(**server.settings()))
     try:
         assert client.authenticate("zoe", fixture.ZOE_PASSWORD) is not None
         conn = client._local.auth
@@ -111,8 +112,8 @@ def test_the_fast_bind_sends_what_ldap3_sends(server: Slapd) -> None:
 
 
 def test_fast_and_ldap3_paths_give_the_same_answers(server: Slapd) -> None:
-    fast = LDAPClient(LDAPSettings(**server.settings()))
-    slow = LDAPClient(LDAPSettings(**server.settings()), fast=False)
+    fast = LDAPClient(LDAPSection(**server.settings()))
+    slow = LDAPClient(LDAPSection(**server.settings()), fast=False)
     try:
         cases = [("user00003", fixture.password(3)), ("user00003", fixture.password(4)),
                  ("user00003@example.test", fixture.password(3)), ("zoe", fixture.ZOE_PASSWORD),
@@ -121,15 +122,15 @@ def test_fast_and_ldap3_paths_give_the_same_answers(server: Slapd) -> None:
         for login, password in cases:
             assert fast.find(login) == slow.find(login), login
             assert fast.authenticate(login, password) == slow.authenticate(login, password), login
-        assert fast._search_template(fast._local.search) is not None
-        assert slow._template is None
+        assert fast._wire.search_template(fast._local.search) is not None
+        assert slow._wire.template is None
     finally:
         fast.close_all()
         slow.close_all()
 
 
 def test_a_password_saslprep_refuses_is_a_plain_failure_not_an_outage(server: Slapd) -> None:
-    client = LDAPClient(LDAPSettings(**server.settings()))
+    client = LDAPClient(LDAPSection(**server.settings()))
     try:
         for fast in (True, False):
             client.fast = fast
@@ -142,16 +143,16 @@ def test_a_password_saslprep_refuses_is_a_plain_failure_not_an_outage(server: Sl
 
 
 def test_a_filter_without_the_login_keeps_ldap3s_own_path(server: Slapd) -> None:
-    client = LDAPClient(LDAPSettings(**server.settings(user_filter="(uid=user00005)")))
+    client = LDAPClient(LDAPSection(**server.settings(user_filter="(uid=user00005)")))
     try:
         assert client.authenticate("anything", fixture.password(5)) is not None
-        assert client._template is None
+        assert client._wire.template is None
     finally:
         client.close_all()
 
 
 def test_a_connection_the_server_dropped_is_replaced_on_the_fast_path(server: Slapd) -> None:
-    client = LDAPClient(LDAPSettings(**server.settings()))
+    client = LDAPClient(LDAPSection(**server.settings()))
     try:
         assert client.authenticate("user00006", fixture.password(6)) is not None
         for kind in ("search", "auth"):

@@ -25,6 +25,7 @@ from mailhub.directory.users import (
 )
 from mailhub.errors import Unavailable, ValidationError
 from tests.support.deferreds import result
+from tests.support.sources import check_user_source
 
 #: Cheap parameters so that the tests hash quickly; production uses the defaults.
 FAST = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
@@ -127,6 +128,11 @@ def test_site_source_provides_the_interface(site: SiteUserSource) -> None:
     verifyObject(IUserSource, site)
 
 
+def test_site_source_answers_with_the_interfaces_types(site: SiteUserSource) -> None:
+    # The same check as the LDAP source's (tests/directory/test_ldap_service.py).
+    result(Deferred.fromCoroutine(check_user_source(site, "alice@example.test", "Grüße, Welt!")))
+
+
 def test_site_users_are_found_by_id_and_by_any_address(site: SiteUserSource) -> None:
     for login in (ALICE.id, "alice@example.test", "alice.other@EXAMPLE.test", " alice@example.test "):
         user = result(site.find(login))
@@ -199,6 +205,10 @@ class FakeSource:
             return fail(Unavailable(self.name + " is down"))
         found = self.users.get(login)
         return succeed(found[0] if found and password and found[1] == password else None)
+
+    def catch_up(self) -> "Deferred[None]":
+        self.asked.append("catch up")
+        return fail(Unavailable(self.name + " is down")) if self.down else succeed(None)
 
     async def pages(self, page_size: int) -> AsyncIterator[list[User]]:
         if self.down:
@@ -304,7 +314,7 @@ def cached_site(pool: InlinePool, directory_loaded: bool = True) -> tuple[
         SiteUserSource, CountingStore, Any]:
     from twisted.internet.task import Clock
 
-    from mailhub.directory.cache import Directory
+    from mailhub.directory.service import Directory
 
     store = MemoryStore()
     result(store.create_profile(ALICE))
@@ -328,6 +338,19 @@ def test_a_login_that_is_no_site_user_costs_no_store_call(pool: InlinePool) -> N
     assert result(chain.find("dave")).source == "ldap"
     assert store.calls == {}
     assert pool.calls == 0  # no hashing either: the site source never decided
+
+
+def test_catching_up_brings_a_site_user_made_elsewhere_through_the_one_chain(
+        pool: InlinePool) -> None:
+    site, store, directory = cached_site(pool)
+    ldap = FakeSource("ldap", {})
+    chain = ChainedUserSource([site, ldap])
+    carol = Profile("C" * 22, "Carol", emails=(Email("carol@example.test"),))
+    result(store.create_profile(carol))  # by the CLI, or another instance
+    assert result(chain.find("carol@example.test")) is None  # memory has not followed yet
+    result(chain.catch_up())
+    assert result(chain.find("carol@example.test")).id == carol.id
+    assert ldap.asked.count("catch up") == 1
 
 
 def test_cached_site_users_are_found_by_id_and_by_any_address(pool: InlinePool) -> None:

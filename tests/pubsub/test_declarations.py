@@ -26,8 +26,7 @@ from mailhub.pubsub import Hub
 from mailhub.pubsub.connection import Broker
 from mailhub.pubsub.globalpubsub import GlobalPubSub
 from mailhub.pubsub.local import LocalPubSub
-from mailhub.config import AMQPSection, Config
-from mailhub.pubsub.wiring import PubSub, make_pubsub
+from mailhub.pubsub.wiring import PubSub
 from mailhub.web.events import STREAM_TOPICS
 
 from tests.pubsub.test_rabbitmq import SPEC, inline, wait_for
@@ -307,27 +306,3 @@ class OpenPaaSDeclarationTests(TestCase):
             found[name] = tuple(rest)
         return found
 
-
-class CheckDeclarationsTests(InVirtualHost):
-    """What ``mailhub check`` declares to find refusals before mailhub runs."""
-
-    @inline
-    async def test_check_declarations_name_what_the_broker_refuses_and_adopt_the_rest(
-            self) -> None:
-        self.peer.channel.exchange_declare(CALENDAR_TOPICS[0], exchange_type="direct",
-                                           durable=True)
-        self.peer.channel.exchange_declare("collector:email", exchange_type="direct",
-                                           durable=True)
-        config = Config(amqp=AMQPSection(url=self.vhost.url, spec=SPEC))
-        pubsub = make_pubsub(config, reactor, Metrics())
-        pubsub.check_declarations(config, CALENDAR_TOPICS)
-        assert pubsub.broker is not None
-        broker = pubsub.broker
-        broker.startService()
-        self.addCleanup(broker.stopService)
-        await wait_for(lambda: broker.connected, what="the connection")
-        health = pubsub.health()
-        self.assertFalse(health["ok"])
-        # The calendar topic is refused; collector:email is adopted, not refused.
-        self.assertEqual(list(health["refused"]), ["exchange %r" % CALENDAR_TOPICS[0]])
-        self.assertIn("current is 'direct'", health["state"])

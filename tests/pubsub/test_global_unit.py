@@ -92,6 +92,22 @@ class GlobalPubSubTests(SynchronousTestCase):
         self.assertEqual(delivery.acks, 1)
         self.assertEqual(self.broker.metrics.value("mailhub_pubsub_bad_messages_total"), 1)
 
+    def test_utf16_nan_infinity_too_deep_and_too_large_are_dropped_counted_and_acked(
+            self) -> None:
+        from tests.test_decoding import REFUSED
+
+        seen = []
+        bodies = ('{"a": 1}'.encode("utf-16"), '{"a": 1}'.encode("utf-16-le"),
+                  b'{"a": NaN}', b'{"a": Infinity}', b'[-Infinity]', *REFUSED)
+        for body in bodies:
+            delivery = FakeDelivery(body)
+            self.successResultOf(self.pubsub._deliver(_Subscription.to_topic("t", seen.append),
+                                                      delivery))
+            self.assertEqual(delivery.acks, 1)
+        self.assertEqual(seen, [])
+        self.assertEqual(self.broker.metrics.value("mailhub_pubsub_bad_messages_total"),
+                         len(bodies))
+
     def test_subscribe_waits_for_a_connection(self) -> None:
         d = self.pubsub.topic("t").subscribe(lambda data: None)
         self.assertNoResult(d)

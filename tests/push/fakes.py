@@ -34,6 +34,9 @@ class FakeUserSource:
         found = self._lookup(login)
         return succeed(found[0] if found else None)
 
+    def catch_up(self) -> Deferred[None]:
+        return succeed(None)
+
     def authenticate(self, login: str, password: str) -> Deferred[User | None]:
         self.asked.append(login)
         found = self._lookup(login)

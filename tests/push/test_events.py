@@ -18,6 +18,7 @@ from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from mailhub.web.events import EventStream
 from tests.push.fakes import FakeUserSource
+from tests.support.auth import auth_failures
 
 URL = "http://mailhub.test/api/v1/events"
 ALICE = User(login="alice", name="Alice", emails=("alice@example.org", "a.liddell@example.org"),
@@ -165,7 +166,7 @@ class EventStreamTests(StreamCase):
                              ['Basic realm="mailhub events", charset="UTF-8"'])
             self.assertEqual(json.loads(self.successResultOf(response.content())),
                              {"error": "authentication required"})
-        self.assertEqual(self.metrics.value("mailhub_sse_auth_failures_total"), 4)
+        self.assertEqual(auth_failures(self.metrics, "events"), 4)
         self.assertEqual([(f["user"], f["source"]) for f in failures],
                          [("alice", "events"), ("nobody", "events")])
         self.assertTrue(all(f["at"].endswith("Z") for f in failures))

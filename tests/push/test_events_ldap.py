@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from typing import Any
 
 import treq
@@ -14,25 +13,21 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
-from mailhub.config import Config, PushSection
-from mailhub.directory.ldap import LDAPService, LDAPSettings
+from mailhub.config import Config, LDAPSection, PushSection
+from mailhub.directory.ldap import LDAPService
 from mailhub.directory.users import ChainedUserSource
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from mailhub.web.events import EventStream
 from tests.support import slapd as fixture
-from tests.support.slapd import Slapd
 
 
 class LDAPEventStreamTests(TestCase):
     timeout = 60
 
     def setUp(self) -> None:
-        self._tmp = tempfile.TemporaryDirectory()
-        self.addCleanup(self._tmp.cleanup)
-        self.server = Slapd(self._tmp.name, users=3).start()
-        self.addCleanup(self.server.stop)
-        ldap = LDAPService(reactor, LDAPSettings(**self.server.settings(timeout=2.0)),
+        self.server = fixture.shared()
+        ldap = LDAPService(reactor, LDAPSection(**self.server.settings(timeout=2.0)),
                            threads=1)
         ldap.startService()
         self.addCleanup(ldap.stopService)

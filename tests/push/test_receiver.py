@@ -14,6 +14,7 @@ from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from mailhub.pubsub.local import LocalPubSub
 from mailhub.web.push import PushReceiver
+from tests.support.auth import auth_failures
 
 OX_URL = "http://mailhub.test/preliminary/http-notify/v1/notify"
 LUA_URL = "http://mailhub.test/push/v1/notify"
@@ -145,7 +146,7 @@ class PushReceiverTests(SynchronousTestCase):
         clock.advance(0)
         self.assertEqual(seen, [])
         self.assertEqual(receiver.pending(), 0)
-        self.assertEqual(metrics.value("mailhub_push_auth_failures_total", {"driver": "ox"}), 3)
+        self.assertEqual(auth_failures(metrics, "push-ox"), 3)
         self.assertEqual(metrics.value("mailhub_push_requests_total",
                                        {"driver": "ox", "status": "401"}), 3)
 
@@ -170,6 +171,23 @@ class PushReceiverTests(SynchronousTestCase):
         code, body, _ = self.call(stub, "PUT", OX_URL, big)
         self.assertEqual(code, 413)
         self.assertEqual(body, {"error": "request body larger than 1024 bytes"})
+        clock.advance(0)
+        self.assertEqual(seen, [])
+
+    def test_nan_infinity_and_deep_nesting_are_400_and_a_large_body_413(self) -> None:
+        _, stub, hub, clock, _ = make(max_body=4096)
+        seen = record(hub, "mail:new")
+        for url in (OX_URL, LUA_URL):
+            for value, why in ((b"NaN", "NaN is not JSON"), (b"Infinity", "Infinity is not JSON"),
+                               (b"-Infinity", "Infinity is not JSON"),
+                               (b"[" * 65 + b"]" * 65, "nested too deeply")):
+                body = (b'{"user": "alice", "event": "messageNew", "folder": "INBOX", '
+                        b'"imap-uidvalidity": 1, "imap-uid": %s}' % value)
+                code, reply, _ = self.call(stub, "PUT", url, body)
+                self.assertEqual(code, 400, (url, value))
+                self.assertIn(why, reply["error"], (url, value))
+            code, reply, _ = self.call(stub, "PUT", url, b'{"user": "' + b"x" * 5000 + b'"}')
+            self.assertEqual(code, 413)
         clock.advance(0)
         self.assertEqual(seen, [])
 

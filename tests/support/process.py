@@ -53,8 +53,10 @@ class Mailhub:
                 raise AssertionError("mailhub exited with %s:\n%s"
                                      % (self.process.returncode, self.log.read_text()))
             try:
-                status, _ = self.get("/healthz")
-                if status == 200:
+                status, health = self.get("/healthz")
+                # twistd listens before mailhub's start-up work is done.
+                started = health["dependencies"].get("startup", {"ok": True})["ok"]
+                if status == 200 and started:
                     return self
             except OSError:
                 pass

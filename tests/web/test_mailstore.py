@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import tempfile
 from typing import Any, AsyncIterator
 
 import treq
@@ -21,18 +20,19 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.server import Site
 from zope.interface import implementer
 
+from mailhub.auth import Throttle
 from mailhub.config import Config, LDAPSection, MailStoreSection
 from mailhub.directory.interfaces import IUserSource
-from mailhub.directory.ldap import LDAPService, LDAPSettings
+from mailhub.directory.ldap import LDAPService
 from mailhub.directory.memory import MemoryStore
 from mailhub.directory.model import Email, Profile, User
-from mailhub.directory.throttle import Throttle
 from mailhub.directory.users import ChainedUserSource, HashingService, SiteUserSource, hash_password
 from mailhub.errors import Unavailable
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from mailhub.web.mailstore import MailStoreIntegration
 from tests.support import slapd as fixture
+from tests.support.auth import auth_failures
 from tests.support.require import free_port
 from tests.support.slapd import Slapd
 
@@ -148,14 +148,14 @@ class MailStoreUnitTests(SynchronousTestCase):
         self.assertEqual(data["at"], "1970-01-01T00:00:00Z")
         self.assertIn("client", data)
         self.assertNotIn("pw-user2", json.dumps(data))
-        self.assertEqual(self.metrics.value("mailhub_mailstore_auth_total", {"result": "success"}), 1)
+        self.assertEqual(self.metrics.value("mailhub_auth_successes_total", {"surface": "mailstore"}), 1)
 
     def test_wrong_or_empty_passwords_fail_and_are_published(self) -> None:
         for password in ("nope", ""):
             response, body = self.post({"cmd": "auth", "user": "user2", "pass": password})
             self.assertEqual((response.code, body), (200, {"succeeded": False}))
         self.assertEqual([t for t, _ in self.events], ["login:failure", "login:failure"])
-        self.assertEqual(self.metrics.value("mailhub_mailstore_auth_total", {"result": "failure"}), 2)
+        self.assertEqual(auth_failures(self.metrics, "mailstore"), 2)
 
     def test_auth_while_the_source_is_down_is_a_503_never_a_success(self) -> None:
         self.users.down = True
@@ -238,20 +238,13 @@ class MailStoreAgainstSlapd(TestCase):
     """A real HTTP listener, the chain (site users, then a real slapd)."""
 
     server: Slapd
-    _tmp: Any
 
     @classmethod
     def setUpClass(cls) -> None:
-        cls._tmp = tempfile.TemporaryDirectory()
-        cls.server = Slapd(cls._tmp.name, users=1200).start()
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls.server.stop()
-        cls._tmp.cleanup()
+        cls.server = fixture.shared()
 
     def build(self, urls: tuple[str, ...]) -> None:
-        settings = LDAPSettings(**self.server.settings(urls=urls, timeout=1.0))
+        settings = LDAPSection(**self.server.settings(urls=urls, timeout=1.0))
         ldap = LDAPService(reactor, settings, threads=2)
         hashing = HashingService(threads=1)
         for service in (ldap, hashing):

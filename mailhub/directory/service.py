@@ -13,6 +13,7 @@ rotated a moment ago is accepted at once.
 
 from __future__ import annotations
 
+import hmac
 from typing import Any, Callable, Iterable
 
 from twisted.application.service import Service
@@ -23,15 +24,14 @@ from twisted.logger import Logger
 
 from mailhub.directory.interfaces import IDirectoryStore
 from mailhub.directory.model import (
-    Email, Group, Profile, new_profile_id, normalise_email,
+    Added, Email, Group, Left, Profile, new_profile_id, normalise_email,
 )
 from mailhub.errors import ValidationError
-from mailhub.web.common import same_secret
 
-#: Status numbers of GroupServer's add-member hook.
-ADDED_NEW, ADDED_EXISTING, ALREADY_MEMBER = 0, 1, 256
-#: Status numbers of GroupServer's leave hook.
-LEFT, NO_SUCH_GROUP, NO_SUCH_USER, NOT_A_MEMBER = 0, 1, 2, 4
+
+def _same_secret(given: str, expected: str) -> bool:
+    """Constant-time comparison of two secrets."""
+    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
 
 
 class Directory(Service):
@@ -168,7 +168,7 @@ class Directory(Service):
 
     def check_token_cached(self, given: str) -> bool | None:
         """True or False when memory can tell; None when the store must be asked."""
-        if self.token is not None and same_secret(given, self.token):
+        if self.token is not None and _same_secret(given, self.token):
             return True
         return None
 
@@ -183,7 +183,7 @@ class Directory(Service):
         if self.check_token_cached(given):
             return True
         self.token = await self.store.get_token()
-        return self.token is not None and same_secret(given, self.token)
+        return self.token is not None and _same_secret(given, self.token)
 
     async def find(self, id_or_address: str) -> Profile | None:
         """Like :meth:`lookup`, but a miss is checked against the database."""
@@ -214,12 +214,11 @@ class Directory(Service):
         await self.store.create_profile(profile)
         return await self._refetch(profile.id)
 
-    async def add_member(self, group_id: str, email: str, name: str) -> tuple[int, Profile]:
+    async def add_member(self, group_id: str, email: str, name: str) -> tuple[Added, Profile]:
         """GroupServer's add: create the profile if needed, then join the group.
 
-        The status is :data:`ADDED_NEW`, :data:`ADDED_EXISTING` or
-        :data:`ALREADY_MEMBER`. An unverified address of an existing profile
-        becomes verified.
+        Says what it did as an :class:`~mailhub.directory.model.Added`. An
+        unverified address of an existing profile becomes verified.
         """
         if await self._group(group_id) is None:
             raise ValidationError("no group %s on this site" % group_id)
@@ -234,19 +233,19 @@ class Directory(Service):
         added = await self.store.add_member(group_id, profile.id)
         profile = await self._refetch(profile.id)
         if created:
-            return ADDED_NEW, profile
-        return (ADDED_EXISTING if added else ALREADY_MEMBER), profile
+            return Added.NEW_PROFILE, profile
+        return (Added.EXISTING_PROFILE if added else Added.ALREADY_MEMBER), profile
 
-    async def leave(self, group_id: str, profile_id: str) -> int:
-        """GroupServer's leave: 0 left, 1 no such group, 2 no such user, 4 not a member."""
+    async def leave(self, group_id: str, profile_id: str) -> Left:
+        """GroupServer's leave, saying what it did as a :class:`~mailhub.directory.model.Left`."""
         if await self._group(group_id) is None:
-            return NO_SUCH_GROUP
+            return Left.NO_SUCH_GROUP
         profile = await self.find(profile_id)
         if profile is None:
-            return NO_SUCH_USER
+            return Left.NO_SUCH_USER
         removed = await self.store.remove_member(group_id, profile.id)
         await self._refetch(profile.id)
-        return LEFT if removed else NOT_A_MEMBER
+        return Left.LEFT if removed else Left.NOT_A_MEMBER
 
     async def _group(self, group_id: str) -> Group | None:
         found = self._groups.get(group_id)

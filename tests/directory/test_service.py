@@ -8,12 +8,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailhub.directory.cache import (
-    ADDED_EXISTING, ADDED_NEW, ALREADY_MEMBER, LEFT, NO_SUCH_GROUP, NO_SUCH_USER,
-    NOT_A_MEMBER, Directory,
-)
 from mailhub.directory.memory import MemoryStore
-from mailhub.directory.model import Email, Group, Profile, new_profile_id
+from mailhub.directory.model import Added, Email, Group, Left, Profile, new_profile_id
+from mailhub.directory.service import Directory
 from mailhub.errors import ValidationError
 from mailhub.pubsub import Hub
 
@@ -90,13 +87,13 @@ class DirectoryTests(SynchronousTestCase):
     def test_add_member_statuses(self) -> None:
         self.successResultOf(self.store.create_group(Group("example", "Example")))
         status, profile = self.wait(self.directory.add_member("example", "a@example.com", "A"))
-        self.assertEqual(status, ADDED_NEW)
+        self.assertEqual(status, Added.NEW_PROFILE)
         self.assertEqual(profile.groups, ("example",))
         status, again = self.wait(self.directory.add_member("example", "A@example.com", "A"))
-        self.assertEqual((status, again.id), (ALREADY_MEMBER, profile.id))
+        self.assertEqual((status, again.id), (Added.ALREADY_MEMBER, profile.id))
         self.successResultOf(self.store.create_group(Group("other", "Other")))
         status, _ = self.wait(self.directory.add_member("other", "a@example.com", "A"))
-        self.assertEqual(status, ADDED_EXISTING)
+        self.assertEqual(status, Added.EXISTING_PROFILE)
         self.assertEqual(self.directory.lookup(profile.id).groups, ("example", "other"))
 
     def test_adding_verifies_an_unverified_address(self) -> None:
@@ -106,7 +103,7 @@ class DirectoryTests(SynchronousTestCase):
                                   Email("b@example.com", False, False)))
         self.successResultOf(self.store.create_profile(profile))
         status, after = self.wait(self.directory.add_member("example", "b@example.com", "A"))
-        self.assertEqual(status, ADDED_EXISTING)
+        self.assertEqual(status, Added.EXISTING_PROFILE)
         self.assertEqual(after.unverified, [])
 
     def test_adding_to_an_unknown_group_is_a_validation_error(self) -> None:
@@ -117,8 +114,8 @@ class DirectoryTests(SynchronousTestCase):
     def test_leave_statuses(self) -> None:
         self.successResultOf(self.store.create_group(Group("example", "Example")))
         _, profile = self.wait(self.directory.add_member("example", "a@example.com", "A"))
-        self.assertEqual(self.wait(self.directory.leave("nope", profile.id)), NO_SUCH_GROUP)
-        self.assertEqual(self.wait(self.directory.leave("example", "nobody")), NO_SUCH_USER)
-        self.assertEqual(self.wait(self.directory.leave("example", profile.id)), LEFT)
-        self.assertEqual(self.wait(self.directory.leave("example", profile.id)), NOT_A_MEMBER)
+        self.assertEqual(self.wait(self.directory.leave("nope", profile.id)), Left.NO_SUCH_GROUP)
+        self.assertEqual(self.wait(self.directory.leave("example", "nobody")), Left.NO_SUCH_USER)
+        self.assertEqual(self.wait(self.directory.leave("example", profile.id)), Left.LEFT)
+        self.assertEqual(self.wait(self.directory.leave("example", profile.id)), Left.NOT_A_MEMBER)
         self.assertEqual(self.directory.lookup(profile.id).groups, ())

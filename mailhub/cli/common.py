@@ -1,0 +1,151 @@
+"""What every verb of the ``mailhub`` command shares: exit codes, the
+inline store, input checks and the table printer."""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import sqlite3
+import sys
+from typing import Any, Iterator, Sequence, TextIO, TypeVar
+from urllib.parse import urlsplit
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from mailhub.config import Config, redact
+from mailhub.decoding import address_problem
+from mailhub.directory.sql import Dialect, SQLStore, dialect_for, run_inline
+from mailhub.errors import ConfigError, Unavailable
+
+T = TypeVar("T")
+
+#: Exit codes, as GroupServer's ``gs_auth_token_create`` uses them.
+OK, BAD, UNREACHABLE = 0, 1, 2
+
+
+class Exit(Exception):
+    """Stop the command with ``code`` after saying ``message`` on stderr."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@attrs.frozen
+class IO:
+    """Where the command reads and writes: the process's streams, or a test's."""
+
+    stdin: TextIO
+    stdout: TextIO
+    stderr: TextIO
+
+
+def result_of(d: "Deferred[T]") -> T:
+    """The result of a Deferred that has already fired (the store runs inline).
+
+    A failure is raised again as its exception, so callers use plain
+    try/except.
+    """
+    box: list[Any] = []
+    d.addBoth(box.append)
+    if not box:
+        raise RuntimeError("the store answered asynchronously; the CLI runs it inline")
+    result = box[0]
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result  # type: ignore[no-any-return]
+
+
+def checked_dialect(dsn: str) -> Dialect:
+    """The backend of a DSN, or Exit(1) when the DSN is not a usable DSN.
+
+    Beyond :func:`~mailhub.directory.sql.dialect_for` (scheme and sqlite
+    form), a PostgreSQL DSN must parse as a libpq connection URI with a
+    numeric port, so that "cannot connect" (2) only ever means the server.
+    """
+    try:
+        dialect = dialect_for(dsn)
+    except (ConfigError, ValueError):
+        raise Exit(BAD, "bad DSN %s: expected sqlite:///PATH or postgresql://USER@HOST:PORT/DB"
+                   % redact(dsn))
+    if dialect.name == "postgresql":
+        import psycopg.conninfo
+
+        try:
+            urlsplit(dsn).port
+            psycopg.conninfo.conninfo_to_dict(dsn)
+        except (ValueError, psycopg.ProgrammingError) as e:
+            raise Exit(BAD, "bad DSN %s: %s" % (redact(dsn), str(e).strip().splitlines()[0]))
+    return dialect
+
+
+def open_store(dsn: str, site_id: str) -> SQLStore:
+    """A migrated store on ``dsn``, run inline; Exit(1) bad DSN, Exit(2) unreachable."""
+    store = SQLStore(checked_dialect(dsn), site_id, runner=run_inline)
+    try:
+        result_of(store.migrate())
+    except Unavailable as e:
+        store.close_all()
+        raise Exit(UNREACHABLE, "cannot connect to the database %s: %s" % (redact(dsn), e))
+    except OSError as e:  # the sqlite folder cannot be made
+        store.close_all()
+        raise Exit(UNREACHABLE, "cannot open the database %s: %s" % (redact(dsn), e.strerror or e))
+    except BaseException:
+        # E.g. a role without rights (reported by the caller): the connection
+        # must not be left open for the garbage collector.
+        store.close_all()
+        raise
+    return store
+
+
+@contextlib.contextmanager
+def stored(config: Config) -> Iterator[SQLStore]:
+    """``with stored(config) as store``: the migrated store, its connection closed afterwards."""
+    store = open_store(config.dsn, config.mailhub.site_id)
+    try:
+        yield store
+    finally:
+        store.close_all()
+
+
+def read_password(stdin: TextIO, stderr: TextIO) -> str:
+    """One password from stdin: a line (without its newline), or, on a terminal, typed twice."""
+    if stdin.isatty():
+        first = getpass.getpass("Password: ", stream=stderr)
+        if getpass.getpass("Again: ", stream=stderr) != first:
+            raise Exit(BAD, "the passwords do not match")
+        password = first
+    else:
+        password = stdin.readline().rstrip("\r\n")
+    if not password:
+        raise Exit(BAD, "the password must not be empty (give it on stdin)")
+    return password
+
+
+def email_address(value: str) -> str:
+    """A single plain address (``local@domain``), or Exit(1) saying why not."""
+    address = value.strip()
+    problem = address_problem(address)
+    if problem is not None:
+        raise Exit(BAD, "%r %s" % (value, problem))
+    return address
+
+
+def table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
+    """Print rows as columns padded to their widest cell (the first row is the header)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths)]
+        out.write("  ".join(cells).rstrip() + "\n")
+
+
+def database_errors() -> tuple[type[BaseException], ...]:
+    """The DB-API error classes of the drivers loaded so far."""
+    errors: list[type[BaseException]] = [sqlite3.Error]
+    psycopg = sys.modules.get("psycopg")
+    if psycopg is not None:
+        errors.append(psycopg.Error)
+    return tuple(errors)

@@ -1,0 +1,157 @@
+"""One JSON decoder and one address validator: their rules, and every queue that uses them."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailhub.collector.carddav import BookLayout, CardDAVClient
+from mailhub.collector.engine import CollectorEngine
+from mailhub.decoding import (
+    MAX_BYTES, MAX_DEPTH, address_problem, decode_json, decode_json_object,
+)
+from mailhub.directory.model import User
+from mailhub.errors import ValidationError
+from mailhub.metrics import Metrics
+from mailhub.pubsub import Hub
+from mailhub.pubsub.workqueue import REASON_HEADER, WorkQueue
+from tests.collector.fakes import FakeCardDAV, FakeUsers
+from tests.pubsub.fakes import FakeBroker, FakeChannel, FakeDelivery
+
+
+def nested(levels: int) -> bytes:
+    return b"[" * levels + b"]" * levels
+
+
+#: Inputs every decoder site refuses, with (part of) the reason it gives.
+REFUSED = {
+    b'{"a": NaN}': "NaN is not JSON",
+    b'{"a": Infinity}': "Infinity is not JSON",
+    b'{"a": -Infinity}': "-Infinity is not JSON",
+    b'{"a": 1e400}': "would read as Infinity",
+    b'[-1.5e999]': "would read as Infinity",
+    b'{"a": ' + nested(MAX_DEPTH) + b"}": "nested too deeply",
+    b"[" * 200_000: "nested too deeply",
+    '{"a": "b"}'.encode("utf-16"): "not valid UTF-8",
+    '{"a": "b"}'.encode("utf-16-le"): "not valid JSON",
+    '{"a": "b"}'.encode("utf-32"): "not valid UTF-8",
+    b'\xef\xbb\xbf{"a": "b"}': "not valid JSON",
+    b'{"a": "\\ud800"}': "lone surrogate",
+    b'{"a": "' + b"x" * MAX_BYTES + b'"}': "larger than %d bytes" % MAX_BYTES,
+}
+
+
+class JSONRules(SynchronousTestCase):
+    def test_each_refused_input_says_why(self) -> None:
+        for raw, why in REFUSED.items():
+            with self.assertRaises(ValidationError, msg=raw[:40]) as raised:
+                decode_json(raw, "the body")
+            self.assertIn(why, raised.exception.messages[0], raw[:40])
+            self.assertTrue(raised.exception.messages[0].startswith("the body "))
+
+    def test_depth_up_to_the_bound_is_accepted(self) -> None:
+        self.assertEqual(decode_json(nested(MAX_DEPTH)), json.loads(nested(MAX_DEPTH)))
+        self.assertEqual(decode_json_object(b'{"a": %s}' % nested(MAX_DEPTH - 1))["a"],
+                         json.loads(nested(MAX_DEPTH - 1)))
+
+    def test_brackets_inside_strings_do_not_count_as_depth(self) -> None:
+        text = json.dumps({"subject": "[" * 500})
+        self.assertEqual(decode_json(text), {"subject": "[" * 500})
+
+    def test_surrogate_pairs_and_escaped_text_are_fine(self) -> None:
+        self.assertEqual(decode_json(b'"\\ud83d\\ude00 \\u00e9"'), "\U0001f600 \u00e9")
+
+    def test_a_bound_of_the_callers_own(self) -> None:
+        with self.assertRaises(ValidationError):
+            decode_json(b"[1, 2, 3]", max_bytes=5)
+
+    def test_object_decoder_wants_an_object(self) -> None:
+        for raw in (b"[1]", b'"a"', b"1", b"null"):
+            with self.assertRaises(ValidationError) as raised:
+                decode_json_object(raw, "the message")
+            self.assertEqual(raised.exception.messages,
+                             ["the message must be a JSON object"])
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text()
+        | st.floats(allow_nan=False, allow_infinity=False),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner,
+                                                                    max_size=4),
+        max_leaves=20))
+    def test_any_json_mailhub_could_write_reads_back_the_same(self, value: Any) -> None:
+        for ensure_ascii in (True, False):
+            text = json.dumps(value, ensure_ascii=ensure_ascii)
+            self.assertEqual(decode_json(text.encode("utf-8", "surrogatepass")),
+                             json.loads(text))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=60))
+    def test_any_bytes_give_a_value_or_a_validation_error(self, raw: bytes) -> None:
+        try:
+            decode_json(raw)
+        except ValidationError as e:
+            self.assertTrue(e.messages[0])
+
+
+class AddressRules(SynchronousTestCase):
+    # Moved from tests/web/test_hooks.py (check_address) with its assertions.
+    def test_addresses(self) -> None:
+        for good in ("a@example.com", "a.b+c@sub.example.co.uk", "o'neil@example.ie",
+                     "a%b@example.com", "jörg@bücher.example", "x_y@example.com"):
+            self.assertIsNone(address_problem(good), good)
+        for bad in ("", "@example.com", "a@", "a@b", "a..b@example.com", "a@b..com",
+                    "a(b)@example.com", "<a@example.com>", "a@example.com.", "a\x00@example.com"):
+            self.assertIsNotNone(address_problem(bad), bad)
+
+    def test_the_rules_of_the_collector_and_the_command_line_too(self) -> None:
+        for good in ('"john doe"@x.org', "j@xn--bcher-kva.de", "üser@x.org",
+                     "a+tag@x.org", "a@" + "x" * 63 + ".org"):
+            self.assertIsNone(address_problem(good), good)
+        for bad in ("not-an-address", "a b@c.org", "a@localhost", "a@1.2.3.4",
+                    "a@[1.2.3.4]", "a@-x.org", "a@x_y.org", "a@" + "x" * 64 + ".org",
+                    "x" * 65 + "@x.org", "x@y@z.org", "\ud800@x.org",
+                    "a@" + ".".join(["x" * 60] * 5) + ".org"):
+            self.assertIsNotNone(address_problem(bad), bad)
+
+
+ALICE = User(login="alice@example.org", emails=("alice@example.org",), id="A1")
+
+
+class QueueSites(SynchronousTestCase):
+    """The collector's work queue: what the decoder refuses is a dead letter with the reason."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.broker = FakeBroker()
+        self.channel = FakeChannel()
+        self.broker.outbox.attach(self.channel)
+        self.queue = WorkQueue(self.broker.outbox, "collector:email", self.clock,
+                               retry_initial=1.0, retry_max=4.0,
+                               metrics=self.broker.metrics, broker=self.broker)
+        dav = FakeCardDAV()
+        engine = CollectorEngine(
+            FakeUsers([ALICE]),
+            CardDAVClient(StubTreq(dav), self.clock, credentials=("svc", "pw")),
+            BookLayout.from_config("http://dav.test/dav/", ""), Hub(), Metrics(), self.clock)
+        self.queue.consume(engine.handle)
+
+    def test_refused_messages_are_dead_lettered_with_the_reason(self) -> None:
+        for n, (raw, why) in enumerate(REFUSED.items(), 1):
+            delivery = FakeDelivery(raw)
+            d = self.queue.handle(delivery)
+            self.broker.outbox.ack(n, False)  # the broker confirms the dead letter
+            self.successResultOf(d)
+            self.assertEqual(delivery.acks, 1)
+            route, body, properties = self.channel.published[-1]
+            self.assertEqual(route.routing_key, "collector:email:dead")
+            self.assertEqual(body, raw)
+            reason = properties["headers"][REASON_HEADER]
+            self.assertTrue(reason.startswith("the message "), reason)
+            self.assertIn(why, reason, raw[:40])
