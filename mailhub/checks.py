@@ -219,6 +219,10 @@ def amqp_check(pubsub: PubSub) -> Check:
             return [Row("amqp", Status.OFF, "not configured: local pubsub only")]
         await broker.settled()
         address = broker.address
+        if broker.connected and broker.refusals.current:
+            # Connected, but what depends on a refused declaration is down.
+            return [Row("amqp", Status.FAIL, "%s:%d: %s" % (
+                address.host, address.port, broker.refusals.describe()))]
         if broker.connected:
             return [Row("amqp", Status.OK, "%s:%d, virtual host %s, logged in as %s"
                         % (address.host, address.port, address.vhost, address.username))]

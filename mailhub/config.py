@@ -141,6 +141,7 @@ class CollectorSection:
     skip_site_users: bool = True
     queue: str = "collector:email"
     dead_letter: str = "collector:email:dead"
+    routing_key: str = ""  # used when the queue's exchange exists as a direct one
     retry_initial: float = 1.0
     retry_max: float = 300.0
     cache_ttl: float = 600.0  # seconds a known-address answer is trusted

@@ -272,7 +272,8 @@ def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, rea
     # Without a broker the queue lives in {data}/collector-spool (doc/collector.rst).
     queue = pubsub.work_queue(collector.queue, dead_letter=collector.dead_letter,
                               retry_initial=collector.retry_initial,
-                              retry_max=collector.retry_max, spool="collector-spool")
+                              retry_max=collector.retry_max, spool="collector-spool",
+                              routing_key=collector.routing_key)
     queue.consume(engine.handle)
     stops.append(queue.stop)
     MailSource(pubsub.hub, queue, collector.sent_folders, metrics).start()

@@ -30,6 +30,7 @@ from mailhub.collector.carddav import CardDAVClient
 from mailhub.config import CardDAVSection, CollectorSection, Config, MailhubSection
 from mailhub.directory.sql import MIGRATIONS, SQLStore, dialect_for, run_inline
 from mailhub.metrics import Metrics
+from mailhub.pubsub.connection import Refusals
 from mailhub.web.ops import Operations
 from mailhub.web.site import Root
 
@@ -191,12 +192,13 @@ class FakeAddress:
 
 @attrs.define
 class FakeBroker:
-    """What amqp_check uses of the Broker: settled(), connected, last_error."""
+    """What amqp_check uses of the Broker: settled(), connected, last_error, refusals."""
 
     settling: Deferred[None] = attrs.Factory(Deferred)
     connected: bool = False
     last_error: str | None = None
     address: FakeAddress = attrs.Factory(FakeAddress)
+    refusals: Refusals = attrs.Factory(Refusals)
 
     def settled(self) -> Deferred[None]:
         return self.settling
@@ -224,6 +226,13 @@ class AMQPTests(SynchronousTestCase):
         broker = FakeBroker(settling=succeed(None), connected=True)
         self.assertEqual(rows_of(self, amqp_check(FakePubSub(broker))), [  # type: ignore[arg-type]
             Row("amqp", Status.OK, "broker.example:5672, virtual host /, logged in as mailhub")])
+
+    def test_a_refused_declaration_fails_with_its_name_and_the_brokers_reason(self) -> None:
+        broker = FakeBroker(settling=succeed(None), connected=True)
+        broker.refusals.refused("queue 'collector:email'", "406 PRECONDITION_FAILED - x")
+        self.assertEqual(rows_of(self, amqp_check(FakePubSub(broker))), [  # type: ignore[arg-type]
+            Row("amqp", Status.FAIL, "broker.example:5672: the broker refused queue "
+                "'collector:email': 406 PRECONDITION_FAILED - x")])
 
     def test_no_answer_in_time_fails(self) -> None:
         clock = Clock()

@@ -2,9 +2,9 @@
 
 Both run the checks of :mod:`mailhub.checks` on the server's own parts, so
 what the command says about the broker is what ``twistd mailhub`` met: here
-a real RabbitMQ (127.0.0.1:5672) that refuses the server's channel set-up
-(a queue that mailhub declares was declared first with other arguments), or
-its login. Each test has a virtual host of its own.
+a real RabbitMQ (127.0.0.1:5672) that refuses one of the server's
+declarations (a queue that mailhub declares was declared first with other
+arguments), or its login. Each test has a virtual host of its own.
 """
 
 from __future__ import annotations
@@ -62,12 +62,12 @@ def healthz_amqp(mailhub: Mailhub, wanted: str, timeout: float = 20.0) -> dict[s
         time.sleep(0.1)
 
 
-def test_a_refused_channel_set_up_is_named_alike_by_check_and_healthz(
+def test_a_refused_declaration_is_named_alike_by_check_and_healthz(
         tmp_path: Path, vhost: VirtualHost) -> None:
     queue = unique("collector")
     # Someone declared mailhub's collector queue first, with other arguments:
     # the broker refuses mailhub's declaration (406 PRECONDITION_FAILED), so
-    # the server never completes its channel set-up.
+    # the collector is down (the rest of the connection works).
     pika = _pika()
     connection = pika.BlockingConnection(pika.ConnectionParameters(
         host=HOST, port=PORT, virtual_host=vhost.name,
@@ -83,8 +83,8 @@ def test_a_refused_channel_set_up_is_named_alike_by_check_and_healthz(
         served = healthz_amqp(mailhub, "PRECONDITION_FAILED")
         code, rows = run_check(tmp_path / "mailhub.ini")
     assert served["ok"] is False, served
-    assert "refused the channel set-up: 406 PRECONDITION_FAILED" in served["detail"]
-    assert queue in served["detail"]
+    assert ("the broker refused queue %r: 406 PRECONDITION_FAILED" % queue
+            in served["detail"]), served
     assert code == 1
     assert rows["amqp"] == [("FAIL", served["detail"])]
 

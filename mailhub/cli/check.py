@@ -5,8 +5,8 @@ database's StoreService, the pubsub and its AMQP Broker, the LDAPService,
 the collector's CardDAV client), starts them on the reactor
 (``task.react``), runs :func:`mailhub.checks.make_checks`, the list that
 ``/healthz`` runs, prints one row per finding, and stops them. So a broker
-that refuses the server's channel set-up is reported here as the server
-meets it, with the broker's reason.
+that refuses one of the server's declarations is reported here as the
+server meets it, with the broker's reason.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def _declare_as_the_server(config: Config, pubsub: PubSub) -> None:
     if pubsub.broker is None or not collector.enabled:
         return
     pubsub.work_queue(collector.queue, dead_letter=collector.dead_letter,
-                      retry_initial=collector.retry_initial, retry_max=collector.retry_max)
+                      retry_initial=collector.retry_initial, retry_max=collector.retry_max,
+                      routing_key=collector.routing_key)
     for topic in CALENDAR_TOPICS:
         pubsub.shared_subscription(topic, retry_initial=collector.retry_initial,
                                    retry_max=collector.retry_max)

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
+import weakref
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 from urllib.parse import unquote, urlsplit
@@ -26,7 +28,7 @@ from urllib.parse import unquote, urlsplit
 import attrs
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, DeferredLock, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
@@ -206,8 +208,12 @@ class _Factory(Factory):
                        heartbeat=self.heartbeat, clock=self.clock)
 
 
-def _reply_text(error: Exception) -> str:
-    reason = error.args[0] if error.args else error
+def _reply_text(error: Any) -> str:
+    """The broker's words (``406 PRECONDITION_FAILED - ...``) from a
+    ``Closed`` error, the channel.close message itself, or a Failure."""
+    reason = error
+    if isinstance(error, Exception):
+        reason = error.args[0] if error.args else error
     if isinstance(reason, Failure):
         return reason.getErrorMessage() or reason.type.__name__
     code = getattr(reason, "reply_code", None)
@@ -215,6 +221,58 @@ def _reply_text(error: Exception) -> str:
     if code is not None:
         return "%s %s" % (code, text)
     return str(reason)
+
+
+class Refusals:
+    """Declarations the broker refuses now, for the log and ``/healthz``.
+
+    A refused declaration (``406 PRECONDITION_FAILED``: the exchange or queue
+    exists with other properties; ``403``: no permission) takes down only
+    what depends on it; this is where it is remembered, with the broker's
+    reason, until a later attempt succeeds. ``on_refused`` is called after
+    each refusal (the broker schedules another attempt).
+    """
+
+    log = Logger()
+
+    def __init__(self, on_refused: Callable[[], None] | None = None) -> None:
+        #: What is refused now (``"exchange 'collector:email'"``) -> the broker's reason.
+        self.current: dict[str, str] = {}
+        self._adopted: set[str] = set()
+        self.on_refused = on_refused
+
+    def refused(self, what: str, reason: str) -> None:
+        """The broker refused ``what``; logged when new or for a new reason."""
+        if self.current.get(what) != reason:
+            self.log.error("the broker refused {what}: {reason}; what depends on it stays "
+                           "down (the rest works) and mailhub tries again",
+                           what=what, reason=reason)
+        self.current[what] = reason
+        if self.on_refused is not None:
+            self.on_refused()
+
+    def accepted(self, what: str) -> None:
+        """``what`` was declared: no longer refused."""
+        if self.current.pop(what, None) is not None:
+            self.log.info("the broker now accepts {what}", what=what)
+
+    def adopted(self, exchange: str, differs: str, routing_key: str) -> None:
+        """``exchange`` is used as it is; said once per process."""
+        if exchange in self._adopted:
+            return
+        self._adopted.add(exchange)
+        found = re.search(r"current is '([^']*)'", differs)
+        self.log.warn(
+            "exchange {exchange!r} exists as a {kind} exchange, not mailhub's durable "
+            "fanout: using it as it is, its queue bound with routing key {key!r} "
+            "(the broker said: {differs})", exchange=exchange,
+            kind=found.group(1) if found else "differently declared",
+            key=routing_key, differs=differs)
+
+    def describe(self) -> str:
+        """One line for ``/healthz`` and ``mailhub check``."""
+        return "; ".join("the broker refused %s: %s" % (what, reason)
+                         for what, reason in sorted(self.current.items()))
 
 
 class Session:
@@ -226,11 +284,21 @@ class Session:
 
     log = Logger()
 
-    def __init__(self, client: _Client, outbox: Outbox) -> None:
+    def __init__(self, client: _Client, outbox: Outbox,
+                 refusals: "Refusals | None" = None) -> None:
         self.client = client
         self.outbox = outbox
+        self.refusals = refusals if refusals is not None else Refusals()
         self.publish_channel: Any = None
         self._control: Any = None
+        # One declaration at a time on the control channel: a refusal closes
+        # the channel, and must fail only the declaration it answers.
+        self._control_lock = DeferredLock()
+        #: Control channels, and channels being set up (qos, consume): a
+        #: refusal there fails only their owner (see :meth:`refusable`), not
+        #: the connection. Weak: a refused channel is forgotten with its owner
+        #: (txamqp wakes the owner before it reports the channel closed).
+        self._setting_up: weakref.WeakSet[Any] = weakref.WeakSet()
         self.lost = False
         self.closing = False
 
@@ -262,39 +330,120 @@ class Session:
         self.publish_channel = await self.open_channel()
         await self.publish_channel.confirm_select()
         self._control = await self.open_channel()
+        self.refusable(self._control)
 
-    async def _on_control(self, call: Callable[[Any], Awaitable[Any]]) -> Any:
-        """Run one declaration on the control channel; a refusal closes only it."""
+    async def _on_control(self, call: Callable[[Any], Awaitable[Any]], what: str,
+                          record: bool = True) -> Any:
+        """Run one declaration on the control channel; a refusal closes only it.
+
+        ``what`` names the declared thing for the log and ``/healthz``
+        (``exchange 'collector:email'``); a refusal is recorded in
+        :attr:`refusals` (unless ``record`` is false) and raised as
+        :class:`Refused`, a success clears an earlier refusal of it.
+        """
+        return await self._control_lock.run(
+            lambda: Deferred.fromCoroutine(self._run_on_control(call, what, record)))
+
+    async def _run_on_control(self, call: Callable[[Any], Awaitable[Any]], what: str,
+                              record: bool) -> Any:
         if self._control is None or self._control.closed:
             self._control = await self.open_channel()
+            self.refusable(self._control)
         channel = self._control
         try:
-            return await call(channel)
+            result = await call(channel)
         except ChannelClosed as e:
             self.forget_channel(channel)
             self._control = None
-            raise Refused(_reply_text(e))
+            reason = _reply_text(e)
+            if record:
+                self.refusals.refused(what, reason)
+            raise Refused("%s: %s" % (what, reason))
+        self.refusals.accepted(what)
+        return result
 
-    async def declare_exchange(self, name: str) -> None:
-        """A durable fanout exchange, exactly as OpenPaaS declares its topics."""
+    async def declare_exchange(self, name: str, record: bool = True) -> None:
+        """A durable fanout exchange, exactly as OpenPaaS declares its topics
+        (amqplib's ``assertExchange(name, 'fanout')``: durable, not
+        auto-delete, not internal, no arguments)."""
         await self._on_control(lambda ch: ch.exchange_declare(
-            exchange=name, type="fanout", durable=True))
+            exchange=name, type="fanout", durable=True, auto_delete=False,
+            internal=False, arguments={}), "exchange %r" % name, record)
+
+    async def adopt_exchange(self, name: str) -> str | None:
+        """Declare ``name`` as :meth:`declare_exchange` does, or take it as it is.
+
+        When the broker refuses the declaration because the exchange exists
+        with other properties (Apache James' ``AmqpForwardAttribute`` makes
+        it a *direct* exchange), it is used as it is: ``None`` when it was
+        declared, else the broker's words about how it differs. Raises
+        :class:`Refused` when it does not exist and cannot be declared.
+        """
+        try:
+            await self.declare_exchange(name, record=False)
+            return None
+        except Refused as e:
+            refusal = str(e)
+        await self._on_control(lambda ch: ch.exchange_declare(
+            exchange=name, passive=True), "exchange %r" % name)
+        self.refusals.accepted("exchange %r" % name)
+        return refusal
+
+    async def declare_queue(self, name: str, arguments: dict[str, Any] | None = None) -> None:
+        """A durable, non-exclusive queue, not auto-delete: with no
+        ``arguments``, exactly as OpenPaaS declares ``collector:email``
+        (amqplib's ``assertQueue(name)``)."""
+        await self._on_control(lambda ch: ch.queue_declare(
+            queue=name, durable=True, exclusive=False, auto_delete=False,
+            arguments=arguments or {}), "queue %r" % name)
+
+    async def bind_queue(self, queue: str, exchange: str, routing_key: str = "") -> None:
+        """Bind ``queue`` to ``exchange`` with ``routing_key``."""
+        await self._on_control(lambda ch: ch.queue_bind(
+            queue=queue, exchange=exchange, routing_key=routing_key),
+            "binding of queue %r to exchange %r" % (queue, exchange))
 
     async def delete_queue(self, name: str) -> None:
         """Delete a queue (gone already is fine)."""
-        await self._on_control(lambda ch: ch.queue_delete(queue=name))
+        await self._on_control(lambda ch: ch.queue_delete(queue=name),
+                               "deletion of queue %r" % name, record=False)
 
     async def declare_route(self, route: Route) -> None:
-        """Everything a publication on ``route`` needs on the broker."""
+        """Everything a publication on ``route`` needs on the broker.
+
+        A route that ``adopt``s its exchange takes it as it is when it exists
+        with another type, and binds its queue with the route's routing key
+        (see :meth:`adopt_exchange`); otherwise the exchange is a durable
+        fanout and the queue is bound with ``''``, as OpenPaaS binds it.
+        """
+        key = ""
         if route.exchange:
-            await self.declare_exchange(route.exchange)
+            if route.adopt:
+                differs = await self.adopt_exchange(route.exchange)
+                if differs is not None:
+                    self.refusals.adopted(route.exchange, differs, route.routing_key)
+                    key = route.routing_key
+            else:
+                await self.declare_exchange(route.exchange)
         if route.queue:
-            queue = route.queue
-            await self._on_control(lambda ch: ch.queue_declare(queue=queue, durable=True))
+            await self.declare_queue(route.queue)
             if route.exchange:
-                exchange = route.exchange
-                await self._on_control(lambda ch: ch.queue_bind(
-                    queue=queue, exchange=exchange, routing_key=""))
+                await self.bind_queue(route.queue, route.exchange, key)
+
+    def refusable(self, channel: Any) -> None:
+        """While ``channel`` is being set up, a refusal fails only its owner."""
+        self._setting_up.add(channel)
+
+    def refusal(self, channel: Any, what: str, error: Exception) -> Refused:
+        """A channel being set up was closed by the broker: forget it, record why."""
+        self.forget_channel(channel)
+        reason = _reply_text(error)
+        self.refusals.refused(what, reason)
+        return Refused("%s: %s" % (what, reason))
+
+    def set_up(self, channel: Any) -> None:
+        """``channel`` is set up: a refusal now means the connection is unwell."""
+        self._setting_up.discard(channel)
 
     def confirmed(self, channel: Any, tag: int, multiple: bool, ok: bool) -> None:
         if channel is not self.publish_channel or self.lost:
@@ -313,6 +462,8 @@ class Session:
         """
         if channel is self._control or self.closing or self.lost:
             return  # our own shutdown, or the connection is already gone
+        if channel in self._setting_up:
+            return  # its owner hears of it as a refusal
         self.log.error("the broker closed AMQP channel {id}: {reason}; reconnecting",
                        id=channel.id, reason=_reply_text(reason.value))
         self.client.transport.loseConnection()
@@ -371,6 +522,10 @@ class Broker(Service):
         self._setup_failures = 0
         self._preparing: tuple[Any, Deferred[None]] | None = None
         self._policy = retry_policy or backoffPolicy(maxDelay=30)
+        #: Declarations the broker refuses now (see :class:`Refusals`).
+        self.refusals = Refusals(self._retry_soon)
+        self._retry_call: Any = None
+        self._retry_delay_now = self.refusal_retry
         self._connected = self.metrics.gauge(
             "mailhub_amqp_connected", "1 while the AMQP broker is connected")
         self._connections = self.metrics.counter(
@@ -392,17 +547,65 @@ class Broker(Service):
         return self.session is not None
 
     def health(self) -> dict[str, Any]:
-        """The broker's state for /healthz."""
-        return {"ok": self.connected,
-                "state": "connected" if self.connected else "disconnected",
-                "outbox": len(self.outbox)}
+        """The broker's state for /healthz and ``mailhub check``.
+
+        Not ok while disconnected, or while the broker refuses a declaration
+        (then ``state`` names each refused exchange, queue or binding with
+        the broker's reason, and ``refused`` maps them to it).
+        """
+        state = "connected" if self.connected else "disconnected"
+        health: dict[str, Any] = {"ok": self.connected and not self.refusals.current,
+                                  "state": state, "outbox": len(self.outbox)}
+        if self.refusals.current:
+            health["state"] = "%s; %s" % (state, self.refusals.describe())
+            health["refused"] = dict(self.refusals.current)
+        return health
+
+    #: Seconds before refused declarations are tried again (doubling up to
+    #: :attr:`refusal_retry_max` while the broker keeps refusing).
+    refusal_retry = 5.0
+    refusal_retry_max = 300.0
+
+    def _retry_soon(self) -> None:
+        """A declaration was refused: set every user up again later (they
+        skip what is already in place), so a conflict fixed on the broker
+        heals without a restart."""
+        if self._retry_call is not None and self._retry_call.active():
+            return
+        if not self.running:
+            return
+        delay = self._retry_delay_now
+        self._retry_delay_now = min(delay * 2, self.refusal_retry_max)
+        self._retry_call = self.reactor.callLater(delay, self._retry_refused)
+
+    def _retry_refused(self) -> None:
+        self._retry_call = None
+        session = self.session
+        if session is None:
+            return  # the next connection sets everything up anyway
+        attempts = []
+        for user in list(self._users):
+            d = Deferred.fromCoroutine(self._set_user_up(user, session))
+            attempts.append(d.addErrback(self._user_failed, session))
+        DeferredList(attempts).addCallback(lambda _: self._retried())
+
+    def _retried(self) -> None:
+        if not self.refusals.current:
+            self._retry_delay_now = self.refusal_retry  # all healed: start short again
+
+    async def _set_user_up(self, user: Any, session: Session) -> None:
+        """``user.connected(session)``; a refusal is recorded, not fatal."""
+        try:
+            await user.connected(session)
+        except Refused:
+            pass  # recorded in self.refusals, retried by _retry_soon
 
     def add(self, user: Any) -> None:
         """Register a user; set it up at once when already connected."""
         self._users.append(user)
         if self.session is not None:
             session = self.session
-            d = Deferred.fromCoroutine(user.connected(session))
+            d = Deferred.fromCoroutine(self._set_user_up(user, session))
             d.addErrback(self._user_failed, session)
 
     def _user_failed(self, failure: Any, session: Session) -> None:
@@ -458,6 +661,8 @@ class Broker(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
         if self.session is not None:
             d = Deferred.fromCoroutine(self._drain())
             d.addErrback(lambda f: self.log.failure("draining before shutdown failed", f))
@@ -499,7 +704,7 @@ class Broker(Service):
         return d
 
     async def _set_up(self, client: _Client) -> None:
-        session = Session(client, self.outbox)
+        session = Session(client, self.outbox, self.refusals)
         client.disconnected.wait().addCallback(lambda _: self._lost(session))
         try:
             auth = client.authenticate(self.address.username, self.address.password,
@@ -508,7 +713,7 @@ class Broker(Service):
             client.attach_session(session)
             await session.start()
             for user in list(self._users):
-                await user.connected(session)
+                await self._set_user_up(user, session)
             if session.lost:
                 raise Unavailable("the connection was lost during set-up")
         except Exception as e:

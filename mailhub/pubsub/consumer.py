@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from txamqp.client import Closed
+from txamqp.client import ChannelClosed, Closed
 from txamqp.queue import Closed as QueueClosed
 from zope.interface import Attribute, Interface, implementer
 
@@ -26,6 +26,7 @@ class IDelivery(Interface):
     body = Attribute("the message body (bytes)")
     properties = Attribute("its AMQP properties (dict, txamqp names: 'headers', ...)")
     redelivered = Attribute("whether the broker delivered it before")
+    exchange = Attribute("the exchange it was published to (str; '' for the default one)")
 
     def alive() -> bool:
         """Whether it can still be acked (its channel is open)."""
@@ -49,6 +50,7 @@ class Delivery:
         self._channel = channel
         self.tag = message.delivery_tag
         self.redelivered = bool(message.redelivered)
+        self.exchange: str = getattr(message, "exchange", "") or ""
         content = message.content
         body = content.body if content is not None else b""
         self.body: bytes = body if isinstance(body, bytes) else body.encode("utf-8")
@@ -78,6 +80,7 @@ class _Unreadable(Delivery):
         self._channel = channel
         self.tag = getattr(message, "delivery_tag", None)
         self.redelivered = True
+        self.exchange = ""
         self.body = b""
         self.properties = {}
         self.settled = False
@@ -123,8 +126,15 @@ class Consumer:
                     channel: Any = None, clock: Any = None) -> "Consumer":
         if channel is None:
             channel = await session.open_channel()
-        await channel.basic_qos(prefetch_size=0, prefetch_count=prefetch, global_=False)
-        reply = await channel.basic_consume(queue=queue_name, no_ack=False)
+        # A refusal here (the queue is exclusive to another connection, or
+        # gone) fails this consumer only, not the connection.
+        session.refusable(channel)
+        try:
+            await channel.basic_qos(prefetch_size=0, prefetch_count=prefetch, global_=False)
+            reply = await channel.basic_consume(queue=queue_name, no_ack=False)
+        except ChannelClosed as e:
+            raise session.refusal(channel, "consuming from queue %r" % queue_name, e)
+        session.set_up(channel)
         queue = await session.client.queue(reply.consumer_tag)
         consumer = cls(session, channel, reply.consumer_tag, queue, clock)
         d = Deferred.fromCoroutine(consumer._run(handle, sequential))

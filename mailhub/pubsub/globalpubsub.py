@@ -23,8 +23,9 @@ its own at once and other nodes' (mailhub or ESN) through RabbitMQ.
 
 from __future__ import annotations
 
+import functools
 import uuid
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import attrs
 from twisted.internet.defer import (
@@ -38,7 +39,7 @@ from mailhub.errors import ValidationError
 from mailhub.metrics import Metrics
 from mailhub.pubsub.connection import JSON_PROPERTIES, Broker, Session, encode_json
 from mailhub.pubsub.consumer import Consumer, IDelivery
-from mailhub.pubsub.interfaces import IPubSub, ITopic, Subscriber
+from mailhub.pubsub.interfaces import IPubSub, ITopic, Subscriber, TopicSubscriber
 from mailhub.pubsub.local import LocalPubSub
 from mailhub.pubsub.outbox import Refused, Route
 from mailhub.pubsub.retry import call_handler
@@ -54,21 +55,38 @@ SUBSCRIPTION_EXPIRES = 300_000
 SUBSCRIPTION_MAX_LENGTH = 100_000
 
 
-def _queue_name(topic: str) -> str:
+def _queue_name(label: str) -> str:
     """A subscription's own queue: recognisable, unique, within AMQP's 255 bytes."""
-    return "mailhub.sub.%s.%s" % (topic.encode("utf-8")[:200].decode("utf-8", "ignore"),
+    return "mailhub.sub.%s.%s" % (label.encode("utf-8")[:200].decode("utf-8", "ignore"),
                                   uuid.uuid4().hex)
 
 
 @attrs.define(eq=False)
 class _Subscription:
-    topic: str
-    callback: Subscriber
-    queue: str = attrs.field(default=attrs.Factory(lambda self: _queue_name(self.topic),
-                                                   takes_self=True))
+    """One subscription: one queue, bound to the exchange of each of its topics."""
+
+    topics: tuple[str, ...]
+    #: What the caller subscribed (to find it again on unsubscribe).
+    callback: Any
+    #: Called with (topic, data) for each message from the broker.
+    deliver: Callable[[str, Any], Any]
+    #: What was subscribed in process, for this process's own publications.
+    here: list[tuple[str, Subscriber]]
+    queue: str = attrs.field(default=attrs.Factory(
+        lambda self: _queue_name(self.topics[0] if len(self.topics) == 1
+                                 else "+".join(self.topics)), takes_self=True))
     consumer: Consumer | None = None
+    #: Topics whose exchange the queue is bound to on the consumer's session.
+    bound: set[str] = attrs.Factory(set)
+    #: The session being set up now (a second set-up waits for the next retry).
+    starting: Any = None
     active: bool = False
     waiting: list[Deferred[None]] = attrs.Factory(list)
+
+    @classmethod
+    def to_topic(cls, topic: str, callback: Subscriber) -> "_Subscription":
+        """A subscription to one topic: ``callback(data)``."""
+        return cls((topic,), callback, lambda _, data: callback(data), [(topic, callback)])
 
     def ready(self) -> None:
         waiting, self.waiting = self.waiting, []
@@ -187,9 +205,30 @@ class GlobalPubSub:
         """Fires once the outbox has room (see :meth:`Outbox.when_room`)."""
         return self.outbox.when_room()
 
+    def subscribe_topics(self, topics: Sequence[str],
+                         callback: TopicSubscriber) -> Deferred[None]:
+        """Call ``callback(topic, data)`` for every publication on ``topics``.
+
+        One queue bound to every topic's exchange, so other nodes'
+        publications keep their order across topics; this process's own are
+        delivered at once. A topic whose exchange the broker refuses is left
+        out (see :meth:`Broker.health`) and bound when the broker accepts it.
+        """
+        topics = tuple(topics)
+        here: list[tuple[str, Subscriber]] = [
+            (topic, functools.partial(callback, topic)) for topic in topics]
+        return self._add(_Subscription(topics, callback, callback, here))
+
+    def unsubscribe_topics(self, topics: Sequence[str], callback: TopicSubscriber) -> None:
+        """End the subscription :meth:`subscribe_topics` made with the same arguments."""
+        self._remove(tuple(topics), callback)
+
     def _subscribe(self, topic: str, callback: Subscriber) -> Deferred[None]:
-        self._here.topic(topic).subscribe(callback)
-        subscription = _Subscription(topic, callback)
+        return self._add(_Subscription.to_topic(topic, callback))
+
+    def _add(self, subscription: _Subscription) -> Deferred[None]:
+        for topic, callback in subscription.here:
+            self._here.topic(topic).subscribe(callback)
         self._subscriptions.append(subscription)
         ready: Deferred[None] = Deferred()
         subscription.waiting.append(ready)
@@ -198,9 +237,13 @@ class GlobalPubSub:
         return ready
 
     def _unsubscribe(self, topic: str, callback: Subscriber) -> None:
+        self._remove((topic,), callback)
+
+    def _remove(self, topics: tuple[str, ...], callback: Any) -> None:
         for subscription in [s for s in self._subscriptions
-                             if s.topic == topic and s.callback == callback]:
-            self._here.topic(topic).unsubscribe(callback)
+                             if s.topics == topics and s.callback == callback]:
+            for topic, here in subscription.here:
+                self._here.topic(topic).unsubscribe(here)
             self._subscriptions.remove(subscription)
             subscription.active = False
             subscription.ready()
@@ -240,9 +283,14 @@ class GlobalPubSub:
                           " they expire by themselves", count=len(self._ending), timeout=timeout)
 
     async def connected(self, session: Session) -> None:
+        """Set every subscription up on a new connection (or what is missing
+        of them, when called again after a refusal)."""
         self._session = session
         for subscription in list(self._subscriptions):
-            await self._start(session, subscription)
+            try:
+                await self._start(session, subscription)
+            except Refused:
+                pass  # recorded in the broker's refusals; the others go on
 
     def disconnected(self, session: Session) -> None:
         if self._session is session:
@@ -253,37 +301,60 @@ class GlobalPubSub:
 
     def _start_soon(self, session: Session, subscription: _Subscription) -> None:
         d = Deferred.fromCoroutine(self._start(session, subscription))
+        d.addErrback(lambda f: f.trap(Refused))  # recorded in the broker's refusals
         d.addErrback(lambda f: self.log.failure(
-            "cannot subscribe to {topic}", f, topic=subscription.topic))
+            "cannot subscribe to {topics}", f, topics=", ".join(subscription.topics)))
 
     async def _start(self, session: Session, subscription: _Subscription) -> None:
+        """Set ``subscription`` up on ``session``: what is missing of it.
+
+        Declarations go through the session's control channel, so one the
+        broker refuses (a topic's exchange declared otherwise by someone
+        else) leaves the other topics and subscriptions working; it is
+        recorded (``/healthz``) and tried again later (called again then).
+        """
+        if subscription.starting is session:
+            return
+        fresh = subscription.consumer is None or subscription.consumer.session is not session
+        if not fresh and subscription.bound >= set(subscription.topics):
+            return
+        subscription.starting = session
         try:
-            await session.declare_exchange(subscription.topic)
-        except Refused as e:
-            self.log.error("cannot subscribe to {topic}: the broker refused its exchange: "
-                           "{reason}", topic=subscription.topic, reason=str(e))
-            return
-        channel = await session.open_channel()
-        # Durable: RabbitMQ 4 deprecates transient queues that are not
-        # exclusive (and will refuse them); x-expires removes it all the same.
-        await channel.queue_declare(
-            queue=subscription.queue, exclusive=False, auto_delete=False, durable=True,
-            arguments={"x-expires": SUBSCRIPTION_EXPIRES,
-                       "x-max-length": SUBSCRIPTION_MAX_LENGTH})
-        await channel.queue_bind(queue=subscription.queue, exchange=subscription.topic,
-                                 routing_key="")
+            await self._set_up(session, subscription, fresh)
+        finally:
+            subscription.starting = None
 
-        def handle(delivery: IDelivery) -> Deferred[None]:
-            return self._deliver(subscription, delivery)
-
-        consumer = await Consumer.start(session, subscription.queue, self.prefetch, handle,
-                                        sequential=True, channel=channel,
-                                        clock=self.broker.reactor)
-        if subscription not in self._subscriptions:
-            # Unsubscribed while we were setting up.
-            self._end_soon(consumer, subscription.queue)
+    async def _set_up(self, session: Session, subscription: _Subscription,
+                      fresh: bool) -> None:
+        if fresh:
+            subscription.bound = set()
+            # Durable: RabbitMQ 4 deprecates transient queues that are not
+            # exclusive (and will refuse them); x-expires removes it all the same.
+            await session.declare_queue(subscription.queue, arguments={
+                "x-expires": SUBSCRIPTION_EXPIRES, "x-max-length": SUBSCRIPTION_MAX_LENGTH})
+        for topic in subscription.topics:
+            if topic in subscription.bound:
+                continue
+            try:
+                await session.declare_exchange(topic)
+                await session.bind_queue(subscription.queue, topic)
+            except Refused:
+                continue  # recorded; the other topics work meanwhile
+            subscription.bound.add(topic)
+        if not subscription.bound:
             return
-        subscription.consumer = consumer
+        if fresh:
+            def handle(delivery: IDelivery) -> Deferred[None]:
+                return self._deliver(subscription, delivery)
+
+            consumer = await Consumer.start(session, subscription.queue, self.prefetch,
+                                            handle, sequential=True,
+                                            clock=self.broker.reactor)
+            if subscription not in self._subscriptions:
+                # Unsubscribed while we were setting up.
+                self._end_soon(consumer, subscription.queue)
+                return
+            subscription.consumer = consumer
         subscription.active = True
         subscription.ready()
 
@@ -303,15 +374,17 @@ class GlobalPubSub:
             # Never decodable (not UTF-8 JSON, NaN, too deep, too large): drop it.
             self._bad.inc()
             self.log.warn("dropping a message on {topic}: {reason} ({size} bytes)",
-                          topic=subscription.topic, reason=e.messages[0],
+                          topic=delivery.exchange or subscription.topics[0],
+                          reason=e.messages[0],
                           size=len(delivery.body))
             return self._ack(delivery)
-        d = call_handler(subscription.callback, data)
+        topic = delivery.exchange or subscription.topics[0]
+        d = call_handler(functools.partial(subscription.deliver, topic), data)
 
         def failed(failure: Any) -> None:
             self._subscriber_failures.inc()
             self.log.failure("subscriber {subscriber!r} of {topic} failed", failure,
-                             subscriber=subscription.callback, topic=subscription.topic)
+                             subscriber=subscription.callback, topic=topic)
 
         d.addErrback(failed)
         d.addCallback(lambda _: self._ack(delivery))

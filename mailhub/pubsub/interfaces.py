@@ -11,7 +11,7 @@ from the configuration, so no caller ever asks which one it has:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
@@ -19,6 +19,8 @@ from zope.interface import Attribute, Interface
 #: A subscriber: called with each publication's data; may return a value, a
 #: Deferred or a coroutine (the publisher's Deferred waits for it).
 Subscriber = Callable[[Any], Any]
+#: A subscriber to several topics: called with the topic and the data.
+TopicSubscriber = Callable[[str, Any], Any]
 #: A work queue's consumer: called with each message's body (bytes); a
 #: :class:`~mailhub.errors.ValidationError` means "never", anything else
 #: "not now, try again".
@@ -59,6 +61,20 @@ class IPubSub(Interface):
 
     def topic(name: str) -> ITopic:
         """The topic called ``name`` (the same object each time)."""
+
+    def subscribe_topics(topics: Sequence[str], callback: TopicSubscriber) -> Deferred[None]:
+        """Call ``callback(topic, data)`` for every publication on any of ``topics``.
+
+        One subscription for them all: over RabbitMQ one queue bound to each
+        topic's exchange, so publications from another node arrive in the
+        order they were published, across topics (one subscription per topic
+        keeps order only within each). This process's own publications are
+        delivered at once, in order, as on a topic. The Deferred fires when
+        it is in place.
+        """
+
+    def unsubscribe_topics(topics: Sequence[str], callback: TopicSubscriber) -> None:
+        """End the subscription :meth:`subscribe_topics` made with the same arguments."""
 
     def has_room() -> bool:
         """Whether a publication would be taken now (always, in process)."""

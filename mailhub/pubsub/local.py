@@ -8,14 +8,15 @@ has finished, so a caller can wait for the work it started.
 
 from __future__ import annotations
 
+import functools
 import inspect
-from typing import Any
+from typing import Any, Sequence
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailhub.pubsub.interfaces import IPubSub, ITopic, Subscriber
+from mailhub.pubsub.interfaces import IPubSub, ITopic, Subscriber, TopicSubscriber
 
 
 @implementer(ITopic)
@@ -83,6 +84,7 @@ class LocalPubSub:
 
     def __init__(self) -> None:
         self._topics: dict[str, LocalTopic] = {}
+        self._multi: dict[tuple[tuple[str, ...], TopicSubscriber], list[Subscriber]] = {}
 
     def topic(self, name: str) -> LocalTopic:
         """The topic called ``name``."""
@@ -90,6 +92,22 @@ class LocalPubSub:
         if found is None:
             found = self._topics[name] = LocalTopic(self, name)
         return found
+
+    def subscribe_topics(self, topics: Sequence[str],
+                         callback: TopicSubscriber) -> Deferred[None]:
+        """Call ``callback(topic, data)`` for every publication on ``topics``
+        (in process, publication order is kept across topics anyway)."""
+        parts: list[Subscriber] = self._multi.setdefault((tuple(topics), callback), [])
+        for name in topics:
+            part = functools.partial(callback, name)
+            parts.append(part)
+            self.topic(name).subscribe(part)
+        return succeed(None)
+
+    def unsubscribe_topics(self, topics: Sequence[str], callback: TopicSubscriber) -> None:
+        """End what :meth:`subscribe_topics` started with the same arguments."""
+        for part in self._multi.pop((tuple(topics), callback), []):
+            self.topic(part.args[0]).unsubscribe(part)  # type: ignore[attr-defined]
 
     def has_room(self) -> bool:
         """Always: in process, a publication is handed over at once."""

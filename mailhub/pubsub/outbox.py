@@ -50,6 +50,9 @@ class Route:
     exchange: str
     routing_key: str = ""
     queue: str | None = None
+    #: Take the exchange as it is when it exists with another type (the
+    #: queue is then bound with ``routing_key``): the collector's queue.
+    adopt: bool = False
 
 
 class Refused(Exception):

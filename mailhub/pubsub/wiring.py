@@ -58,8 +58,12 @@ class PubSub:
 
     def work_queue(self, name: str, dead_letter: str | None = None,
                    retry_initial: float = 1.0, retry_max: float = 300.0,
-                   spool: str | None = None) -> IWorkQueue:
+                   spool: str | None = None, routing_key: str = "") -> IWorkQueue:
         """The work queue ``name``: RabbitMQ's with a broker, else a spool.
+
+        On RabbitMQ the exchange ``name`` is taken as it is when it exists
+        with another type (a direct exchange: the queue is bound with
+        ``routing_key``, the key its publishers use).
 
         Without a broker the messages live in ``data_dir / spool`` (default:
         the queue's name with ``:`` as ``-``), dead letters in its ``dead/``.
@@ -77,7 +81,8 @@ class PubSub:
             found = self._queues[name] = WorkQueue(
                 self.broker.outbox, name, self.reactor, dead_letter=dead_letter,
                 retry_initial=retry_initial, retry_max=retry_max,
-                prefetch=self.broker.prefetch, metrics=self.metrics, broker=self.broker)
+                prefetch=self.broker.prefetch, metrics=self.metrics, broker=self.broker,
+                routing_key=routing_key)
         return found
 
     def shared_subscription(self, topic: str, queue: str | None = None,
@@ -115,8 +120,9 @@ class PubSub:
         return found
 
     def health(self) -> dict[str, Any]:
-        """The broker's state for /healthz: ``ok`` is False only when a
-        configured broker is not connected."""
+        """The broker's state for /healthz and ``mailhub check``: ``ok`` is
+        False when a configured broker is not connected or refuses a
+        declaration (``state`` then names it and the broker's reason)."""
         if self.broker is None:
             return {"ok": True, "state": "disabled"}
         return self.broker.health()

@@ -75,12 +75,19 @@ class WorkQueue:
                  dead_letter: str | None = None, retry_initial: float = 1.0,
                  retry_max: float = 300.0, prefetch: int = 16,
                  metrics: Metrics | None = None, broker: Any = None,
-                 exchange: str | None = None) -> None:
+                 exchange: str | None = None, routing_key: str = "") -> None:
         self.outbox = outbox
         self.name = name
         #: The fanout exchange the queue is bound to: its own name for a
         #: point-to-point queue, a topic's for a shared subscription.
         self.exchange = exchange or name
+        #: A point-to-point queue takes its exchange as it is when it exists
+        #: with another type (Apache James makes ``collector:email`` a direct
+        #: exchange): the queue is then bound, and publications are sent,
+        #: with ``routing_key``, the key its other publishers use.
+        self.adopt = exchange is None
+        self.routing_key = routing_key
+        self._setting_up: Any = None
         self.dead_letter = dead_letter or name + ":dead"
         self.clock = clock
         self.policy = RetryPolicy(retry_initial, retry_max)
@@ -120,7 +127,7 @@ class WorkQueue:
     @property
     def route(self) -> Route:
         """Publish to the exchange; the queue and its binding are declared first."""
-        return Route(self.exchange, "", queue=self.name)
+        return Route(self.exchange, self.routing_key, queue=self.name, adopt=self.adopt)
 
     @property
     def dead_route(self) -> Route:
@@ -152,13 +159,26 @@ class WorkQueue:
     # Broker connection life cycle -------------------------------------
 
     async def connected(self, session: Any) -> None:
-        """Declare the queues; start consuming when a handler is set."""
-        await session.declare_route(self.route)
-        await session.declare_route(self.dead_route)
-        if self._handler is not None:
-            self._consumer = await Consumer.start(session, self.name, self.prefetch,
-                                                  self.handle, sequential=False,
-                                                  clock=self.clock)
+        """Declare the queues; start consuming when a handler is set.
+
+        Called again while the broker refuses a declaration (see
+        :meth:`~mailhub.pubsub.connection.Broker.health`): does nothing when
+        the queue is already consumed on ``session``. A refusal raises
+        :class:`~mailhub.pubsub.outbox.Refused`; only this queue waits.
+        """
+        if self._setting_up is session or (
+                self._consumer is not None and self._consumer.session is session):
+            return
+        self._setting_up = session
+        try:
+            await session.declare_route(self.route)
+            await session.declare_route(self.dead_route)
+            if self._handler is not None:
+                self._consumer = await Consumer.start(session, self.name, self.prefetch,
+                                                      self.handle, sequential=False,
+                                                      clock=self.clock)
+        finally:
+            self._setting_up = None
 
     def disconnected(self, session: Any) -> None:
         """Stop retrying messages whose channel died: the broker redelivers them."""

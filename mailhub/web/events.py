@@ -7,10 +7,9 @@ contacts) as ``text/event-stream``, with keep-alive comments, event ids and
 
 from __future__ import annotations
 
-import functools
 import secrets
 from collections import deque
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import attrs
 from klein import Klein
@@ -163,11 +162,11 @@ class EventStream:
                                      "Events written to event streams")
         metrics.gauge_callback("mailhub_sse_clients", "Open event streams",
                                lambda: len(self._clients))
-        self._subscriptions: list[tuple[str, Callable[[Any], None]]] = []
-        for topic in STREAM_TOPICS:
-            callback = functools.partial(self._on_event, topic)
-            self._hub.global_.topic(topic).subscribe(callback)
-            self._subscriptions.append((topic, callback))
+        # One subscription for every topic: over RabbitMQ one queue bound to
+        # each topic's exchange, so events from other instances keep their
+        # publication order across topics (doc/push.rst).
+        self._subscribed = True
+        self._hub.global_.subscribe_topics(STREAM_TOPICS, self._on_event)
 
     def resource(self) -> IResource:
         """The Klein resource to mount at the root of the site."""
@@ -179,9 +178,9 @@ class EventStream:
 
     def close(self) -> None:
         """Unsubscribe and end every open stream (on shutdown)."""
-        for topic, callback in self._subscriptions:
-            self._hub.global_.topic(topic).unsubscribe(callback)
-        self._subscriptions = []
+        if self._subscribed:
+            self._hub.global_.unsubscribe_topics(STREAM_TOPICS, self._on_event)
+            self._subscribed = False
         for client in list(self._clients):
             if not client.done.called:
                 client.done.callback(None)

@@ -63,6 +63,7 @@ class FakeDelivery:
         self.body = body
         self.properties = properties or {}
         self.redelivered = False
+        self.exchange = ""
         self.acks = 0
         self.requeues = 0
         self.settled = False

@@ -55,8 +55,8 @@ class GlobalPubSubTests(SynchronousTestCase):
         def broken(data: object) -> None:
             raise RuntimeError("subscriber bug")
 
-        first = _Subscription("t", broken)
-        second = _Subscription("t", seen.append)
+        first = _Subscription.to_topic("t", broken)
+        second = _Subscription.to_topic("t", seen.append)
         one, two = FakeDelivery(b'{"a":1}'), FakeDelivery(b'{"a":1}')
         self.successResultOf(self.pubsub._deliver(first, one))
         self.successResultOf(self.pubsub._deliver(second, two))
@@ -69,7 +69,7 @@ class GlobalPubSubTests(SynchronousTestCase):
     def test_ack_waits_for_an_asynchronous_subscriber(self) -> None:
         pending: Deferred[None] = Deferred()
         delivery = FakeDelivery(b"[1]")
-        d = self.pubsub._deliver(_Subscription("t", lambda data: pending), delivery)
+        d = self.pubsub._deliver(_Subscription.to_topic("t", lambda data: pending), delivery)
         self.assertEqual(delivery.acks, 0)
         pending.callback(None)
         self.successResultOf(d)
@@ -78,7 +78,7 @@ class GlobalPubSubTests(SynchronousTestCase):
     def test_message_that_is_not_json_is_dropped_and_counted(self) -> None:
         seen = []
         delivery = FakeDelivery(b"\xff not json")
-        self.successResultOf(self.pubsub._deliver(_Subscription("t", seen.append), delivery))
+        self.successResultOf(self.pubsub._deliver(_Subscription.to_topic("t", seen.append), delivery))
         self.assertEqual(seen, [])
         self.assertEqual(delivery.acks, 1)
         self.assertEqual(self.broker.metrics.value("mailhub_pubsub_bad_messages_total"), 1)
@@ -87,7 +87,7 @@ class GlobalPubSubTests(SynchronousTestCase):
         # json.loads raises RecursionError here, not ValueError.
         seen = []
         delivery = FakeDelivery(b"[" * 200000)
-        self.successResultOf(self.pubsub._deliver(_Subscription("t", seen.append), delivery))
+        self.successResultOf(self.pubsub._deliver(_Subscription.to_topic("t", seen.append), delivery))
         self.assertEqual(seen, [])
         self.assertEqual(delivery.acks, 1)
         self.assertEqual(self.broker.metrics.value("mailhub_pubsub_bad_messages_total"), 1)
@@ -101,7 +101,7 @@ class GlobalPubSubTests(SynchronousTestCase):
                   b'{"a": NaN}', b'{"a": Infinity}', b'[-Infinity]', *REFUSED)
         for body in bodies:
             delivery = FakeDelivery(body)
-            self.successResultOf(self.pubsub._deliver(_Subscription("t", seen.append),
+            self.successResultOf(self.pubsub._deliver(_Subscription.to_topic("t", seen.append),
                                                       delivery))
             self.assertEqual(delivery.acks, 1)
         self.assertEqual(seen, [])
@@ -193,6 +193,20 @@ class ConfigurationTests(SynchronousTestCase):
         self.assertEqual(made.broker.outbox.limit, 5)
         self.assertEqual(made.health(), {"ok": False, "state": "disconnected", "outbox": 0})
 
+    def test_health_names_each_refused_declaration_with_the_brokers_reason(self) -> None:
+        require_spec()
+        made = make_pubsub(Config(amqp=AMQPSection(url="amqp://127.0.0.1")), Clock(), Metrics())
+        assert made.broker is not None
+        reason = "406 PRECONDITION_FAILED - inequivalent arg 'type'"
+        made.broker.refusals.refused("exchange 'calendar:event:created'", reason)
+        health = made.health()
+        self.assertFalse(health["ok"])
+        self.assertEqual(health["refused"], {"exchange 'calendar:event:created'": reason})
+        self.assertEqual(health["state"], "disconnected; the broker refused exchange "
+                         "'calendar:event:created': " + reason)
+        made.broker.refusals.accepted("exchange 'calendar:event:created'")
+        self.assertEqual(made.health(), {"ok": False, "state": "disconnected", "outbox": 0})
+
     def test_shared_subscription_is_one_named_queue_bound_to_the_topic(self) -> None:
         local = make_pubsub(Config(), Clock(), Metrics())
         without = local.shared_subscription("t")
@@ -252,7 +266,7 @@ class OwnPublicationTests(SynchronousTestCase):
         [(route, body, properties)] = channel.published
         self.assertEqual(properties["headers"], {"x-mailhub-instance": self.pubsub.instance})
         own = FakeDelivery(body, properties)
-        subscription = _Subscription("mail:expunge", self.seen.append)
+        subscription = _Subscription.to_topic("mail:expunge", self.seen.append)
         self.successResultOf(self.pubsub._deliver(subscription, own))
         self.assertEqual((own.acks, len(self.seen)), (1, 1))
         # Another mailhub's publication, and an ESN node's (no header), are delivered.

@@ -73,3 +73,21 @@ class LocalPubSubTests(SynchronousTestCase):
         hub.global_.topic("t").subscribe(seen.append)
         self.successResultOf(hub.local.topic("t").forward(hub.global_, 1))
         self.assertEqual(seen, [1])
+
+
+class SubscribeTopicsTests(SynchronousTestCase):
+    def test_one_callback_gets_every_topic_with_its_name_until_unsubscribed(self) -> None:
+        pubsub = LocalPubSub()
+        seen: list[tuple[str, Any]] = []
+
+        def callback(topic: str, data: Any) -> None:
+            seen.append((topic, data))
+
+        self.successResultOf(pubsub.subscribe_topics(("a", "b"), callback))
+        pubsub.topic("b").publish(1)
+        pubsub.topic("c").publish(2)
+        pubsub.topic("a").publish(3)
+        self.assertEqual(seen, [("b", 1), ("a", 3)])
+        pubsub.unsubscribe_topics(("a", "b"), callback)
+        pubsub.topic("a").publish(4)
+        self.assertEqual(seen, [("b", 1), ("a", 3)])

@@ -54,7 +54,7 @@ class WorkQueueTests(SynchronousTestCase):
     def test_publish_is_persistent_json_on_the_shared_queue(self) -> None:
         d = self.queue.publish({"userEmail": "a@example.org", "emails": ["b@example.org"]})
         route, body, properties = self.channel.published[0]
-        self.assertEqual(route, Route("collector:email", "", queue="collector:email"))
+        self.assertEqual(route, Route("collector:email", "", queue="collector:email", adopt=True))
         self.assertEqual(json.loads(body), {"userEmail": "a@example.org",
                                             "emails": ["b@example.org"]})
         self.assertEqual(properties["delivery-mode"], 2)

@@ -4,10 +4,11 @@ The push receiver and ``/api/v1/events`` (through StubTreq) over the real
 GlobalPubSub on the real RabbitMQ at 127.0.0.1:5672: with the broker away
 (its connections closed), a Dovecot delivery still reaches the stream at
 once; the events of one Dovecot session arrive in the order Dovecot sent
-them, although each topic has its own queue on the broker; and the copy of
-an own event that comes back from the broker is not streamed a second time
-(a sentinel from another instance, published after it on the same topic,
-proves that the broker has handed everything before it over).
+them, on the instance that received them and on another one (whose stream
+has one queue bound to every topic); and the copy of an own event that
+comes back from the broker is not streamed a second time (a sentinel from
+another instance, published after it on the same topic, proves that the
+broker has handed everything before it over).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from mailhub.pubsub import Hub
 from mailhub.pubsub.connection import Broker
 from mailhub.pubsub.globalpubsub import GlobalPubSub
 from mailhub.pubsub.local import LocalPubSub
-from mailhub.web.events import EventStream
+from mailhub.web.events import STREAM_TOPICS, EventStream
 from mailhub.web.push import PushReceiver
 
 from tests.pubsub.test_rabbitmq import SPEC, inline, wait_for
@@ -151,3 +152,33 @@ class OwnEventsTests(TestCase):
         await wait_for(lambda: any("sentinel" in f["data"] for f in frames()),
                        what="the sentinel from the other instance")
         self.assertEqual([json.loads(f["data"])["uid"] for f in frames()], [1, "sentinel"])
+
+    @inline
+    async def test_another_instances_events_reach_the_stream_in_publication_order(
+            self) -> None:
+        # Instance A receives Dovecot's notifications; the user's stream is on B.
+        _, _, push_a, _ = await self.instance()
+        _, b, _, events_b = await self.instance()
+        # B's stream has one queue, bound to every topic it carries.
+        [subscription] = b._subscriptions
+        self.assertEqual(subscription.bound, set(STREAM_TOPICS))
+        stream = self.open(events_b)
+        sent: list[str] = []
+        for round in range(3):
+            for name, extra in (("MessageExpunge", {"mailbox": "INBOX", "uid": round,
+                                                    "uid_validity": 9}),
+                                ("MailboxCreate", {"mailbox": "Projects%d" % round}),
+                                ("MailboxDelete", {"mailbox": "Old%d" % round})):
+                await self.post(push_a, LUA_URL, {"user": self.login,
+                                                  "events": [dict(extra, name=name)]})
+                sent.append(name)
+
+        def frames() -> list[dict[str, str]]:
+            events_b.flush()
+            return stream.frames()
+
+        await wait_for(lambda: len(frames()) == len(sent), what="A's events on B's stream")
+        self.assertEqual([f["event"] for f in frames()],
+                         ["mail:expunge", "mailbox:create", "mailbox:delete"] * 3)
+        self.assertEqual([json.loads(f["data"]).get("mailbox") for f in frames()][1::3],
+                         ["Projects0", "Projects1", "Projects2"])
