@@ -28,6 +28,25 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from mailhub.errors import ValidationError
+from mailhub.metrics import Metrics
+
+
+def queue_counters(metrics: Metrics, queue: str) -> tuple[Any, Any, Any]:
+    """The acked, dead-lettered and retried counters of the work queue ``queue``.
+
+    Every work queue that retries counts under the same names, labelled by
+    queue, whichever implementation handles it.
+    """
+    return (
+        metrics.counter("mailhub_workqueue_acked_total",
+                        "work queue messages handled and acked", ["queue"]).labels(queue),
+        metrics.counter("mailhub_workqueue_dead_lettered_total",
+                        "work queue messages sent to the dead-letter queue",
+                        ["queue"]).labels(queue),
+        metrics.counter("mailhub_workqueue_retries_total",
+                        "work queue handler failures that will be retried",
+                        ["queue"]).labels(queue),
+    )
 
 
 @attrs.frozen

@@ -25,7 +25,7 @@ from zope.interface import implementer
 from mailhub.metrics import Metrics
 from mailhub.pubsub.connection import encode_json
 from mailhub.pubsub.interfaces import Handler, IPubSub, IWorkQueue
-from mailhub.pubsub.retry import Outcome, RetryPolicy, Sleeps, attempt
+from mailhub.pubsub.retry import Outcome, RetryPolicy, Sleeps, attempt, queue_counters
 
 
 @implementer(IWorkQueue)
@@ -44,16 +44,7 @@ class LocalSharedSubscription:
         self._handler: Handler | None = None
         self._sleeps = Sleeps(clock)
         metrics = metrics or Metrics()
-        labels = {"queue": name}
-        self._acked = metrics.counter(
-            "mailhub_workqueue_acked_total", "work queue messages handled and acked",
-            ["queue"]).labels(**labels)
-        self._dead = metrics.counter(
-            "mailhub_workqueue_dead_lettered_total",
-            "work queue messages sent to the dead-letter queue", ["queue"]).labels(**labels)
-        self._retries = metrics.counter(
-            "mailhub_workqueue_retries_total",
-            "work queue handler failures that will be retried", ["queue"]).labels(**labels)
+        self._acked, self._dead, self._retries = queue_counters(metrics, name)
 
     def publish(self, data: Any) -> Deferred[None]:
         """Publish on the topic (every subscriber gets it, this queue's consumer once)."""

@@ -44,7 +44,7 @@ from mailhub.pubsub.connection import JSON_PROPERTIES, encode_json
 from mailhub.pubsub.consumer import Consumer, IDelivery
 from mailhub.pubsub.interfaces import Handler, IWorkQueue
 from mailhub.pubsub.outbox import Outbox, Route
-from mailhub.pubsub.retry import Outcome, RetryPolicy, attempt
+from mailhub.pubsub.retry import Outcome, RetryPolicy, attempt, queue_counters
 
 REASON_HEADER = "x-mailhub-reason"
 QUEUE_HEADER = "x-mailhub-queue"
@@ -96,20 +96,11 @@ class WorkQueue:
         self._consumer: Any = None
         self._sleeping: dict[Deferred[None], Any] = {}
         metrics = metrics or Metrics()
-        labels = {"queue": name}
-        self._acked = metrics.counter(
-            "mailhub_workqueue_acked_total", "work queue messages handled and acked",
-            ["queue"]).labels(**labels)
-        self._dead = metrics.counter(
-            "mailhub_workqueue_dead_lettered_total",
-            "work queue messages sent to the dead-letter queue", ["queue"]).labels(**labels)
-        self._retries = metrics.counter(
-            "mailhub_workqueue_retries_total",
-            "work queue handler failures that will be retried", ["queue"]).labels(**labels)
+        self._acked, self._dead, self._retries = queue_counters(metrics, name)
         self._abandoned = metrics.counter(
             "mailhub_workqueue_abandoned_total",
             "work queue messages left to the broker to redeliver (connection lost)",
-            ["queue"]).labels(**labels)
+            ["queue"]).labels(name)
         self.in_progress = 0
         if broker is not None:
             broker.add(self)
