@@ -33,7 +33,9 @@ from mailhub.checks import first_line
 from mailhub.cli.check import check
 from mailhub.cli.common import BAD, IO, OK, UNREACHABLE, Exit, database_errors
 from mailhub.cli.groups import group_add, group_list, group_remove
-from mailhub.cli.token import TOKEN_CHANGED, TOKEN_UPDATE, token_create
+from mailhub.cli.token import (
+    TOKEN_CHANGED, TOKEN_UPDATE, add_create_arguments, token_create, token_list, token_revoke,
+)
 from mailhub.cli.users import user_add, user_list, user_passwd, user_remove
 from mailhub.config import Config
 from mailhub.directory.model import PRIVACY
@@ -108,11 +110,18 @@ def parser(out: TextIO | None = None) -> argparse.ArgumentParser:
         sub.set_defaults(run=run)
         return sub
 
-    token = verb("token", "the site token of the GroupServer web hooks")
+    token = verb("token", "the site token and the named tokens of the web hooks")
     create = action(token, "create", token_create,
-                    "make a new site token, store it, and print it "
-                    "(exit 0; 1 bad DSN; 2 cannot connect)")
-    create.add_argument("dsn", metavar="DSN", nargs="?", default=None,
+                    "make a new site token (or, with --name, a named token), store it, "
+                    "and print it (exit 0; 1 bad DSN or input; 2 cannot connect)")
+    add_create_arguments(create)
+    lister = action(token, "list", token_list,
+                    "list the tokens: names, hooks, dates (never a secret)")
+    lister.add_argument("dsn", metavar="DSN", nargs="?", default=None,
+                        help="database to read (default: [database] dsn of the config)")
+    revoke = action(token, "revoke", token_revoke, "delete a named token")
+    revoke.add_argument("name", metavar="NAME")
+    revoke.add_argument("dsn", metavar="DSN", nargs="?", default=None,
                         help="database to change (default: [database] dsn of the config)")
 
     group = verb("group", "the site's groups")

@@ -23,8 +23,19 @@ class IDirectoryStore(Interface):
     def get_token():  # type: ignore[no-untyped-def]
         """Deferred firing with the site token, or None when none was made."""
 
-    def set_token(token):  # type: ignore[no-untyped-def]
-        """Replace the site token."""
+    def set_token(token, previous_until):  # type: ignore[no-untyped-def]
+        """Replace the site token; the one replaced stays valid until
+        ``previous_until`` (seconds since the epoch; None: not at all)."""
+
+    def load_tokens():  # type: ignore[no-untyped-def]
+        """The site token and every named token: a list of
+        :class:`~mailhub.directory.tokens.TokenRecord`, the site's first."""
+
+    def set_named_token(name, token, scopes, previous_until):  # type: ignore[no-untyped-def]
+        """Create or rotate a named token limited to ``scopes``; True if new."""
+
+    def revoke_token(name):  # type: ignore[no-untyped-def]
+        """Delete a named token; True if it existed."""
 
     def audit(event, client, detail):  # type: ignore[no-untyped-def]
         """Append to the audit log: what happened, from which client address.
