@@ -8,7 +8,7 @@ both are accepted until the overlap ends, then only the new one.
 
 Scopes are the hooks' URL paths without ``/`` and ``.json``
 (``gs-group-member-add``) and ``calendar`` for the calendar collector's
-endpoint (``POST /collector/calendar``).
+endpoint (``POST /collector/v1/calendar``).
 """
 
 from __future__ import annotations
