@@ -1,11 +1,12 @@
-"""The ``mailhub`` command: the site token, groups, users, and a health check.
+"""The ``mailhub`` command: the tokens, groups, users, and a health check.
 
 Every verb reads the same INI file as ``twistd -n mailhub`` (``--config FILE``,
 before or after the verb; without it the embedded defaults, SQLite under
 ``./mailhub-data``) and works on the same database, so what it changes the
-running server sees at once: the server follows the database's change log,
-and reads the token from the database when a caller's token does not match
-the one it holds.
+running server sees without a restart: the server follows the database's
+change log (as each change commits on PostgreSQL, every poll interval on
+SQLite), and reads the tokens from the database when a caller's token does
+not match one it holds.
 
 One module per verb: :mod:`~mailhub.cli.token`, :mod:`~mailhub.cli.groups`,
 :mod:`~mailhub.cli.users` and :mod:`~mailhub.cli.check`; this one holds the
