@@ -24,6 +24,8 @@ The throttle's keys
     For password logins the login is the name given; for the other secrets
     it is one fixed name per secret (``token:site``, ``service:push``,
     ``service:mailstore``), so every guess at one secret counts together.
+    Every token guess counts under ``token:site`` (a guess names no token);
+    a named token's success trusts the address under ``token:NAME`` only.
 
 From delay to refusal
     Failures are remembered per (login, client), per login and per client.
@@ -730,8 +732,8 @@ class SiteToken:
         if grant is None:
             grant = self._grant(await self._lookup(token))
         if grant is not None and not grant.expired and not grant.allows(where):
-            # A real secret, used where it may not be: no guess to throttle.
-            auth.throttle.after(SITE_TOKEN, client, True)
+            # A real secret, used where it may not be: not a guess, and no
+            # success either (it earns the address no trust).
             auth.failed(self.surface, "scope", client)
             self.log.info("{surface}: token {name} from {client} is not allowed on {scope}",
                           surface=self.surface, name=grant.name, client=client, scope=where)
@@ -741,7 +743,12 @@ class SiteToken:
             self.log.info("{surface}: the previous secret of token {name} from {client} "
                           "refused: its overlap has ended", surface=self.surface,
                           name=grant.name, client=client)
-        hold = auth.settle(self.surface, SITE_TOKEN, client, ok, wait,
+        # Guesses count against the one key of every token; a named token's
+        # success trusts the address for that token only, so holding a
+        # limited token never spares its holder's guesses at the others.
+        key = SITE_TOKEN if grant is None or not ok or grant.name == SITE \
+            else "token:" + grant.name
+        hold = auth.settle(self.surface, key, client, ok, wait,
                            slow_answers=self.slow_answers,
                            reason="expired" if grant is not None else "wrong")
         if hold is None:

@@ -114,6 +114,27 @@ class NamedTokenTests(TokensCase):
             self.assertEqual(self.add(SMTP)[0], 403)  # answered at once, no Clock advance
         self.assertEqual(auth_failures(self.metrics, "hooks", "scope"), 5)
 
+    def test_a_named_tokens_success_does_not_forgive_guesses_at_the_other_tokens(self) -> None:
+        from tests.web.test_hooks import BASE
+        self.named("reader", SMTP, "gs-search-people")
+        self.assertEqual(self.search(ALICE.id, token="guess-1")[0], 403)
+        held = self.http.post(BASE + "/gs-search-people.json",
+                              data={"token": "guess-2", "user": ALICE.id, "search": ""})
+        self.http.flush()
+        self.clock.advance(0.25)
+        self.http.flush()
+        self.assertEqual(self.successResultOf(held).code, 403)
+        self.assertEqual(self.search(ALICE.id, token=SMTP)[0], 200)
+        # The next guess is still slowed down: the named token's success
+        # trusted the address for that token only.
+        again = self.http.post(BASE + "/gs-search-people.json",
+                               data={"token": "guess-3", "user": ALICE.id, "search": ""})
+        self.http.flush()
+        self.assertNoResult(again)
+        self.clock.advance(15)
+        self.http.flush()
+        self.assertEqual(self.successResultOf(again).code, 403)
+
     def test_the_alias_path_is_the_member_list_scope(self) -> None:
         self.named("lister", SMTP, "gs-site-member-list")
         self.assertEqual(self.call("/gs-site-member.json", {"token": SMTP, "users": ""})[0], 200)
