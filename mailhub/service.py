@@ -127,7 +127,7 @@ class ThreadPoolService(Service):
         super().startService()
         self.pool.start()
 
-    def stopService(self) -> Any:
+    def stopService(self) -> None:
         super().stopService()
         self.pool.stop()
 

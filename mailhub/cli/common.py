@@ -93,6 +93,11 @@ def open_store(dsn: str, site_id: str) -> SQLStore:
     except OSError as e:  # the sqlite folder cannot be made
         store.close_all()
         raise Exit(UNREACHABLE, "cannot open the database %s: %s" % (redact(dsn), e.strerror or e))
+    except BaseException:
+        # E.g. a role without rights (reported by the caller): the connection
+        # must not be left open for the garbage collector.
+        store.close_all()
+        raise
     return store
 
 

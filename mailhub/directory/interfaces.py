@@ -6,11 +6,22 @@ password" (the site's users, LDAP, and both chained).
 
 Every method returns a Deferred (or is ``async``): stores and sources do their
 blocking work in a thread pool they own, never on the reactor thread.
+
+The methods are annotated (without ``self``, as zope declares them) so that
+mypy with the ``mypy_zope`` plugin checks every ``@implementer`` against them.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, AsyncIterator
+
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from mailhub.directory.model import Email, Group, Profile, User
+    from mailhub.directory.tokens import TokenRecord
 
 
 class IDirectoryStore(Interface):
@@ -20,111 +31,115 @@ class IDirectoryStore(Interface):
     the same transaction, so that every instance's cache can follow it.
     """
 
-    def get_token():  # type: ignore[no-untyped-def]
+    def get_token() -> "Deferred[str | None]":
         """Deferred firing with the site token, or None when none was made."""
 
-    def set_token(token, previous_until):  # type: ignore[no-untyped-def]
+    def set_token(token: str | None,
+                  previous_until: float | None = None) -> "Deferred[None]":
         """Replace the site token; the one replaced stays valid until
         ``previous_until`` (seconds since the epoch; None: not at all)."""
 
-    def load_tokens():  # type: ignore[no-untyped-def]
+    def load_tokens() -> "Deferred[list[TokenRecord]]":
         """The site token and every named token: a list of
         :class:`~mailhub.directory.tokens.TokenRecord`, the site's first."""
 
-    def set_named_token(name, token, scopes, previous_until):  # type: ignore[no-untyped-def]
-        """Create or rotate a named token limited to ``scopes``; True if new."""
+    def set_named_token(name: str, token: str, scopes: frozenset[str] | None = None,
+                        previous_until: float | None = None) -> "Deferred[bool]":
+        """Create or rotate a named token limited to ``scopes`` (a rotation
+        keeps its scopes when None); True if new."""
 
-    def revoke_token(name):  # type: ignore[no-untyped-def]
+    def revoke_token(name: str) -> "Deferred[bool]":
         """Delete a named token; True if it existed."""
 
-    def audit(event, client, detail):  # type: ignore[no-untyped-def]
+    def audit(event: str, client: str, detail: str = "") -> "Deferred[None]":
         """Append to the audit log: what happened, from which client address.
 
         ``detail`` never holds a secret.
         """
 
-    def audit_log(limit):  # type: ignore[no-untyped-def]
+    def audit_log(limit: int = 100) -> "Deferred[list[dict[str, str]]]":
         """The newest ``limit`` audit rows, newest first: dicts with
         ``at`` (ISO 8601 UTC), ``event``, ``client``, ``detail``."""
 
-    def load_profiles():  # type: ignore[no-untyped-def]
+    def load_profiles() -> "Deferred[list[Profile]]":
         """Every profile, with addresses and groups: a list of Profile."""
 
-    def get_profile(profile_id):  # type: ignore[no-untyped-def]
+    def get_profile(profile_id: str) -> "Deferred[Profile | None]":
         """Profile by id, or None."""
 
-    def find_profile(address):  # type: ignore[no-untyped-def]
+    def find_profile(address: str) -> "Deferred[Profile | None]":
         """Profile owning the address (exact, case-insensitive), or None."""
 
-    def create_profile(profile):  # type: ignore[no-untyped-def]
+    def create_profile(profile: Profile) -> "Deferred[Profile]":
         """Store a new Profile (its id, name, nickname and emails).
 
         Fails with ValidationError when an address belongs to another profile.
         """
 
-    def update_profile(profile_id, name, nickname):  # type: ignore[no-untyped-def]
+    def update_profile(profile_id: str, name: str, nickname: str | None) -> "Deferred[None]":
         """Change name and nickname of a profile."""
 
-    def set_email(profile_id, email):  # type: ignore[no-untyped-def]
+    def set_email(profile_id: str, email: Email) -> "Deferred[None]":
         """Add an Email to a profile, or replace that address's state."""
 
-    def remove_profile(profile_id):  # type: ignore[no-untyped-def]
+    def remove_profile(profile_id: str) -> "Deferred[bool]":
         """Delete a profile with its addresses, memberships and password."""
 
-    def set_password_hash(profile_id, password_hash):  # type: ignore[no-untyped-def]
+    def set_password_hash(profile_id: str, password_hash: str | None) -> "Deferred[None]":
         """Store (or, with None, clear) a profile's password hash."""
 
-    def get_password_hash(profile_id):  # type: ignore[no-untyped-def]
+    def get_password_hash(profile_id: str) -> "Deferred[str | None]":
         """The profile's password hash, or None."""
 
-    def load_groups():  # type: ignore[no-untyped-def]
+    def load_groups() -> "Deferred[list[Group]]":
         """Every Group."""
 
-    def create_group(group):  # type: ignore[no-untyped-def]
+    def create_group(group: Group) -> "Deferred[Group]":
         """Store a new Group; ValidationError if the id is taken."""
 
-    def remove_group(group_id):  # type: ignore[no-untyped-def]
+    def remove_group(group_id: str) -> "Deferred[bool]":
         """Delete a group and its memberships; True if it existed."""
 
-    def add_member(group_id, profile_id):  # type: ignore[no-untyped-def]
+    def add_member(group_id: str, profile_id: str) -> "Deferred[bool]":
         """Add a membership; True if new, False if it was there already."""
 
-    def remove_member(group_id, profile_id):  # type: ignore[no-untyped-def]
+    def remove_member(group_id: str, profile_id: str) -> "Deferred[bool]":
         """Remove a membership; True if it existed."""
 
-    def changes_since(seq):  # type: ignore[no-untyped-def]
+    def changes_since(seq: int) -> "Deferred[list[tuple[int, str, str]]]":
         """Change-log rows after ``seq``: a list of (seq, kind, key).
 
-        ``kind`` is ``profile``, ``group`` or ``token``; ``key`` the id.
+        ``kind`` is ``profile``, ``group`` or ``token``; ``key`` the id (for
+        a token the site id, or ``SITE/NAME`` for a named token).
         """
 
-    def last_change():  # type: ignore[no-untyped-def]
+    def last_change() -> "Deferred[int]":
         """The newest change-log sequence number (0 when empty)."""
 
-    def ping():  # type: ignore[no-untyped-def]
+    def ping() -> "Deferred[bool]":
         """Deferred that fires when the database answers a trivial query."""
 
 
 class IUserSource(Interface):
     """Who a user is, whether a password is theirs, and every user there is."""
 
-    name = Attribute("Short name of the source: 'site', 'ldap', 'chain'.")
+    name: str = Attribute("Short name of the source: 'site', 'ldap', 'chain'.")
 
-    def find(login):  # type: ignore[no-untyped-def]
+    def find(login: str) -> "Deferred[User | None]":
         """Deferred firing with the User whose login or address this is, or None.
 
         Fails with :class:`mailhub.errors.Unavailable` when the source cannot
         be asked now.
         """
 
-    def authenticate(login, password):  # type: ignore[no-untyped-def]
+    def authenticate(login: str, password: str) -> "Deferred[User | None]":
         """Deferred firing with the User if the password is theirs, else None.
 
         An empty password is always None. Fails with Unavailable when the
         source cannot be asked: never a success then.
         """
 
-    def pages(page_size):  # type: ignore[no-untyped-def]
+    def pages(page_size: int) -> AsyncIterator[list[User]]:
         """An async iterator of lists of User, every user once, in pages.
 
         Memory stays bounded by the page size, whatever the number of users.

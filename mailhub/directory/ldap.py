@@ -43,6 +43,7 @@ from ldap3 import (
 from ldap3.core.exceptions import LDAPException
 from ldap3.utils.conv import escape_filter_chars
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -143,6 +144,26 @@ class _Listing:
         self.done = False
 
 
+class _VerifiedTls(Tls):
+    """ldap3's Tls, but the server's name is checked in the TLS handshake itself.
+
+    ldap3 turns the context's ``check_hostname`` off and compares the names
+    after the handshake; when they differ it raises and drops the wrapped
+    socket unclosed (a ResourceWarning, a descriptor left to the garbage
+    collector, on every refused connection). Here the standard library checks
+    the name during the handshake, and a handshake that fails closes its socket.
+    Both a TLS-from-the-start (``ldaps://``) and a StartTLS connection come here.
+    """
+
+    def wrap_socket(self, connection: Connection, do_handshake: bool = False) -> None:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_certs_file)
+        context.check_hostname = True
+        context.verify_mode = ssl.CERT_REQUIRED
+        connection.socket = context.wrap_socket(
+            connection.socket, server_side=False, do_handshake_on_connect=do_handshake,
+            server_hostname=connection.server.host)
+
+
 class LDAPClient:
     """The blocking half: servers, connections, searches, binds (worker threads only)."""
 
@@ -164,7 +185,7 @@ class LDAPClient:
         self._down_until: dict[str, float] = {}
         tls = None
         if settings.start_tls or any(u.lower().startswith("ldaps:") for u in settings.urls):
-            tls = Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=settings.ca_file or None)
+            tls = _VerifiedTls(validate=ssl.CERT_REQUIRED, ca_certs_file=settings.ca_file or None)
         self._tls = tls
 
     # -- servers and connections --------------------------------------------
@@ -417,10 +438,21 @@ class LDAPClient:
 
 
 def _close(conn: Connection) -> None:
+    """Unbind and close ``conn``, whatever state it is in.
+
+    A connection whose ``open()`` failed (refused, timed out) is not bound,
+    so ``unbind()`` leaves alone the socket ldap3 made for it: close it here.
+    """
     try:
         conn.unbind()
     except Exception:
         pass
+    sock = getattr(conn, "socket", None)
+    if sock is not None:
+        try:
+            sock.close()
+        except OSError:
+            pass
 
 
 def _why(conn: Connection) -> str:
@@ -439,10 +471,10 @@ def _reason(error: BaseException) -> str:
 class LDAPUserSource:
     """IUserSource over :class:`LDAPClient`, every call in the LDAP thread pool."""
 
-    name = "ldap"  # type: ignore[assignment]
+    name = "ldap"
     log = Logger()
 
-    def __init__(self, client: LDAPClient, reactor: Any, pool: ThreadPool) -> None:
+    def __init__(self, client: LDAPClient, reactor: IReactorFromThreads, pool: ThreadPool) -> None:
         self.client = client
         self.reactor = reactor
         self.pool = pool
@@ -500,19 +532,22 @@ class LDAPService(ThreadPoolService):
 
     name = "ldap"  # type: ignore[assignment]
 
-    def __init__(self, reactor: Any, settings: LDAPSection, threads: int | None = None) -> None:
+    def __init__(self, reactor: IReactorFromThreads, settings: LDAPSection,
+                 threads: int | None = None) -> None:
         super().__init__(settings.pool_size if threads is None else threads, "mailhub-ldap")
         self.client = LDAPClient(settings)
         self.source = LDAPUserSource(self.client, reactor, self.pool)
 
     @classmethod
-    def from_config(cls, reactor: Any, section: LDAPSection) -> "LDAPService | None":
+    def from_config(cls, reactor: IReactorFromThreads,
+                    section: LDAPSection) -> "LDAPService | None":
         """The service for ``[ldap]``, or None when ``url`` is empty (no LDAP)."""
         if not section.url.strip():
             return None
         return cls(reactor, section)
 
-    def stopService(self) -> Any:
+    def stopService(self) -> None:
+        """Stop the pool (its threads finish first), then close their connections."""
         super().stopService()
         self.client.close_all()
 

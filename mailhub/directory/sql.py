@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlsplit
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -657,7 +658,8 @@ class StoreService(Service):
 
     name = "database"  # type: ignore[assignment]
 
-    def __init__(self, dsn: str, site_id: str, reactor: Any, threads: int = 4) -> None:
+    def __init__(self, dsn: str, site_id: str, reactor: IReactorFromThreads,
+                 threads: int = 4) -> None:
         self.dialect = dialect_for(dsn)
         if isinstance(self.dialect, SQLiteDialect) and self.dialect.path == ":memory:":
             threads = 1  # one connection, one database

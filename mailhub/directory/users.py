@@ -15,11 +15,13 @@ answer unavailable rather than letting a later source say yes.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
+from typing import (TYPE_CHECKING, Any, AsyncIterator, Callable, Coroutine, ParamSpec,
+                    Sequence, TypeVar)
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -34,6 +36,7 @@ if TYPE_CHECKING:  # cache imports the web layer; only the type is needed here
     from mailhub.directory.service import Directory
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 #: Longest password accepted (bytes of UTF-8): a bound on hashing work.
 MAX_PASSWORD = 4096
@@ -98,11 +101,15 @@ class HashingService(ThreadPoolService):
         super().__init__(threads, "mailhub-hashing")
 
 
-def _deferred(method: Callable[..., Awaitable[T]]) -> Callable[..., "Deferred[T]"]:
-    """Make an ``async def`` method return a Deferred, as IUserSource promises."""
+def _deferred(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, "Deferred[T]"]:
+    """Make an ``async def`` method return a Deferred, as IUserSource promises.
 
-    def wrapper(*args: Any, **kw: Any) -> "Deferred[T]":
-        return Deferred.fromCoroutine(method(*args, **kw))  # type: ignore[arg-type]
+    The parameters keep their types, so mypy checks the method against the
+    interface as it checks a plain one.
+    """
+
+    def wrapper(*args: P.args, **kw: P.kwargs) -> "Deferred[T]":
+        return Deferred.fromCoroutine(method(*args, **kw))
 
     wrapper.__name__ = method.__name__
     wrapper.__doc__ = method.__doc__
@@ -130,7 +137,7 @@ class SiteUserSource:
     name = "site"
     log = Logger()
 
-    def __init__(self, store: IDirectoryStore, reactor: Any, pool: ThreadPool,
+    def __init__(self, store: IDirectoryStore, reactor: IReactorFromThreads, pool: ThreadPool,
                  hasher: PasswordHasher = DEFAULT_HASHER, *,
                  directory: "Directory | None" = None) -> None:
         self.store = store
@@ -159,7 +166,7 @@ class SiteUserSource:
         if not login or len(login) > MAX_LOGIN:
             return None
         if "@" not in login:
-            return await maybeDeferred(self.store.get_profile, login)  # type: ignore[no-any-return]
+            return await maybeDeferred(self.store.get_profile, login)
         return await maybeDeferred(self.store.find_profile, login)
 
     def find(self, login: str) -> "Deferred[User | None]":
@@ -257,8 +264,8 @@ class ChainedUserSource:
             return None
         for source in self.sources[:-1]:
             if await source.find(login) is not None:
-                return await source.authenticate(login, password)  # type: ignore[no-any-return]
-        return await self.sources[-1].authenticate(login, password)  # type: ignore[no-any-return]
+                return await source.authenticate(login, password)
+        return await self.sources[-1].authenticate(login, password)
 
     @_deferred
     async def catch_up(self) -> None:
@@ -303,7 +310,8 @@ class ChainedUserSource:
                 await _close(iterator)
 
 
-async def _close(iterator: Any) -> None:
+async def _close(iterator: AsyncIterator[list[User]]) -> None:
+    """Close an async generator (a source's ``pages``) that may not have finished."""
     close = getattr(iterator, "aclose", None)
     if close is not None:
         await close()

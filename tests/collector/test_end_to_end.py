@@ -19,7 +19,6 @@ Radicale and data folder.
 
 from __future__ import annotations
 
-import re
 import signal
 import subprocess
 import time
@@ -31,7 +30,7 @@ import pytest
 
 from mailhub.collector.addresses import address_key
 from mailhub.collector.vcard import contact_uuid
-from tests.support import dav
+from tests.support import dav, metrics
 from tests.support.amqp_peer import VirtualHost, WorkQueuePeer
 from tests.support.postgres import throwaway_database
 from tests.support.process import TWISTD, Mailhub
@@ -57,22 +56,11 @@ def wait_until(check: Callable[[], Any], what: str, timeout: float = 30.0) -> An
         time.sleep(0.05)
 
 
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})? (\S+)$")
-
-
 def metric(mailhub: Mailhub, name: str, **labels: str) -> float:
     """The sum of the samples of ``name`` on /metrics whose labels include ``labels``."""
     status, text = mailhub.get("/metrics")
     assert status == 200
-    total = 0.0
-    for line in text.decode("utf-8").splitlines():
-        match = _SAMPLE.match(line)
-        if match is None or match.group(1) != name:
-            continue
-        found = match.group(2) or ""
-        if all('%s="%s"' % pair in found for pair in labels.items()):
-            total += float(match.group(3))
-    return total
+    return metrics.total(text, name, **labels)
 
 
 def handled(mailhub: Mailhub) -> float:

@@ -7,8 +7,10 @@ MaxPageSize would do: a listing that forgot to page would come up short.
 
 from __future__ import annotations
 
+import gc
 import socket
 import time
+import warnings
 from typing import Any, Iterator
 
 import pytest
@@ -21,13 +23,13 @@ from tests.support import slapd as fixture
 from tests.support.require import free_port
 from tests.support.slapd import Slapd
 
-USERS = 1200
+USERS = fixture.SHARED_USERS
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: Any) -> Iterator[Slapd]:
-    with Slapd(tmp_path_factory.mktemp("slapd"), users=USERS) as running:
-        yield running
+@pytest.fixture
+def server(slapd: Slapd) -> Slapd:
+    """The run's shared slapd (tests/conftest.py)."""
+    return slapd
 
 
 @pytest.fixture
@@ -172,6 +174,19 @@ def test_no_server_at_all_is_unavailable() -> None:
         client.authenticate("user00001", fixture.password(1))
     with pytest.raises(Unavailable):
         client.open_listing()
+
+
+def test_a_refused_connection_leaves_no_socket_open() -> None:
+    urls = tuple("ldap://127.0.0.1:%d" % free_port() for _ in range(2))
+    client = LDAPClient(LDAPSection(url=" ".join(urls), base_dn=fixture.BASE_DN, timeout=1.0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        with pytest.raises(Unavailable):
+            client.authenticate("user00001", fixture.password(1))
+        with pytest.raises(Unavailable):
+            client.open_listing()
+        gc.collect()
+    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
 
 
 def test_a_server_that_stops_answering_is_unavailable_after_the_timeout(

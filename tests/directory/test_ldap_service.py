@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
-from typing import Any
-
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
@@ -16,21 +13,15 @@ from mailhub.directory.ldap import LDAPService
 from mailhub.errors import Unavailable
 from tests.support import slapd as fixture
 from tests.support.slapd import Slapd
+from tests.support.sources import check_user_source
 
 
 class LDAPServiceTests(TestCase):
     server: Slapd
-    _tmp: Any
 
     @classmethod
     def setUpClass(cls) -> None:
-        cls._tmp = tempfile.TemporaryDirectory()
-        cls.server = Slapd(cls._tmp.name, users=1200).start()
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls.server.stop()
-        cls._tmp.cleanup()
+        cls.server = fixture.shared()
 
     def setUp(self) -> None:
         self.service = LDAPService(reactor, LDAPSection(**self.server.settings(timeout=1.0)),
@@ -41,6 +32,11 @@ class LDAPServiceTests(TestCase):
 
     def test_the_source_provides_the_interface(self) -> None:
         verifyObject(IUserSource, self.source)
+
+    def test_the_source_answers_with_the_interfaces_types(self) -> Deferred[None]:
+        # The same check as the site source's (tests/directory/test_users.py).
+        return Deferred.fromCoroutine(
+            check_user_source(self.source, "user00011", fixture.password(11)))
 
     async def _auth(self) -> None:
         user = await self.source.authenticate("user00011", fixture.password(11))

@@ -1,7 +1,7 @@
 """LDAPS and StartTLS against a real slapd, through LDAPService and its source.
 
-Three servers (tests.support.slapd): one serving TLS with a certificate for
-127.0.0.1 signed by a throwaway CA, one whose certificate (from the same CA)
+Three servers (tests.support.slapd): the run's shared one, serving TLS with a
+certificate for 127.0.0.1 signed by a throwaway CA, one whose certificate (from the same CA)
 names another host, and one without TLS at all. A recording relay in front
 of a server keeps every byte mailhub sends, so "nothing in plaintext" is
 checked on the wire, not inferred.
@@ -13,10 +13,12 @@ a silent fallback to plaintext.
 
 from __future__ import annotations
 
+import gc
 import socket
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +27,13 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from mailhub.config import LDAPSection
-from mailhub.directory.ldap import LDAPService, LDAPUserSource
+from mailhub.directory.ldap import LDAPClient, LDAPService, LDAPUserSource
 from mailhub.errors import Unavailable
 from tests.support import slapd as fixture
 from tests.support.slapd import Slapd, make_certificates
 
-USERS = 120
-PAGE = 50
+USERS = fixture.SHARED_USERS
+PAGE = 500
 
 
 class Relay:
@@ -99,7 +101,7 @@ class LDAPTLSTests(TestCase):
     def setUpClass(cls) -> None:
         cls._tmp = tempfile.TemporaryDirectory()
         root = Path(cls._tmp.name)
-        cls.tls = Slapd(root / "tls", users=USERS, tls=True).start()
+        cls.tls = fixture.shared()
         try:
             cls.misnamed = Slapd(root / "misnamed", users=3, tls=True,
                                  tls_names=("ldap.example.org",)).start()
@@ -112,7 +114,7 @@ class LDAPTLSTests(TestCase):
 
     @classmethod
     def tearDownClass(cls) -> None:
-        for name in ("tls", "misnamed", "plain"):
+        for name in ("misnamed", "plain"):  # tls is the run's shared slapd
             server = cls.__dict__.get(name)
             if server is not None:
                 server.stop()
@@ -223,6 +225,20 @@ class LDAPTLSTests(TestCase):
     def test_starttls_certificate_for_another_host_is_refused(self) -> Deferred[None]:
         source = self.source(self.misnamed, start_tls=True, ca_file=self.misnamed.ca_file)
         return Deferred.fromCoroutine(self._refused(source))
+
+    def test_a_refused_certificate_leaves_no_socket_open(self) -> None:
+        # ldap3 itself drops the socket of a refused name unclosed; ours closes it.
+        for overrides in ({"urls": (self.misnamed.ldaps_url,)}, {"start_tls": True}):
+            client = LDAPClient(LDAPSection(**self.misnamed.settings(
+                ca_file=self.misnamed.ca_file, timeout=2.0, **overrides)))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ResourceWarning)
+                with self.assertRaises(Unavailable):
+                    client.authenticate("user00001", fixture.password(1))
+                client.close_all()
+                gc.collect()
+            self.assertEqual([str(w.message) for w in caught
+                              if w.category is ResourceWarning], [], overrides)
 
     async def _refused_on_the_wire(self, relay: Relay, source: LDAPUserSource) -> None:
         await self._refused(source)

@@ -10,7 +10,7 @@ behaviour around it (refusals, reconnection, fallback) is unchanged.
 from __future__ import annotations
 
 import socket
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -33,10 +33,10 @@ FILTERS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: Any) -> Iterator[Slapd]:
-    with Slapd(tmp_path_factory.mktemp("slapd"), users=20) as running:
-        yield running
+@pytest.fixture
+def server(slapd: Slapd) -> Slapd:
+    """The run's shared slapd (tests/conftest.py)."""
+    return slapd
 
 
 def message_id(data: bytes) -> int:

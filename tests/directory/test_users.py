@@ -25,6 +25,7 @@ from mailhub.directory.users import (
 )
 from mailhub.errors import Unavailable, ValidationError
 from tests.support.deferreds import result
+from tests.support.sources import check_user_source
 
 #: Cheap parameters so that the tests hash quickly; production uses the defaults.
 FAST = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
@@ -125,6 +126,11 @@ def test_the_hashing_service_owns_and_stops_its_pool() -> None:
 
 def test_site_source_provides_the_interface(site: SiteUserSource) -> None:
     verifyObject(IUserSource, site)
+
+
+def test_site_source_answers_with_the_interfaces_types(site: SiteUserSource) -> None:
+    # The same check as the LDAP source's (tests/directory/test_ldap_service.py).
+    result(Deferred.fromCoroutine(check_user_source(site, "alice@example.test", "Grüße, Welt!")))
 
 
 def test_site_users_are_found_by_id_and_by_any_address(site: SiteUserSource) -> None:

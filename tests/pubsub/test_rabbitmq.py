@@ -26,7 +26,8 @@ from mailhub.pubsub.local import LocalPubSub
 from mailhub.pubsub.wiring import PubSub
 from mailhub.pubsub.workqueue import REASON_HEADER, WorkQueue
 
-from tests.support.rabbitmq import URL, RawClient, close_connections, require_rabbitmq, unique
+from tests.support.rabbitmq import (URL, RawClient, bound_queues, close_connections,
+                                    require_rabbitmq, settled, unique)
 
 SPEC = "/usr/share/amqp/specs/0-9-1/amqp0-9-1.stripped.xml"
 
@@ -204,11 +205,14 @@ class GlobalPubSubTests(RabbitMQTestCase):
         kept: list[Any] = []
         await pubsub.topic(topic).subscribe(gone.append)
         await pubsub.topic(topic).subscribe(kept.append)
+        self.assertEqual(len(await bound_queues(topic)), 2)
         pubsub.topic(topic).unsubscribe(gone.append)
-        await deferLater(reactor, 0.2, lambda: None)
+        # The broker routes the topic to kept's queue alone: a publication
+        # now can reach no one else (no waiting to see that nothing came).
+        while len(await bound_queues(topic)) != 1:
+            await deferLater(reactor, 0.02, lambda: None)
         await pubsub.topic(topic).publish({"n": 1})
         await wait_for(lambda: kept == [{"n": 1}])
-        await deferLater(reactor, 0.2, lambda: None)
         self.assertEqual(gone, [])
 
 
@@ -334,7 +338,8 @@ class WorkQueueTests(RabbitMQTestCase):
         publisher = await self.work_queue(name)
         await DeferredList([publisher.publish({"n": n}) for n in range(40)])
         await wait_for(lambda: len(got["a"]) + len(got["b"]) >= 40)
-        await deferLater(reactor, 0.2, lambda: None)
+        # Every message acknowledged: none can be delivered again.
+        await settled(name)
         self.assertEqual(sorted(got["a"] + got["b"]), list(range(40)), "each message once")
         self.assertTrue(got["a"] and got["b"], "both consumers took part: %r" % (got,))
 
@@ -488,7 +493,9 @@ class SharedSubscriptionTests(RabbitMQTestCase):
             await raw.publish_like_esn(topic, self.event("u%d" % n))
             expected.append("u%d" % n)
         await wait_for(lambda: len(submitted["a"]) + len(submitted["b"]) >= 30)
-        await deferLater(reactor, 0.3, lambda: None)
+        # Every event acknowledged: none can be submitted again.
+        for topic in topics.values():
+            await settled(topic + ":shared")
         self.assertEqual(sorted(submitted["a"] + submitted["b"]), sorted(expected),
                          "each event submitted exactly once across the two instances")
         self.assertTrue(submitted["a"] and submitted["b"],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from typing import Any
 
 import treq
@@ -21,17 +20,13 @@ from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from mailhub.web.events import EventStream
 from tests.support import slapd as fixture
-from tests.support.slapd import Slapd
 
 
 class LDAPEventStreamTests(TestCase):
     timeout = 60
 
     def setUp(self) -> None:
-        self._tmp = tempfile.TemporaryDirectory()
-        self.addCleanup(self._tmp.cleanup)
-        self.server = Slapd(self._tmp.name, users=3).start()
-        self.addCleanup(self.server.stop)
+        self.server = fixture.shared()
         ldap = LDAPService(reactor, LDAPSection(**self.server.settings(timeout=2.0)),
                            threads=1)
         ldap.startService()

@@ -25,15 +25,16 @@ import uuid
 from typing import Any
 from urllib.parse import quote
 
+import pytest
+
 from tests.support.rabbitmq import HOST, PORT, _rabbitmqctl, require_rabbitmq, unique
-from tests.support.require import missing
 
 
 def _pika() -> Any:
     try:
         import pika
     except ImportError:
-        missing("pika is not installed (pip install pika; it is in the test extras)")
+        pytest.skip("pika is not installed (pip install pika; it is in the test extras)")
     return pika
 
 
@@ -51,7 +52,7 @@ class VirtualHost:
         done = subprocess.run([self._ctl, "-q", *args], capture_output=True, text=True,
                               timeout=60, env=env)
         if done.returncode != 0:
-            missing("rabbitmqctl %s failed: %s" % (args[0], done.stderr.strip()))
+            pytest.skip("rabbitmqctl %s failed: %s" % (args[0], done.stderr.strip()))
 
     def create(self) -> "VirtualHost":
         self._run("add_vhost", self.name)

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Sequence
 
 import attrs
+import pytest
 
 from mailhub.push.dovecot_config import lua_script_path
-from tests.support.require import missing, require_program
+from tests.support.require import require_program
 
 LDA = "/usr/lib/dovecot/dovecot-lda"
 DOVEADM = "/usr/bin/doveadm"
@@ -54,7 +55,7 @@ def _ensure_user() -> pwd.struct_passwd:
                            "--shell", "/usr/sbin/nologin", MAIL_USER],
                           capture_output=True, text=True)
     if done.returncode not in (0, 9):  # 9: created meanwhile by another test run
-        missing("cannot create the mail user %s: %s" % (MAIL_USER, done.stderr.strip()))
+        pytest.skip("cannot create the mail user %s: %s" % (MAIL_USER, done.stderr.strip()))
     return pwd.getpwnam(MAIL_USER)
 
 
@@ -85,7 +86,7 @@ class Dovecot:
         self.as_root = os.geteuid() == 0
         if self.as_root:
             if not shutil.which("runuser"):
-                missing("runuser is not installed (util-linux)")
+                pytest.skip("runuser is not installed (util-linux)")
             self.account = _ensure_user()
         else:
             self.account = pwd.getpwuid(os.geteuid())

@@ -12,7 +12,9 @@ import shutil
 import uuid
 from typing import Any
 
+import pytest
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from txamqp.client import TwistedDelegate
 from txamqp.content import Content
@@ -20,7 +22,7 @@ from txamqp.protocol import AMQClient
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from mailhub.config import DEFAULT_SPEC
-from tests.support.require import missing, require_port
+from tests.support.require import require_port
 
 HOST = "127.0.0.1"
 PORT = 5672
@@ -28,10 +30,10 @@ URL = "amqp://guest:guest@%s:%d/" % (HOST, PORT)
 
 
 def require_rabbitmq() -> None:
-    """missing() unless RabbitMQ listens on 127.0.0.1:5672 and the spec exists."""
+    """Skip the test unless RabbitMQ listens on 127.0.0.1:5672 and the spec exists."""
     require_port(HOST, PORT, "RabbitMQ")
     if not os.path.isfile(DEFAULT_SPEC):
-        missing("Debian's amqp-specs is not installed (%s)" % DEFAULT_SPEC)
+        pytest.skip("Debian's amqp-specs is not installed (%s)" % DEFAULT_SPEC)
 
 
 def unique(prefix: str = "test") -> str:
@@ -43,7 +45,7 @@ def _rabbitmqctl() -> str:
     found = shutil.which("rabbitmqctl") or (
         "/usr/sbin/rabbitmqctl" if os.path.exists("/usr/sbin/rabbitmqctl") else None)
     if found is None:
-        missing("rabbitmqctl is not installed (it comes with rabbitmq-server)")
+        pytest.skip("rabbitmqctl is not installed (it comes with rabbitmq-server)")
     assert found is not None
     return found
 
@@ -56,7 +58,7 @@ async def close_connections(name: str) -> int:
         ctl, ["list_connections", "-q", "--no-table-headers", "pid", "client_properties"],
         env=env)
     if code != 0:
-        missing("rabbitmqctl list_connections failed: %s" % err.decode(errors="replace"))
+        pytest.skip("rabbitmqctl list_connections failed: %s" % err.decode(errors="replace"))
     closed = 0
     needle = '{"connection_name","%s"}' % name
     for line in out.decode().splitlines():
@@ -67,6 +69,47 @@ async def close_connections(name: str) -> int:
             if code == 0:
                 closed += 1
     return closed
+
+
+async def _listing(what: str, *columns: str) -> list[list[str]]:
+    """``rabbitmqctl list_<what>`` of the default virtual host: one row of columns a line."""
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": os.environ.get("HOME", "/root")}
+    out, err, code = await getProcessOutputAndValue(
+        _rabbitmqctl(), ["list_" + what, "-q", "--no-table-headers", *columns], env=env)
+    if code != 0:
+        pytest.skip("rabbitmqctl list_%s failed: %s" % (what, err.decode(errors="replace")))
+    return [line.split("\t") for line in out.decode().splitlines() if line.strip()]
+
+
+async def bound_queues(exchange: str) -> list[str]:
+    """The queues the broker routes ``exchange``'s messages to now."""
+    rows = await _listing("bindings", "source_name", "destination_name", "destination_kind")
+    return sorted(row[1] for row in rows if len(row) == 3 and row[0] == exchange
+                  and row[2] == "queue")
+
+
+async def unsettled(queue: str) -> int:
+    """Messages of ``queue`` still ready or delivered but not acknowledged.
+
+    Once it is 0 (and nothing more is published) no consumer can get another
+    message from ``queue``: what proves that nothing else will arrive,
+    without waiting a while to see.
+    """
+    for row in await _listing("queues", "name", "messages_ready", "messages_unacknowledged"):
+        if len(row) == 3 and row[0] == queue:
+            return int(row[1]) + int(row[2])
+    raise AssertionError("no queue %s on the broker" % queue)
+
+
+async def settled(queue: str, timeout: float = 20.0) -> None:
+    """Wait until every message of ``queue`` is acknowledged (:func:`unsettled` is 0)."""
+    from twisted.internet import reactor
+
+    deadline = reactor.seconds() + timeout  # type: ignore[attr-defined]
+    while (left := await unsettled(queue)) != 0:
+        if reactor.seconds() > deadline:  # type: ignore[attr-defined]
+            raise AssertionError("%d messages of %s still unacknowledged" % (left, queue))
+        await deferLater(reactor, 0.05, lambda: None)
 
 
 class RawClient:

@@ -17,7 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.support.require import free_port, missing
+import pytest
+
+from tests.support.require import free_port
 
 RIGHTS = """\
 [service]
@@ -50,7 +52,7 @@ class RadicaleServer:
         try:
             import radicale  # noqa: F401
         except ImportError:
-            missing("Radicale is not installed (pip install radicale)")
+            pytest.skip("Radicale is not installed (pip install radicale)")
         self.folder = Path(tempfile.mkdtemp(prefix="mailhub-radicale-"))
         self.port = port or free_port()
         self.service = service

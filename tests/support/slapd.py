@@ -19,6 +19,12 @@ The directory (base ``dc=example,dc=test``):
 - ``uid=zoe``: "Zoë Ørsted-Ünal" with three mail values, password
   ``"Pässwörd zoë"`` (non-ASCII password).
 
+:func:`shared` is the one such server of a test run (1,200 users, TLS too),
+started on first use and stopped when the run ends (the root conftest's
+``slapd`` fixture and its ``pytest_sessionfinish``): the LDAP, MailStore and
+event-stream tests all read the same directory. A test that pauses it
+resumes it before it ends; none writes to it.
+
 ``pause()``/``resume()`` stop and continue the process (SIGSTOP/SIGCONT):
 the server then accepts TCP connections but never answers, which is how a
 hung LDAP server looks to a client.
@@ -38,7 +44,9 @@ import base64
 import os
 import signal
 import socket
+import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -46,7 +54,9 @@ from ipaddress import ip_address
 from pathlib import Path
 from typing import Any, Sequence
 
-from tests.support.require import free_port, missing
+import pytest
+
+from tests.support.require import free_port
 
 SLAPD = "/usr/sbin/slapd"
 SLAPADD = "/usr/sbin/slapadd"
@@ -286,7 +296,7 @@ class Slapd:
 
     def start(self) -> "Slapd":
         if not (os.access(SLAPD, os.X_OK) and os.access(SLAPADD, os.X_OK)):
-            missing("slapd is not installed (Debian package slapd; tests/run installs it)")
+            pytest.skip("slapd is not installed (Debian package slapd; tests/run installs it)")
         (self.directory / "data").mkdir(parents=True, exist_ok=True)
         if self.tls:
             self.tls_files = make_certificates(self.directory / "tls", self.tls_names)
@@ -308,10 +318,12 @@ class Slapd:
                 self.tls_port = free_port()
             listeners.append(self.ldaps_url + "/")
             ports.append(self.tls_port)
-        self.process = subprocess.Popen(
-            [SLAPD, "-f", str(conf), "-h", " ".join(listeners), "-d", "0"],
-            stdout=subprocess.DEVNULL, stderr=open(self.directory / "slapd.log", "wb"),
-        )
+        with open(self.directory / "slapd.log", "wb") as log:
+            # slapd writes to its own copy of the descriptor; ours is closed.
+            self.process = subprocess.Popen(
+                [SLAPD, "-f", str(conf), "-h", " ".join(listeners), "-d", "0"],
+                stdout=subprocess.DEVNULL, stderr=log,
+            )
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -356,3 +368,39 @@ class Slapd:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+#: The users of the :func:`shared` directory: more than two pages of 500.
+SHARED_USERS = 1200
+
+_shared: Slapd | None = None
+
+
+def shared() -> Slapd:
+    """The test run's one slapd (``SHARED_USERS`` users, plain and TLS), started once.
+
+    Tests may pause and resume it, never change its entries.
+    """
+    global _shared
+    if _shared is None or _shared.process is None or _shared.process.poll() is not None:
+        stop_shared()
+        made = Slapd(tempfile.mkdtemp(prefix="mailhub-slapd-"), users=SHARED_USERS, tls=True)
+        try:
+            made.start()
+        except BaseException:
+            made.stop()
+            shutil.rmtree(made.directory, ignore_errors=True)
+            raise
+        _shared = made
+    if _shared._paused:
+        _shared.resume()
+    return _shared
+
+
+def stop_shared() -> None:
+    """Stop the :func:`shared` server, if one was started, and remove its folder."""
+    global _shared
+    made, _shared = _shared, None
+    if made is not None:
+        made.stop()
+        shutil.rmtree(made.directory, ignore_errors=True)

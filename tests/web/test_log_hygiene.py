@@ -209,8 +209,12 @@ def test_no_client_can_start_a_line_of_its_own_in_the_log(tmp_path: Any) -> None
 
     with Mailhub(tmp_path, config=config) as mailhub:
         form = {"Content-Type": "application/x-www-form-urlencoded"}
-        mailhub.request("POST", "/mailstore", ("cmd=auth&user=%s&pass=x" % urllib.parse.quote(
-            FORGED)).encode(), dict(form, **basic("mailstore", "ms-pw")))
+        # A form field holding a control character is bad input, refused at
+        # the edge before any login is tried (so before any log line names it).
+        status, answer = mailhub.request(
+            "POST", "/mailstore", ("cmd=auth&user=%s&pass=x" % urllib.parse.quote(
+                FORGED)).encode(), dict(form, **basic("mailstore", "ms-pw")))
+        assert status == 400 and "control character" in answer["error"], answer
         mailhub.request("PROPFIND", "/dav/", b"", basic(FORGED, "x"))
         mailhub.request("GET", "/api/v1/events", None, basic(FORGED, "x"))
         mailhub.request("POST", "/push/v1/notify", b"{}", dict(basic(FORGED, "x"), **{
@@ -223,7 +227,7 @@ def test_no_client_can_start_a_line_of_its_own_in_the_log(tmp_path: Any) -> None
     log = mailhub.log.read_bytes().decode("utf-8", "replace")
     stamp = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[")
     attempts = [line for line in log.split("\n") if "forged" in line or "ann" in line]
-    assert len(attempts) >= 4, log  # mailstore, dav, events, the path: logged, escaped
+    assert len(attempts) >= 3, log  # dav, events, the path: logged, escaped
     for line in attempts:
         assert stamp.match(line), line
     assert "\x1b" not in log and "\r" not in log

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import tempfile
 from typing import Any, AsyncIterator
 
 import treq
@@ -239,17 +238,10 @@ class MailStoreAgainstSlapd(TestCase):
     """A real HTTP listener, the chain (site users, then a real slapd)."""
 
     server: Slapd
-    _tmp: Any
 
     @classmethod
     def setUpClass(cls) -> None:
-        cls._tmp = tempfile.TemporaryDirectory()
-        cls.server = Slapd(cls._tmp.name, users=1200).start()
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls.server.stop()
-        cls._tmp.cleanup()
+        cls.server = fixture.shared()
 
     def build(self, urls: tuple[str, ...]) -> None:
         settings = LDAPSection(**self.server.settings(urls=urls, timeout=1.0))

@@ -18,6 +18,7 @@ from mailhub.metrics import Metrics
 from mailhub.web.common import json_routing_errors
 from mailhub.web.ops import Operations
 from mailhub.web.site import MailhubSite, Root
+from tests.support.metrics import matching
 
 
 class Echo:
@@ -85,7 +86,7 @@ class RootTests(SynchronousTestCase):
         self.assertEqual(self.metrics.value(
             "mailhub_http_requests_total", {"route": "other", "method": "GET", "status": "404"}), 5)
         code, text = self.request("GET", "/metrics")
-        self.assertIn(b"mailhub_http_request_seconds_bucket", text)
+        self.assertTrue(matching(text, "mailhub_http_request_seconds_bucket"))
 
 
 class DiscoveryTests(SynchronousTestCase):
@@ -126,7 +127,8 @@ class ConnectionBoundsTests(SynchronousTestCase):
 
         self.clock = Clock()
         self.metrics = Metrics()
-        ops = Operations(self.metrics, {}, lambda: {"openapi": "3.1.0", "paths": {}})
+        ops = Operations(self.metrics, [], lambda: {"openapi": "3.1.0", "paths": {}},
+                         self.clock)
         root = Root(self.metrics, {b"healthz": ops.resource(), b"whole": Echo().app.resource()})
         self.site = MailhubSite(root, 1024, max_connections=3, health_reserve=1,
                                 header_timeout=5, metrics=self.metrics, reactor=self.clock)
