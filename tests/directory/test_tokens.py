@@ -104,6 +104,8 @@ class NamedTokenTests(TokensCase):
         self.assertEqual(auth_failures(self.metrics, "hooks", "wrong"), 0)
         self.assertIn("token smtp2gs from 127.0.0.1 is not allowed on gs-group-groups",
                       self.texts())
+        self.assertEqual([r["detail"] for r in self.audit()],
+                         ["hook=/gs-group-groups.json token=scope"])
         self.assertNotIn(SMTP, repr(self.logged) + repr(self.audit()))
         # The site token still works everywhere.
         self.assertEqual(self.call("/gs-group-groups.json", {"token": TOKEN, "get": ""})[0], 200)
