@@ -14,14 +14,18 @@ Reasons a check fails
     ``missing`` (no credentials or no token), ``empty`` (an empty password
     or token), ``wrong``, ``throttled`` (refused without being checked: the
     client is over its failure budget), ``unconfigured`` (the service
-    credentials are not set) and ``unavailable`` (the user source could not
-    be asked: answered 503, never a success).
+    credentials are not set), ``unavailable`` (the user source could not
+    be asked: answered 503, never a success), ``scope`` (a named token used
+    where it was not made for) and ``expired`` (a token's previous secret
+    after its overlap ended).
 
 The throttle's keys
     An attempt is named by a *login* and a *client* (the peer's address).
     For password logins the login is the name given; for the other secrets
     it is one fixed name per secret (``token:site``, ``service:push``,
     ``service:mailstore``), so every guess at one secret counts together.
+    Every token guess counts under ``token:site`` (a guess names no token);
+    a named token's success trusts the address under ``token:NAME`` only.
 
 From delay to refusal
     Failures are remembered per (login, client), per login and per client.
@@ -90,6 +94,7 @@ from twisted.web.iweb import IRequest
 
 from mailhub.directory.interfaces import IUserSource
 from mailhub.directory.model import User
+from mailhub.directory.tokens import SITE, Grant, scope_of
 from mailhub.errors import Unavailable
 from mailhub.events import login_event, publish
 from mailhub.metrics import Metrics
@@ -113,7 +118,8 @@ TRUST_REFRESH = 60.0
 THROTTLED_LOG_EVERY = 10.0
 
 #: Why a check failed, as the metric's ``reason`` label says it.
-REASONS = ("missing", "empty", "wrong", "throttled", "unconfigured", "unavailable")
+REASONS = ("missing", "empty", "wrong", "throttled", "unconfigured", "unavailable",
+           "scope", "expired")
 
 
 # -- the throttle -----------------------------------------------------------
@@ -468,7 +474,8 @@ class Auth:
         return wait
 
     def settle(self, surface: str, key: str, client: str, ok: bool, wait: float,
-               *, slow_answers: bool = False, count_success: bool = True) -> float | None:
+               *, slow_answers: bool = False, count_success: bool = True,
+               reason: str = "wrong") -> float | None:
         """Record a checked cheap secret: None if accepted, else the refusal's wait.
 
         The secret was compared at once (it is cheap): the right one is
@@ -481,7 +488,7 @@ class Auth:
             if count_success:
                 self.succeeded(surface)
             return None
-        self.failed(surface, "wrong", client)
+        self.failed(surface, reason, client)
         if not slow_answers:
             return 0.0
         return max(wait, self.throttle.delay_of(key, client))
@@ -668,24 +675,41 @@ class StaticBasic:
 
 
 class SiteToken:
-    """The site token (hooks, calendar): read from the directory per request.
+    """The site token and the named tokens (hooks, calendar), read from the
+    directory per request.
 
-    ``cached(token)`` answers from memory (True, or None when unsure) and
-    ``lookup(token)`` asks the store; both compare in constant time. Wrong
-    tokens are answered after the delay they earned (``slow_answers``).
+    ``cached(token)`` answers from memory (a :class:`Grant`, or None when
+    unsure) and ``lookup(token)`` asks the store; both compare in constant
+    time (a plain ``True`` stands for the site token's grant). A grant
+    proves where the token may be used: a named token outside its scopes is
+    refused as ``scope``, without being taken for a guess. Wrong tokens are
+    answered after the delay they earned (``slow_answers``). ``scope`` is
+    the scope this surface checks when :meth:`check` is given none (by
+    default the surface's name: ``calendar``).
     """
 
-    def __init__(self, auth: Auth, surface: str, lookup: Callable[[str], Awaitable[bool]],
-                 cached: Callable[[str], bool | None] | None = None,
-                 slow_answers: bool = True) -> None:
+    log = Logger()
+
+    def __init__(self, auth: Auth, surface: str,
+                 lookup: Callable[[str], Awaitable[Grant | bool | None]],
+                 cached: Callable[[str], Grant | bool | None] | None = None,
+                 slow_answers: bool = True, scope: str | None = None) -> None:
         self.auth = auth
         self.surface = surface
         self._lookup = lookup
         self._cached = cached
         self.slow_answers = slow_answers
+        self.scope = scope or surface
 
-    async def check(self, token: str | None, client: str) -> None:
-        """Return if ``token`` is the site token; else wait, then raise Refused.
+    @staticmethod
+    def _grant(found: Grant | bool | None) -> Grant | None:
+        if found is True:
+            return Grant(SITE)
+        return found or None
+
+    async def check(self, token: str | None, client: str, scope: str | None = None) -> Grant:
+        """The grant of ``token`` if it may be used on ``scope`` (a hook's
+        path or name; default :attr:`scope`); else wait, then raise Refused.
 
         ``None`` is a missing token, ``""`` an empty one: counted and slowed
         like a wrong one, but not a guess (nothing to throttle).
@@ -697,18 +721,46 @@ class SiteToken:
             if self.slow_answers:
                 await auth.wait(auth.throttle.delay_of(SITE_TOKEN, client))
             raise Refused(reason)
+        try:
+            where: str | None = scope_of(scope or self.scope)
+        except ValueError:
+            where = None  # a surface no named token can be made for
         wait = auth.admit(self.surface, SITE_TOKEN, client)
         if wait is None:
             raise Refused("throttled")
-        known = self._cached(token) if self._cached is not None else None
-        if known is None:
-            known = await self._lookup(token)
-        hold = auth.settle(self.surface, SITE_TOKEN, client, bool(known), wait,
-                           slow_answers=self.slow_answers)
+        grant = self._grant(self._cached(token)) if self._cached is not None else None
+        if grant is None:
+            grant = self._grant(await self._lookup(token))
+        if grant is not None and not grant.expired and not grant.allows(where):
+            # A real secret, used where it may not be: not a guess, and no
+            # success either (it earns the address no trust).
+            auth.failed(self.surface, "scope", client)
+            self.log.info("{surface}: token {name} from {client} is not allowed on {scope}",
+                          surface=self.surface, name=grant.name, client=client, scope=where)
+            raise Refused("scope")
+        ok = grant is not None and not grant.expired
+        if grant is not None and grant.expired:
+            self.log.info("{surface}: the previous secret of token {name} from {client} "
+                          "refused: its overlap has ended", surface=self.surface,
+                          name=grant.name, client=client)
+        # Guesses count against the one key of every token; a named token's
+        # success trusts the address for that token only, so holding a
+        # limited token never spares its holder's guesses at the others.
+        key = SITE_TOKEN if grant is None or not ok or grant.name == SITE \
+            else "token:" + grant.name
+        hold = auth.settle(self.surface, key, client, ok, wait,
+                           slow_answers=self.slow_answers,
+                           reason="expired" if grant is not None else "wrong")
         if hold is None:
-            return
+            assert grant is not None
+            if grant.previous:
+                self.log.info("{surface}: token {name} from {client} used its previous "
+                              "secret (valid during the overlap, {left:.0f} s more)",
+                              surface=self.surface, name=grant.name, client=client,
+                              left=max(0.0, (grant.until or 0.0) - auth.clock.seconds()))
+            return grant
         await auth.wait(hold)
-        raise Refused("wrong")
+        raise Refused("expired" if grant is not None else "wrong")
 
     async def authorise(self, request: IRequest) -> None:
         """The token from ``Authorization: Bearer`` or ``?token=``; 403 otherwise.

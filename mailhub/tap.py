@@ -30,7 +30,8 @@ from mailhub.collector.sources import CalendarSource, MailSource
 from mailhub.config import Config, load
 from mailhub.directory.service import Directory
 from mailhub.directory.ldap import LDAPService
-from mailhub.directory.sql import StoreService
+from mailhub.directory.listen import ChangeListener
+from mailhub.directory.sql import PostgreSQLDialect, StoreService
 from mailhub.directory.users import ChainedUserSource, HashingService, SiteUserSource
 from mailhub.errors import ConfigError
 from mailhub.logs import startup_summary
@@ -214,6 +215,10 @@ def build(config: Config, listen: str, reactor: Any,
     ready = AfterReady(prepare, reactor)
     ready.setServiceParent(top)
     directory.setServiceParent(ready)
+    if isinstance(database.dialect, PostgreSQLDialect):
+        # Changes made elsewhere reach this instance as they commit (polling stays).
+        ChangeListener(database.dialect.dsn, reactor,
+                       directory.changed_elsewhere).setServiceParent(ready)
     OnStop(*stops).setServiceParent(ready)
     for service in later:
         service.setServiceParent(ready)

@@ -1,11 +1,12 @@
-"""The ``mailhub`` command: the site token, groups, users, and a health check.
+"""The ``mailhub`` command: the tokens, groups, users, and a health check.
 
 Every verb reads the same INI file as ``twistd -n mailhub`` (``--config FILE``,
 before or after the verb; without it the embedded defaults, SQLite under
 ``./mailhub-data``) and works on the same database, so what it changes the
-running server sees at once: the server follows the database's change log,
-and reads the token from the database when a caller's token does not match
-the one it holds.
+running server sees without a restart: the server follows the database's
+change log (as each change commits on PostgreSQL, every poll interval on
+SQLite), and reads the tokens from the database when a caller's token does
+not match one it holds.
 
 One module per verb: :mod:`~mailhub.cli.token`, :mod:`~mailhub.cli.groups`,
 :mod:`~mailhub.cli.users` and :mod:`~mailhub.cli.check`; this one holds the
@@ -33,7 +34,9 @@ from mailhub.checks import first_line
 from mailhub.cli.check import check
 from mailhub.cli.common import BAD, IO, OK, UNREACHABLE, Exit, database_errors
 from mailhub.cli.groups import group_add, group_list, group_remove
-from mailhub.cli.token import TOKEN_CHANGED, TOKEN_UPDATE, token_create
+from mailhub.cli.token import (
+    TOKEN_CHANGED, TOKEN_UPDATE, add_create_arguments, token_create, token_list, token_revoke,
+)
 from mailhub.cli.users import user_add, user_list, user_passwd, user_remove
 from mailhub.config import Config
 from mailhub.directory.model import PRIVACY
@@ -108,11 +111,18 @@ def parser(out: TextIO | None = None) -> argparse.ArgumentParser:
         sub.set_defaults(run=run)
         return sub
 
-    token = verb("token", "the site token of the GroupServer web hooks")
+    token = verb("token", "the site token and the named tokens of the web hooks")
     create = action(token, "create", token_create,
-                    "make a new site token, store it, and print it "
-                    "(exit 0; 1 bad DSN; 2 cannot connect)")
-    create.add_argument("dsn", metavar="DSN", nargs="?", default=None,
+                    "make a new site token (or, with --name, a named token), store it, "
+                    "and print it (exit 0; 1 bad DSN or input; 2 cannot connect)")
+    add_create_arguments(create)
+    lister = action(token, "list", token_list,
+                    "list the tokens: names, hooks, dates (never a secret)")
+    lister.add_argument("dsn", metavar="DSN", nargs="?", default=None,
+                        help="database to read (default: [database] dsn of the config)")
+    revoke = action(token, "revoke", token_revoke, "delete a named token")
+    revoke.add_argument("name", metavar="NAME")
+    revoke.add_argument("dsn", metavar="DSN", nargs="?", default=None,
                         help="database to change (default: [database] dsn of the config)")
 
     group = verb("group", "the site's groups")

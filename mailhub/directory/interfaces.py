@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
     from mailhub.directory.model import Email, Group, Profile, User
+    from mailhub.directory.tokens import TokenRecord
 
 
 class IDirectoryStore(Interface):
@@ -33,8 +34,22 @@ class IDirectoryStore(Interface):
     def get_token() -> "Deferred[str | None]":
         """Deferred firing with the site token, or None when none was made."""
 
-    def set_token(token: str) -> "Deferred[None]":
-        """Replace the site token."""
+    def set_token(token: str | None,
+                  previous_until: float | None = None) -> "Deferred[None]":
+        """Replace the site token; the one replaced stays valid until
+        ``previous_until`` (seconds since the epoch; None: not at all)."""
+
+    def load_tokens() -> "Deferred[list[TokenRecord]]":
+        """The site token and every named token: a list of
+        :class:`~mailhub.directory.tokens.TokenRecord`, the site's first."""
+
+    def set_named_token(name: str, token: str, scopes: frozenset[str] | None = None,
+                        previous_until: float | None = None) -> "Deferred[bool]":
+        """Create or rotate a named token limited to ``scopes`` (a rotation
+        keeps its scopes when None); True if new."""
+
+    def revoke_token(name: str) -> "Deferred[bool]":
+        """Delete a named token; True if it existed."""
 
     def audit(event: str, client: str, detail: str = "") -> "Deferred[None]":
         """Append to the audit log: what happened, from which client address.
@@ -94,7 +109,8 @@ class IDirectoryStore(Interface):
     def changes_since(seq: int) -> "Deferred[list[tuple[int, str, str]]]":
         """Change-log rows after ``seq``: a list of (seq, kind, key).
 
-        ``kind`` is ``profile``, ``group`` or ``token``; ``key`` the id.
+        ``kind`` is ``profile``, ``group`` or ``token``; ``key`` the id (for
+        a token the site id, or ``SITE/NAME`` for a named token).
         """
 
     def last_change() -> "Deferred[int]":

@@ -5,15 +5,18 @@ the reactor thread, with no thread hop, which is what lets the hooks keep up
 with a bare twisted.web resource. The copy is kept right by the store's change
 log: every write made through this object is applied at once, and writes made
 elsewhere (the CLI, another mailhub instance) are picked up by polling
-``changes_since`` every ``poll_interval`` seconds. Where a stale copy could
-wrongly refuse (a token that does not match, an address not found), the
-answer is checked against the database before it is given, so a token
-rotated a moment ago is accepted at once.
+``changes_since`` every ``poll_interval`` seconds, and on PostgreSQL as soon
+as the writer's notification arrives (:meth:`Directory.changed_elsewhere`,
+called by :class:`~mailhub.directory.listen.ChangeListener`). Where a stale
+copy could wrongly refuse (a token that does not match, an address not
+found), the answer is checked against the database before it is given, so a
+token rotated a moment ago is accepted at once; a replaced token is refused
+once the change has been read: at the next poll (SQLite), or when the
+notification has arrived (PostgreSQL; the next poll at the latest).
 """
 
 from __future__ import annotations
 
-import hmac
 from typing import Any, Callable, Iterable
 
 from twisted.application.service import Service
@@ -26,12 +29,8 @@ from mailhub.directory.interfaces import IDirectoryStore
 from mailhub.directory.model import (
     Added, Email, Group, Left, Profile, new_profile_id, normalise_email,
 )
+from mailhub.directory.tokens import SITE, Grant, TokenRecord, match
 from mailhub.errors import ValidationError
-
-
-def _same_secret(given: str, expected: str) -> bool:
-    """Constant-time comparison of two secrets."""
-    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
 
 
 class Directory(Service):
@@ -47,6 +46,8 @@ class Directory(Service):
         self.clock = clock
         self.poll_interval = poll_interval
         self.token: str | None = None
+        self._tokens: list[TokenRecord] = []
+        self._refresh_queued = False
         self._profiles: dict[str, Profile] = {}
         self._by_email: dict[str, str] = {}
         self._groups: dict[str, Group] = {}
@@ -65,13 +66,13 @@ class Directory(Service):
         seq = await self.store.last_change()
         profiles = await self.store.load_profiles()
         groups = await self.store.load_groups()
-        token = await self.store.get_token()
+        tokens = await self.store.load_tokens()
         self._profiles = {}
         self._by_email = {}
         for profile in profiles:
             self._put(profile)
         self._groups = {g.id: g for g in groups}
-        self.token = token
+        self._set_tokens(tokens, quiet=True)
         self._seq = seq
         self.loaded = True
         self.log.info("directory loaded: {profiles} profiles, {groups} groups",
@@ -93,9 +94,22 @@ class Directory(Service):
         d.addErrback(lambda f: self.log.failure("cannot follow the directory's changes", f))
         return d
 
+    def changed_elsewhere(self) -> None:
+        """Another writer committed a change (a PostgreSQL notification):
+        read the change log now rather than at the next poll.
+
+        Notifications that arrive while a read is waiting are folded into it.
+        """
+        if self._refresh_queued or not self.loaded:
+            return
+        self._refresh_queued = True
+        self._poll_once()
+
     async def refresh(self) -> None:
         """Apply every change the store logged since the last one seen."""
         await self._lock.acquire()
+        # From here on a new notification needs a new read.
+        self._refresh_queued = False
         try:
             changes = await self.store.changes_since(self._seq)
             if not changes:
@@ -125,10 +139,35 @@ class Directory(Service):
             groups = await self.store.load_groups()
             self._groups = {g.id: g for g in groups}
         elif kind == "token":
-            self.token = await self.store.get_token()
+            self._set_tokens(await self.store.load_tokens())
             if self.hub is not None:
                 # Never the token itself: subscribers learn that it changed.
-                self.hub.local.topic("token:rotated").forward(self.hub.global_, {"site": key})
+                site, slash, name = key.rpartition("/")
+                data = {"site": site, "name": name} if slash else {"site": key}
+                self.hub.local.topic("token:rotated").forward(self.hub.global_, data)
+
+    def _set_tokens(self, tokens: list[TokenRecord], quiet: bool = False) -> None:
+        """Hold ``tokens``; log each rotation and revocation seen (never a secret)."""
+        before = {t.name: t for t in self._tokens}
+        after = {t.name: t for t in tokens}
+        self._tokens = list(tokens)
+        self.token = after[SITE].secret if SITE in after else None
+        if quiet:
+            return
+        for name, record in after.items():
+            old = before.get(name)
+            if old is not None and old.secret == record.secret:
+                continue
+            if record.previous_until is not None and record.previous is not None:
+                self.log.info("token {name} rotated; the previous one stays valid for "
+                              "{overlap:.0f} s more", name=name,
+                              overlap=max(0.0, record.previous_until - self.clock.seconds()),
+                              until=record.previous_until)
+            else:
+                self.log.info("token {name} rotated; the previous one is no longer valid",
+                              name=name)
+        for name in before.keys() - after.keys():
+            self.log.info("token {name} revoked", name=name)
 
     def _put(self, profile: Profile) -> None:
         self._drop(profile.id)
@@ -166,24 +205,29 @@ class Directory(Service):
     def groups(self) -> list[Group]:
         return sorted(self._groups.values(), key=lambda g: g.id)
 
-    def check_token_cached(self, given: str) -> bool | None:
-        """True or False when memory can tell; None when the store must be asked."""
-        if self.token is not None and _same_secret(given, self.token):
-            return True
-        return None
+    def check_token_cached(self, given: str) -> Grant | None:
+        """The grant of the token ``given`` when memory can tell; None when
+        the store must be asked (an unknown secret, or an expired previous one)."""
+        grant = match(self._tokens, given, self.clock.seconds())
+        if grant is None or grant.expired:
+            return None
+        return grant
 
-    async def check_token(self, given: str) -> bool:
-        """Whether ``given`` is the site token, compared in constant time.
+    async def check_token(self, given: str) -> Grant | None:
+        """The grant of the token ``given`` (the site token's or a named
+        one's), compared in constant time; None when it is none of them.
 
         A mismatch against the copy in memory is checked again against the
-        database, so a token rotated elsewhere works at once.
+        database, so a token rotated elsewhere works at once. A previous
+        secret past its overlap comes back as an ``expired`` grant.
         """
         if not given:
-            return False
-        if self.check_token_cached(given):
-            return True
-        self.token = await self.store.get_token()
-        return self.token is not None and _same_secret(given, self.token)
+            return None
+        cached = self.check_token_cached(given)
+        if cached is not None:
+            return cached
+        self._set_tokens(await self.store.load_tokens())
+        return match(self._tokens, given, self.clock.seconds())
 
     async def find(self, id_or_address: str) -> Profile | None:
         """Like :meth:`lookup`, but a miss is checked against the database."""

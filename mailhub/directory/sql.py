@@ -31,6 +31,7 @@ from zope.interface import implementer
 
 from mailhub.directory.interfaces import IDirectoryStore
 from mailhub.directory.model import Email, Group, Profile, normalise_email
+from mailhub.directory.tokens import SITE, TokenRecord
 from mailhub.config import redact, sqlite_path
 from mailhub.errors import ConfigError, Unavailable, ValidationError
 
@@ -39,8 +40,11 @@ T = TypeVar("T")
 #: Advisory lock key that serialises writers of the change log (PostgreSQL).
 CHANGE_LOCK = 7_305_100
 
-# Each migration is a list of statements; ``{serial}`` and ``{bool}`` are
-# filled in per dialect. Append, never edit, once released.
+#: The channel on which PostgreSQL writers announce a change (LISTEN/NOTIFY).
+CHANNEL = "mailhub_changes"
+
+# Each migration is a list of statements; ``{serial}``, ``{bool}`` and
+# ``{real}`` are filled in per dialect. Append, never edit, once released.
 MIGRATIONS: list[list[str]] = [
     [
         """CREATE TABLE sites (
@@ -91,6 +95,22 @@ MIGRATIONS: list[list[str]] = [
             at TEXT NOT NULL
         )""",
     ],
+    [
+        # Version 2: an overlap for the site token, and named, scoped tokens.
+        "ALTER TABLE sites ADD COLUMN previous_token TEXT",
+        "ALTER TABLE sites ADD COLUMN previous_until {real}",
+        """CREATE TABLE tokens (
+            site TEXT NOT NULL,
+            name TEXT NOT NULL,
+            token TEXT NOT NULL,
+            scopes TEXT NOT NULL,
+            created TEXT NOT NULL,
+            rotated TEXT NOT NULL,
+            previous_token TEXT,
+            previous_until {real},
+            PRIMARY KEY (site, name)
+        )""",
+    ],
 ]
 
 
@@ -104,6 +124,7 @@ class Dialect:
     name = "sqlite"
     serial = "INTEGER"
     boolean = "INTEGER"
+    real = "REAL"
     unavailable: tuple[type[BaseException], ...] = (sqlite3.OperationalError,)
     integrity: tuple[type[BaseException], ...] = (sqlite3.IntegrityError,)
 
@@ -140,6 +161,7 @@ class PostgreSQLDialect(Dialect):
     name = "postgresql"
     serial = "BIGSERIAL"
     boolean = "BOOLEAN"
+    real = "DOUBLE PRECISION"
 
     def __init__(self, dsn: str) -> None:
         import psycopg
@@ -203,7 +225,15 @@ class _Transaction:
         return tuple(row) if row is not None else None
 
     def changed(self, kind: str, key: str) -> None:
+        """Log a change; on PostgreSQL also tell every listening instance.
+
+        The notification is delivered when the transaction commits (never
+        before, never for a rollback); PostgreSQL folds repeats of the same
+        empty notification in one transaction into one.
+        """
         self.execute("INSERT INTO changes (kind, key, at) VALUES (?, ?, ?)", (kind, key, now()))
+        if self.dialect.name == "postgresql":
+            self.execute("NOTIFY %s" % CHANNEL)
 
 
 @implementer(IDirectoryStore)
@@ -313,7 +343,8 @@ class SQLStore:
             for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
                 for statement in statements:
                     tx.execute(statement.format(serial=self.dialect.serial,
-                                                bool=self.dialect.boolean))
+                                                bool=self.dialect.boolean,
+                                                real=self.dialect.real))
                 tx.execute("UPDATE schema_version SET version = ?", (number,))
                 self.log.info("database schema migrated to version {version}", version=number)
             tx.execute("INSERT INTO sites (id) VALUES (?) ON CONFLICT (id) DO NOTHING",
@@ -349,13 +380,78 @@ class SQLStore:
             return row[0] if row else None
         return self._read(work)
 
-    def set_token(self, token: str) -> "Deferred[None]":
+    def set_token(self, token: str | None,
+                  previous_until: float | None = None) -> "Deferred[None]":
+        """Replace the site token; with ``previous_until`` (seconds since the
+        epoch) the one it replaces stays valid until then."""
         def work(tx: _Transaction) -> None:
-            tx.execute("INSERT INTO sites (id, token, token_changed) VALUES (?, ?, ?) "
+            old = tx.one("SELECT token FROM sites WHERE id = ?", (self.site_id,))
+            previous = old[0] if old and previous_until is not None else None
+            until = previous_until if previous is not None else None
+            tx.execute("INSERT INTO sites (id, token, token_changed, previous_token, "
+                       "previous_until) VALUES (?, ?, ?, ?, ?) "
                        "ON CONFLICT (id) DO UPDATE SET token = excluded.token, "
-                       "token_changed = excluded.token_changed",
-                       (self.site_id, token, now()))
+                       "token_changed = excluded.token_changed, "
+                       "previous_token = excluded.previous_token, "
+                       "previous_until = excluded.previous_until",
+                       (self.site_id, token, now(), previous, until))
             tx.changed("token", self.site_id)
+        return self._write(work)
+
+    def load_tokens(self) -> "Deferred[list[TokenRecord]]":
+        """The site token (first, even when unset) and every named token."""
+        def work(tx: _Transaction) -> list[TokenRecord]:
+            row = tx.one("SELECT token, token_changed, previous_token, previous_until "
+                         "FROM sites WHERE id = ?", (self.site_id,))
+            site = TokenRecord(SITE, None)
+            if row is not None:
+                site = TokenRecord(SITE, row[0], None, "", row[1] or "", row[2],
+                                   None if row[3] is None else float(row[3]))
+            named = [TokenRecord(r[0], r[1], frozenset(r[2].split()), r[3], r[4], r[5],
+                                 None if r[6] is None else float(r[6]))
+                     for r in tx.all("SELECT name, token, scopes, created, rotated, "
+                                     "previous_token, previous_until FROM tokens "
+                                     "WHERE site = ? ORDER BY name", (self.site_id,))]
+            return [site] + named
+        return self._read(work)
+
+    def set_named_token(self, name: str, token: str, scopes: frozenset[str] | None = None,
+                        previous_until: float | None = None) -> "Deferred[bool]":
+        """Create the named token ``name`` or rotate it; True if it is new.
+
+        A new token needs ``scopes``; a rotation keeps its scopes unless
+        given. With ``previous_until`` the secret it replaces stays valid
+        until then (seconds since the epoch).
+        """
+        def work(tx: _Transaction) -> bool:
+            old = tx.one("SELECT token, scopes FROM tokens WHERE site = ? AND name = ?",
+                         (self.site_id, name))
+            stamp = now()
+            if old is None:
+                if not scopes:
+                    raise ValidationError("a new named token needs at least one hook")
+                tx.execute("INSERT INTO tokens (site, name, token, scopes, created, rotated) "
+                           "VALUES (?, ?, ?, ?, ?, ?)",
+                           (self.site_id, name, token, " ".join(sorted(scopes)), stamp, stamp))
+            else:
+                kept = " ".join(sorted(scopes)) if scopes else old[1]
+                previous = old[0] if previous_until is not None else None
+                until = previous_until if previous is not None else None
+                tx.execute("UPDATE tokens SET token = ?, scopes = ?, rotated = ?, "
+                           "previous_token = ?, previous_until = ? WHERE site = ? AND name = ?",
+                           (token, kept, stamp, previous, until, self.site_id, name))
+            tx.changed("token", "%s/%s" % (self.site_id, name))
+            return old is None
+        return self._write(work)
+
+    def revoke_token(self, name: str) -> "Deferred[bool]":
+        """Delete the named token ``name`` (its previous secret too); True if it existed."""
+        def work(tx: _Transaction) -> bool:
+            gone = tx.execute("DELETE FROM tokens WHERE site = ? AND name = ?",
+                              (self.site_id, name)).rowcount > 0
+            if gone:
+                tx.changed("token", "%s/%s" % (self.site_id, name))
+            return gone
         return self._write(work)
 
     def audit(self, event: str, client: str, detail: str = "") -> "Deferred[None]":

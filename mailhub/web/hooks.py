@@ -227,7 +227,7 @@ class GroupHooks:
         client = client_of(request)
         try:
             # Counted, logged and slowed down by mailhub.auth.
-            await self._token.check(fields.get("token"), client)
+            await self._token.check(fields.get("token"), client, hook.path)
         except Refused as refused:
             await self._refuse(hook, client, refused.reason)
         return await handler(request, action, fields)
