@@ -34,7 +34,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from mailhub.auth import Auth, Refused, SiteToken, client_of
 from mailhub.config import Config
-from mailhub.decoding import address_problem
+from mailhub.decoding import address_problem, sanitise_address
 from mailhub.directory.model import Added, Left, Profile
 from mailhub.directory.service import Directory
 from mailhub.errors import ValidationError
@@ -338,16 +338,23 @@ class GroupHooks:
     async def _add(self, request: IRequest, action: str, fields: dict[str, str]) -> bytes:
         errors = []
         group_id = fields.get("groupId", "").strip()
-        email = fields.get("email", "").strip()
+        given = fields.get("email", "").strip()
+        # GroupServer's forms: "Name <a@x>", "<a@x>", "a@x," all mean a@x.
+        email = sanitise_address(given) if given else ""
         name = " ".join(fields.get("fn", "").split())
         if not group_id:
             errors.append("groupId: Required input is missing.")
-        if not email:
+        if not given:
             errors.append("email: Required input is missing.")
         else:
-            wrong = address_problem(email)
+            if "\n" in given or "\r" in given:  # GroupServer's field is one line too
+                wrong: str | None = "holds a line break"
+            elif not email:
+                wrong = "is not an email address (local@domain)"
+            else:
+                wrong = address_problem(email)
             if wrong:
-                errors.append("email: %r %s." % (email, wrong))
+                errors.append("email: %r %s." % (given, wrong))
         if not name:
             errors.append("fn: Required input is missing.")
         elif len(name) > MAX_NAME:
