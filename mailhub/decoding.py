@@ -234,6 +234,8 @@ def address_problem(address: str) -> str | None:
 #: What GroupServer's ``sanitise_address`` strips from both ends of the
 #: address it parsed (gs.profile.email.base).
 _SANITISE_STRIP = ",.!?; \t\n\r<>(){}[]"
+#: A quoted string of a local part, kept whole (with its blanks) by the split.
+_QUOTED = re.compile(r'("(?:[^"\\]|\\.)*")')
 
 
 def _parse_address(text: str) -> str:
@@ -244,9 +246,17 @@ def _parse_address(text: str) -> str:
     address unless ``strict=False``, which keeps the old reading.
     """
     try:
-        return parseaddr(text, strict=False)[1]  # type: ignore[call-arg]
+        address = parseaddr(text, strict=False)[1]  # type: ignore[call-arg]
     except TypeError:  # a Python without the strict parameter: the old reading
-        return parseaddr(text)[1]
+        address = parseaddr(text)[1]
+    # Python 3 keeps the blanks between the words of a local part
+    # ("a b@x"), where Python 2 joined them ("ab@x"); quoted strings keep theirs.
+    local, at, domain = address.rpartition("@")
+    if at and (" " in local or "\t" in local):
+        local = "".join(part if part.startswith('"') else re.sub(r"[ \t]+", "", part)
+                        for part in _QUOTED.split(local))
+        address = local + at + domain
+    return address
 
 
 def sanitise_address(text: str) -> str:
