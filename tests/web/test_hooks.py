@@ -302,7 +302,7 @@ class AddHookTests(HooksCase):
 
     def test_invalid_addresses_are_validation_errors(self) -> None:
         for bad in ("not-an-address", "a@b", "two@@example.com", "A <a@b>", "<>", "<bad>",
-                    "a@example.com b@example.com", "a b@example.com", "a@-example.com", "a..b@example.com",
+                    "a@example.com b@example.com", "a@-example.com", "a..b@example.com",
                     "a@example.com\nBcc: b@example.com", "x" * 65 + "@example.com", "a@" + "b" * 64 + ".com"):
             status, body = self.add(email=bad)
             self.assertEqual(status, 400, bad)
@@ -324,7 +324,8 @@ class AddHookTests(HooksCase):
                  ("  new8@example.com;  ", "new8@example.com"),
                  # parseaddr joins the atoms of a domain, on Python 2 as on 3
                  ("new9@exa mple.com", "new9@example.com"),
-                 (".new10@example.com!", "new10@example.com")]
+                 (".new10@example.com!", "new10@example.com"),
+                 ("new 11@example.com", "new11@example.com")]
         for given, address in forms:
             status, body = self.add(email=given)
             self.assertEqual((status, body["status"]), (200, 0), given)
