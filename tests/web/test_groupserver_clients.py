@@ -149,3 +149,27 @@ def test_groupserver_address_forms_through_wget(site: Any) -> None:
         assert body["status"] == 0, body
     code, body = gs.wget("search", gs.token)
     assert code == 0 and body["email"]["all"] == ["a.person@home.example.com"]
+
+
+def test_gs_form_callers_read_refusals_as_groupserver_answers_them(site: Any) -> None:
+    """``gs.form.post_multipart`` (PyPI, what smtp2gs and GroupServer's scripts use)."""
+    post_multipart = pytest.importorskip("gs.form").post_multipart
+    mode, gs = site
+    netloc = gs.mailhub.url.split("//", 1)[1]
+    fields = {"token": gs.token, "groupId": "test", "email": "Zoe <zoe@example.com>,",
+              "fn": "Zoe", "add": ""}  # gs.form 2.2 on Python 3 sends Latin-1 only
+    status, reason, data = post_multipart(netloc, "/gs-group-member-add.json", fields)
+    assert status == 200
+    body = json.loads(data)
+    assert (body["status"], body["user"]["email"]["all"]) == (0, ["zoe@example.com"])
+
+    status, reason, data = post_multipart(netloc, "/gs-group-member-add.json",
+                                          dict(fields, token="wrong"))
+    assert status == (403 if mode == "http" else 200)
+    assert json.loads(data)["status"] == 100
+
+    status, reason, data = post_multipart(netloc, "/gs-group-member-add.json",
+                                          dict(fields, email="nobody"))
+    assert status == (400 if mode == "http" else 200)
+    assert json.loads(data) == {"status": 100, "message": [
+        "email: 'nobody' is not an email address (local@domain)."]}
