@@ -230,7 +230,10 @@ def address_problem(address: str) -> str | None:
     return None
 
 
-
+#: Longest text :func:`sanitise_address` reads: an address (254 octets at
+#: most) with a display name and comments around it. Longer texts are no
+#: address, and parsing them would hold the reactor.
+MAX_ADDRESS_TEXT = 1024
 #: What GroupServer's ``sanitise_address`` strips from both ends of the
 #: address it parsed (gs.profile.email.base).
 _SANITISE_STRIP = ",.!?; \t\n\r<>(){}[]"
@@ -246,9 +249,12 @@ def _parse_address(text: str) -> str:
     address unless ``strict=False``, which keeps the old reading.
     """
     try:
-        address = parseaddr(text, strict=False)[1]  # type: ignore[call-arg]
-    except TypeError:  # a Python without the strict parameter: the old reading
-        address = parseaddr(text)[1]
+        try:
+            address = parseaddr(text, strict=False)[1]  # type: ignore[call-arg]
+        except TypeError:  # a Python without the strict parameter: the old reading
+            address = parseaddr(text)[1]
+    except RecursionError:  # comments nested hundreds deep: no address
+        return ""
     # Python 3 keeps the blanks between the words of a local part
     # ("a b@x"), where Python 2 joined them ("ab@x"); quoted strings keep theirs.
     local, at, domain = address.rpartition("@")
@@ -266,6 +272,9 @@ def sanitise_address(text: str) -> str:
     ``a@x (Name)``; of a list, the first), then ``,.!?;``, blanks and
     brackets are stripped from both ends (so ``a@x,`` is ``a@x``). The result
     may still be no address (``""`` for ``<>``, ``"bad"``):
-    check it with :func:`address_problem`.
+    check it with :func:`address_problem`. A text longer than
+    :data:`MAX_ADDRESS_TEXT` characters is no address (``""``).
     """
+    if len(text) > MAX_ADDRESS_TEXT:
+        return ""
     return _parse_address(text).strip(_SANITISE_STRIP)

@@ -233,3 +233,11 @@ class SanitiseAddress(SynchronousTestCase):
     def test_what_it_leaves_is_checked_by_the_one_validator(self) -> None:
         self.assertIsNone(address_problem(sanitise_address("A Person <a@example.com>,")))
         self.assertIsNotNone(address_problem(sanitise_address("a@[1.2.3.4]")))
+
+    def test_deep_comments_and_long_texts_are_no_address_and_quick(self) -> None:
+        # Python's parser recurses into nested comments; a client must not
+        # turn that into an error, nor hold the reactor with a long text.
+        self.assertEqual(sanitise_address("(" * 5000 + "a@example.com"), "")
+        self.assertEqual(sanitise_address("(" * 900 + "a@example.com"), "")
+        self.assertEqual(sanitise_address("a@example.com," * 100_000), "")
+        self.assertEqual(sanitise_address(" " * 1000 + "<a@example.com>"), "a@example.com")

@@ -36,7 +36,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from mailhub.auth import Auth, Refused, SiteToken, client_of
 from mailhub.config import Config
-from mailhub.decoding import address_problem, sanitise_address
+from mailhub.decoding import MAX_ADDRESS_TEXT, address_problem, sanitise_address
 from mailhub.directory.model import Added, Left, Profile
 from mailhub.directory.service import Directory
 from mailhub.errors import ValidationError
@@ -363,8 +363,11 @@ class GroupHooks:
         if not given:
             errors.append("email: Required input is missing.")
         else:
-            if "\n" in given or "\r" in given:  # GroupServer's field is one line too
-                wrong: str | None = "holds a line break"
+            if len(given) > MAX_ADDRESS_TEXT:
+                given = given[:40] + "..."
+                wrong: str | None = "is longer than %d characters" % MAX_ADDRESS_TEXT
+            elif "\n" in given or "\r" in given:  # GroupServer's field is one line too
+                wrong = "holds a line break"
             elif not email:
                 wrong = "is not an email address (local@domain)"
             else:

@@ -348,6 +348,16 @@ class AddHookTests(HooksCase):
         self.assertEqual((status, body), (400, {"status": 100, "message": [
             "email: '<>' is not an email address (local@domain)."]}))
 
+    def test_address_texts_that_break_parsers_are_validation_errors(self) -> None:
+        status, body = self.add(email="(" * 5000 + "a@example.com")
+        self.assertEqual((status, body["status"]), (400, 100))
+        self.assertEqual(body["message"], [
+            "email: '((((((((((((((((((((((((((((((((((((((((...' is longer than 1024 "
+            "characters."])
+        status, body = self.add(email="(" * 900 + "a@example.com")
+        self.assertEqual((status, body["status"]), (400, 100))
+        self.assertEqual(self.events, [])
+
     def test_unknown_group_is_a_validation_error(self) -> None:
         status, body = self.add(groupId="nosuchgroup")
         self.assertEqual(status, 400)
