@@ -241,3 +241,10 @@ class SanitiseAddress(SynchronousTestCase):
         self.assertEqual(sanitise_address("(" * 900 + "a@example.com"), "")
         self.assertEqual(sanitise_address("a@example.com," * 100_000), "")
         self.assertEqual(sanitise_address(" " * 1000 + "<a@example.com>"), "a@example.com")
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.text(alphabet=st.sampled_from('a@.<>(),;"\\ \tx:[]!?{}é'), max_size=200))
+    def test_never_raises_and_what_it_gives_needs_no_more_sanitising(self, text: str) -> None:
+        once = sanitise_address(text)
+        self.assertIsInstance(once, str)
+        self.assertEqual(once.strip(",.!?; \t\n\r<>(){}[]"), once)
