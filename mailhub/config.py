@@ -150,6 +150,16 @@ class CollectorSection:
     max_addresses: int = 1000  # addresses collected from one message at most
 
 
+#: The values of ``[hooks] status_codes``.
+STATUS_CODES = ("http", "groupserver")
+
+
+@attrs.frozen
+class HooksSection:
+    # http: refusals answer 400/403; groupserver: 200, as GroupServer does.
+    status_codes: str = "http"
+
+
 @attrs.frozen
 class Config:
     """Everything mailhub reads from its INI file."""
@@ -163,6 +173,7 @@ class Config:
     mailstore: MailStoreSection = MailStoreSection()
     push: PushSection = PushSection()
     collector: CollectorSection = CollectorSection()
+    hooks: HooksSection = HooksSection()
 
     @property
     def data_dir(self) -> Path:
@@ -189,6 +200,7 @@ SECTIONS: dict[str, type] = {
     "mailstore": MailStoreSection,
     "push": PushSection,
     "collector": CollectorSection,
+    "hooks": HooksSection,
 }
 
 #: Keys that are set together or not at all.
@@ -319,6 +331,8 @@ def _check(section: str, key: str, value: Any) -> None:
         raise ValueError("no such file: %s" % value)
     if section == "mailstore" and key == "path" and not value.startswith("/"):
         raise ValueError("must start with /")
+    if section == "hooks" and key == "status_codes" and value not in STATUS_CODES:
+        raise ValueError("expected %s, not %r" % (" or ".join(STATUS_CODES), value))
     if section == "mailhub" and key == "site_url":
         if urlsplit(value).scheme not in ("http", "https"):
             raise ValueError("expected an http(s) URL")

@@ -5,7 +5,9 @@ receiver, the collector's work queue, the calendar queues, global pubsub
 messages) decodes it with :func:`decode_json` or :func:`decode_json_object`,
 and every place that takes an address from a person (the ``add`` hook, the
 ``mailhub`` command, the collector after parsing a header) checks it with
-:func:`address_problem`. Plain Python, no I/O: the web layer turns a
+:func:`address_problem`; the ``add`` hook first finds the address in what
+GroupServer's clients send (``Name <a@x>``, ``a@x,``) with
+:func:`sanitise_address`. Plain Python, no I/O: the web layer turns a
 :class:`~mailhub.errors.ValidationError` into a 400, the queues into a dead
 letter with the reason.
 
@@ -28,6 +30,7 @@ import json
 import math
 import re
 import unicodedata
+from email.utils import parseaddr
 from typing import Any
 
 import idna
@@ -226,3 +229,52 @@ def address_problem(address: str) -> str | None:
         return "has an invalid domain"
     return None
 
+
+#: Longest text :func:`sanitise_address` reads: an address (254 octets at
+#: most) with a display name and comments around it. Longer texts are no
+#: address, and parsing them would hold the reactor.
+MAX_ADDRESS_TEXT = 1024
+#: What GroupServer's ``sanitise_address`` strips from both ends of the
+#: address it parsed (gs.profile.email.base).
+_SANITISE_STRIP = ",.!?; \t\n\r<>(){}[]"
+#: A quoted string of a local part, kept whole (with its blanks) by the split.
+_QUOTED = re.compile(r'("(?:[^"\\]|\\.)*")')
+
+
+def _parse_address(text: str) -> str:
+    """The first address of ``text`` as Python's lenient parser reads it.
+
+    GroupServer ran on Python 2, whose ``parseaddr`` takes the first address
+    of a list; Python releases with CVE-2023-27043's fix read a list as no
+    address unless ``strict=False``, which keeps the old reading.
+    """
+    try:
+        try:
+            address = parseaddr(text, strict=False)[1]  # type: ignore[call-arg]
+        except TypeError:  # a Python without the strict parameter: the old reading
+            address = parseaddr(text)[1]
+    except RecursionError:  # comments nested hundreds deep: no address
+        return ""
+    # Python 3 keeps the blanks between the words of a local part
+    # ("a b@x"), where Python 2 joined them ("ab@x"); quoted strings keep theirs.
+    local, at, domain = address.rpartition("@")
+    if at and (" " in local or "\t" in local):
+        local = "".join(part if part.startswith('"') else re.sub(r"[ \t]+", "", part)
+                        for part in _QUOTED.split(local))
+        address = local + at + domain
+    return address
+
+
+def sanitise_address(text: str) -> str:
+    """The address in ``text``, found as GroupServer's ``sanitise_address`` finds it.
+
+    ``text`` is parsed as a header's address (``Name <a@x>``, ``<a@x>``,
+    ``a@x (Name)``; of a list, the first), then ``,.!?;``, blanks and
+    brackets are stripped from both ends (so ``a@x,`` is ``a@x``). The result
+    may still be no address (``""`` for ``<>``, ``"bad"``):
+    check it with :func:`address_problem`. A text longer than
+    :data:`MAX_ADDRESS_TEXT` characters is no address (``""``).
+    """
+    if len(text) > MAX_ADDRESS_TEXT:
+        return ""
+    return _parse_address(text).strip(_SANITISE_STRIP)

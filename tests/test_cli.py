@@ -343,6 +343,22 @@ def test_group_add_refuses_bad_input_naming_every_problem(site: str) -> None:
         ["ID", "NAME", "EMAIL", "PRIVACY", "MEMBERS"]]
 
 
+def test_group_add_type_is_stored_as_its_short_name(site: str) -> None:
+    assert mailhub("group", "add", "news", "--name", "News", "--type", "announcement",
+                   "--config", site).code == 0
+    assert mailhub("group", "add", "all", "--name", "Everyone", "--config", site).code == 0
+    ran = mailhub("group", "add", "bad", "--name", "Bad", "--type", "Announcement group",
+                  "--config", site)
+    assert ran.code == 1
+    assert "type must be one of discussion, announcement, support, closed" in ran.err
+    store = store_of(site)
+    try:
+        groups = {g.id: g.type for g in result(store.load_groups())}
+    finally:
+        store.close_all()
+    assert groups == {"news": "announcement", "all": "discussion"}
+
+
 def test_group_add_an_existing_id_exits_1(site: str) -> None:
     assert mailhub("group", "add", "devs", "--name", "Developers", "--config", site).code == 0
     ran = mailhub("group", "add", "devs", "--name", "Other", "--config", site)

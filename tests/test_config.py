@@ -70,6 +70,8 @@ sent_folders = Sent, Sent Items
     ("[mailstore]\nusername = ms\n", "[mailstore] password: must be set too"),
     ("[push]\npassword = secret\n", "[push] username: must be set too"),
     ("[ldap]\nca_file = /nonexistent/ca.pem\n", "[ldap] ca_file: bad value: no such file"),
+    ("[hooks]\nstatus_codes = zope\n", "[hooks] status_codes: bad value: expected http or "
+     "groupserver, not 'zope'"),
 ])
 def test_mistakes_name_file_section_and_key(text: str, names: str) -> None:
     with pytest.raises(ConfigError) as caught:
@@ -78,6 +80,11 @@ def test_mistakes_name_file_section_and_key(text: str, names: str) -> None:
     assert message.startswith("/etc/mailhub/mailhub.ini: ")
     assert names in message
     assert "\n" not in message
+
+
+def test_hooks_status_codes_default_to_http_and_may_be_groupserver() -> None:
+    assert parse("").hooks.status_codes == "http"
+    assert parse("[hooks]\nstatus_codes = groupserver\n").hooks.status_codes == "groupserver"
 
 
 def test_secrets_come_from_the_environment_or_a_file(tmp_path: Path) -> None:

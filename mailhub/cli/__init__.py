@@ -39,7 +39,7 @@ from mailhub.cli.token import (
 )
 from mailhub.cli.users import user_add, user_list, user_passwd, user_remove
 from mailhub.config import Config
-from mailhub.directory.model import PRIVACY
+from mailhub.directory.model import GROUP_TYPES, PRIVACY
 from mailhub.push import dovecot_config
 from mailhub.errors import ConfigError, NotFound, Unavailable, ValidationError
 
@@ -133,6 +133,8 @@ def parser(out: TextIO | None = None) -> argparse.ArgumentParser:
                      help="the list's posting address")
     add.add_argument("--privacy", default="public", metavar="|".join(PRIVACY),
                      help="who may see the group (default: public)")
+    add.add_argument("--type", default="discussion", metavar="|".join(GROUP_TYPES),
+                     help="the group's type, as GroupServer's (default: discussion)")
     action(group, "list", group_list, "list the groups")
     remove = action(group, "remove", group_remove, "delete a group and its memberships")
     remove.add_argument("group_id", metavar="GROUP_ID")

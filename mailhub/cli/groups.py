@@ -6,11 +6,11 @@ import argparse
 
 from mailhub.cli.common import IO, OK, BAD, Exit, email_address, result_of, stored, table
 from mailhub.config import Config
-from mailhub.directory.model import GROUP_ID, PRIVACY, Group
+from mailhub.directory.model import GROUP_ID, GROUP_TYPES, PRIVACY, Group
 
 
 def group_add(config: Config, args: argparse.Namespace, io: IO) -> int:
-    """Create a group after checking its id, name, address and privacy."""
+    """Create a group after checking its id, name, address, privacy and type."""
     problems = []
     if not GROUP_ID.match(args.group_id):
         problems.append("the group id %r must be 1 to 64 letters, digits, '_', '.' or '-', "
@@ -20,6 +20,8 @@ def group_add(config: Config, args: argparse.Namespace, io: IO) -> int:
         problems.append("the group name must not be empty")
     if args.privacy not in PRIVACY:
         problems.append("the privacy must be one of %s" % ", ".join(PRIVACY))
+    if args.type not in GROUP_TYPES:
+        problems.append("the type must be one of %s" % ", ".join(GROUP_TYPES))
     address = ""
     if args.email:
         try:
@@ -28,7 +30,8 @@ def group_add(config: Config, args: argparse.Namespace, io: IO) -> int:
             problems.append(e.message)
     if problems:
         raise Exit(BAD, "; ".join(problems))
-    group = Group(id=args.group_id, name=name, email=address, privacy=args.privacy)
+    group = Group(id=args.group_id, name=name, email=address, type=args.type,
+                  privacy=args.privacy)
     with stored(config) as store:
         result_of(store.create_group(group))
     io.stdout.write("added group %s\n" % group.id)

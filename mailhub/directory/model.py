@@ -15,6 +15,15 @@ import attrs
 
 BASE62 = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 PRIVACY = ("public", "site", "private", "secret")
+#: The group types mailhub stores, and the title GroupServer shows (and its
+#: ``/gs-group-groups.json`` hook answers) for each: the names of the four
+#: ``gs.group.type.*`` packages' types.
+GROUP_TYPES = {
+    "discussion": "Discussion group",
+    "announcement": "Announcement group",
+    "support": "Support group",
+    "closed": "Closed group",
+}
 GROUP_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -133,9 +142,21 @@ class Profile:
         }
 
 
+def group_type_title(group_type: str) -> str:
+    """GroupServer's title of a stored group type: ``"discussion"`` is ``"Discussion group"``.
+
+    A value mailhub does not know (a title imported as it was, or a site's
+    own type) is answered as stored.
+    """
+    return GROUP_TYPES.get(group_type, group_type)
+
+
 @attrs.frozen
 class Group:
-    """A group of the site: id, name, list address, type and privacy."""
+    """A group of the site: id, name, list address, type and privacy.
+
+    ``type`` is stored as mailhub's short name (a key of :data:`GROUP_TYPES`).
+    """
 
     id: str
     name: str
@@ -144,12 +165,13 @@ class Group:
     privacy: str = "public"
 
     def data(self, site_url: str) -> dict[str, object]:
+        """GroupServer's group data, its ``type`` the type's title."""
         return {
             "id": self.id,
             "name": self.name,
             "url": "%s/groups/%s" % (site_url.rstrip("/"), self.id),
             "email": self.email,
-            "type": self.type,
+            "type": group_type_title(self.type),
             "privacy": self.privacy,
         }
 

@@ -9,7 +9,9 @@ GroupServer's (REFERENCE.md section 2); its bugs are fixed: ``id`` and
 error, addresses match exactly (case-insensitive, no wildcards), the token is
 compared in constant time and never echoed, and real HTTP codes are used:
 200 success, 400 validation error, 403 bad token, 413 body too large, always
-with GroupServer's error shape ``{"status": 100, "message": [...]}``.
+with GroupServer's error shape ``{"status": 100, "message": [...]}``. With
+``[hooks] status_codes = groupserver`` the refusals (400 and 403) are
+answered 200 instead, as GroupServer answers them (:meth:`GroupHooks.refusal`).
 
 The read path (``/gs-search-people.json``) is served from the
 :class:`~mailhub.directory.service.Directory`'s memory on the reactor thread,
@@ -34,7 +36,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from mailhub.auth import Auth, Refused, SiteToken, client_of
 from mailhub.config import Config
-from mailhub.decoding import address_problem
+from mailhub.decoding import MAX_ADDRESS_TEXT, address_problem, sanitise_address
 from mailhub.directory.model import Added, Left, Profile
 from mailhub.directory.service import Directory
 from mailhub.errors import ValidationError
@@ -136,8 +138,8 @@ MAX_BIOGRAPHY = 64 * 1024
 MAX_USER = 320
 
 
-def _invalid(messages: list[str]) -> HTTPError:
-    return HTTPError(400, {"status": VALIDATION_ERROR, "message": list(messages)})
+class _Refusal(HTTPError):
+    """A hook's refusal, already counted in ``mailhub_hook_requests_total``."""
 
 
 Handler = Callable[[IRequest, str, dict[str, str]], Awaitable[bytes]]
@@ -163,6 +165,8 @@ class GroupHooks:
         self.hub = hub
         self.site_url = config.mailhub.site_url.rstrip("/")
         self.max_body = config.mailhub.max_body
+        #: ``[hooks] status_codes = groupserver``: refusals are answered 200.
+        self.groupserver_codes = config.hooks.status_codes == "groupserver"
         self.clock = clock if clock is not None else directory.clock
         auth = auth if auth is not None else Auth(self.clock, metrics, hub)
         self._token = SiteToken(auth, "hooks", directory.check_token,
@@ -207,18 +211,31 @@ class GroupHooks:
         try:
             return await self._answer(request, hook, handler)
         except ValidationError as e:
-            self._count(hook, 400)
-            raise _invalid(e.messages)
+            raise self.refusal(hook, 400, e.messages)
         except HTTPError as e:
-            if e.status != 403:  # counted where the refusal is made
+            if not isinstance(e, _Refusal):  # a refusal is counted where it is made
                 self._count(hook, e.status)
             raise
+
+    def refusal(self, hook: HookSpec, status: int, messages: list[str]) -> HTTPError:
+        """A refusal of ``hook`` (400 validation error, 403 token), counted, to raise.
+
+        The body is GroupServer's ``{"status": 100, "message": [...]}``; the
+        HTTP status is ``status``, or 200 with ``[hooks] status_codes =
+        groupserver``, as GroupServer answers every refusal. The metric
+        counts ``status`` in both modes, so dashboards read the same.
+        """
+        self._count(hook, status)
+        body = {"status": VALIDATION_ERROR, "message": list(messages)}
+        return _Refusal(200 if self.groupserver_codes else status, body)
 
     async def _answer(self, request: IRequest, hook: HookSpec, handler: Handler) -> bytes:
         try:
             fields = form_fields(request, self.max_body)
         except HTTPError as e:
             message = e.body.get("error", "bad request") if isinstance(e.body, dict) else str(e.body)
+            if e.status == 400:
+                raise self.refusal(hook, 400, [message])
             raise HTTPError(e.status, {"status": VALIDATION_ERROR, "message": [message]},
                             e.headers)
         action = hook.action(fields)
@@ -233,15 +250,14 @@ class GroupHooks:
         return await handler(request, action, fields)
 
     async def _refuse(self, hook: HookSpec, client: str, reason: str) -> None:
-        """Audit a refused token (never the token itself); then answer 403."""
+        """Audit a refused token (never the token itself); then answer 403 (or 200)."""
         try:
             await self.directory.audit("token-mismatch", client,
                                        "hook=%s token=%s" % (hook.path, reason))
         except Exception:
             self.log.failure("cannot write the audit log")
-        self._count(hook, 403)
         message = TOKEN_MISSING if reason == "missing" else TOKEN_MISMATCH
-        raise HTTPError(403, {"status": VALIDATION_ERROR, "message": [message]})
+        raise self.refusal(hook, 403, [message])
 
     def _count(self, hook: HookSpec, status: int) -> None:
         key = (hook.path, status)
@@ -338,16 +354,26 @@ class GroupHooks:
     async def _add(self, request: IRequest, action: str, fields: dict[str, str]) -> bytes:
         errors = []
         group_id = fields.get("groupId", "").strip()
-        email = fields.get("email", "").strip()
+        given = fields.get("email", "").strip()
+        # GroupServer's forms: "Name <a@x>", "<a@x>", "a@x," all mean a@x.
+        email = sanitise_address(given) if given else ""
         name = " ".join(fields.get("fn", "").split())
         if not group_id:
             errors.append("groupId: Required input is missing.")
-        if not email:
+        if not given:
             errors.append("email: Required input is missing.")
         else:
-            wrong = address_problem(email)
+            if len(given) > MAX_ADDRESS_TEXT:
+                given = given[:40] + "..."
+                wrong: str | None = "is longer than %d characters" % MAX_ADDRESS_TEXT
+            elif "\n" in given or "\r" in given:  # GroupServer's field is one line too
+                wrong = "holds a line break"
+            elif not email:
+                wrong = "is not an email address (local@domain)"
+            else:
+                wrong = address_problem(email)
             if wrong:
-                errors.append("email: %r %s." % (email, wrong))
+                errors.append("email: %r %s." % (given, wrong))
         if not name:
             errors.append("fn: Required input is missing.")
         elif len(name) > MAX_NAME:

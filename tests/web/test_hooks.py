@@ -18,7 +18,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailhub.auth import SITE_TOKEN, Throttle
-from mailhub.config import Config, MailhubSection
+from mailhub.config import Config, HooksSection, MailhubSection
 from mailhub.directory.service import Directory
 from mailhub.directory.memory import MemoryStore
 from mailhub.directory.model import Email, Group, Profile
@@ -46,6 +46,9 @@ UNDER = Profile(id="UnderScore000000000000", name="Under Score",
 class HooksCase(SynchronousTestCase):
     """A site with a token, two groups and three profiles."""
 
+    #: ``[hooks] status_codes`` of the site.
+    status_codes = "http"
+
     def setUp(self) -> None:
         self.store = MemoryStore()
         self.clock = Clock()
@@ -67,7 +70,8 @@ class HooksCase(SynchronousTestCase):
         for topic in ("member:added", "member:left", "profile:created"):
             self.hub.local.topic(topic).subscribe(
                 lambda data, topic=topic: self.events.append((topic, data)))
-        config = Config(mailhub=MailhubSection(site_url=SITE + "/", max_body=1024 * 1024))
+        config = Config(mailhub=MailhubSection(site_url=SITE + "/", max_body=1024 * 1024),
+                        hooks=HooksSection(status_codes=self.status_codes))
         self.hooks = GroupHooks(self.directory, config, self.metrics, self.hub)
         self.http = StubTreq(self.hooks.resource())
 
@@ -145,10 +149,27 @@ class GroupsHookTests(HooksCase):
         self.assertEqual(status, 200)
         self.assertEqual(body, [
             {"id": "example", "name": "Example", "url": SITE + "/groups/example",
-             "email": "example@groups.example.com", "type": "discussion", "privacy": "public"},
+             "email": "example@groups.example.com", "type": "Discussion group",
+             "privacy": "public"},
             {"id": "test", "name": "Test", "url": SITE + "/groups/test",
-             "email": "test@groups.example.com", "type": "announcement", "privacy": "secret"},
+             "email": "test@groups.example.com", "type": "Announcement group",
+             "privacy": "secret"},
         ])
+
+    def test_type_is_groupserver_title_of_every_group_type(self) -> None:
+        # gs.group.type.{discussion,announcement,support,closed}: the titles
+        # GroupServer's hook answers; a value mailhub does not know passes as stored.
+        for stored in ("support", "closed", "Closed group", "custom"):
+            self.ok(self.store.create_group(Group("g-" + stored.replace(" ", "-"), "G",
+                                                  type=stored)))
+        status, body = self.call("/gs-group-groups.json", {"token": TOKEN, "get": ""})
+        self.assertEqual(status, 200)
+        types = {g["id"]: g["type"] for g in body}
+        self.assertEqual(types, {"example": "Discussion group", "test": "Announcement group",
+                                 "g-support": "Support group", "g-closed": "Closed group",
+                                 "g-Closed-group": "Closed group", "g-custom": "custom"})
+        # The store keeps mailhub's short names.
+        self.assertEqual(self.directory.group("g-support").type, "support")
 
     def test_group_made_elsewhere_is_listed_at_once(self) -> None:
         self.ok(self.store.create_group(Group("fresh", "Fresh")))
@@ -284,13 +305,57 @@ class AddHookTests(HooksCase):
         ]})
 
     def test_invalid_addresses_are_validation_errors(self) -> None:
-        for bad in ("not-an-address", "a@b", "two@@example.com", "A <a@example.com>",
-                    "a b@example.com", "a@exa mple.com", "a@-example.com", ".a@example.com",
+        for bad in ("not-an-address", "a@b", "two@@example.com", "A <a@b>", "<>", "<bad>",
+                    "a@example.com b@example.com", "a@-example.com", "a..b@example.com",
                     "a@example.com\nBcc: b@example.com", "x" * 65 + "@example.com", "a@" + "b" * 64 + ".com"):
             status, body = self.add(email=bad)
             self.assertEqual(status, 400, bad)
             self.assertEqual(body["status"], 100)
             self.assertTrue(body["message"][0].startswith("email: "), body)
+        self.assertEqual(self.events, [])
+
+    def test_groupserver_address_forms_are_accepted_as_sanitise_address_reads_them(
+            self) -> None:
+        # gs.profile.email.base's sanitise_address: parseaddr, then strip
+        # ",.!?; <>(){}[]" and blanks from both ends.
+        forms = [("A Person <new1@example.com>", "new1@example.com"),
+                 ("<new2@example.com>", "new2@example.com"),
+                 ("new3@example.com,", "new3@example.com"),
+                 ('"Person, A" <new4@example.com>,', "new4@example.com"),
+                 ("new5@example.com (A Person)", "new5@example.com"),
+                 ("new6@example.com.", "new6@example.com"),
+                 ("new7@example.com, other@example.com", "new7@example.com"),
+                 ("  new8@example.com;  ", "new8@example.com"),
+                 # parseaddr joins the atoms of a domain, on Python 2 as on 3
+                 ("new9@exa mple.com", "new9@example.com"),
+                 (".new10@example.com!", "new10@example.com"),
+                 ("new 11@example.com", "new11@example.com")]
+        for given, address in forms:
+            status, body = self.add(email=given)
+            self.assertEqual((status, body["status"]), (200, 0), given)
+            self.assertEqual(body["user"]["email"]["all"], [address], given)
+        # The address is stored and published as it was read, not as it was sent.
+        added = [data["email"] for topic, data in self.events if topic == "member:added"]
+        self.assertEqual(added, [address for _, address in forms])
+        status, body = self.add(email="Someone Else <NEW1@example.com>")
+        self.assertEqual((status, body["status"]), (200, 256))
+
+    def test_sanitised_address_that_is_no_address_names_what_was_sent(self) -> None:
+        status, body = self.add(email="A Person <a@b>")
+        self.assertEqual((status, body), (400, {"status": 100, "message": [
+            "email: 'A Person <a@b>' has an invalid domain."]}))
+        status, body = self.add(email="<>")
+        self.assertEqual((status, body), (400, {"status": 100, "message": [
+            "email: '<>' is not an email address (local@domain)."]}))
+
+    def test_address_texts_that_break_parsers_are_validation_errors(self) -> None:
+        status, body = self.add(email="(" * 5000 + "a@example.com")
+        self.assertEqual((status, body["status"]), (400, 100))
+        self.assertEqual(body["message"], [
+            "email: '((((((((((((((((((((((((((((((((((((((((...' is longer than 1024 "
+            "characters."])
+        status, body = self.add(email="(" * 900 + "a@example.com")
+        self.assertEqual((status, body["status"]), (400, 100))
         self.assertEqual(self.events, [])
 
     def test_unknown_group_is_a_validation_error(self) -> None:
@@ -514,6 +579,86 @@ class BadInputTests(HooksCase):
             "hook": "/gs-search-people.json", "status": "200"}), 1)
         self.assertEqual(self.metrics.value("mailhub_hook_requests_total", {
             "hook": "/gs-search-people.json", "status": "400"}), 1)
+
+
+class GroupServerStatusCodesTests(HooksCase):
+    """``[hooks] status_codes = groupserver``: every refusal is HTTP 200, as GroupServer's."""
+
+    status_codes = "groupserver"
+
+    def count(self, hook: str, status: str) -> float:
+        return self.metrics.value("mailhub_hook_requests_total",  # type: ignore[no-any-return]
+                                  {"hook": hook, "status": status})
+
+    def test_validation_errors_are_200_with_status_100(self) -> None:
+        status, body = self.call("/gs-group-member-add.json", {"token": TOKEN, "add": ""})
+        self.assertEqual((status, body), (200, {"status": 100, "message": [
+            "groupId: Required input is missing.",
+            "email: Required input is missing.",
+            "fn: Required input is missing.",
+        ]}))
+        status, body = self.call("/gs-search-people.json", {"token": TOKEN, "search": ""})
+        self.assertEqual((status, body), (200, {"status": 100, "message": [
+            "user: Required input is missing."]}))
+        # Malformed bodies are validation errors too.
+        status, body = self.call("/gs-search-people.json", body=b"{",
+                                 headers={b"content-type": [b"application/json"]})
+        self.assertEqual((status, body["status"]), (200, 100))
+        status, body = self.call("/gs-search-people.json", method="GET",
+                                 query="search&token=%s&user=Andr%%E9" % TOKEN)
+        self.assertEqual((status, body["status"]), (200, 100))
+        self.assertEqual(self.events, [])
+
+    def test_refused_tokens_are_200_with_status_100_and_still_audited(self) -> None:
+        for form in ({"get": ""}, {"get": "", "token": ""}, {"get": "", "token": "nope" * 8}):
+            self.clock.advance(3600)
+            status, body = self.call("/gs-group-groups.json", form)
+            self.assertEqual(status, 200, form)
+            self.assertEqual(body["status"], 100)
+            self.assertEqual(len(body["message"]), 1)
+            self.assertNotIn("nope", json.dumps(body))
+        self.assertEqual(len(self.audit()), 3)
+        self.assertEqual(auth_failures(self.metrics, "hooks"), 3)
+        # Counted by what they mean, as in the http mode.
+        self.assertEqual(self.count("/gs-group-groups.json", "403"), 3)
+        self.assertEqual(self.count("/gs-group-groups.json", "200"), 0)
+
+    def test_every_hook_refuses_a_wrong_token_with_200(self) -> None:
+        for path, spec in HOOKS.items():
+            form = {spec.actions[0][0]: "", "token": "wrong", "user": ALICE.id,
+                    "groupId": "test", "userId": ALICE.id, "email": "x@example.com", "fn": "X"}
+            self.clock.advance(3600)
+            status, body = self.call(path, form)
+            self.assertEqual((status, body["status"]), (200, 100), path)
+        self.assertEqual(self.search(ALICE.id)[1]["groups"], ["example", "test"])
+
+    def test_answers_that_are_not_refusals_do_not_change(self) -> None:
+        self.assertEqual(self.search(ALICE.id), (200, alice_data()))
+        status, body = self.call("/gs-group-member-leave.json",
+                                 {"token": TOKEN, "groupId": "nosuch", "userId": ALICE.id,
+                                  "leave": ""})
+        self.assertEqual((status, body["status"]), (200, 1))
+        status, body = self.call("/gs-group-groups.json", {})
+        self.assertEqual((status, body["message"]), (200, ["", GROUPS_LABEL]))
+
+    def test_no_hook_wrong_method_and_too_large_keep_their_codes(self) -> None:
+        # Answers of the server, not of a hook: GroupServer's Zope answers a
+        # missing page 404 too, and the body bound is mailhub's own.
+        status, body = self.call("/gs-nothing.json", {"token": TOKEN, "search": ""})
+        self.assertEqual((status, body["status"]), (404, 404))
+        status, body = self.call("/gs-search-people.json", {"token": TOKEN}, method="PUT")
+        self.assertEqual((status, body["status"]), (405, 405))
+        big = b"token=" + TOKEN.encode() + b"&search&user=" + b"a" * (2 * 1024 * 1024)
+        status, body = self.call("/gs-search-people.json", body=big)
+        self.assertEqual((status, body["status"]), (413, 100))
+
+    def test_validation_errors_are_counted_as_400(self) -> None:
+        self.search("")
+        self.assertEqual(self.count("/gs-search-people.json", "400"), 1)
+        self.assertEqual(self.count("/gs-search-people.json", "200"), 0)
+
+
+GROUPS_LABEL = "Get the groups on the site"
 
 
 class UnitTests(SynchronousTestCase):
