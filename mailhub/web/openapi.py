@@ -18,9 +18,10 @@ so the two cannot drift apart.
 from __future__ import annotations
 
 from typing import Any
+from zoneinfo import available_timezones
 
 from mailhub import __version__
-from mailhub.web.hooks import HOOKS, HookSpec
+from mailhub.web.hooks import HOOKS, MAX_BIOGRAPHY, MAX_NAME, MAX_USER, HookSpec
 
 _REF = "#/components/schemas/"
 
@@ -108,7 +109,8 @@ _SUCCESS: dict[str, Any] = {
     "/gs-search-people.json": {"oneOf": [
         {"$ref": _REF + "ProfileData"},
         {"type": "object", "maxProperties": 0, "description": "no such person"}]},
-    "/gs-site-member-list.json": {"oneOf": [
+    # anyOf, not oneOf: an empty list is an answer to either action.
+    "/gs-site-member-list.json": {"anyOf": [
         {"type": "array", "items": {"type": "string"}, "description": "action users"},
         {"type": "array", "items": {"$ref": _REF + "ProfileData"},
          "description": "action user_groups"}]},
@@ -116,24 +118,85 @@ _SUCCESS: dict[str, Any] = {
 }
 _SUCCESS["/gs-site-member.json"] = _SUCCESS["/gs-site-member-list.json"]
 
+#: Characters no field may hold (mailhub.web.common.refuse_controls): C0
+#: controls but tab and line ends, and DEL.
+_CONTROLS = "\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f"
+#: Any text without those characters.
+_FORM_TEXT: dict[str, Any] = {"type": "string", "pattern": "^[^%s]*$" % _CONTROLS}
+#: Such text holding something besides white space (what "required" means).
+_FORM_FILLED: dict[str, Any] = {
+    "type": "string", "pattern": "^[^%s]*[^%s\\s][^%s]*$" % (_CONTROLS, _CONTROLS, _CONTROLS)}
+#: A JSON body's value: text, or a number or boolean or null read as text
+#: (``true`` and ``null`` as empty, ``false`` as "false").
+_JSON_SCALAR: dict[str, Any] = {"type": ["string", "number", "boolean", "null"],
+                                "pattern": _FORM_TEXT["pattern"]}
+_JSON_FILLED: dict[str, Any] = {"anyOf": [_FORM_FILLED, {"type": "number"}, {"const": False}]}
+
+#: Time zone names ``tz`` accepts: empty, or a name zoneinfo knows.
+_ZONES = sorted(available_timezones())
+
+
+def _field_schema(name: str, filled: bool, json: bool) -> dict[str, Any]:
+    """What the server accepts in field ``name`` once the action is given."""
+    if name == "email" and filled:
+        return {"type": "string", "format": "email", "maxLength": 254,
+                "description": "One local@domain address (no display name)"}
+    if name == "fn" and filled:
+        return dict(_FORM_FILLED, maxLength=MAX_NAME)
+    if name == "biography":
+        return dict(_FORM_TEXT, maxLength=MAX_BIOGRAPHY)
+    if name == "tz":
+        return {"type": "string", "enum": [""] + _ZONES}
+    if name == "user" and filled:
+        return dict(_FORM_FILLED, maxLength=MAX_USER)
+    if filled:
+        return _JSON_FILLED if json else _FORM_FILLED
+    return _JSON_SCALAR if json else _FORM_TEXT
+
+
+def _form_schema(spec: HookSpec, json: bool = False) -> dict[str, Any]:
+    """The hook's form: fields are checked only when an action is present.
+
+    Without an action the hook describes itself whatever else is sent; with
+    one, the hook's required arguments must hold more than white space. No
+    field name or value may hold a control character (but tab and line ends).
+    """
+    loose = _JSON_SCALAR if json else _FORM_TEXT
+    described: dict[str, Any] = {}
+    for name, argument in spec.arguments:
+        described[name] = dict(loose, description=argument.description)
+    for name, label in spec.actions:
+        described[name] = dict(loose, description="The action %r (%s): present, with any "
+                                                  "value or none" % (name, label))
+    required = [name for name, argument in spec.arguments
+                if argument.required and name != "token"]
+    action_names = [name for name, _ in spec.actions]
+    checked = {name: _field_schema(name, name in required, json)
+               for name, _ in spec.arguments if name != "token"}
+    present = [{"required": [name]} for name in action_names]
+    common: dict[str, Any] = {
+        "type": "object",
+        "propertyNames": {"pattern": _FORM_TEXT["pattern"]},
+        "additionalProperties": loose,
+    }
+    with_action: dict[str, Any] = {
+        "description": "An action (the token is checked first)",
+        "required": required, "properties": checked}
+    if len(present) > 1:
+        with_action["anyOf"] = present
+    else:
+        with_action["required"] = action_names + required
+    return dict(common, properties=described, anyOf=[
+        {"description": "No action: the self-description", "not": {"anyOf": present}},
+        with_action])
+
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description,
             "content": {"application/json": {"schema": schema}}}
 
 
-def _form_schema(spec: HookSpec) -> dict[str, Any]:
-    properties: dict[str, Any] = {}
-    for name, argument in spec.arguments:
-        properties[name] = {"type": "string", "description": argument.description}
-    for name, label in spec.actions:
-        properties[name] = {"type": "string", "description":
-                            "The action %r (%s): present, with any value or none" % (name, label)}
-    return {"type": "object", "properties": properties}
-
-
 def _operation(path: str, spec: HookSpec, method: str) -> dict[str, Any]:
-    fields = _form_schema(spec)
     actions = ", ".join(name for name, _ in spec.actions)
     operation: dict[str, Any] = {
         "tags": ["GroupServer hooks"],
@@ -145,7 +208,7 @@ def _operation(path: str, spec: HookSpec, method: str) -> dict[str, Any]:
         "responses": {
             "200": {"description": "The action's answer, or the self-description "
                                    "when no action is given",
-                    "content": {"application/json": {"schema": {"oneOf": [
+                    "content": {"application/json": {"schema": {"anyOf": [
                         _SUCCESS[path], {"$ref": _REF + "SelfDescription"}]}}}},
             "400": _json({"$ref": _REF + "GroupServerError"}, "Validation error"),
             "403": _json({"$ref": _REF + "GroupServerError"}, "Missing or wrong token"),
@@ -153,14 +216,15 @@ def _operation(path: str, spec: HookSpec, method: str) -> dict[str, Any]:
         },
     }
     if method == "GET":
+        # One exploded object: each property is a query parameter, and the
+        # fields a hook requires depend on the action present.
         operation["parameters"] = [
-            {"name": name, "in": "query", "required": False, "schema": schema,
-             "allowEmptyValue": True}
-            for name, schema in fields["properties"].items()]
+            {"name": "form", "in": "query", "required": False, "style": "form",
+             "explode": True, "schema": _form_schema(spec)}]
     else:
         operation["requestBody"] = {"required": False, "content": {
-            "application/x-www-form-urlencoded": {"schema": fields},
-            "application/json": {"schema": fields},
+            "application/x-www-form-urlencoded": {"schema": _form_schema(spec)},
+            "application/json": {"schema": _form_schema(spec, json=True)},
         }}
     return operation
 
