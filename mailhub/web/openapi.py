@@ -392,6 +392,17 @@ _EVENT_GROUPS: list[tuple[tuple[str, ...], dict[str, Any], list[str]]] = [
 ]
 
 
+def _as_form_value(schema: dict[str, Any]) -> dict[str, Any]:
+    """The text forms of a field's schema: what it accepts in a form body."""
+    texts = [form for form in schema.get("anyOf", [schema])
+             if form.get("type") == "string" and "pattern" in form]
+    if texts and "anyOf" in schema:  # a number: its digits, or "" for absent
+        return {"anyOf": texts + [{"const": ""}]}
+    if texts:
+        return texts[0]
+    return {"type": "string"}
+
+
 def _lua_event(form: bool = False) -> dict[str, Any]:
     """One Lua event: which fields are read, and how, depends on the event.
 
@@ -402,19 +413,15 @@ def _lua_event(form: bool = False) -> dict[str, Any]:
     for names, fields, required in _EVENT_GROUPS:
         pattern = {"type": "string", "pattern": _event_pattern(*names)}
         if form:
-            fields = {key: {"type": "string"} for key in fields}
-            if "mailbox" in required:
-                fields["mailbox"] = _FILLED_TEXT
-        by_name = {"required": ["name", *required],
-                   "properties": dict(fields, name=pattern)}
-        by_event = {"required": ["event", *required],
-                    "not": {"required": ["name"]},
-                    "properties": dict(fields, event=pattern)}
-        branches += [by_name, by_event]
+            fields = {key: _as_form_value(schema) for key, schema in fields.items()}
+        named: list[dict[str, Any]] = [
+            {"required": ["name"], "properties": {"name": pattern}},
+            {"required": ["event"], "not": {"required": ["name"]},
+             "properties": {"event": pattern}}]
         if form and "message_new" in names:
-            branches.append({"not": {"anyOf": [{"required": ["name"]},
-                                               {"required": ["event"]}]},
-                             "properties": fields})
+            named.append({"not": {"anyOf": [{"required": ["name"]},
+                                            {"required": ["event"]}]}})
+        branches.append({"anyOf": named, "required": required, "properties": fields})
     return {
         "type": "object",
         "description": "One event of Dovecot's Lua push driver, as mailhub's script "
