@@ -13,6 +13,14 @@ CardDAV server) speaks WebDAV, which OpenAPI cannot describe.
 any ``extra_paths`` and ``extra_schemas``; :func:`hook_paths` describes the
 hooks from the same :data:`~mailhub.web.hooks.HOOKS` table the handlers use,
 so the two cannot drift apart.
+
+The document is exact: a request its schemas accept is one the server
+carries out, one they refuse is answered 4xx, and every answer matches its
+schema (tests/web/test_openapi_conformance.py runs schemathesis with every
+check against a real ``twistd mailhub``). Two things JSON Schema cannot say
+are approximated and said in the descriptions: which addresses mailhub's
+validator takes (``format: email``) and which iCalendar texts vobject reads
+(the pattern of the simplest one).
 """
 
 from __future__ import annotations

@@ -26,6 +26,9 @@ def before_call(context: Any, case: Any, kwargs: Any) -> None:
     meta = case.meta
     if meta is None or meta.generation.mode is not GenerationMode.POSITIVE:
         return
-    for fields in (case.query, case.body):
-        if isinstance(fields, dict) and isinstance(fields.get("groupId"), str):
-            fields["groupId"] = GROUPS[len(fields["groupId"]) % len(GROUPS)]
+    forms = [case.query, case.body]
+    if isinstance(case.query, dict):
+        forms.append(case.query.get("form"))  # the GET form, if not yet flattened
+    for fields in forms:
+        if isinstance(fields, dict) and fields.get("groupId") is not None:
+            fields["groupId"] = GROUPS[len(str(fields["groupId"])) % len(GROUPS)]

@@ -135,6 +135,39 @@ def test_schemathesis_finds_nothing_with_every_check(tmp_path: Path) -> None:
             cwd=tmp_path, capture_output=True, text=True, timeout=600,
             env=dict(os.environ, SCHEMATHESIS_HOOKS="tests.web.openapi_site_data",
                      PYTHONPATH=str(ROOT)))
+        refused = _error_answers(mailhub, token)
     # Each failure with its curl line; long generated values cut short.
     report = "\n".join(line[:400] for line in (run.stdout + run.stderr).splitlines())
     assert run.returncode == 0, report[-30000:]
+    assert refused == [], refused
+
+
+def _error_answers(mailhub: Mailhub, token: str) -> list[str]:
+    """Errors schemathesis does not provoke, each checked against the document:
+    a body over ``max_body`` (413), a wrong token (403), no credentials (401)."""
+    import jsonschema
+
+    _, document = mailhub.get("/openapi.json")
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    cases = [
+        ("/gs-group-groups.json", "post", 413, b"get&x=" + b"a" * (1024 * 1024 + 1), form,
+         ""),
+        ("/gs-group-groups.json", "post", 403, b"get&token=wrong", form, ""),
+        ("/gs-search-people.json", "get", 403, None, {}, "?search&user=a%40b.example"),
+        ("/push/v1/notify", "post", 401, b"{}", {"Content-Type": "application/json"}, ""),
+        ("/mailstore", "post", 413, b"cmd=list&x=" + b"a" * (1024 * 1024), form, ""),
+        ("/collector/v1/calendar", "post", 403, b"", {"Content-Type": "text/calendar"},
+         "?user=alice%40example.org&token=wrong"),
+    ]
+    wrong = []
+    for path, method, status, body, headers, query in cases:
+        got, answer = mailhub.request(method.upper(), path + query, body, headers)
+        described = document["paths"][path][method]["responses"].get(str(got))
+        if got != status or described is None:
+            wrong.append("%s %s: %s %r" % (method, path, got, answer))
+            continue
+        schema = dict(described["content"]["application/json"]["schema"],
+                      components=document["components"])
+        for error in jsonschema.Draft202012Validator(schema).iter_errors(answer):
+            wrong.append("%s %s %s: %s" % (method, path, got, error.message))
+    return wrong
