@@ -13,19 +13,34 @@ CardDAV server) speaks WebDAV, which OpenAPI cannot describe.
 any ``extra_paths`` and ``extra_schemas``; :func:`hook_paths` describes the
 hooks from the same :data:`~mailhub.web.hooks.HOOKS` table the handlers use,
 so the two cannot drift apart.
+
+The document is exact: a request its schemas accept is one the server
+carries out, one they refuse is answered 4xx, and every answer matches its
+schema (tests/web/test_openapi_conformance.py runs schemathesis with every
+check against a real ``twistd mailhub``). Two things JSON Schema cannot say
+are approximated and said in the descriptions: which addresses mailhub's
+validator takes (``format: email``) and which iCalendar texts vobject reads
+(the pattern of the simplest one).
 """
 
 from __future__ import annotations
 
 from typing import Any
+from zoneinfo import available_timezones
 
 from mailhub import __version__
-from mailhub.web.hooks import HOOKS, HookSpec
+from mailhub.web.hooks import HOOKS, MAX_BIOGRAPHY, MAX_NAME, MAX_USER, HookSpec
 
 _REF = "#/components/schemas/"
 
+#: Time zone names ``tz`` accepts: empty, or a name zoneinfo knows.
+_ZONES = sorted(available_timezones())
+
+
 #: Component schemas the hooks' replies use.
 HOOK_SCHEMAS: dict[str, Any] = {
+    "TimeZone": {"type": "string", "enum": [""] + _ZONES,
+                 "description": "Empty, or a time zone name the server's zoneinfo knows"},
     "GroupServerError": {
         "type": "object",
         "description": "GroupServer's error shape: status 100 and every reason.",
@@ -108,7 +123,8 @@ _SUCCESS: dict[str, Any] = {
     "/gs-search-people.json": {"oneOf": [
         {"$ref": _REF + "ProfileData"},
         {"type": "object", "maxProperties": 0, "description": "no such person"}]},
-    "/gs-site-member-list.json": {"oneOf": [
+    # anyOf, not oneOf: an empty list is an answer to either action.
+    "/gs-site-member-list.json": {"anyOf": [
         {"type": "array", "items": {"type": "string"}, "description": "action users"},
         {"type": "array", "items": {"$ref": _REF + "ProfileData"},
          "description": "action user_groups"}]},
@@ -116,24 +132,94 @@ _SUCCESS: dict[str, Any] = {
 }
 _SUCCESS["/gs-site-member.json"] = _SUCCESS["/gs-site-member-list.json"]
 
+#: Characters no field may hold (mailhub.web.common.refuse_controls): C0
+#: controls but tab and line ends, and DEL.
+_CONTROLS = "\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f"
+#: Any text without those characters.
+_FORM_TEXT: dict[str, Any] = {"type": "string", "pattern": "^[^%s]*$" % _CONTROLS}
+#: Such text holding something besides white space (what "required" means).
+_FORM_FILLED: dict[str, Any] = {
+    "type": "string", "pattern": "^[^%s]*[^%s\\s][^%s]*$" % (_CONTROLS, _CONTROLS, _CONTROLS)}
+#: A JSON body's value: text, or a number or boolean or null read as text
+#: (``true`` and ``null`` as empty, ``false`` as "false").
+_JSON_SCALAR: dict[str, Any] = {"type": ["string", "number", "boolean", "null"],
+                                "pattern": _FORM_TEXT["pattern"]}
+
+
+def _field_schema(name: str, filled: bool, json: bool, query: bool = False,
+                  ) -> dict[str, Any]:
+    """What the server accepts in field ``name`` once the action is given.
+
+    In a JSON body a number is read as its text, ``false`` as "false",
+    ``true`` and ``null`` as empty.
+    """
+    text: dict[str, Any]
+    if name == "email" and filled:
+        return {"type": "string", "format": "email", "maxLength": 254,
+                "description": "One local@domain address (no display name)"}
+    if name == "tz":
+        zones: dict[str, Any] = {"$ref": _REF + "TimeZone"}
+        return {"anyOf": [zones, {"enum": [True, None]}]} if json else zones
+    if name == "fn" and filled:
+        text = dict(_FORM_FILLED, maxLength=MAX_NAME)
+    elif name == "user" and filled:
+        text = dict(_FORM_FILLED, maxLength=MAX_USER)
+    elif name == "biography":
+        # In a query string the request line's limit (16 KiB) comes first.
+        return dict(_JSON_SCALAR if json else _FORM_TEXT,
+                    **({} if query else {"maxLength": MAX_BIOGRAPHY}))
+    elif filled:
+        text = _FORM_FILLED
+    else:
+        return _JSON_SCALAR if json else _FORM_TEXT
+    if json:
+        return {"anyOf": [text, {"type": "number"}, {"const": False}]}
+    return text
+
+
+def _form_schema(spec: HookSpec, json: bool = False, query: bool = False) -> dict[str, Any]:
+    """The hook's form: fields are checked only when an action is present.
+
+    Without an action the hook describes itself whatever else is sent; with
+    one, the hook's required arguments must hold more than white space. No
+    field name or value may hold a control character (but tab and line ends).
+    """
+    loose = _JSON_SCALAR if json else _FORM_TEXT
+    described: dict[str, Any] = {}
+    for name, argument in spec.arguments:
+        described[name] = dict(loose, description=argument.description)
+    for name, label in spec.actions:
+        described[name] = dict(loose, description="The action %r (%s): present, with any "
+                                                  "value or none" % (name, label))
+    required = [name for name, argument in spec.arguments
+                if argument.required and name != "token"]
+    action_names = [name for name, _ in spec.actions]
+    checked = {name: _field_schema(name, name in required, json, query)
+               for name, _ in spec.arguments if name != "token"}
+    present = [{"required": [name]} for name in action_names]
+    common: dict[str, Any] = {
+        "type": "object",
+        "propertyNames": {"pattern": _FORM_TEXT["pattern"]},
+        "additionalProperties": loose,
+    }
+    with_action: dict[str, Any] = {
+        "description": "An action (the token is checked first)",
+        "required": required, "properties": checked}
+    if len(present) > 1:
+        with_action["anyOf"] = present
+    else:
+        with_action["required"] = action_names + required
+    return dict(common, properties=described, anyOf=[
+        {"description": "No action: the self-description", "not": {"anyOf": present}},
+        with_action])
+
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description,
             "content": {"application/json": {"schema": schema}}}
 
 
-def _form_schema(spec: HookSpec) -> dict[str, Any]:
-    properties: dict[str, Any] = {}
-    for name, argument in spec.arguments:
-        properties[name] = {"type": "string", "description": argument.description}
-    for name, label in spec.actions:
-        properties[name] = {"type": "string", "description":
-                            "The action %r (%s): present, with any value or none" % (name, label)}
-    return {"type": "object", "properties": properties}
-
-
 def _operation(path: str, spec: HookSpec, method: str) -> dict[str, Any]:
-    fields = _form_schema(spec)
     actions = ", ".join(name for name, _ in spec.actions)
     operation: dict[str, Any] = {
         "tags": ["GroupServer hooks"],
@@ -145,22 +231,29 @@ def _operation(path: str, spec: HookSpec, method: str) -> dict[str, Any]:
         "responses": {
             "200": {"description": "The action's answer, or the self-description "
                                    "when no action is given",
-                    "content": {"application/json": {"schema": {"oneOf": [
+                    "content": {"application/json": {"schema": {"anyOf": [
                         _SUCCESS[path], {"$ref": _REF + "SelfDescription"}]}}}},
             "400": _json({"$ref": _REF + "GroupServerError"}, "Validation error"),
             "403": _json({"$ref": _REF + "GroupServerError"}, "Missing or wrong token"),
-            "413": _json({"$ref": _REF + "GroupServerError"}, "Body too large"),
+            # Refused before any surface sees the request (mailhub.web.site.LimitedRequest),
+            # so in the site's shape, not GroupServer's.
+            "413": _json({"$ref": _REF + "Error"}, "The body is larger than [mailhub] max_body"),
         },
     }
     if method == "GET":
+        # One exploded object: each property is a query parameter, and the
+        # fields a hook requires depend on the action present.
         operation["parameters"] = [
-            {"name": name, "in": "query", "required": False, "schema": schema,
-             "allowEmptyValue": True}
-            for name, schema in fields["properties"].items()]
+            {"name": "form", "in": "query", "required": False, "style": "form",
+             "explode": True, "schema": _form_schema(spec, query=True),
+             "description": "The form in the query string. twisted.web takes a request "
+                            "line and headers of at most 16 KiB together: a longer one is "
+                            "answered 400 without a body and the connection closed. Send "
+                            "long fields (a biography) in a POST body."}]
     else:
         operation["requestBody"] = {"required": False, "content": {
-            "application/x-www-form-urlencoded": {"schema": fields},
-            "application/json": {"schema": fields},
+            "application/x-www-form-urlencoded": {"schema": _form_schema(spec)},
+            "application/json": {"schema": _form_schema(spec, json=True)},
         }}
     return operation
 
@@ -214,18 +307,169 @@ _TAGS = [
 ]
 
 _UINT32 = 2**32 - 1
-_NUMBER_OR_DIGITS: dict[str, Any] = {
-    "oneOf": [{"type": "integer", "minimum": 0, "maximum": _UINT32},
-              {"type": "string", "pattern": r"^\s*\+?\d+(\.0*)?\s*$"}]}
-_NAMES: dict[str, Any] = {
-    "description": "A list of names, a space- or comma-separated string, or (flags only) "
-                   "Dovecot's flag bitmask",
-    "oneOf": [{"type": "array", "items": {"type": "string"}}, {"type": "string"},
-              {"type": "integer", "minimum": 0, "maximum": 0xFFFF},
-              {"type": "object", "maxProperties": 0, "description": "an empty Lua table"}]}
-_TEXT: dict[str, Any] = {"type": "string"}
+#: 0 to 2**32 - 1 written in at most 20 digits (leading zeros included).
+_UINT32_DIGITS = ("(0{0,11}[0-9]{1,9}|0{0,10}([1-3][0-9]{9}|4[01][0-9]{8}|42[0-8][0-9]{7}"
+                  "|429[0-3][0-9]{6}|4294[0-8][0-9]{5}|42949[0-5][0-9]{4}|429496[0-6][0-9]{3}"
+                  "|4294967[01][0-9]{2}|42949672[0-8][0-9]|429496729[0-5]))")
+#: How mailhub.push.decode reads a whole number written as text: a sign,
+#: at most 20 digits, an optional ".0...", white space around.
+_WS = "[ \\t\\n\\r\\f\\v]*"
+
+
+def _digits(unsigned: str) -> dict[str, Any]:
+    return {"type": "string",
+            "pattern": "^%s(\\+?%s|-0{1,20})(\\.0*)?%s$" % (_WS, unsigned, _WS)}
+
+
+def _whole(low: int, high: int, digits: str, required: bool = False) -> dict[str, Any]:
+    """A whole number from ``low`` to ``high``: a JSON number or its digits.
+
+    Where it is not ``required``, ``null`` and ``""`` mean absent.
+    """
+    forms: list[dict[str, Any]] = [{"type": "integer", "minimum": low, "maximum": high},
+                                   _digits(digits)]
+    if low < 0:
+        forms[1] = {"type": "string", "pattern": "^%s[+-]?%s(\\.0*)?%s$" % (_WS, digits, _WS)}
+    if not required:
+        forms.append({"enum": [None, ""]})
+    return {"anyOf": forms}
+
+
+_NUMBER_OR_DIGITS = _whole(0, _UINT32, _UINT32_DIGITS)
+_REQUIRED_NUMBER = _whole(0, _UINT32, _UINT32_DIGITS, required=True)
+
+
+def _names(bitmask: bool) -> dict[str, Any]:
+    forms: list[dict[str, Any]] = [
+        {"type": "array", "items": {"type": "string"}}, {"type": "string"},
+        {"type": "object", "maxProperties": 0, "description": "an empty Lua table"},
+        {"type": "null"}]
+    if bitmask:
+        forms.append({"type": "integer", "minimum": 0, "maximum": 0xFFFF,
+                      "description": "Dovecot's flag bitmask"})
+    return {"description": "A list of names or a space- or comma-separated string"
+                           + (", or Dovecot's flag bitmask" if bitmask else ""),
+            "anyOf": forms}
+
+
+_FLAGS = _names(bitmask=True)
+_KEYWORDS = _names(bitmask=False)
+_TEXT: dict[str, Any] = {"type": ["string", "null"]}
+#: Text that holds more than white space.
+_FILLED_TEXT: dict[str, Any] = {"type": "string", "pattern": "[^\\s\\x1c-\\x1f]"}
+
+
+def _event_pattern(*names: str) -> str:
+    """A pattern for Dovecot event names in any case, with ``_`` or ``-`` anywhere
+    (what :func:`mailhub.push.events.canonical_event` reads)."""
+    def one(name: str) -> str:
+        return "".join("[%s%s][_-]*" % (c.lower(), c.upper())
+                       for c in name.replace("_", ""))
+    return "^\\s*[_-]*(%s)\\s*$" % "|".join(one(n) for n in names)
+
+
+_EVENT_NAMES = ("message_new", "message_append", "message_read", "message_trash",
+                "message_expunge", "flags_set", "flags_clear", "mailbox_create",
+                "mailbox_delete", "mailbox_rename", "mailbox_subscribe",
+                "mailbox_unsubscribe")
 _NULLABLE_TEXT: dict[str, Any] = {"type": ["string", "null"]}
 _NULLABLE_INT: dict[str, Any] = {"type": ["integer", "null"]}
+
+#: Dovecot's events, by the fields mailhub reads for them
+#: (mailhub.push.decode._lua_event): a field an event does not read may hold
+#: anything.
+_MESSAGE_FIELDS: dict[str, Any] = {
+    "uid": _NUMBER_OR_DIGITS, "uid_validity": _NUMBER_OR_DIGITS, "unseen": _NUMBER_OR_DIGITS,
+    "mailbox": _TEXT}
+_CONTENT_FIELDS: dict[str, Any] = dict(
+    _MESSAGE_FIELDS,
+    date=dict(_whole(-(2**53), 2**53, "0{0,5}[0-9]{1,15}"), description="Seconds since the epoch"),
+    tz=dict(_whole(-100000, 100000, "0{0,15}([0-9]{1,5}|100000)"), description="Minutes east of UTC"),
+    flags=_FLAGS, keywords=_KEYWORDS,
+    **{key: _TEXT for key in ("from", "to", "from_address", "from_display_name", "to_address",
+                              "to_display_name", "subject", "snippet", "message_id")})
+_FLAG_FIELDS: dict[str, Any] = dict(_MESSAGE_FIELDS, flags=_FLAGS, keywords=_KEYWORDS,
+                                    flags_old=_FLAGS, keywords_old=_KEYWORDS)
+_EVENT_GROUPS: list[tuple[tuple[str, ...], dict[str, Any], list[str]]] = [
+    (("message_new", "message_append"), _CONTENT_FIELDS, []),
+    (("message_read", "flags_set", "flags_clear"), _FLAG_FIELDS, []),
+    (("message_trash", "message_expunge"), _MESSAGE_FIELDS, []),
+    (("mailbox_create", "mailbox_delete", "mailbox_subscribe", "mailbox_unsubscribe"),
+     {"mailbox": _FILLED_TEXT}, ["mailbox"]),
+    (("mailbox_rename",), {"mailbox": _FILLED_TEXT, "mailbox_old": _TEXT}, ["mailbox"]),
+]
+
+
+def _as_form_value(schema: dict[str, Any]) -> dict[str, Any]:
+    """The text forms of a field's schema: what it accepts in a form body."""
+    texts = [form for form in schema.get("anyOf", [schema])
+             if form.get("type") == "string" and "pattern" in form]
+    if texts and "anyOf" in schema:  # a number: its digits, or "" for absent
+        return {"anyOf": texts + [{"const": ""}]}
+    if texts:
+        return texts[0]
+    return {"type": "string"}
+
+
+def _lua_event(form: bool = False) -> dict[str, Any]:
+    """One Lua event: which fields are read, and how, depends on the event.
+
+    The event is ``name``, else ``event``; in a form body (``form``), where
+    every value is text, neither means MessageNew.
+    """
+    branches: list[dict[str, Any]] = []
+    for names, fields, required in _EVENT_GROUPS:
+        pattern = {"type": "string", "pattern": _event_pattern(*names)}
+        if form:
+            fields = {key: _as_form_value(schema) for key, schema in fields.items()}
+        named: list[dict[str, Any]] = [
+            {"required": ["name"], "properties": {"name": pattern}},
+            {"required": ["event"], "not": {"required": ["name"]},
+             "properties": {"event": pattern}}]
+        if form and "message_new" in names:
+            named.append({"not": {"anyOf": [{"required": ["name"]},
+                                            {"required": ["event"]}]}})
+        branches.append({"anyOf": named, "required": required, "properties": fields})
+    return {
+        "type": "object",
+        "description": "One event of Dovecot's Lua push driver, as mailhub's script "
+                       "(contrib/dovecot/mailhub-push.lua) sends it. ``name`` is Dovecot's "
+                       "event: MessageNew, MessageAppend, MessageRead, MessageTrash, "
+                       "MessageExpunge, FlagsSet, FlagsClear, MailboxCreate, MailboxDelete, "
+                       "MailboxRename, MailboxSubscribe, MailboxUnsubscribe (or "
+                       "message_new... in any case); ``event`` is read when ``name`` is "
+                       "absent. Numbers may also come as strings of digits; ``null`` and "
+                       "``\"\"`` mean absent.",
+        "properties": {
+            "name": {"type": "string"}, "event": {},
+            "user": dict(_FILLED_TEXT, type=["string", "null"],
+                         description="Overrides the transaction's user"),
+        },
+        "anyOf": branches,
+    }
+
+
+def _mailstore_command(json: bool = False) -> dict[str, Any]:
+    """MailStore's form: ``cmd=list``, or ``cmd=auth`` with ``user`` (and ``pass``)."""
+    loose = _JSON_SCALAR if json else _FORM_TEXT
+    return {
+        "type": "object",
+        "description": "MailStore's form (the query string counts too; a JSON object is "
+                       "accepted as well, its numbers and booleans read as text). No name "
+                       "or value may hold a control character but tab and line ends.",
+        "required": ["cmd"],
+        "propertyNames": {"pattern": _FORM_TEXT["pattern"]},
+        "additionalProperties": loose,
+        "properties": {
+            "cmd": {"type": "string", "enum": ["list", "auth"]},
+            "user": dict(loose, description="cmd=auth: the login"),
+            "pass": dict(loose, format="password",
+                         description="cmd=auth: the password (empty always fails)"),
+        },
+        "anyOf": [{"properties": {"cmd": {"const": "list"}}},
+                  {"properties": {"cmd": {"const": "auth"}}, "required": ["user"]}],
+    }
+
 
 #: Component schemas of every surface but the hooks.
 SURFACE_SCHEMAS: dict[str, Any] = {
@@ -249,18 +493,17 @@ SURFACE_SCHEMAS: dict[str, Any] = {
         "description": "What Dovecot's OX driver PUTs for each message delivered into INBOX.",
         "required": ["user", "event", "folder", "imap-uidvalidity", "imap-uid"],
         "properties": {
-            "user": {"type": "string", "minLength": 1,
-                     "description": "The login, or the METADATA value with "
-                                    "``user_from_metadata``"},
-            "event": {"type": "string", "description": "``messageNew`` (in any case)"},
-            "folder": {"type": "string", "minLength": 1},
-            "imap-uidvalidity": _NUMBER_OR_DIGITS,
-            "imap-uid": {"oneOf": [_NUMBER_OR_DIGITS,
-                                   {"type": "array", "minItems": 1, "items": _NUMBER_OR_DIGITS}]},
-            "from": {"type": "string", "description": "Raw header: MIME encoded-words decoded"},
-            "subject": {"type": "string",
-                        "description": "Raw header: MIME encoded-words decoded"},
-            "snippet": {"type": "string"},
+            "user": dict(_FILLED_TEXT, description="The login, or the METADATA value "
+                                                   "with ``user_from_metadata``"),
+            "event": {"type": "string", "pattern": _event_pattern("message_new"),
+                      "description": "``messageNew`` (in any case)"},
+            "folder": _FILLED_TEXT,
+            "imap-uidvalidity": _REQUIRED_NUMBER,
+            "imap-uid": {"anyOf": [_REQUIRED_NUMBER,
+                                   {"type": "array", "minItems": 1, "items": _REQUIRED_NUMBER}]},
+            "from": dict(_TEXT, description="Raw header: MIME encoded-words decoded"),
+            "subject": dict(_TEXT, description="Raw header: MIME encoded-words decoded"),
+            "snippet": _TEXT,
             "unseen": _NUMBER_OR_DIGITS,
         },
     },
@@ -268,41 +511,26 @@ SURFACE_SCHEMAS: dict[str, Any] = {
         "type": "object", "description": "OX App Suite's answer.",
         "required": ["success"], "properties": {"success": {"const": True}},
     },
-    "LuaEvent": {
-        "type": "object",
-        "description": "One event of Dovecot's Lua push driver, as mailhub's script "
-                       "(contrib/dovecot/mailhub-push.lua) sends it. Numbers may also come "
-                       "as strings of digits.",
-        "properties": {
-            "name": {"type": "string",
-                     "description": "Dovecot's event: MessageNew, MessageAppend, MessageRead, "
-                                    "MessageTrash, MessageExpunge, FlagsSet, FlagsClear, "
-                                    "MailboxCreate, MailboxDelete, MailboxRename, "
-                                    "MailboxSubscribe, MailboxUnsubscribe (or message_new... "
-                                    "in any case); ``event`` is read when ``name`` is absent"},
-            "user": {"type": "string", "description": "Overrides the transaction's user"},
-            "mailbox": _TEXT, "mailbox_old": _TEXT,
-            "uid": _NUMBER_OR_DIGITS, "uid_validity": _NUMBER_OR_DIGITS,
-            "unseen": _NUMBER_OR_DIGITS,
-            "date": {"type": ["integer", "string"], "description": "Seconds since the epoch"},
-            "tz": {"type": ["integer", "string"], "description": "Offset in minutes"},
-            "from": _TEXT, "to": _TEXT, "from_address": _TEXT, "from_display_name": _TEXT,
-            "to_address": _TEXT, "to_display_name": _TEXT, "subject": _TEXT, "snippet": _TEXT,
-            "message_id": _TEXT,
-            "flags": _NAMES, "keywords": _NAMES, "flags_old": _NAMES, "keywords_old": _NAMES,
-        },
-    },
+    "LuaEvent": _lua_event(),
     "LuaTransaction": {
         "type": "object",
-        "description": "One transaction's events, as mailhub's Lua script POSTs them "
-                       "(an event may name its own ``user``).",
+        "description": "One transaction's events, as mailhub's Lua script POSTs them. "
+                       "``user`` is whom the events are about, unless an event names its "
+                       "own; an empty Lua table may stand for an empty list.",
         "required": ["events"],
         "properties": {
-            "user": {"type": "string", "minLength": 1},
-            "events": {"oneOf": [{"type": "array", "items": {"$ref": _REF + "LuaEvent"}},
-                                 {"type": "object", "maxProperties": 0,
-                                  "description": "an empty Lua table"}]},
+            "user": {"description": "Required (non-blank text) unless every event has its "
+                                    "own ``user``"},
+            "events": {"anyOf": [{"type": "array", "items": {"$ref": _REF + "LuaEvent"}},
+                                 {"type": "object", "maxProperties": 0}]},
         },
+        "anyOf": [
+            {"required": ["user"], "properties": {"user": _FILLED_TEXT}},
+            {"properties": {"events": {"anyOf": [
+                {"type": "array", "items": {"required": ["user"],
+                                            "properties": {"user": _FILLED_TEXT}}},
+                {"type": "object", "maxProperties": 0}]}}},
+        ],
     },
     "LuaAnswer": {
         "type": "object",
@@ -337,18 +565,8 @@ SURFACE_SCHEMAS: dict[str, Any] = {
             "keywords_old": {"type": ["array", "null"], "items": {"type": "string"}},
         },
     },
-    "MailStoreCommand": {
-        "type": "object",
-        "description": "MailStore's form (the query string counts too; a JSON object is "
-                       "accepted as well).",
-        "required": ["cmd"],
-        "properties": {
-            "cmd": {"type": "string", "enum": ["list", "auth"]},
-            "user": {"type": "string", "description": "cmd=auth: the login"},
-            "pass": {"type": "string", "format": "password",
-                     "description": "cmd=auth: the password (empty always fails)"},
-        },
-    },
+    "MailStoreCommand": _mailstore_command(),
+    "MailStoreCommandJSON": _mailstore_command(json=True),
     "MailStoreUser": {
         "type": "object",
         "required": ["userName"],
@@ -432,12 +650,15 @@ def _push_operation(driver: str, method: str) -> dict[str, Any]:
         body = {
             "application/json": {"schema": {"anyOf": [
                 {"$ref": _REF + "LuaTransaction"},
-                {"allOf": [{"$ref": _REF + "LuaEvent"}, {"required": ["user"]}],
+                {"allOf": [{"$ref": _REF + "LuaEvent"},
+                           {"required": ["user"], "not": {"required": ["events"]},
+                            "properties": {"user": _FILLED_TEXT}}],
                  "description": "a single event"}]}},
             "application/x-www-form-urlencoded": {"schema": {
-                "allOf": [{"$ref": _REF + "LuaEvent"}, {"required": ["user"]}],
-                "description": "other scripts' form bodies (a missing name means "
-                               "MessageNew); read as such whatever the Content-Type"}},
+                "allOf": [_lua_event(form=True),
+                          {"required": ["user"], "properties": {"user": _FILLED_TEXT}}],
+                "description": "other scripts' form bodies (no name means MessageNew); "
+                               "read as such whatever the Content-Type"}},
         }
         success = _answer("Accepted; each event is published on its topic afterwards",
                           {"$ref": _REF + "LuaAnswer"})
@@ -508,7 +729,7 @@ def _mailstore_path() -> dict[str, Any]:
         "security": [{"mailstoreBasic": []}],
         "requestBody": {"required": True, "content": {
             "application/x-www-form-urlencoded": {"schema": {"$ref": _REF + "MailStoreCommand"}},
-            "application/json": {"schema": {"$ref": _REF + "MailStoreCommand"}},
+            "application/json": {"schema": {"$ref": _REF + "MailStoreCommandJSON"}},
         }},
         "responses": {
             "200": _answer("cmd=list: every user; cmd=auth: whether the password is right",
@@ -524,6 +745,10 @@ def _mailstore_path() -> dict[str, Any]:
     }}
 
 
+#: The simplest iCalendar bodies: a VCALENDAR with extension properties.
+_ICALENDAR = "^BEGIN:VCALENDAR\\r\\n(X-[A-Z0-9-]{1,20}:[ -~]*\\r\\n)*END:VCALENDAR\\r\\n$"
+
+
 def _calendar_path() -> dict[str, Any]:
     collected = {"$ref": _REF + "CalendarCollected"}
     return {"post": {
@@ -537,9 +762,13 @@ def _calendar_path() -> dict[str, Any]:
         "parameters": [{
             "name": "user", "in": "query", "required": True,
             "description": "Whose collected address book: a login, an address or an id",
-            "schema": {"type": "string", "minLength": 1}}],
+            "schema": _FORM_FILLED}],
         "requestBody": {"required": True, "content": {
-            "text/calendar": {"schema": {"type": "string"}}}},
+            "text/calendar": {"schema": {
+                "type": "string",
+                "description": "An iCalendar object (RFC 5545) in UTF-8. The pattern is the "
+                               "simplest such body; any VCALENDAR vobject reads is accepted.",
+                "pattern": _ICALENDAR}}}},
         "responses": {
             "200": _answer("Nothing to collect (``emails`` is empty)", collected),
             "202": _answer("Submitted to the collector", collected),
@@ -635,7 +864,7 @@ def openapi_document(extra_paths: dict[str, Any] | None = None,
     """
     paths = hook_paths()
     paths.update(extra_paths or {})
-    schemas = dict(HOOK_SCHEMAS)
+    schemas = dict(HOOK_SCHEMAS, Error=SURFACE_SCHEMAS["Error"])  # the hooks' 413
     schemas.update(extra_schemas or {})
     return {
         "openapi": "3.1.0",

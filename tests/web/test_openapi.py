@@ -607,3 +607,49 @@ class StatusTests(SynchronousTestCase):
         validator = _schema_validator(
             self.document, lua["requestBody"]["content"]["application/json"]["schema"])
         self.assertTrue(validator.is_valid(LUA_BODY))
+
+
+class HookFormTests(SynchronousTestCase):
+    """The hooks' part of the document, checked without a server: the two faults
+    schemathesis found first (tests/web/test_openapi_conformance.py runs it)."""
+
+    def setUp(self) -> None:
+        self.document = site_document()
+
+    def _valid(self, schema: dict[str, Any], value: Any) -> bool:
+        return bool(_schema_validator(self.document, schema).is_valid(value))
+
+    def _form(self, path: str, media: str = "application/x-www-form-urlencoded") -> Any:
+        return self.document["paths"][path]["post"]["requestBody"]["content"][media]["schema"]
+
+    def test_an_empty_member_list_matches_the_answer_of_either_action(self) -> None:
+        for path in ("/gs-site-member-list.json", "/gs-site-member.json"):
+            for method in ("get", "post"):
+                answer = self.document["paths"][path][method]["responses"]["200"]
+                schema = answer["content"]["application/json"]["schema"]
+                self.assertTrue(self._valid(schema, []), (path, method))
+                self.assertTrue(self._valid(schema, ["aliceid"]))
+                self.assertFalse(self._valid(schema, [1]))
+
+    def test_an_action_requires_the_fields_the_hook_requires(self) -> None:
+        add = self._form("/gs-group-member-add.json")
+        self.assertTrue(self._valid(add, {}), "no action: the self-description")
+        self.assertFalse(self._valid(add, {"add": ""}))
+        self.assertFalse(self._valid(add, {"add": "", "groupId": "team",
+                                           "email": "a@example.org", "fn": "  "}))
+        self.assertTrue(self._valid(add, {"add": "", "groupId": "team",
+                                          "email": "a@example.org", "fn": "Ann"}))
+        self.assertFalse(self._valid(add, {"add": "", "groupId": "team",
+                                           "email": "a@example.org", "fn": "Ann",
+                                           "tz": "Mars/Olympus"}))
+        leave = self._form("/gs-group-member-leave.json", "application/json")
+        self.assertFalse(self._valid(leave, {"leave": None, "groupId": "team"}))
+        self.assertTrue(self._valid(leave, {"leave": None, "groupId": "team", "userId": 7}))
+        search = self._form("/gs-search-people.json")
+        self.assertFalse(self._valid(search, {"search": "", "user": "a\x00b"}))
+
+    def test_a_get_form_is_one_exploded_query_object(self) -> None:
+        (form,) = self.document["paths"]["/gs-search-people.json"]["get"]["parameters"]
+        self.assertEqual((form["in"], form["style"], form["explode"]), ("query", "form", True))
+        self.assertFalse(self._valid(form["schema"], {"search": ""}))
+        self.assertTrue(self._valid(form["schema"], {"search": "", "user": "a@b.example"}))
