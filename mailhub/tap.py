@@ -198,7 +198,8 @@ def build(config: Config, listen: str, reactor: Any,
     # until then /healthz says so. (``ready`` is made below.)
     checks.insert(0, startup_check(lambda: ready.ready.called))
     ops = Operations(metrics, checks, functools.partial(
-        site_document, config.mailstore.path, config.collector.enabled), reactor)
+        site_document, config.mailstore.path, config.collector.enabled,
+        status_codes=config.hooks.status_codes), reactor)
     for name in (b"healthz", b"metrics", b"openapi.json"):
         root.mount(name, ops.resource())
     site = MailhubSite(root, config.mailhub.max_body,

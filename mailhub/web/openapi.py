@@ -219,7 +219,8 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
             "content": {"application/json": {"schema": schema}}}
 
 
-def _operation(path: str, spec: HookSpec, method: str) -> dict[str, Any]:
+def _operation(path: str, spec: HookSpec, method: str,
+               status_codes: str = "http") -> dict[str, Any]:
     actions = ", ".join(name for name, _ in spec.actions)
     operation: dict[str, Any] = {
         "tags": ["GroupServer hooks"],
@@ -240,6 +241,19 @@ def _operation(path: str, spec: HookSpec, method: str) -> dict[str, Any]:
             "413": _json({"$ref": _REF + "Error"}, "The body is larger than [mailhub] max_body"),
         },
     }
+    if status_codes == "groupserver":
+        # [hooks] status_codes = groupserver: refusals are answered 200, as
+        # GroupServer answers them (mailhub.web.hooks.GroupHooks.refusal).
+        responses = operation["responses"]
+        del responses["400"], responses["403"]
+        responses["200"] = {
+            "description": "The action's answer, the self-description when no action is "
+                           "given, or (with [hooks] status_codes = groupserver) a "
+                           "validation error or a missing or wrong token, in GroupServer's "
+                           "error shape",
+            "content": {"application/json": {"schema": {"anyOf": [
+                _SUCCESS[path], {"$ref": _REF + "SelfDescription"},
+                {"$ref": _REF + "GroupServerError"}]}}}}
     if method == "GET":
         # One exploded object: each property is a query parameter, and the
         # fields a hook requires depend on the action present.
@@ -258,9 +272,14 @@ def _operation(path: str, spec: HookSpec, method: str) -> dict[str, Any]:
     return operation
 
 
-def hook_paths() -> dict[str, Any]:
-    """The OpenAPI path items of the GroupServer hooks (POST, and GET too)."""
-    return {path: {"post": _operation(path, spec, "POST"), "get": _operation(path, spec, "GET")}
+def hook_paths(status_codes: str = "http") -> dict[str, Any]:
+    """The OpenAPI path items of the GroupServer hooks (POST, and GET too).
+
+    ``status_codes`` is ``[hooks] status_codes``: ``http`` (400 and 403 for
+    refusals) or ``groupserver`` (200 for everything, as GroupServer answers).
+    """
+    return {path: {"post": _operation(path, spec, "POST", status_codes),
+                   "get": _operation(path, spec, "GET", status_codes)}
             for path, spec in HOOKS.items()}
 
 
@@ -839,14 +858,15 @@ def surface_paths(mailstore_path: str = "/mailstore",
 
 
 def site_document(mailstore_path: str = "/mailstore", calendar: bool = True,
-                  title: str = "mailhub", version: str = __version__) -> dict[str, Any]:
+                  title: str = "mailhub", version: str = __version__,
+                  status_codes: str = "http") -> dict[str, Any]:
     """What ``/openapi.json`` serves: every endpoint of the site, hooks included.
 
-    Give it the configuration: ``[mailstore] path`` and ``[collector]
-    enabled``.
+    Give it the configuration: ``[mailstore] path``, ``[collector] enabled``
+    and ``[hooks] status_codes``.
     """
     document = openapi_document(surface_paths(mailstore_path, calendar), SURFACE_SCHEMAS,
-                                title, version)
+                                title, version, status_codes)
     document["info"]["description"] = (
         "Every HTTP endpoint of mailhub: the GroupServer hooks, Dovecot's push "
         "notifications, the event stream, MailStore's Application Integration, the "
@@ -857,12 +877,13 @@ def site_document(mailstore_path: str = "/mailstore", calendar: bool = True,
 
 def openapi_document(extra_paths: dict[str, Any] | None = None,
                      extra_schemas: dict[str, Any] | None = None,
-                     title: str = "mailhub", version: str = __version__) -> dict[str, Any]:
+                     title: str = "mailhub", version: str = __version__,
+                     status_codes: str = "http") -> dict[str, Any]:
     """An OpenAPI 3.1 document of the hooks' paths plus ``extra_paths``.
 
     The building block of :func:`site_document`, which is the whole site's.
     """
-    paths = hook_paths()
+    paths = hook_paths(status_codes)
     paths.update(extra_paths or {})
     schemas = dict(HOOK_SCHEMAS, Error=SURFACE_SCHEMAS["Error"])  # the hooks' 413
     schemas.update(extra_schemas or {})

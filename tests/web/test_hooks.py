@@ -25,6 +25,7 @@ from mailhub.directory.model import Email, Group, Profile
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from mailhub.web.hooks import HOOKS, GroupHooks
+from mailhub.web.openapi import site_document
 from tests.support.auth import auth_failures
 
 TOKEN = "0123456789abcdefghijABCDEFGHIJ01"
@@ -631,6 +632,30 @@ class GroupServerStatusCodesTests(HooksCase):
             status, body = self.call(path, form)
             self.assertEqual((status, body["status"]), (200, 100), path)
         self.assertEqual(self.search(ALICE.id)[1]["groups"], ["example", "test"])
+
+    def test_the_openapi_document_of_this_mode_promises_what_refusals_answer(self) -> None:
+        import jsonschema
+
+        document = site_document(status_codes="groupserver")
+        for path, spec in HOOKS.items():
+            for method in ("post", "get"):
+                responses = document["paths"][path][method]["responses"]
+                self.assertNotIn("400", responses, path)
+                self.assertNotIn("403", responses, path)
+            schema = responses["200"]["content"]["application/json"]["schema"]
+            validator = jsonschema.Draft202012Validator(
+                dict(schema, components=document["components"]))
+            self.clock.advance(3600)
+            for form in ({spec.actions[0][0]: "", "token": "wrong"},
+                         {spec.actions[0][0]: "", "token": TOKEN, "user": "", "groupId": "",
+                          "userId": "", "email": "", "fn": ""}):
+                status, body = self.call(path, form)
+                self.assertEqual(status, 200, (path, form))
+                validator.validate(body)  # raises if the document does not promise it
+        # The default mode still documents its real codes.
+        responses = site_document()["paths"]["/gs-search-people.json"]["post"]["responses"]
+        self.assertIn("400", responses)
+        self.assertIn("403", responses)
 
     def test_answers_that_are_not_refusals_do_not_change(self) -> None:
         self.assertEqual(self.search(ALICE.id), (200, alice_data()))
