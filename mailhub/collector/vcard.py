@@ -100,6 +100,12 @@ class Contact:
     family: str = ""
     given: str = ""
     rev: datetime = attrs.field(factory=lambda: datetime.now(timezone.utc))
+    #: Where it was collected from: ``mail``, ``calendar`` or ``queue`` (empty: unsaid).
+    source: str = ""
+    #: The Message-ID (mail) or event UID (calendar) it came from, where known.
+    ref: str = ""
+    #: The NOTE line clients show ([collector] note, filled in); empty: none.
+    note: str = ""
 
     @property
     def href_name(self) -> str:
@@ -139,13 +145,44 @@ def to_vcard(contact: Contact, version: str = "4.0") -> str:
         "N:%s;%s;;;" % (escape(contact.family), escape(contact.given)),
         email + escape(contact.email),
         "REV:" + _rev(contact.rev),
+        *provenance_lines(contact),
         "END:VCARD",
     ]
     return "".join(fold(line) + "\r\n" for line in lines)
 
 
+#: Machine-readable provenance properties (RFC 6350 6.10 extension properties).
+X_SOURCE = "X-MAILHUB-SOURCE"
+X_FIRST_SEEN = "X-MAILHUB-FIRST-SEEN"
+X_MESSAGE_ID = "X-MAILHUB-MESSAGE-ID"
+X_EVENT_UID = "X-MAILHUB-EVENT-UID"
+
+
+def _provenance(contact: Contact) -> list[tuple[str, str]]:
+    """(name, value) of the provenance properties of a contact, values unescaped."""
+    if not contact.source:
+        return []
+    props = [("NOTE", contact.note)] if contact.note else []
+    props.append((X_SOURCE, contact.source))
+    props.append((X_FIRST_SEEN, _rev(contact.rev)))
+    if contact.ref:
+        props.append((X_EVENT_UID if contact.source == "calendar" else X_MESSAGE_ID,
+                      contact.ref))
+    return props
+
+
+def provenance_lines(contact: Contact) -> list[str]:
+    """The NOTE and X-MAILHUB-* content lines saying where a contact came from.
+
+    None for a contact without a ``source`` (written as before).
+    """
+    return ["%s:%s" % (name, escape(value)) for name, value in _provenance(contact)]
+
+
 def to_jcard(contact: Contact) -> list[Any]:
     """The jCard (RFC 7095) of a contact: what ESN sends as ``vcard``."""
+    extra: list[list[Any]] = [
+        [name.lower(), {}, "text", value] for name, value in _provenance(contact)]
     return ["vcard", [
         ["version", {}, "text", "4.0"],
         ["prodid", {}, "text", PRODID],
@@ -155,6 +192,7 @@ def to_jcard(contact: Contact) -> list[Any]:
         ["email", {"type": "work"}, "text", contact.email],
         ["rev", {}, "timestamp",
          contact.rev.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")],
+        *extra,
     ]]
 
 

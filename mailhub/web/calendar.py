@@ -24,7 +24,7 @@ from twisted.web.resource import IResource
 
 from mailhub.auth import SiteToken, requires
 from mailhub.collector.engine import message_body
-from mailhub.collector.sources import ical_addresses
+from mailhub.collector.sources import ical_addresses, ical_event
 from mailhub.decoding import decode_utf8
 from mailhub.errors import ValidationError
 from mailhub.pubsub.interfaces import IWorkQueue
@@ -60,7 +60,9 @@ class CalendarCollect:
         emails = ical_addresses(text)
         if not emails:
             return reply(request, {"user": user, "emails": []}, 200)
-        await self._queue.publish(message_body(emails, user_email=user))
+        uid, organizer = ical_event(text)
+        await self._queue.publish(message_body(emails, user_email=user, source="calendar",
+                                               event_uid=uid, organizer=organizer))
         return reply(request, {"user": user, "emails": emails}, 202)
 
 
