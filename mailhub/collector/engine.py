@@ -9,8 +9,15 @@ message is written or decided (then the queue acks). It fails with
 failure (the queue retries; nothing is lost, and a redelivery is harmless
 because every write is idempotent).
 
+The user is found by userId or userEmail; an ESN calendar event's owner
+(an ESN id) through the site's mapping, else by the event's organizer (see
+:class:`~mailhub.collector.rules.EsnIds`). A calendar event collects nothing
+for a user who does not organise it ([collector] calendar = organizer).
+
 For each address, in order: reject what is not an address; skip the user's
-own addresses; skip addresses of site users ([collector] skip_site_users);
+own addresses; skip the addresses never collected (robots, bounces, the
+site's lists, configured domains: :class:`~mailhub.collector.rules.Exclusions`);
+skip addresses of site users ([collector] skip_site_users);
 skip addresses with a contact in any of the user's books (read from a local
 copy of each book that a sync-collection REPORT brings up to date first, or
 with an exact-email addressbook-query; one lookup shared by the messages of
@@ -19,7 +26,9 @@ one user that are in flight: see :class:`Coalescer` and
 existing *collected* contact that has none; create the rest with
 ``If-None-Match: *`` at a UID derived from the address, so each address is
 one contact across redeliveries and competing instances, in the vCard
-version the book's ``supported-address-data`` offers (4.0, else 3.0). Each
+version the book's ``supported-address-data`` offers (4.0, else 3.0), saying
+where it came from (NOTE and X-MAILHUB-* properties, from the message's
+:class:`~mailhub.collector.rules.Origin`). Each
 creation (201/204, never 412) publishes ``contacts:contact:add`` once.
 
 A message names at most [collector] max_addresses addresses: the first ones

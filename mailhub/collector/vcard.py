@@ -8,6 +8,12 @@ server offers only vCard 3.0 (``supported-address-data``, RFC 6352 6.2.2;
 vCard 3.0 (RFC 2426), with ``EMAIL;TYPE=INTERNET,WORK``. See
 :func:`choose_version`.
 
+A contact with a ``source`` also says where it came from: a ``NOTE`` (the
+words of [collector] note) and ``X-MAILHUB-SOURCE`` (mail, calendar or
+queue), ``X-MAILHUB-FIRST-SEEN`` and ``X-MAILHUB-MESSAGE-ID`` or
+``X-MAILHUB-EVENT-UID`` (extension properties, RFC 6350 6.10), in both
+versions and in the jCard.
+
 UID: ``urn:uuid:`` + a UUID version 5 of the address's comparison key
 (:func:`mailhub.collector.addresses.address_key`). Deterministic, so every
 instance, every redelivery and every restart writes the same address to the
