@@ -26,7 +26,7 @@ from twisted.internet.interfaces import IReactorTime
 from mailhub.directory.model import User, normalise_email, user_of
 
 #: Addresses no one writes to on purpose: robots, bounces, list machinery.
-#: Matched (``re.search``) against the address's comparison key (local part
+#: Matched (``re.match``: from the start) against the address's comparison key (local part
 #: case-folded, domain in its ASCII form, lower-case). Documented in
 #: doc/collector.rst, "Exclusions"; ``[collector] exclude_defaults = no``
 #: turns them off, ``[collector] exclude_addresses`` adds to them.
@@ -91,7 +91,8 @@ class Exclusions:
 
     def reason(self, key: str) -> str | None:
         """Why the address (its comparison key) is never collected, or None."""
-        if self._pattern is not None and self._pattern.search(key):
+        # Every pattern is anchored at the start: match, never search.
+        if self._pattern is not None and self._pattern.match(key):
             return ROBOT
         if self._domains:
             domain = key.rpartition("@")[2]
