@@ -23,7 +23,9 @@ import attrs
 from cachetools import LRUCache
 from twisted.internet.interfaces import IReactorTime
 
-from mailhub.directory.model import User, normalise_email, user_of
+from mailhub.collector.addresses import address_key
+from mailhub.decoding import domain_forms
+from mailhub.directory.model import User, user_of
 
 #: Addresses no one writes to on purpose: robots, bounces, list machinery.
 #: Matched (``re.match``: from the start) against the address's comparison key (local part
@@ -44,6 +46,16 @@ DEFAULT_PATTERNS: tuple[tuple[str, str], ...] = (
 ROBOT = "robot"
 MAILING_LIST = "mailing_list"
 DOMAIN = "excluded_domain"
+
+
+def _domain_key(domain: str) -> str | None:
+    """A domain as address keys hold it (Unicode form, case-folded); a name
+    that is not a domain (one label) is kept as written, lower-case."""
+    domain = domain.strip().strip(".")
+    if not domain:
+        return None
+    forms = domain_forms(domain)
+    return forms[1].casefold() if forms is not None else domain.casefold()
 
 
 def compile_patterns(globs: Iterable[str], defaults: bool = True) -> re.Pattern[str] | None:
@@ -72,8 +84,7 @@ class Exclusions:
                  lists: Callable[[], Iterable[str]] | None = None,
                  clock: IReactorTime | None = None, lists_ttl: float = 30.0) -> None:
         self._pattern = compile_patterns(patterns, defaults)
-        self._domains = frozenset(d.strip().strip(".").casefold() for d in domains
-                                  if d.strip().strip("."))
+        self._domains = frozenset(filter(None, (_domain_key(d) for d in domains)))
         self._lists_of = lists
         self._clock = clock
         self._lists_ttl = lists_ttl
@@ -85,7 +96,7 @@ class Exclusions:
             return self._lists
         now = self._clock.seconds() if self._clock is not None else 0.0
         if self._lists_at is None or now - self._lists_at >= self._lists_ttl or now < self._lists_at:
-            self._lists = frozenset(normalise_email(a) for a in self._lists_of() if a)
+            self._lists = frozenset(filter(None, (address_key(a) for a in self._lists_of() if a)))
             self._lists_at = now
         return self._lists
 

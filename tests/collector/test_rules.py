@@ -115,6 +115,11 @@ class ExclusionTests(SynchronousTestCase):
         self.assertEqual(rules.reason("a@mx.spam.example"), "excluded_domain")
         self.assertEqual(rules.reason("a@junk.org"), "excluded_domain")
         self.assertIsNone(rules.reason("a@notspam.example"))
+        # Domains compare as address keys do: IDNA and Unicode spellings alike.
+        idn = Exclusions(defaults=False, domains=["xn--bcher-kva.de"],
+                         lists=lambda: ["Liste@XN--BCHER-KVA.example"])
+        self.assertEqual(idn.reason("a@bücher.de"), "excluded_domain")
+        self.assertEqual(idn.reason("liste@bücher.example"), "mailing_list")
         self.assertIsNone(Exclusions(defaults=False).reason("noreply@x.org"))
         self.assertIsNone(compile_patterns((), defaults=False))
 
