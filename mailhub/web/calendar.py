@@ -10,6 +10,11 @@ per request; a bad token is logged, counted in
 ``mailhub_auth_failures_total{surface="calendar"}`` and slowed down like the
 hooks').
 
+The collector message says it is a calendar event, with the first event's
+UID and organizer: the named user is the calendar's owner, and with
+[collector] calendar = organizer only an event they organise collects (see
+doc/collector.rst, "What is collected, and what never is").
+
 Answers: 202 ``{"user": ..., "emails": [...]}`` when a collector message was
 submitted; 200 with ``"emails": []`` when the events had no attendees to
 collect; 400 for a missing user or a body that is not iCalendar; 403 for a
