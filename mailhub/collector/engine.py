@@ -452,6 +452,8 @@ class CollectorEngine:
         origin = origin or Origin()
         parsed, over = await self._parse(entries)
         outcome = Outcome(user=user.login, over=over)
+        if over:
+            self._skipped.labels(reason="over_limit").inc(over)
         if (origin.source == "calendar" and self._calendar == "organizer"
                 and origin.organizer and not user.owns(origin.organizer)):
             # An invitation received (spam invitations included) is not the
@@ -462,8 +464,6 @@ class CollectorEngine:
                 outcome.rejected.append((bad.raw, bad.reason))
                 self._skipped.labels(reason="invalid").inc()
             return outcome
-        if over:
-            self._skipped.labels(reason="over_limit").inc(over)
         for bad in parsed.rejected:
             outcome.rejected.append((bad.raw, bad.reason))
             self._skipped.labels(reason="invalid").inc()
