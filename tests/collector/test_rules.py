@@ -387,3 +387,21 @@ class SourceProvenanceTests(SynchronousTestCase):
         self.assertEqual(out.bodies, [{"userEmail": "alice@example.org",
                                        "emails": ["carol@x.org"], "source": "mail",
                                        "messageId": "<m1@example.org>"}])
+
+
+class CalendarWebProvenanceTests(SynchronousTestCase):
+    def test_the_http_surface_says_calendar_uid_and_organizer(self) -> None:
+        from mailhub.auth import Auth, SiteToken
+        from mailhub.web.calendar import CalendarCollect
+        out = Recorder()
+        clock = Clock()
+        token = SiteToken(Auth(clock, Metrics()), "calendar", lambda t: succeed(t == "s3cret"))
+        http = StubTreq(CalendarCollect(out, token).resource())
+        response = self.successResultOf(http.post(
+            "http://x/collector/v1/calendar?user=alice@example.org&token=s3cret",
+            data=ICS.encode("utf-8"), headers={"Content-Type": "text/calendar"}))
+        self.assertEqual(response.code, 202)
+        (message,) = out.bodies
+        self.assertEqual((message["userEmail"], message["source"], message["eventUid"],
+                          message["organizer"]),
+                         ("alice@example.org", "calendar", "1", "jane@x.org"))
