@@ -148,6 +148,14 @@ class CollectorSection:
     cache_size: int = 100000  # known addresses remembered (all users)
     mirror_size: int = 50000  # cards of users' books copied locally (all users)
     max_addresses: int = 1000  # addresses collected from one message at most
+    calendar: str = "organizer"  # organizer: only events the user organises; all
+    esn_id_profile: str = ""  # nickname: a site profile's nickname is its ESN id
+    esn_id_attribute: str = ""  # the LDAP attribute holding a user's ESN id
+    exclude_defaults: bool = True  # never collect robots, bounces, VERP (doc/collector.rst)
+    exclude_addresses: tuple[str, ...] = ()  # more addresses never collected (globs)
+    exclude_domains: tuple[str, ...] = ()  # domains (and subdomains) never collected
+    exclude_lists: bool = True  # never collect the site's groups' addresses
+    note: str = "Collected automatically from {source} on {date}."  # NOTE of cards; empty: none
 
 
 #: The values of ``[hooks] status_codes``.
@@ -333,6 +341,10 @@ def _check(section: str, key: str, value: Any) -> None:
         raise ValueError("must start with /")
     if section == "hooks" and key == "status_codes" and value not in STATUS_CODES:
         raise ValueError("expected %s, not %r" % (" or ".join(STATUS_CODES), value))
+    if section == "collector" and key == "calendar" and value not in ("organizer", "all"):
+        raise ValueError("expected organizer or all")
+    if section == "collector" and key == "esn_id_profile" and value not in ("", "nickname"):
+        raise ValueError("expected nickname or nothing")
     if section == "mailhub" and key == "site_url":
         if urlsplit(value).scheme not in ("http", "https"):
             raise ValueError("expected an http(s) URL")

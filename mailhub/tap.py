@@ -26,6 +26,7 @@ from mailhub.checks import carddav_for_checks, make_checks, startup_check
 from mailhub.collector.carddav import BookLayout, CardDAVClient
 from mailhub.collector.embedded import EmbeddedDAV
 from mailhub.collector.engine import CollectorEngine
+from mailhub.collector.rules import esn_ids_of, exclusions_of
 from mailhub.collector.sources import CalendarSource, MailSource
 from mailhub.config import Config, load
 from mailhub.directory.service import Directory
@@ -178,7 +179,8 @@ def build(config: Config, listen: str, reactor: Any,
     stops: list[Callable[[], Any]] = [push.stop, events.close]
     later: list[Service] = []  # started once the database and directory are ready
     if config.collector.enabled:
-        queue, dav = _collector(config, pubsub, users, metrics, reactor, pools, stops, auth)
+        queue, dav = _collector(config, pubsub, users, metrics, reactor, pools, stops, auth,
+                                directory, ldap)
         calendar = CalendarCollect(
             queue, SiteToken(auth, "calendar", directory.check_token,
                              directory.check_token_cached),
@@ -245,7 +247,8 @@ def _users(config: Config, database: StoreService, directory: Directory, reactor
 
 def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, reactor: Any,
                top: MultiService, stops: list[Callable[[], Any]],
-               auth: Auth) -> tuple[IWorkQueue, EmbeddedDAV | None]:
+               auth: Auth, directory: Directory | None = None,
+               ldap: LDAPService | None = None) -> tuple[IWorkQueue, EmbeddedDAV | None]:
     """The contact collector: CardDAV client, engine, queue consumer and sources."""
     dav: EmbeddedDAV | None = None
     credentials: tuple[str, str] | None = None
@@ -274,7 +277,11 @@ def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, rea
                              skip_site_users=collector.skip_site_users,
                              cache_ttl=collector.cache_ttl, cache_size=collector.cache_size,
                              mirror_size=collector.mirror_size,
-                             max_addresses=collector.max_addresses)
+                             max_addresses=collector.max_addresses,
+                             calendar=collector.calendar, note=collector.note,
+                             exclusions=exclusions_of(collector, directory, reactor),
+                             esn_ids=esn_ids_of(collector, directory,
+                                                ldap.source if ldap is not None else None))
     # Without a broker the queue lives in {data}/collector-spool (doc/collector.rst).
     queue = pubsub.work_queue(collector.queue, dead_letter=collector.dead_letter,
                               retry_initial=collector.retry_initial,

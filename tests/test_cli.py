@@ -406,6 +406,22 @@ def test_user_add_prints_the_id_of_a_profile_with_a_preferred_verified_address(s
     assert profile.unverified == []
 
 
+def test_user_add_with_a_nickname_stores_it_and_refuses_a_taken_one(site: str) -> None:
+    ran = mailhub("user", "add", "carol@example.com", "--name", "Carol", "--nickname",
+                  "5f0c1a2b3c4d5e6f70819203", "--config", site)
+    assert ran.code == 0, ran
+    store = store_of(site)
+    try:
+        profile = result(store.get_profile(ran.out.strip()))
+    finally:
+        store.close_all()
+    assert profile.nickname == "5f0c1a2b3c4d5e6f70819203"
+    again = mailhub("user", "add", "dan@example.com", "--name", "Dan", "--nickname",
+                    "5f0c1a2b3c4d5e6f70819203", "--config", site)
+    assert again.code == 1, again
+    assert "nickname" in again.err
+
+
 def test_user_add_with_password_stdin_stores_an_argon2id_hash(site: str) -> None:
     ran = mailhub("user", "add", "bob@example.com", "--name", "Bob", "--password-stdin",
                   "--config", site, stdin="correct horse\n")

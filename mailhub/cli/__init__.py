@@ -146,6 +146,9 @@ def parser(out: TextIO | None = None) -> argparse.ArgumentParser:
     add.add_argument("--name", required=True, help="the user's display name")
     add.add_argument("--password-stdin", action="store_true",
                      help="read a password from the first line of stdin")
+    add.add_argument("--nickname", default="",
+                     help="the profile's nickname (with [collector] esn_id_profile = "
+                          "nickname: the user's ESN id)")
     action(user, "list", user_list, "list the users")
     passwd = action(user, "passwd", user_passwd,
                     "set a user's password, read from the first line of stdin")

@@ -23,7 +23,8 @@ def user_add(config: Config, args: argparse.Namespace, io: IO) -> int:
     password_hash = None
     if args.password_stdin:
         password_hash = hash_password(read_password(io.stdin, io.stderr))
-    profile = Profile(id=new_profile_id(), name=name,
+    nickname = (getattr(args, "nickname", "") or "").strip() or None
+    profile = Profile(id=new_profile_id(), name=name, nickname=nickname,
                       emails=(Email(address, verified=True, preferred=True),))
     with stored(config) as store:
         if result_of(store.find_profile(address)) is not None:

@@ -9,8 +9,15 @@ message is written or decided (then the queue acks). It fails with
 failure (the queue retries; nothing is lost, and a redelivery is harmless
 because every write is idempotent).
 
+The user is found by userId or userEmail; an ESN calendar event's owner
+(an ESN id) through the site's mapping, else by the event's organizer (see
+:class:`~mailhub.collector.rules.EsnIds`). A calendar event collects nothing
+for a user who does not organise it ([collector] calendar = organizer).
+
 For each address, in order: reject what is not an address; skip the user's
-own addresses; skip addresses of site users ([collector] skip_site_users);
+own addresses; skip the addresses never collected (robots, bounces, the
+site's lists, configured domains: :class:`~mailhub.collector.rules.Exclusions`);
+skip addresses of site users ([collector] skip_site_users);
 skip addresses with a contact in any of the user's books (read from a local
 copy of each book that a sync-collection REPORT brings up to date first, or
 with an exact-email addressbook-query; one lookup shared by the messages of
@@ -19,7 +26,9 @@ one user that are in flight: see :class:`Coalescer` and
 existing *collected* contact that has none; create the rest with
 ``If-None-Match: *`` at a UID derived from the address, so each address is
 one contact across redeliveries and competing instances, in the vCard
-version the book's ``supported-address-data`` offers (4.0, else 3.0). Each
+version the book's ``supported-address-data`` offers (4.0, else 3.0), saying
+where it came from (NOTE and X-MAILHUB-* properties, from the message's
+:class:`~mailhub.collector.rules.Origin`). Each
 creation (201/204, never 412) publishes ``contacts:contact:add`` once.
 
 A message names at most [collector] max_addresses addresses: the first ones
@@ -46,7 +55,7 @@ import re
 from datetime import datetime, timezone
 from functools import partial
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import urljoin
 
 import attrs
 from cachetools import LRUCache, TTLCache
@@ -63,6 +72,7 @@ from mailhub.collector.carddav import (
     Book, BookLayout, BookMissing, Card, CardDAVClient, CardDAVError, same_collection,
 )
 from mailhub.collector.mirror import BookMirror
+from mailhub.collector.rules import DEFAULT_NOTE, EsnIds, Exclusions, Origin, note_text
 from mailhub.collector.vcard import (
     Contact, choose_version, contact_uuid, parse_vcard, to_jcard, to_vcard, with_name,
 )
@@ -286,8 +296,16 @@ class CollectorEngine:
                  cache_ttl: float = 600.0, cache_size: int = 100_000,
                  mirror_size: int = 50_000,
                  book_display_name: str = "Collected contacts",
-                 max_addresses: int = 1000) -> None:
+                 max_addresses: int = 1000, calendar: str = "organizer",
+                 exclusions: Exclusions | None = None, esn_ids: EsnIds | None = None,
+                 note: str = DEFAULT_NOTE) -> None:
+        if calendar not in ("organizer", "all"):
+            raise ValueError("calendar must be organizer or all, not %r" % calendar)
         self._users = users
+        self._calendar = calendar
+        self._exclusions = exclusions or Exclusions()
+        self.esn_ids = esn_ids or EsnIds()
+        self._note = note
         self._dav = carddav
         self._layout = layout
         self._hub = hub
@@ -352,7 +370,7 @@ class CollectorEngine:
         message = decode_message(body)
         user = await self._resolve(message)
         try:
-            outcome = await self.collect(user, message["emails"])
+            outcome = await self.collect(user, message["emails"], Origin.of_message(message))
         except CardDAVError as e:
             # An answer no retry will change (a 4xx other than those that mean
             # "busy" or "not there"): retrying would hold the message for ever.
@@ -379,19 +397,38 @@ class CollectorEngine:
                 # lookup would fail on every retry instead of ending here.
                 raise ValidationError("%s holds a control character: %s"
                                       % (field, ascii(value)[:80]))
-        user = await self._find_user(message)
+        user = await self._find_owner(message)
         if user is None:
             # The site's users are answered from memory, which follows the
             # database every [database] poll_interval: a user made a moment
             # ago (by the CLI, by another instance) may not be there yet.
             # Catch up once before calling the message poison.
             await self._users.catch_up()
-            user = await self._find_user(message)
+            user = await self._find_owner(message)
         if user is None:
             tried = ["%s %r" % (field, message[field]) for field in ("userId", "userEmail")
                      if message.get(field)]
             raise ValidationError("unknown user (%s)" % ", ".join(tried))
         return user
+
+    async def _find_owner(self, message: dict[str, Any]) -> User | None:
+        """The user a message is for: by userId or userEmail; else (a calendar
+        event from OpenPaaS names its owner by ESN id) by the ESN id where the
+        site maps it; else by the event's organizer, when a site user (their
+        own action: what they organise)."""
+        user = await self._find_user(message)
+        if user is not None:
+            return user
+        user_id = message.get("userId")
+        if user_id:
+            user = await self.esn_ids.find(user_id)
+            if user is not None:
+                return user
+        organizer = message.get("organizer")
+        if message.get("source") == "calendar" and isinstance(organizer, str) and organizer:
+            found = await self._users.find(organizer)
+            return found  # type: ignore[no-any-return]
+        return None
 
     async def _find_user(self, message: dict[str, Any]) -> User | None:
         for field in ("userId", "userEmail"):
@@ -404,21 +441,43 @@ class CollectorEngine:
 
     # -- collecting -----------------------------------------------------------
 
-    async def collect(self, user: User, entries: Iterable[object]) -> Outcome:
-        """Collect the addresses of ``entries`` for ``user``; the Outcome says what happened."""
+    async def collect(self, user: User, entries: Iterable[object],
+                      origin: Origin | None = None) -> Outcome:
+        """Collect the addresses of ``entries`` for ``user``; the Outcome says what happened.
+
+        ``origin`` (default: the queue, unsaid) is written into each card
+        created; with [collector] calendar = organizer, a calendar event the
+        user does not organise collects nothing (reason ``not_organizer``).
+        """
+        origin = origin or Origin()
         parsed, over = await self._parse(entries)
         outcome = Outcome(user=user.login, over=over)
         if over:
             self._skipped.labels(reason="over_limit").inc(over)
+        if (origin.source == "calendar" and self._calendar == "organizer"
+                and origin.organizer and not user.owns(origin.organizer)):
+            # An invitation received (spam invitations included) is not the
+            # user's own action: nothing of it is collected.
+            for r in parsed.recipients:
+                self._skip(outcome, "not_organizer", r)
+            for bad in parsed.rejected:
+                outcome.rejected.append((bad.raw, bad.reason))
+                self._skipped.labels(reason="invalid").inc()
+            return outcome
         for bad in parsed.rejected:
             outcome.rejected.append((bad.raw, bad.reason))
             self._skipped.labels(reason="invalid").inc()
         own = {k for k in (address_key(a) for a in (user.login, *user.emails)) if k}
         todo: list[Recipient] = []
         in_collected: list[Recipient] = []
+        exclusions = self._exclusions
         for r in parsed.recipients:
             if r.key in own or user.owns(r.email):
                 self._skip(outcome, "own", r)
+                continue
+            excluded = exclusions.reason(r.key)
+            if excluded is not None:
+                self._skip(outcome, excluded, r)
                 continue
             where = self.known.where(user.login, r.key, bool(r.name))
             if where is None:
@@ -446,7 +505,7 @@ class CollectorEngine:
                     todo.append(r)
             todo = await self._not_site_users(todo, outcome)
         if todo:
-            await self._write(user, todo, outcome)
+            await self._write(user, todo, outcome, origin)
         return outcome
 
     async def _not_site_users(self, todo: list[Recipient],
@@ -573,7 +632,8 @@ class CollectorEngine:
             d.callback(version)
         return version
 
-    async def _write(self, user: User, todo: list[Recipient], outcome: Outcome) -> None:
+    async def _write(self, user: User, todo: list[Recipient], outcome: Outcome,
+                     origin: Origin) -> None:
         collected = self._layout.book(user)
         home = self._layout.home(user)
         by_key = await self.lookups.lookup(collected, user, todo)
@@ -596,7 +656,7 @@ class CollectorEngine:
         if not new:
             return
         try:
-            await _windowed([partial(self._create, user, r, collected, home, outcome)
+            await _windowed([partial(self._create, user, r, collected, home, outcome, origin)
                              for r in new], self._put_window)
         except BookMissing:
             # The collected book went away between the PROPFIND and the PUT:
@@ -607,17 +667,19 @@ class CollectorEngine:
             # learnt for it stands.
             await self._dav.create_book(collected, self._book_display_name)
             done = set(outcome.created) | {a for v in outcome.skipped.values() for a in v}
-            await _windowed([partial(self._create, user, r, collected, home, outcome)
+            await _windowed([partial(self._create, user, r, collected, home, outcome, origin)
                              for r in new if r.email not in done], self._put_window)
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock.seconds(), timezone.utc)
 
     async def _create(self, user: User, r: Recipient, collected: str, home: str,
-                      outcome: Outcome) -> None:
+                      outcome: Outcome, origin: Origin) -> None:
         family, given = r.family_given
+        now = self._now()
         contact = Contact(uid=contact_uuid(r.key), email=r.email, fn=r.fn,
-                          family=family, given=given, rev=self._now())
+                          family=family, given=given, rev=now, source=origin.source,
+                          ref=origin.ref, note=note_text(self._note, origin, now))
         url = urljoin(collected, contact.href_name)
         try:
             created = await self._dav.put_new(url, to_vcard(contact,
@@ -672,8 +734,14 @@ class CollectorEngine:
         self._skip(outcome, "exists", r)
 
     async def _announce(self, user: User, contact: Contact, home: str) -> None:
-        """Publish contacts:contact:add (ESN's payload), locally and globally."""
-        book_home = unquote(urlsplit(home).path.rstrip("/").rsplit("/", 1)[-1])
+        """Publish contacts:contact:add (ESN's payload), locally and globally.
+
+        ``bookHome`` and ``bookId`` are the id the site knows for the user
+        (their ESN id where mapped, else their profile id), as ESN's own
+        collector sends; ``user`` names them every way (login, addresses,
+        id), which is what the event stream routes on.
+        """
+        book_home = await self.esn_ids.id_of(user)
         payload = {
             "contactId": contact.uid,
             "bookHome": book_home,
@@ -723,13 +791,24 @@ def decode_message(body: bytes) -> dict[str, Any]:
 
 
 def message_body(emails: list[str], *, user_id: str | None = None,
-                 user_email: str | None = None) -> bytes:
-    """Encode a collector message as the sources and OpenPaaS publish it."""
+                 user_email: str | None = None, source: str | None = None,
+                 message_id: str | None = None, event_uid: str | None = None,
+                 organizer: str | None = None) -> bytes:
+    """Encode a collector message as the sources and OpenPaaS publish it.
+
+    mailhub's own sources add where it came from (``source``: ``mail`` or
+    ``calendar``; ``messageId`` or ``eventUid``; the event's ``organizer``),
+    which other consumers of the queue ignore.
+    """
     message: dict[str, Any] = {"emails": emails}
     if user_id:
         message["userId"] = user_id
     if user_email:
         message["userEmail"] = user_email
+    for field, value in (("source", source), ("messageId", message_id),
+                         ("eventUid", event_uid), ("organizer", organizer)):
+        if value:
+            message[field] = value
     return json.dumps(message, ensure_ascii=False).encode("utf-8")
 
 

@@ -92,7 +92,10 @@ class MailSource:
         if not emails:
             return None
         self._seen.labels(source="mail").inc()
-        return self._queue.publish(message_body(emails, user_email=user))
+        message_id = data.get("message_id")
+        return self._queue.publish(message_body(
+            emails, user_email=user, source="mail",
+            message_id=message_id.strip() if isinstance(message_id, str) else None))
 
 
 def _cal_address(value: Any) -> str | None:
@@ -148,6 +151,47 @@ def jcal_addresses(jcal: Any) -> list[str]:
 
     walk(jcal)
     return attendee_entries(triples)
+
+
+def jcal_event(jcal: Any) -> tuple[str, str]:
+    """(UID, organizer address) of the first event of a jCal value ("" when absent)."""
+    uid = organizer = ""
+
+    def walk(component: Any) -> None:
+        nonlocal uid, organizer
+        if not (isinstance(component, list) and len(component) >= 2) or (uid and organizer):
+            return
+        for prop in component[1] if isinstance(component[1], list) else []:
+            if isinstance(prop, list) and len(prop) >= 4 and isinstance(prop[0], str):
+                name = prop[0].lower()
+                if name == "uid" and not uid and isinstance(prop[3], str):
+                    uid = prop[3].strip()
+                elif name == "organizer" and not organizer:
+                    organizer = _cal_address(prop[3]) or ""
+        if len(component) >= 3 and isinstance(component[2], list):
+            for sub in component[2]:
+                walk(sub)
+
+    walk(jcal)
+    return uid, organizer
+
+
+def ical_event(text: str) -> tuple[str, str]:
+    """(UID, organizer address) of the first event of an iCalendar text ("" when
+    absent or unreadable: :func:`ical_addresses` says why)."""
+    try:
+        for calendar in vobject.readComponents(text):
+            for component in calendar.getChildren():
+                children = list(getattr(component, "getChildren", lambda: [])())
+                uids = [c.value for c in children if c.name == "UID"]
+                organizers = [c.value for c in children if c.name == "ORGANIZER"]
+                if uids or organizers:
+                    uid = uids[0] if uids and isinstance(uids[0], str) else ""
+                    organizer = _cal_address(organizers[0]) if organizers else None
+                    return uid.strip(), organizer or ""
+    except Exception:  # vobject raises many types on bad input
+        pass
+    return "", ""
 
 
 def ical_addresses(text: str) -> list[str]:
@@ -238,4 +282,8 @@ class CalendarSource:
         if not emails:
             return None
         self._seen.labels(source="calendar").inc()
-        return self._queue.publish(message_body(emails, user_id=user))
+        uid, organizer = jcal_event(data.get("event"))
+        # The owner is resolved by the engine (ESN id, else the organizer),
+        # which also collects only the organizer's own copy ([collector] calendar).
+        return self._queue.publish(message_body(emails, user_id=user, source="calendar",
+                                                event_uid=uid, organizer=organizer))

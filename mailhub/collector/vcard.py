@@ -8,6 +8,12 @@ server offers only vCard 3.0 (``supported-address-data``, RFC 6352 6.2.2;
 vCard 3.0 (RFC 2426), with ``EMAIL;TYPE=INTERNET,WORK``. See
 :func:`choose_version`.
 
+A contact with a ``source`` also says where it came from: a ``NOTE`` (the
+words of [collector] note) and ``X-MAILHUB-SOURCE`` (mail, calendar or
+queue), ``X-MAILHUB-FIRST-SEEN`` and ``X-MAILHUB-MESSAGE-ID`` or
+``X-MAILHUB-EVENT-UID`` (extension properties, RFC 6350 6.10), in both
+versions and in the jCard.
+
 UID: ``urn:uuid:`` + a UUID version 5 of the address's comparison key
 (:func:`mailhub.collector.addresses.address_key`). Deterministic, so every
 instance, every redelivery and every restart writes the same address to the
@@ -100,6 +106,12 @@ class Contact:
     family: str = ""
     given: str = ""
     rev: datetime = attrs.field(factory=lambda: datetime.now(timezone.utc))
+    #: Where it was collected from: ``mail``, ``calendar`` or ``queue`` (empty: unsaid).
+    source: str = ""
+    #: The Message-ID (mail) or event UID (calendar) it came from, where known.
+    ref: str = ""
+    #: The NOTE line clients show ([collector] note, filled in); empty: none.
+    note: str = ""
 
     @property
     def href_name(self) -> str:
@@ -139,13 +151,44 @@ def to_vcard(contact: Contact, version: str = "4.0") -> str:
         "N:%s;%s;;;" % (escape(contact.family), escape(contact.given)),
         email + escape(contact.email),
         "REV:" + _rev(contact.rev),
+        *provenance_lines(contact),
         "END:VCARD",
     ]
     return "".join(fold(line) + "\r\n" for line in lines)
 
 
+#: Machine-readable provenance properties (RFC 6350 6.10 extension properties).
+X_SOURCE = "X-MAILHUB-SOURCE"
+X_FIRST_SEEN = "X-MAILHUB-FIRST-SEEN"
+X_MESSAGE_ID = "X-MAILHUB-MESSAGE-ID"
+X_EVENT_UID = "X-MAILHUB-EVENT-UID"
+
+
+def _provenance(contact: Contact) -> list[tuple[str, str]]:
+    """(name, value) of the provenance properties of a contact, values unescaped."""
+    if not contact.source:
+        return []
+    props = [("NOTE", contact.note)] if contact.note else []
+    props.append((X_SOURCE, contact.source))
+    props.append((X_FIRST_SEEN, _rev(contact.rev)))
+    if contact.ref:
+        props.append((X_EVENT_UID if contact.source == "calendar" else X_MESSAGE_ID,
+                      contact.ref))
+    return props
+
+
+def provenance_lines(contact: Contact) -> list[str]:
+    """The NOTE and X-MAILHUB-* content lines saying where a contact came from.
+
+    None for a contact without a ``source`` (written as before).
+    """
+    return ["%s:%s" % (name, escape(value)) for name, value in _provenance(contact)]
+
+
 def to_jcard(contact: Contact) -> list[Any]:
     """The jCard (RFC 7095) of a contact: what ESN sends as ``vcard``."""
+    extra: list[list[Any]] = [
+        [name.lower(), {}, "text", value] for name, value in _provenance(contact)]
     return ["vcard", [
         ["version", {}, "text", "4.0"],
         ["prodid", {}, "text", PRODID],
@@ -155,6 +198,7 @@ def to_jcard(contact: Contact) -> list[Any]:
         ["email", {"type": "work"}, "text", contact.email],
         ["rev", {}, "timestamp",
          contact.rev.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")],
+        *extra,
     ]]
 
 

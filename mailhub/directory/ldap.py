@@ -315,6 +315,52 @@ class LDAPClient:
         entry = self._search_entry(login)
         return user_of_entry(self.settings, entry) if entry is not None else None
 
+    def find_by(self, attribute: str, value: str) -> User | None:
+        """The one user of ``list_filter`` whose ``attribute`` is ``value``, or None
+        (the collector's ESN ids: ``[collector] esn_id_attribute``)."""
+        value = value.strip()
+        if not value or len(value) > MAX_LOGIN:
+            return None
+        s = self.settings
+        query = "(&%s(%s=%s))" % (s.list_filter, attribute, escape_filter_chars(value))
+
+        def search(conn: Connection) -> list[dict[str, Any]]:
+            conn.search(s.base_dn, query, SUBTREE, attributes=s.attributes, size_limit=2)
+            code = conn.result.get("result", 0)
+            if code == 32:
+                return []
+            if code not in (0, 4):
+                raise LDAPFailure(_why(conn))
+            return [e for e in conn.response or () if e.get("type") == "searchResEntry"]
+
+        entries = self._run("search", search)
+        return user_of_entry(s, entries[0]) if len(entries) == 1 else None
+
+    def attribute_of(self, login: str, attribute: str) -> str | None:
+        """The first value of ``attribute`` of the entry of ``login``, or None."""
+        login = login.strip()
+        if not login or len(login) > MAX_LOGIN:
+            return None
+        s = self.settings
+        query = user_filter(s.user_filter, login)
+
+        def search(conn: Connection) -> list[dict[str, Any]]:
+            conn.search(s.base_dn, query, SUBTREE, attributes=[attribute], size_limit=2)
+            code = conn.result.get("result", 0)
+            if code == 32:
+                return []
+            if code not in (0, 4):
+                raise LDAPFailure(_why(conn))
+            return [e for e in conn.response or () if e.get("type") == "searchResEntry"]
+
+        entries = self._run("search", search)
+        if len(entries) != 1:
+            return None
+        raw = entries[0].get("raw_attributes") or {}
+        values = next((v for k, v in raw.items() if k.casefold() == attribute.casefold()), None)
+        found = _text(values)
+        return (found[0].strip() or None) if found else None
+
     def authenticate(self, login: str, password: str) -> User | None:
         """Search the entry, then bind as it: the User on success, else None."""
         if not password or not login:
@@ -485,6 +531,14 @@ class LDAPUserSource:
     def find(self, login: str) -> "Deferred[User | None]":
         """The LDAP user with this login, or None; Unavailable if LDAP is down."""
         return self._call(self.client.find, login)
+
+    def find_by(self, attribute: str, value: str) -> "Deferred[User | None]":
+        """The one user whose ``attribute`` is ``value``, or None."""
+        return self._call(self.client.find_by, attribute, value)
+
+    def attribute_of(self, login: str, attribute: str) -> "Deferred[str | None]":
+        """The first value of ``attribute`` of the user ``login``, or None."""
+        return self._call(self.client.attribute_of, login, attribute)
 
     def authenticate(self, login: str, password: str) -> "Deferred[User | None]":
         """The user if binding as their entry with ``password`` works."""

@@ -10,6 +10,11 @@ per request; a bad token is logged, counted in
 ``mailhub_auth_failures_total{surface="calendar"}`` and slowed down like the
 hooks').
 
+The collector message says it is a calendar event, with the first event's
+UID and organizer: the named user is the calendar's owner, and with
+[collector] calendar = organizer only an event they organise collects (see
+doc/collector.rst, "What is collected, and what never is").
+
 Answers: 202 ``{"user": ..., "emails": [...]}`` when a collector message was
 submitted; 200 with ``"emails": []`` when the events had no attendees to
 collect; 400 for a missing user or a body that is not iCalendar; 403 for a
@@ -24,7 +29,7 @@ from twisted.web.resource import IResource
 
 from mailhub.auth import SiteToken, requires
 from mailhub.collector.engine import message_body
-from mailhub.collector.sources import ical_addresses
+from mailhub.collector.sources import ical_addresses, ical_event
 from mailhub.decoding import decode_utf8
 from mailhub.errors import ValidationError
 from mailhub.pubsub.interfaces import IWorkQueue
@@ -60,7 +65,9 @@ class CalendarCollect:
         emails = ical_addresses(text)
         if not emails:
             return reply(request, {"user": user, "emails": []}, 200)
-        await self._queue.publish(message_body(emails, user_email=user))
+        uid, organizer = ical_event(text)
+        await self._queue.publish(message_body(emails, user_email=user, source="calendar",
+                                               event_uid=uid, organizer=organizer))
         return reply(request, {"user": user, "emails": emails}, 202)
 
 

@@ -366,8 +366,9 @@ class EngineTests(SynchronousTestCase):
         self.handle(userId="A1", emails=["John Doe <john@x.org>"])
         (event,) = self.events
         self.assertEqual(event["contactId"], contact_uuid("john@x.org"))
-        self.assertEqual(event["bookHome"], "alice@example.org")
-        self.assertEqual(event["bookId"], "alice@example.org")
+        # Issue 12: the id the site knows for the user (ESN's payload), not the login.
+        self.assertEqual(event["bookHome"], "A1")
+        self.assertEqual(event["bookId"], "A1")
         self.assertEqual(event["bookName"], "collected")
         self.assertEqual(event["user"]["_id"], "A1")
         self.assertEqual(event["vcard"][0], "vcard")

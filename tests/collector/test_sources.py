@@ -78,8 +78,10 @@ class MailSourceTests(SynchronousTestCase):
     def test_recipients_of_a_sent_message_are_submitted(self) -> None:
         self.append(user="alice@example.org", mailbox="INBOX/Sent",
                     to='"Doe, J" <j@y.org>, k@z.org', to_address="j@y.org")
+        # source: issue 13's provenance (the card says it came from sent mail).
         self.assertEqual(self.out.bodies, [{"userEmail": "alice@example.org",
-                                            "emails": ['"Doe, J" <j@y.org>, k@z.org']}])
+                                            "emails": ['"Doe, J" <j@y.org>, k@z.org'],
+                                            "source": "mail"}])
 
     def test_other_folders_are_ignored(self) -> None:
         self.append(user="a@x.org", mailbox="INBOX", to="j@y.org")
