@@ -114,6 +114,8 @@ class MailStoreSection:
     path: str = "/mailstore"
     username: str = ""
     password: str = attrs.field(default="", repr=False)
+    # cmd=list lists the users who can log in (can_login) or every user (all).
+    list: str = "can_login"
 
 
 @attrs.frozen
@@ -279,6 +281,8 @@ def _check(section: str, key: str, value: Any) -> None:
         raise ValueError("no such file: %s" % value)
     if section == "mailstore" and key == "path" and not value.startswith("/"):
         raise ValueError("must start with /")
+    if section == "mailstore" and key == "list" and value not in ("can_login", "all"):
+        raise ValueError("expected can_login or all")
     if section == "mailhub" and key == "site_url":
         if urlsplit(value).scheme not in ("http", "https"):
             raise ValueError("expected an http(s) URL")

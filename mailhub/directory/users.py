@@ -29,6 +29,7 @@ from mailhub.directory.interfaces import IDirectoryStore, IUserSource
 from mailhub.directory.model import Profile, User, user_of
 from mailhub.errors import ValidationError
 from mailhub.service import ThreadPoolService
+from mailhub.steps import TURN, TurnBudget, sorted_in_steps
 
 if TYPE_CHECKING:  # cache imports the web layer; only the type is needed here
     from mailhub.directory.service import Directory
@@ -107,6 +108,14 @@ def _deferred(method: Callable[..., Awaitable[T]]) -> Callable[..., "Deferred[T]
     wrapper.__name__ = method.__name__
     wrapper.__doc__ = method.__doc__
     return wrapper
+
+
+#: Profiles turned into users per step of a listing.
+STEP = 5000
+
+
+def _login_key(user: User) -> str:
+    return user.login.casefold()
 
 
 @implementer(IUserSource)
@@ -209,11 +218,29 @@ class SiteUserSource:
         The store hands profiles over all at once (the site's users are held
         in memory by the directory cache anyway); only LDAP needs real paging.
         """
-        profiles = await maybeDeferred(self.store.load_profiles)
-        users = sorted((user_of(p) for p in profiles), key=lambda u: u.login.casefold())
+        loaded = await maybeDeferred(self.store.load_profiles)
+        profiles = loaded if isinstance(loaded, list) else list(loaded)
+        # A million profiles: converted and sorted in steps, the reactor given
+        # back between them (one sort of them all would hold it for seconds).
+        budget = TurnBudget(self.reactor)
+        users: list[User] = []
+        for start in range(0, len(profiles), STEP):
+            users.extend(user_of(p) for p in profiles[start:start + STEP])
+            await budget.check()
         del profiles
-        for start in range(0, len(users), max(page_size, 1)):
-            yield users[start:start + page_size]
+        page: list[User] = []
+        size = max(page_size, 1)
+        for user in sorted_in_steps(users, key=_login_key):
+            if user is TURN:  # type: ignore[comparison-overlap]
+                await budget.check()
+                continue
+            page.append(user)
+            if len(page) >= size:
+                yield page
+                page = []
+                await budget.check()
+        if page:
+            yield page
 
 
 @implementer(IUserSource)

@@ -40,7 +40,8 @@ from mailhub.directory.service import Directory
 from mailhub.errors import ValidationError
 from mailhub.metrics import Metrics
 from mailhub.web.common import JSON_TYPE, HTTPError, form_fields, handle_errors, json_bytes
-from mailhub.web.streaming import StreamedBody, json_array, json_values, sorted_in_steps
+from mailhub.steps import sorted_in_steps
+from mailhub.web.streaming import StreamedBody, json_array, json_values
 
 #: GroupServer's status for a validation error (and a refused token).
 VALIDATION_ERROR = 100

@@ -20,7 +20,6 @@ The helpers below make the pieces of a JSON array byte for byte as
 
 from __future__ import annotations
 
-import heapq
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -29,19 +28,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailhub.steps import TURN
 from mailhub.web.common import json_bytes
 
 T = TypeVar("T")
 
 #: Bytes written per reactor turn at most (one piece may exceed it).
 CHUNK = 64 * 1024
-#: Items sorted in one step: about 10 ms of sorting on this machine.
-SORT_RUN = 20_000
 #: Items encoded per piece: one json.dumps call for a batch.
 BATCH = 500
 
-#: The piece that ends a turn: the iterator did a long step.
-TURN = b""
 
 
 @implementer(IPushProducer)
@@ -195,28 +191,4 @@ def json_values(values: Sequence[Any]) -> bytes:
     return json_bytes(list(values))[1:-1]
 
 
-def sorted_in_steps(items: Sequence[T], key: Callable[[T], Any],
-                    keep: Callable[[T], bool] | None = None,
-                    run: int = SORT_RUN) -> Iterator[T]:
-    """``sorted(filter(keep, items), key=key)``, a :data:`TURN` after each long step.
-
-    ``items`` is a snapshot (a list): it is sorted in runs of ``run`` items,
-    one run per step, and the runs are merged lazily, so no step holds the
-    reactor for the whole sort. The order is the same as ``sorted``'s
-    (stable: equal keys keep the snapshot's order).
-    """
-    runs: list[list[T]] = []
-    for start in range(0, len(items), run):
-        part = items[start:start + run]
-        chosen = [i for i in part if keep(i)] if keep is not None else list(part)
-        chosen.sort(key=key)
-        runs.append(chosen)
-        if start + run < len(items):
-            yield TURN  # type: ignore[misc]
-    if len(runs) == 1:
-        yield from runs[0]
-    else:
-        yield from heapq.merge(*runs, key=key)
-
-
-__all__ = ["StreamedBody", "json_array", "json_values", "sorted_in_steps", "TURN", "CHUNK"]
+__all__ = ["StreamedBody", "json_array", "json_values", "CHUNK"]

@@ -23,7 +23,8 @@ from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from mailhub.web.common import json_bytes
 from mailhub.web.hooks import GroupHooks
-from mailhub.web.streaming import CHUNK, TURN, StreamedBody, json_array, json_values, sorted_in_steps
+from mailhub.steps import TURN, sorted_in_steps
+from mailhub.web.streaming import CHUNK, StreamedBody, json_array, json_values
 
 TOKEN = "0123456789abcdefghijABCDEFGHIJ01"
 SITE = "https://groups.example.com"
