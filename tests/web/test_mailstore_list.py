@@ -121,3 +121,32 @@ class ListTests(SynchronousTestCase):
         body = json.loads(self.successResultOf(content))
         self.assertEqual(len(body), 21)
         self.assertGreater(turns, 5)
+
+
+class SiteListingTests(SynchronousTestCase):
+    def test_a_loaded_directory_lists_the_site_users_from_memory_caught_up(self) -> None:
+        from twisted.internet.defer import Deferred
+
+        from mailhub.directory.service import Directory
+
+        store = MemoryStore()
+        for profile in (WITHOUT, WITH_PASSWORD):
+            self.successResultOf(store.create_profile(profile))
+        clock = Clock()
+        directory = Directory(store, clock)
+        self.successResultOf(Deferred.fromCoroutine(directory.load()))
+        later = Profile(id="laterLaterLaterLater03", name="Later",
+                        emails=(Email("aaa@site.example.test", True, True),))
+        self.successResultOf(store.create_profile(later))
+        asked: list[str] = []
+        original = store.load_profiles
+        store.load_profiles = lambda: (asked.append("load"), original())[1]  # type: ignore
+        site = SiteUserSource(store, clock, InlinePool(), directory=directory)  # type: ignore
+
+        async def collect() -> list[list[str]]:
+            return [[u.login for u in page] async for page in site.pages(2)]
+
+        pages = self.successResultOf(Deferred.fromCoroutine(collect()))
+        self.assertEqual(pages, [["aaa@site.example.test", "has@site.example.test"],
+                                 ["none@site.example.test"]])
+        self.assertEqual(asked, [])
