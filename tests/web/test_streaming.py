@@ -296,3 +296,29 @@ class PieceTests(SynchronousTestCase):
             for n in range(len(values) + 1):
                 pieces = json_array(values[:n], json_values, batch=batch)
                 self.assertEqual(b"".join(pieces), json_bytes(values[:n]), (batch, n))
+
+
+class ReadinessTests(SynchronousTestCase):
+    def test_healthz_ready_is_503_until_the_directory_has_loaded(self) -> None:
+        from mailhub.checks import startup_check
+        from mailhub.web.ops import Operations
+
+        site = Site(self, many_profiles(10), hold=True)
+        ops = Operations(Metrics(), [startup_check(lambda: site.directory.loaded)],
+                         lambda: {}, site.clock)
+        http = StubTreq(ops.resource())
+
+        def ready() -> tuple[int, Any]:
+            d = http.get("http://127.0.0.1/healthz?ready")
+            http.flush()
+            response = self.successResultOf(d)
+            return response.code, json.loads(self.successResultOf(response.content()))
+
+        code, body = ready()
+        self.assertEqual(code, 503)
+        self.assertFalse(body["dependencies"]["startup"]["ok"])
+        assert site.store.held is not None
+        site.store.held.callback(None)
+        site.clock.advance(ops.reuse)
+        code, body = ready()
+        self.assertEqual((code, body["dependencies"]["startup"]["ok"]), (200, True))
