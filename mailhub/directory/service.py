@@ -27,6 +27,7 @@ from mailhub.directory.model import (
     Added, Email, Group, Left, Profile, new_profile_id, normalise_email,
 )
 from mailhub.errors import ValidationError
+from mailhub.steps import TurnBudget
 
 
 def _same_secret(given: str, expected: str) -> bool:
@@ -39,6 +40,8 @@ class Directory(Service):
 
     log = Logger()
     name = "directory"  # type: ignore[assignment]
+    #: Profiles indexed per step of the start-up load.
+    load_step = 5000
 
     def __init__(self, store: IDirectoryStore, clock: IReactorTime,
                  poll_interval: float = 0.25, hub: Any = None) -> None:
@@ -63,13 +66,23 @@ class Directory(Service):
     async def load(self) -> None:
         """Read everything from the store (at start-up)."""
         seq = await self.store.last_change()
-        profiles = await self.store.load_profiles()
+        loaded = await self.store.load_profiles()
+        profiles = loaded if isinstance(loaded, list) else list(loaded)
         groups = await self.store.load_groups()
         token = await self.store.get_token()
-        self._profiles = {}
-        self._by_email = {}
-        for profile in profiles:
-            self._put(profile)
+        # A million profiles take seconds to index: in steps, the reactor
+        # given back between them; readers see the old copy until the end.
+        budget = TurnBudget(self.clock)
+        by_id: dict[str, Profile] = {}
+        by_email: dict[str, str] = {}
+        for start in range(0, len(profiles), self.load_step):
+            for profile in profiles[start:start + self.load_step]:
+                by_id[profile.id] = profile
+                for email in profile.emails:
+                    by_email[normalise_email(email.address)] = profile.id
+            await budget.check()
+        self._profiles = by_id
+        self._by_email = by_email
         self._groups = {g.id: g for g in groups}
         self.token = token
         self._seq = seq

@@ -322,3 +322,27 @@ class ReadinessTests(SynchronousTestCase):
         site.clock.advance(ops.reuse)
         code, body = ready()
         self.assertEqual((code, body["dependencies"]["startup"]["ok"]), (200, True))
+
+
+class LoadInStepsTests(SynchronousTestCase):
+    def test_the_directory_is_indexed_in_steps_and_seen_whole_or_not_at_all(self) -> None:
+        from tests.web.test_mailstore_list import TickingClock
+
+        profiles = many_profiles(40)
+        site = Site(self, profiles)
+        clock = TickingClock()
+        directory = Directory(site.store, clock)
+        directory.load_step = 4
+        loading = Deferred.fromCoroutine(directory.load())
+        turns = 0
+        while not loading.called:
+            self.assertEqual(list(directory.profiles()), [])
+            self.assertFalse(directory.loaded)
+            turns += 1
+            clock.turn()
+        self.successResultOf(loading)
+        self.assertGreaterEqual(turns, 9)
+        self.assertEqual(sorted(p.id for p in directory.profiles()),
+                         sorted(p.id for p in profiles))
+        self.assertEqual(directory.profile_by_email("p7@example.com").id,  # type: ignore
+                         profiles[7].id)
