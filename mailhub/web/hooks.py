@@ -350,8 +350,10 @@ class GroupHooks:
         if action == "users":
             pieces = json_array(members, lambda batch: json_values([p.id for p in batch]))
         else:
-            pieces = json_array(members, lambda batch: b",".join(
-                self.profile_json(p) for p in batch))
+            # One json.dumps per batch, and no million entries pushed through
+            # the search path's cache (each a tracked object to collect).
+            pieces = json_array(members, lambda batch: json_values(
+                [p.data(self.site_url) for p in batch]))
         self._send(request, SITE_MEMBERS, b"")
         await StreamedBody(request, pieces, self.clock).start()
         return b""
