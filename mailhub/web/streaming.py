@@ -84,7 +84,17 @@ class StreamedBody:
         self._schedule()
 
     def stopProducing(self) -> None:
-        self._stop(CancelledError("the client went away"))
+        # The transport stops us before the request learns the connection is
+        # lost; ``done`` fails then (:meth:`_gone`), or is cancelled by Klein,
+        # once the request is finished, so nothing logs the hang-up as an error.
+        self._stopped = True
+        self._unschedule()
+        self._close()
+
+    def _close(self) -> None:
+        close = getattr(self._pieces, "close", None)
+        if close is not None:
+            close()
 
     # -- the work -----------------------------------------------------------
 
@@ -130,13 +140,11 @@ class StreamedBody:
         self._schedule()
 
     def _stop(self, reason: BaseException | Failure) -> None:
-        if self._stopped:
+        if self.done.called:
             return
         self._stopped = True
         self._unschedule()
-        close = getattr(self._pieces, "close", None)
-        if close is not None:
-            close()
+        self._close()
         try:
             self._request.unregisterProducer()
         except Exception:
@@ -152,9 +160,7 @@ class StreamedBody:
         # The handler was cancelled (Klein does so when the client goes away).
         self._stopped = True
         self._unschedule()
-        close = getattr(self._pieces, "close", None)
-        if close is not None:
-            close()
+        self._close()
 
 
 def json_array(items: Iterable[T], encode: Callable[[Sequence[T]], bytes],

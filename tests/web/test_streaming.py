@@ -13,7 +13,7 @@ from treq.testing import StubTreq
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailhub.config import Config, MailhubSection
 from mailhub.directory.memory import MemoryStore
@@ -260,8 +260,14 @@ class StreamedBodyTests(SynchronousTestCase):
         clock, request, made = TurnClock(), _Request(), []
         done = StreamedBody(request, _pieces(1000, made), clock, chunk=10_000).start()
         request.producer.stopProducing()
-        self.failureResultOf(done, CancelledError)
         self.assertEqual(clock.getDelayedCalls(), [])
+        before = len(made)
+        clock.turn()
+        self.assertEqual(len(made), before)
+        # The handler's wait ends once the request knows the connection is lost.
+        self.assertNoResult(done)
+        request.finished.errback(Failure(ConnectionError("gone")))
+        self.failureResultOf(done, CancelledError)
 
     def test_cancelling_the_handler_stops_it(self) -> None:
         clock, request, made = TurnClock(), _Request(), []
@@ -346,3 +352,39 @@ class LoadInStepsTests(SynchronousTestCase):
                          sorted(p.id for p in profiles))
         self.assertEqual(directory.profile_by_email("p7@example.com").id,  # type: ignore
                          profiles[7].id)
+
+
+class ClientGoesAwayTests(TestCase):
+    """Over a real socket: a client that hangs up mid-answer stops it, quietly."""
+
+    async def test_a_client_hanging_up_mid_answer_stops_the_stream_without_an_error(
+            self) -> None:
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+        from twisted.web.server import Site as WebSite
+
+        profiles = many_profiles(3000)
+        site = Site(self, profiles)
+        directory = Directory(site.store, reactor)  # type: ignore[arg-type]
+        await Deferred.fromCoroutine(directory.load())
+        config = Config(mailhub=MailhubSection(site_url=SITE + "/", max_body=1024 * 1024))
+        hooks = GroupHooks(directory, config, Metrics(), Hub())
+        port = reactor.listenTCP(0, WebSite(hooks.resource()), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        body = urlencode({"token": TOKEN, "user_groups": ""}).encode()
+
+        def hang_up() -> bytes:
+            import socket
+            with socket.create_connection(("127.0.0.1", port.getHost().port)) as s:
+                s.sendall(b"POST /gs-site-member-list.json HTTP/1.1\r\nHost: x\r\n"
+                          b"Content-Type: application/x-www-form-urlencoded\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                return s.recv(1024)
+
+        from twisted.internet.threads import deferToThread
+        first = await deferToThread(hang_up)
+        self.assertTrue(first.startswith(b"HTTP/1.1 200"))
+        for _ in range(20):
+            await deferLater(reactor, 0.02, lambda: None)
+        # Nothing left scheduled (trial fails a dirty reactor) and nothing logged as an error.
+        self.assertEqual(self.flushLoggedErrors(), [])
