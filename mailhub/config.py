@@ -119,6 +119,8 @@ class MailStoreSection:
     path: str = "/mailstore"
     username: str = ""
     password: str = attrs.field(default="", repr=False)
+    # cmd=list lists the users who can log in (can_login) or every user (all).
+    list: str = "can_login"
 
 
 @attrs.frozen
@@ -345,6 +347,8 @@ def _check(section: str, key: str, value: Any) -> None:
         raise ValueError("expected organizer or all")
     if section == "collector" and key == "esn_id_profile" and value not in ("", "nickname"):
         raise ValueError("expected nickname or nothing")
+    if section == "mailstore" and key == "list" and value not in ("can_login", "all"):
+        raise ValueError("expected can_login or all")
     if section == "mailhub" and key == "site_url":
         if urlsplit(value).scheme not in ("http", "https"):
             raise ValueError("expected an http(s) URL")

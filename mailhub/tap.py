@@ -198,7 +198,8 @@ def build(config: Config, listen: str, reactor: Any,
                          ldap=ldap, carddav=carddav, embedded_dav=config.embedded_carddav)
     # twistd listens before the start-up work is done (privilegedStartService):
     # until then /healthz says so. (``ready`` is made below.)
-    checks.insert(0, startup_check(lambda: ready.ready.called))
+    # Ready means every surface can answer fully: the directory too.
+    checks.insert(0, startup_check(lambda: ready.ready.called and directory.loaded))
     ops = Operations(metrics, checks, functools.partial(
         site_document, config.mailstore.path, config.collector.enabled,
         status_codes=config.hooks.status_codes), reactor)

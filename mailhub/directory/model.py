@@ -191,6 +191,10 @@ class User:
     dn: str | None = None
     source: str = "site"
     id: str | None = None
+    #: Whether they can authenticate at all: a site profile without a
+    #: password cannot (LDAP users are checked by LDAP itself). Not part of
+    #: equality: it says how the user was listed, not who they are.
+    can_login: bool = attrs.field(default=True, eq=False)
 
     def owns(self, address: str) -> bool:
         wanted = normalise_email(address)
@@ -217,6 +221,7 @@ def user_of(profile: Profile) -> User:
         emails=tuple(e.address for e in profile.emails),
         source="site",
         id=profile.id,
+        can_login=profile.has_password,
     )
 
 

@@ -16,12 +16,12 @@ answer unavailable rather than letting a later source say yes.
 from __future__ import annotations
 
 from typing import (TYPE_CHECKING, Any, AsyncIterator, Callable, Coroutine, ParamSpec,
-                    Sequence, TypeVar)
+                    Sequence, TypeVar, cast)
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -31,6 +31,7 @@ from mailhub.directory.interfaces import IDirectoryStore, IUserSource
 from mailhub.directory.model import Profile, User, user_of
 from mailhub.errors import ValidationError
 from mailhub.service import ThreadPoolService
+from mailhub.steps import TURN, TurnBudget, sorted_in_steps
 
 if TYPE_CHECKING:  # cache imports the web layer; only the type is needed here
     from mailhub.directory.service import Directory
@@ -114,6 +115,14 @@ def _deferred(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, "Defer
     wrapper.__name__ = method.__name__
     wrapper.__doc__ = method.__doc__
     return wrapper
+
+
+#: Profiles sorted per step of a listing (a few ms each).
+STEP = 10_000
+
+
+def _login_key(profile: Profile) -> str:
+    return profile.login.casefold()
 
 
 @implementer(IUserSource)
@@ -213,14 +222,37 @@ class SiteUserSource:
     async def pages(self, page_size: int) -> AsyncIterator[list[User]]:
         """Every site user, in pages, ordered by login.
 
-        The store hands profiles over all at once (the site's users are held
-        in memory by the directory cache anyway); only LDAP needs real paging.
+        Read from the in-memory directory once it has loaded (caught up with
+        the change log first), from the store before that; converted and
+        sorted in steps, the reactor given back between them.
         """
-        profiles = await maybeDeferred(self.store.load_profiles)
-        users = sorted((user_of(p) for p in profiles), key=lambda u: u.login.casefold())
-        del profiles
-        for start in range(0, len(users), max(page_size, 1)):
-            yield users[start:start + page_size]
+        directory = self.directory
+        if directory is not None and directory.loaded:
+            # The in-memory copy, caught up: no million rows built in a thread
+            # (which holds the GIL against the reactor for seconds).
+            await directory.refresh()
+            profiles = list(directory.profiles())
+        else:
+            loaded = await maybeDeferred(self.store.load_profiles)
+            profiles = loaded if isinstance(loaded, list) else list(loaded)
+        # A million profiles: converted and sorted in steps, the reactor given
+        # back between them (one sort of them all would hold it for seconds).
+        # Each page's users are made as it is sent: a million User objects
+        # made at once would cost the garbage collector long pauses.
+        budget = TurnBudget(cast(IReactorTime, self.reactor))  # the reactor is both
+        page: list[User] = []
+        size = max(page_size, 1)
+        for profile in sorted_in_steps(profiles, key=_login_key, run=STEP):
+            if profile is TURN:  # type: ignore[comparison-overlap]
+                await budget.check()
+                continue
+            page.append(user_of(profile))
+            if len(page) >= size:
+                yield page
+                page = []
+                await budget.check()
+        if page:
+            yield page
 
 
 @implementer(IUserSource)

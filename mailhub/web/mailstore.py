@@ -5,7 +5,9 @@ the Basic credentials its administrator entered:
 
 - ``cmd=list``: a JSON array of ``{userName, distinguishedName, fullName,
   emailAddresses}``, one per user of every source (the site's users, then
-  LDAP). The array is streamed a page at a time as the sources hand pages
+  LDAP) who can log in (``[mailstore] list = can_login``, the default: a
+  site profile without a password is left out), or every user
+  (``list = all``). Answered as ``text/json``, as MailStore's own examples are. The array is streamed a page at a time as the sources hand pages
   over, with flow control from the HTTP connection, so memory stays flat
   however many users there are. If a source fails after the array has
   begun, the connection is cut without closing the array: MailStore sees
@@ -39,8 +41,8 @@ from mailhub.directory.interfaces import IUserSource
 from mailhub.errors import Unavailable, ValidationError
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
+from mailhub.steps import TurnBudget
 from mailhub.web.common import (
-    JSON_TYPE,
     HTTPError,
     form_fields,
     handle_errors,
@@ -50,6 +52,9 @@ from mailhub.web.common import (
 )
 
 REALM = "mailhub MailStore"
+#: The content type of MailStore's own examples, the one its client is known
+#: to take (see doc/mailstore.rst); errors stay application/json.
+MAILSTORE_JSON = b"text/json; charset=utf-8"
 #: Form bodies MailStore sends are tiny; a login and a password at most.
 MAX_BODY = 64 * 1024
 
@@ -107,6 +112,8 @@ class MailStoreIntegration:
         self._service = StaticBasic(self._auth, "mailstore-service", "service:mailstore",
                                     self._settings.username, self._settings.password, REALM)
         self._page_size = page_size or config.ldap.page_size
+        self._clock = clock
+        self._everyone = config.mailstore.list == "all"
         self._lists = metrics.counter(
             "mailhub_mailstore_list_total",
             "MailStore cmd=list answers by result (complete, failed, cancelled)", ["result"])
@@ -148,7 +155,9 @@ class MailStoreIntegration:
             raise ValidationError("user is missing")
         user = await self._auth.login("mailstore", self._users, fields["user"],
                                       fields.get("pass", ""), client_of(request))
-        return reply(request, {"succeeded": user is not None})
+        body = reply(request, {"succeeded": user is not None})
+        request.setHeader(b"content-type", MAILSTORE_JSON)
+        return body
 
     async def _list(self, request: Any) -> Any:
         pages = self._users.pages(self._page_size).__aiter__()
@@ -162,19 +171,25 @@ class MailStoreIntegration:
                 first = None
             # Nothing sent yet: a failure so far is an ordinary 503.
             request.setResponseCode(200)
-            request.setHeader(b"content-type", JSON_TYPE)
+            request.setHeader(b"content-type", MAILSTORE_JSON)
             request.setHeader(b"cache-control", b"no-store")
             request.registerProducer(pacer, True)
             started = True
             page = first
             opening = b"["
+            budget = TurnBudget(self._clock)
             while page is not None:
+                if page and not self._everyone:
+                    page = [user for user in page if user.can_login]
                 if page:
                     chunk = b",".join(json_bytes(user.mailstore()) for user in page)
                     request.write(opening + chunk if opening else b"," + chunk)
                     opening = b""
                     count += len(page)
                 await pacer.ready()
+                # Pages already at hand (the site's users) would otherwise
+                # all be written in one reactor turn.
+                await budget.check()
                 if pacer.stopped:
                     self._lists.labels("cancelled").inc()
                     return None

@@ -754,7 +754,8 @@ def _mailstore_path() -> dict[str, Any]:
             "200": _answer("cmd=list: every user; cmd=auth: whether the password is right",
                            {"oneOf": [{"type": "array",
                                        "items": {"$ref": _REF + "MailStoreUser"}},
-                                      {"$ref": _REF + "MailStoreAuth"}]}),
+                                      {"$ref": _REF + "MailStoreAuth"}]},
+                           media="text/json"),  # as MailStore's own examples (issue 12)
             "400": _bad_input("No cmd, an unknown one, no user for cmd=auth, or a bad form"),
             "401": _unauthorized(),
             "413": _too_large(),

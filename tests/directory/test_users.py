@@ -59,6 +59,10 @@ class InlineReactor:
     def callFromThread(self, f: Callable[..., Any], *args: Any, **kw: Any) -> None:
         f(*args, **kw)
 
+    def seconds(self) -> float:
+        """Time stands still: a listing is never cut into reactor turns here."""
+        return 0.0
+
 
 ALICE = Profile(id="aliceAliceAliceAlice01", name="Alice Ædelstein", emails=(
     Email("alice@example.test", verified=True, preferred=True),

@@ -108,8 +108,9 @@ class MailStoreUnitTests(SynchronousTestCase):
     def test_list_answers_every_user_as_a_json_array(self) -> None:
         response, body = self.post({"cmd": "list"})
         self.assertEqual(response.code, 200)
+        # MailStore's own examples answer text/json (issue 12): the type its client takes.
         self.assertEqual(response.headers.getRawHeaders(b"content-type"),
-                         [b"application/json; charset=utf-8"])
+                         [b"text/json; charset=utf-8"])
         self.assertEqual(len(body), 5)
         self.assertEqual(body[1], {"userName": "user1", "distinguishedName": "uid=user1,dc=example,dc=test",
                                    "fullName": "Nüßlein 1", "emailAddresses": ["u1@example.test"]})

@@ -1,0 +1,202 @@
+"""Benchmark: the longest reactor stall while large answers are served (issue 11).
+
+    .venv/bin/python bench/stall/run.py [--profiles 1000000] [--ldap-users 100000]
+                                        [--interval 0.01]
+
+Makes a SQLite database of N profiles (bulk-inserted, as bench/hooks does),
+starts a throwaway slapd with M users (tests.support.slapd) when M > 0, and
+runs the real ``twistd -n mailhub`` over both. From outside, a prober thread
+sends ``GET /metrics`` on a keep-alive connection every ``--interval``
+seconds and records each answer's latency: a request the reactor cannot
+serve waits, so the longest latency bounds the longest reactor stall.
+
+It reports, each with the longest and the 99th percentile probe latency:
+
+- start-up: seconds until the directory is loaded, and what
+  ``/gs-site-member-list.json users`` answered meanwhile (503, never 200 []);
+- ``users`` and ``user_groups`` of ``/gs-site-member-list.json`` (N profiles),
+  read as fast as the client can, with their size and time;
+- MailStore ``cmd=list`` (the site's users, then LDAP's).
+
+Target: the longest probe latency under 50 ms while each answer is served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench" / "hooks"))
+
+from run import free_port, seed, stop  # type: ignore[import-not-found]  # noqa: E402
+
+AUTH = "Basic " + base64.b64encode(b"mailstore:Passw0rd").decode()
+FORM = {"content-type": "application/x-www-form-urlencoded"}
+
+
+class Prober(threading.Thread):
+    """GET /metrics every ``interval`` seconds; latencies recorded with their start time."""
+
+    def __init__(self, port: int, interval: float) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.interval = interval
+        self.samples: list[tuple[float, float]] = []
+        self.running = True
+
+    def run(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        while self.running:
+            started = time.monotonic()
+            try:
+                conn.request("GET", "/metrics")
+                conn.getresponse().read()
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+                continue
+            ended = time.monotonic()
+            self.samples.append((started, ended - started))
+            time.sleep(max(0.0, self.interval - (ended - started)))
+        conn.close()
+
+    def during(self, start: float, end: float) -> tuple[float, float, int]:
+        """(longest, 99th percentile, count) of the probes begun in [start, end]."""
+        got = sorted(lat for t, lat in self.samples if start <= t <= end)
+        if not got:
+            return float("nan"), float("nan"), 0
+        return got[-1], got[int(0.99 * (len(got) - 1))], len(got)
+
+
+def fetch(port: int, path: str, body: str, headers: dict[str, str]) -> tuple[int, int, float]:
+    """(status, bytes, seconds) of one POST, the body read in 64 KiB reads."""
+    started = time.monotonic()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn.request("POST", path, body=body, headers=headers)
+    response = conn.getresponse()
+    size = 0
+    while True:
+        chunk = response.read(65536)
+        if not chunk:
+            break
+        size += len(chunk)
+    conn.close()
+    return response.status, size, time.monotonic() - started
+
+
+def report(what: str, prober: Prober, start: float, end: float, extra: str) -> None:
+    longest, p99, n = prober.during(start, end)
+    print("%-34s %s; probe latency max %.1f ms, p99 %.1f ms (%d probes)"
+          % (what, extra, longest * 1000, p99 * 1000, n), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profiles", type=int, default=1_000_000)
+    parser.add_argument("--ldap-users", type=int, default=100_000)
+    parser.add_argument("--interval", type=float, default=0.01)
+    args = parser.parse_args()
+    rng = random.Random(11)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        began = time.monotonic()
+        token, _ = seed(work / "site.sqlite", args.profiles, rng)
+        print("seeded %d profiles in %.1f s" % (args.profiles, time.monotonic() - began),
+              flush=True)
+        ldap = ""
+        slapd = None
+        if args.ldap_users:
+            from tests.support import slapd as fixture
+
+            began = time.monotonic()
+            slapd = fixture.Slapd(work / "slapd", users=args.ldap_users, start_timeout=120)
+            slapd.start()
+            print("slapd with %d users ready in %.1f s"
+                  % (args.ldap_users, time.monotonic() - began), flush=True)
+            ldap = "[ldap]\n" + "".join("%s = %s\n" % kv for kv in slapd.settings().items())
+        try:
+            run(args, work, token, ldap)
+        finally:
+            if slapd is not None:
+                slapd.stop()
+
+
+def run(args: argparse.Namespace, work: Path, token: str, ldap: str) -> None:
+    port = free_port()
+    config = work / "mailhub.ini"
+    config.write_text(
+        "[mailhub]\nlisten = tcp:%d:interface=127.0.0.1\ndata = %s\n"
+        "site_url = https://groups.example.com\n[database]\ndsn = sqlite:///%s\n"
+        "[collector]\nenabled = no\n[mailstore]\nusername = mailstore\npassword = Passw0rd\n"
+        "list = all\n%s" % (port, work / "data", work / "site.sqlite", ldap))
+    log = work / "twistd.log"
+    twistd = [str(Path(sys.executable).parent / "twistd"), "-n", "--pidfile=", "--logfile",
+              str(log), "mailhub", "--config", str(config)]
+    started = time.monotonic()
+    proc = subprocess.Popen(twistd, cwd=str(ROOT), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT)
+    try:
+        users = "token=%s&users" % token
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit("twistd exited; see its log")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.connect()
+                conn.close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        prober = Prober(port, args.interval)
+        prober.start()
+        seen: dict[int, int] = {}
+        listening = time.monotonic()
+        while True:
+            status, size, _ = fetch(port, "/gs-site-member-list.json", users, FORM)
+            seen[status] = seen.get(status, 0) + 1
+            if status == 200:
+                break
+            time.sleep(0.25)
+        ready = time.monotonic()
+        report("start-up (directory loading)", prober, listening, ready,
+               "listening after %.1f s, loaded after %.1f s; users answered %s"
+               % (listening - started, ready - started,
+                  ", ".join("%d x%d" % kv for kv in sorted(seen.items()))))
+        time.sleep(1)
+        for action in ("users", "user_groups"):
+            begin = time.monotonic()
+            status, size, seconds = fetch(port, "/gs-site-member-list.json",
+                                          "token=%s&%s" % (token, action), FORM)
+            report("site members %s" % action, prober, begin, time.monotonic(),
+                   "%d, %.1f MB in %.1f s" % (status, size / 1e6, seconds))
+        begin = time.monotonic()
+        status, size, seconds = fetch(port, "/mailstore", "cmd=list",
+                                      dict(FORM, authorization=AUTH))
+        report("MailStore cmd=list", prober, begin, time.monotonic(),
+               "%d, %.1f MB in %.1f s" % (status, size / 1e6, seconds))
+        idle = time.monotonic()
+        time.sleep(2)
+        report("idle", prober, idle, time.monotonic(), "-")
+        prober.running = False
+        prober.join(5)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        stop(proc)  # type: ignore[arg-type]
+        os.sync()
+
+
+if __name__ == "__main__":
+    main()
