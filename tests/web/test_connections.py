@@ -18,7 +18,11 @@ CONFIG = "[mailhub]\nmax_connections = 40\nhealth_reserve = 4\nheader_timeout = 
 
 def _connect(mailhub: Mailhub, data: bytes) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", mailhub.port), timeout=10)
-    s.sendall(data)
+    try:
+        s.sendall(data)
+    except OSError:
+        s.close()
+        raise
     return s
 
 
@@ -41,8 +45,13 @@ def _open_files(mailhub: Mailhub) -> int:
 
 
 def _raw_get(mailhub: Mailhub, path: str) -> bytes:
-    s = _connect(mailhub, b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-                 % path.encode())
+    """The raw answer; ``b""`` when the server closed the connection unanswered
+    (a close that races the request's sending shows as a reset there)."""
+    try:
+        s = _connect(mailhub, b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                     % path.encode())
+    except (ConnectionResetError, BrokenPipeError):
+        return b""
     answer = b""
     try:
         while True:
