@@ -113,6 +113,9 @@ class MailhubChannel(HTTPChannel):
     #: Accepted from the reserve: serves health checks only.
     reserved = False
     _deadline: IDelayedCall | None = None
+    #: Between the end of a response (or the connection) and the next
+    #: request's complete headers.
+    _waiting = False
     _gone = False
 
     def connectionMade(self) -> None:
@@ -130,21 +133,33 @@ class MailhubChannel(HTTPChannel):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._gone = True
-        self._stop_deadline()
+        self._cancel_deadline()
         self.site.connection_closed(self)
         super().connectionLost(reason)
 
     def drop(self) -> None:
         """Close at once: too slow, or making room for another connection."""
-        self._stop_deadline()
+        self._cancel_deadline()
         _abort(self.transport)
 
     def _start_deadline(self) -> None:
-        self._stop_deadline()
-        self._deadline = self.callLater(self.site.header_timeout, self._too_slow)
+        self._waiting = True
+        if self._deadline is not None and self._deadline.active():
+            # Moved later, not cancelled and made anew: on a keep-alive
+            # connection this happens for every request, and a reset to a
+            # later time costs the reactor no reordering of its calls.
+            self._deadline.reset(self.site.header_timeout)
+        else:
+            self._deadline = self.callLater(self.site.header_timeout, self._too_slow)
         self.site.waiting_for_headers(self)
 
     def _stop_deadline(self) -> None:
+        """The headers are in: the deadline stays scheduled and finds nothing to do."""
+        self._waiting = False
+        self.site.headers_done(self)
+
+    def _cancel_deadline(self) -> None:
+        self._waiting = False
         if self._deadline is not None:
             if self._deadline.active():
                 self._deadline.cancel()
@@ -153,6 +168,8 @@ class MailhubChannel(HTTPChannel):
 
     def _too_slow(self) -> None:
         self._deadline = None
+        if not self._waiting:
+            return  # the headers came in time; the next wait schedules anew
         self.site.headers_done(self)
         self.site.dropped("header_timeout")
         _abort(self.transport)
