@@ -324,16 +324,8 @@ class LDAPClient:
         s = self.settings
         query = "(&%s(%s=%s))" % (s.list_filter, attribute, escape_filter_chars(value))
 
-        def search(conn: Connection) -> list[dict[str, Any]]:
-            conn.search(s.base_dn, query, SUBTREE, attributes=s.attributes, size_limit=2)
-            code = conn.result.get("result", 0)
-            if code == 32:
-                return []
-            if code not in (0, 4):
-                raise LDAPFailure(_why(conn))
-            return [e for e in conn.response or () if e.get("type") == "searchResEntry"]
-
-        entries = self._run("search", search)
+        entries = self._run("search", lambda conn: _two_at_most(
+            conn, s.base_dn, query, s.attributes))
         return user_of_entry(s, entries[0]) if len(entries) == 1 else None
 
     def attribute_of(self, login: str, attribute: str) -> str | None:
@@ -344,16 +336,8 @@ class LDAPClient:
         s = self.settings
         query = user_filter(s.user_filter, login)
 
-        def search(conn: Connection) -> list[dict[str, Any]]:
-            conn.search(s.base_dn, query, SUBTREE, attributes=[attribute], size_limit=2)
-            code = conn.result.get("result", 0)
-            if code == 32:
-                return []
-            if code not in (0, 4):
-                raise LDAPFailure(_why(conn))
-            return [e for e in conn.response or () if e.get("type") == "searchResEntry"]
-
-        entries = self._run("search", search)
+        entries = self._run("search", lambda conn: _two_at_most(
+            conn, s.base_dn, query, [attribute]))
         if len(entries) != 1:
             return None
         raw = entries[0].get("raw_attributes") or {}
@@ -500,6 +484,18 @@ def _close(conn: Connection) -> None:
         except OSError:
             pass
 
+
+
+def _two_at_most(conn: Connection, base_dn: str, query: str,
+                 attributes: list[str]) -> list[dict[str, Any]]:
+    """The entries (two at most: one is the answer, two say it is not unique)."""
+    conn.search(base_dn, query, SUBTREE, attributes=attributes, size_limit=2)
+    code = conn.result.get("result", 0)
+    if code == 32:  # noSuchObject: the base is not there, so nobody is
+        return []
+    if code not in (0, 4):  # 4: sizeLimitExceeded, which size_limit=2 asks for
+        raise LDAPFailure(_why(conn))
+    return [e for e in conn.response or () if e.get("type") == "searchResEntry"]
 
 def _why(conn: Connection) -> str:
     result = conn.result or {}
