@@ -5,10 +5,15 @@
 - ``slapd``: the run's one OpenLDAP server (:func:`tests.support.slapd.shared`),
   for the LDAP, MailStore and event-stream tests; trial test cases call
   ``shared()`` themselves. It is stopped when the run ends.
+- ``mailhub_wheel``: mailhub built as a wheel, once per run, for the tests of
+  what an installed mailhub has (the twistd plugin, the Dovecot files).
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,14 +21,27 @@ import pytest
 from tests.support import slapd as _slapd
 from tests.support.ci import pytest_make_collect_report, pytest_runtest_makereport
 
-__all__ = ["pytest_make_collect_report", "pytest_runtest_makereport", "pytest_sessionfinish",
-           "slapd"]
+__all__ = ["mailhub_wheel", "pytest_make_collect_report", "pytest_runtest_makereport",
+           "pytest_sessionfinish", "slapd"]
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
 def slapd() -> _slapd.Slapd:
     """The shared slapd (1,200 users, TLS on ``ldaps_url``); see tests.support.slapd."""
     return _slapd.shared()
+
+
+@pytest.fixture(scope="session")
+def mailhub_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel ``pip wheel`` builds from this tree (built once per run)."""
+    wheels = tmp_path_factory.mktemp("wheels")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(wheels), str(ROOT)], check=True, capture_output=True,
+                   timeout=300)
+    (wheel,) = wheels.glob("mailhub-*.whl")
+    return wheel
 
 
 def pytest_sessionfinish(session: Any, exitstatus: int) -> None:

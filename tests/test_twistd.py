@@ -85,12 +85,8 @@ def test_tac_file_runs_the_same_service(tmp_path: Path) -> None:
         assert mailhub.get("/healthz")[0] == 200
 
 
-def test_installed_wheel_provides_the_twistd_plugin(tmp_path: Path) -> None:
-    wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(wheels), str(ROOT)], check=True, capture_output=True,
-                   timeout=300)
-    (wheel,) = wheels.glob("mailhub-*.whl")
+def test_installed_wheel_provides_the_twistd_plugin(tmp_path: Path, mailhub_wheel: Path) -> None:
+    wheel = mailhub_wheel
     names = zipfile.ZipFile(wheel).namelist()
     assert "twisted/plugins/mailhub_plugin.py" in names
     assert "twisted/plugins/__init__.py" not in names

@@ -28,12 +28,8 @@ def test_contrib_links_to_the_one_copy_in_the_package() -> None:
     assert lua_script_path().resolve() == (ROOT / "contrib" / "dovecot" / SHIPPED[0]).resolve()
 
 
-def test_installed_wheel_has_the_script_and_dovecot_config_names_it(tmp_path: Path) -> None:
-    wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(wheels), str(ROOT)], check=True, capture_output=True,
-                   timeout=300)
-    (wheel,) = wheels.glob("mailhub-*.whl")
+def test_installed_wheel_has_the_script_and_dovecot_config_names_it(tmp_path: Path, mailhub_wheel: Path) -> None:
+    wheel = mailhub_wheel
     names = zipfile.ZipFile(wheel).namelist()
     for name in SHIPPED:
         assert "mailhub/data/dovecot/%s" % name in names
