@@ -644,7 +644,14 @@ SURFACE_SCHEMAS: dict[str, Any] = {
             "version": {"type": "string"},
             "dependencies": {"type": "object", "additionalProperties": {
                 "type": "object", "required": ["ok", "detail"],
-                "properties": {"ok": {"type": "boolean"}, "detail": {"type": "string"}},
+                "properties": {
+                    "ok": {"type": "boolean"}, "detail": {"type": "string"},
+                    "outbox": {"type": "integer", "minimum": 0,
+                               "description": "amqp, with a broker: publications waiting "
+                                              "to be sent or confirmed"},
+                    "outbox_limit": {"type": "integer", "minimum": 0,
+                                     "description": "amqp, with a broker: [amqp] outbox"},
+                },
             }},
         },
     },
