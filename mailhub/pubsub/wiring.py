@@ -156,6 +156,9 @@ class DeclaredTopics:
         if refused is not None:
             raise refused
 
+    def disconnected(self, session: Any) -> None:
+        """Nothing to forget: the next connection declares them again."""
+
 
 def make_pubsub(config: Config, reactor: Any, metrics: Metrics) -> PubSub:
     """The pubsub side of a mailhub process, from its configuration."""
