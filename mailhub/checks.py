@@ -85,6 +85,9 @@ class Check:
     name: str
     probe: Probe
     any_serves: bool = False
+    #: Figures ``/healthz`` shows beside the dependency's state, read when it
+    #: answers (not from the probe's run): e.g. the AMQP outbox's length.
+    figures: Callable[[], Mapping[str, int]] | None = None
 
     log = Logger()
 
@@ -227,7 +230,15 @@ def amqp_check(pubsub: PubSub) -> Check:
             return [Row("amqp", Status.OK, "%s:%d, virtual host %s, logged in as %s"
                         % (address.host, address.port, address.vhost, address.username))]
         return [Row("amqp", Status.FAIL, broker.last_error or "not connected")]
-    return Check("amqp", probe)
+
+    def figures() -> Mapping[str, int]:
+        # Publications waiting to be sent or confirmed: what grows while the
+        # broker is away (doc/pubsub.rst), and its bound, [amqp] outbox.
+        broker = pubsub.broker
+        if broker is None:
+            return {}
+        return {"outbox": len(broker.outbox), "outbox_limit": broker.outbox.limit}
+    return Check("amqp", probe, figures=figures)
 
 
 def amqp_spec_check(config: Config) -> Check:

@@ -14,7 +14,21 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from mailhub.push.events import TOPICS as PUSH_TOPICS
+
 log = Logger(namespace="mailhub.events")
+
+#: Every topic mailhub publishes on the global pubsub: doc/pubsub.rst's
+#: topic catalogue, in its order. With a broker, each one's exchange is
+#: declared as soon as a connection is set up (``mailhub.pubsub.wiring``),
+#: so a client outside can bind to any of them before mailhub first
+#: publishes on it.
+PUBLISHED_TOPICS: tuple[str, ...] = PUSH_TOPICS + (
+    "contacts:contact:add",
+    "member:added", "member:left", "profile:created",
+    "login:success", "login:failure",
+    "token:rotated",
+)
 
 #: Logins longer than this are cut in published events.
 MAX_PUBLISHED_LOGIN = 256

@@ -41,7 +41,7 @@ from mailhub.pubsub.interfaces import IWorkQueue
 from mailhub.pubsub.wiring import PubSub, Resume, make_pubsub
 from mailhub.service import AfterReady, InOrder, Listening, StartupLog
 from mailhub.web.calendar import CalendarCollect
-from mailhub.web.hooks import GroupHooks
+from mailhub.web.hooks import GroupHooks, hook_error_body
 from mailhub.web.mailstore import MailStoreIntegration
 from mailhub.web.openapi import site_document
 from mailhub.web.ops import Operations
@@ -168,6 +168,9 @@ def build(config: Config, listen: str, reactor: Any,
     hooks = GroupHooks(directory, config, metrics, hub, auth=auth)
     for name in GroupHooks.paths:
         root.mount(name, hooks.resource())
+    # Unknown /gs-* paths, and bodies refused before the hooks see them, in
+    # the hooks' one error shape (doc/hooks.rst "Answers and errors").
+    root.shape_errors(b"gs-", hook_error_body)
     push = PushReceiver(config, hub, metrics, reactor, auth=auth)
     events = EventStream(config, hub, metrics, users, reactor, auth=auth)
     root.mount(b"preliminary", push.resource())

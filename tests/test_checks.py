@@ -199,6 +199,7 @@ class FakeBroker:
     last_error: str | None = None
     address: FakeAddress = attrs.Factory(FakeAddress)
     refusals: Refusals = attrs.Factory(Refusals)
+    outbox: Any = None
 
     def settled(self) -> Deferred[None]:
         return self.settling
@@ -403,3 +404,38 @@ class HealthzTests(SynchronousTestCase):
         body = json.loads(self.successResultOf(self.successResultOf(third).content()))
         self.assertEqual(body["dependencies"]["database"],
                          {"ok": False, "detail": "sqlite: database is locked"})
+
+
+class OutboxOnHealthzTests(SynchronousTestCase):
+    """``/healthz`` shows the AMQP outbox's length and bound (doc/pubsub.rst)."""
+
+    def healthz(self, checks: list[Check]) -> dict[str, Any]:
+        metrics = Metrics()
+        ops = Operations(metrics, checks, lambda: {}, Clock())
+        stub: Any = StubTreq(Root(metrics, {b"healthz": ops.resource()}))
+
+        async def get() -> dict[str, Any]:
+            response = await stub.get("http://h/healthz")
+            return json.loads(await response.content())  # type: ignore[no-any-return]
+        return self.successResultOf(Deferred.fromCoroutine(get()))
+
+    def test_the_amqp_entry_counts_what_waits_in_the_outbox(self) -> None:
+        from mailhub.pubsub.outbox import Outbox, Route
+
+        broker = FakeBroker(settling=succeed(None))
+        broker.last_error = "broker.example:5672: cannot connect"
+        outbox = Outbox(3)
+        broker.outbox = outbox
+        waiting = [outbox.put(Route("member:added"), b"{}", {}) for _ in range(2)]
+        body = self.healthz([amqp_check(FakePubSub(broker))])  # type: ignore[arg-type]
+        self.assertEqual(body["dependencies"]["amqp"], {
+            "ok": False, "detail": "broker.example:5672: cannot connect",
+            "outbox": 2, "outbox_limit": 3})
+        outbox.fail_all("test over")
+        for d in waiting:
+            self.failureResultOf(d)
+
+    def test_without_a_broker_there_is_no_outbox(self) -> None:
+        body = self.healthz([amqp_check(FakePubSub(None))])  # type: ignore[arg-type]
+        self.assertEqual(body["dependencies"]["amqp"], {
+            "ok": True, "detail": "not configured: local pubsub only"})

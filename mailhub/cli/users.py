@@ -52,7 +52,8 @@ def user_list(config: Config, args: argparse.Namespace, io: IO) -> int:
     with stored(config) as store:
         profiles = result_of(store.load_profiles())
     rows = [["ID", "NAME", "EMAIL", "GROUPS", "PASSWORD"]]
-    for p in profiles:
+    # By name (then id): the same order on every run and every database.
+    for p in sorted(profiles, key=lambda p: (p.name.casefold(), p.id)):
         addresses = sorted(p.emails, key=lambda e: (not e.preferred, not e.verified))
         shown = ",".join(e.address + ("" if e.verified else " (unverified)") for e in addresses)
         rows.append([p.id, p.name, shown, ",".join(sorted(p.groups)) or "-",

@@ -27,12 +27,14 @@ import attrs
 from twisted.application.service import Service
 
 from mailhub.config import Config
+from mailhub.events import PUBLISHED_TOPICS
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from mailhub.pubsub.connection import Broker
 from mailhub.pubsub.globalpubsub import GlobalPubSub
 from mailhub.pubsub.interfaces import IWorkQueue
 from mailhub.pubsub.local import LocalPubSub
+from mailhub.pubsub.outbox import Refused
 from mailhub.pubsub.retry import RetryPolicy
 from mailhub.pubsub.shared import LocalSharedSubscription
 from mailhub.pubsub.spool import Spool, SpoolQueue
@@ -128,6 +130,36 @@ class PubSub:
         return self.broker.health()
 
 
+@attrs.frozen
+class DeclaredTopics:
+    """A broker user that declares the exchange of each of ``topics`` on
+    every connection, before anything is published on them.
+
+    So a client outside (an OpenPaaS node, ``rabbitmqadmin``, a script) can
+    bind its queue to any topic of the catalogue as soon as mailhub has
+    connected once, instead of meeting ``404 NOT_FOUND`` until mailhub's
+    first publication on it. Each exchange is declared as OpenPaaS and
+    mailhub's own publications declare it (durable fanout); one the broker
+    refuses is recorded, named in ``/healthz`` and retried like any other
+    refused declaration, and the others are declared all the same.
+    """
+
+    topics: tuple[str, ...]
+
+    async def connected(self, session: Any) -> None:
+        refused: Refused | None = None
+        for topic in self.topics:
+            try:
+                await session.declare_exchange(topic)
+            except Refused as e:
+                refused = refused or e
+        if refused is not None:
+            raise refused
+
+    def disconnected(self, session: Any) -> None:
+        """Nothing to forget: the next connection declares them again."""
+
+
 def make_pubsub(config: Config, reactor: Any, metrics: Metrics) -> PubSub:
     """The pubsub side of a mailhub process, from its configuration."""
     local = LocalPubSub()
@@ -136,6 +168,7 @@ def make_pubsub(config: Config, reactor: Any, metrics: Metrics) -> PubSub:
         return PubSub(Hub(local, local), [], None, reactor, metrics, config.data_dir)
     broker = Broker(reactor, amqp.url, amqp.spec, heartbeat=amqp.heartbeat,
                     outbox=amqp.outbox, prefetch=amqp.prefetch, metrics=metrics)
+    broker.add(DeclaredTopics(PUBLISHED_TOPICS))
     return PubSub(Hub(local, GlobalPubSub(broker, metrics)), [broker], broker,
                   reactor, metrics, config.data_dir)
 

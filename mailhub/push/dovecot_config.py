@@ -219,7 +219,8 @@ def _ox(version: str, base: str, credentials: tuple[str, str] | None,
         scheme, _, rest = base.partition("://")
         base = "%s://%s:%s@%s" % (scheme, credentials[0], credentials[1], rest)
     lines = ["# Deliveries (LDA/LMTP) into INBOX only: one PUT per message.",
-             "# It sends nothing for a user until their INBOX has this METADATA,",
+             "# It sends nothing for a user until they have this server METADATA",
+             "# (-s \"\": the server's, not a mailbox's; Dovecot keeps it with INBOX),",
              "# which needs the mail attribute dictionary below (if none is set yet):",
              "#   doveadm mailbox metadata set -u USER -s \"\" %s user=USER" % METADATA_KEY]
     lines += note

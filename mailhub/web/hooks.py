@@ -8,8 +8,12 @@ GroupServer's (REFERENCE.md section 2); its bugs are fixed: ``id`` and
 ``name`` are strings, an invalid address or an unknown group is a validation
 error, addresses match exactly (case-insensitive, no wildcards), the token is
 compared in constant time and never echoed, and real HTTP codes are used:
-200 success, 400 validation error, 403 bad token, 413 body too large, always
-with GroupServer's error shape ``{"status": 100, "message": [...]}``. With
+200 success, 400 validation error, 403 bad token, 413 body too large. Every
+error the hooks answer has one shape, GroupServer's ``{"status": N, "message":
+[reasons]}`` (:func:`hook_error`): N is 100, GroupServer's validation error,
+when the request's content is refused (400, 403, 413), else the HTTP status
+(404, 405, 500, 503). The site answers unknown ``/gs-*`` paths and bodies too
+large for any surface in that shape too (``Root.shape_errors``). With
 ``[hooks] status_codes = groupserver`` the refusals (400 and 403) are
 answered 200 instead, as GroupServer answers them (:meth:`GroupHooks.refusal`).
 
@@ -28,6 +32,7 @@ from zoneinfo import ZoneInfo
 import attrs
 from cachetools import LRUCache
 from klein import Klein
+from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
@@ -39,7 +44,7 @@ from mailhub.config import Config
 from mailhub.decoding import MAX_ADDRESS_TEXT, address_problem, sanitise_address
 from mailhub.directory.model import Added, Left, Profile
 from mailhub.directory.service import Directory
-from mailhub.errors import ValidationError
+from mailhub.errors import Unavailable, ValidationError
 from mailhub.metrics import Metrics
 from mailhub.web.common import JSON_TYPE, HTTPError, form_fields, handle_errors, json_bytes
 from mailhub.steps import sorted_in_steps
@@ -61,6 +66,39 @@ LOADING = ("The site's directory is still loading after a start; "
            "try again in a few seconds.")
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+#: HTTP statuses whose hook answer carries GroupServer's validation error
+#: (100): the request's content is refused and the client must change it.
+REFUSED_CONTENT = frozenset([400, 403, 413])
+
+
+def hook_error(status: int, messages: list[str] | str) -> dict[str, Any]:
+    """The one shape of every error the hooks answer: GroupServer's.
+
+    ``{"status": 100, "message": [...]}`` for a refused request (HTTP 400,
+    403, 413), as GroupServer answers a validation error; the HTTP status
+    itself in ``status`` for the rest (404, 405, 500, 503), which GroupServer
+    had no number for. ``message`` is always a list of text.
+    """
+    if isinstance(messages, str):
+        messages = [messages]
+    return {"status": VALIDATION_ERROR if status in REFUSED_CONTENT else status,
+            "message": list(messages)}
+
+
+def hook_error_body(status: int, message: str) -> bytes:
+    """:func:`hook_error` as the JSON bytes the site sends (``Root.shape_errors``)."""
+    return json_bytes(hook_error(status, message))
+
+
+def no_such_hook(path: bytes) -> str:
+    """The reason of a 404 on a ``/gs-*`` path that is no hook."""
+    return "no such hook: %s" % path.decode("utf-8", "replace")
+
+
+def _is_hook_error(body: Any) -> bool:
+    return isinstance(body, dict) and set(body) == {"status", "message"} \
+        and isinstance(body["message"], list)
 
 
 @attrs.frozen
@@ -227,7 +265,23 @@ class GroupHooks:
         except HTTPError as e:
             if not isinstance(e, _Refusal):  # a refusal is counted where it is made
                 self._count(hook, e.status)
+            if _is_hook_error(e.body):
+                raise
+            # An error made by shared code (common, auth) in the site's shape:
+            # answered in the hooks' one shape, with its own status and headers.
+            message = e.body.get("error") if isinstance(e.body, dict) else None
+            raise HTTPError(e.status, hook_error(e.status, str(message or e.body)), e.headers)
+        except Unavailable as e:
+            self._count(hook, 503)
+            raise HTTPError(503, hook_error(503, str(e) or "temporarily unavailable"),
+                            {b"retry-after": b"5"})
+        except CancelledError:
             raise
+        except Exception:
+            # A bug: logged with its traceback, answered in the hooks' shape.
+            self.log.failure("unhandled error in {path}", path=hook.path)
+            self._count(hook, 500)
+            raise HTTPError(500, hook_error(500, "internal error"))
 
     def refusal(self, hook: HookSpec, status: int, messages: list[str]) -> HTTPError:
         """A refusal of ``hook`` (400 validation error, 403 token), counted, to raise.
@@ -238,8 +292,7 @@ class GroupHooks:
         counts ``status`` in both modes, so dashboards read the same.
         """
         self._count(hook, status)
-        body = {"status": VALIDATION_ERROR, "message": list(messages)}
-        return _Refusal(200 if self.groupserver_codes else status, body)
+        return _Refusal(200 if self.groupserver_codes else status, hook_error(status, messages))
 
     async def _answer(self, request: IRequest, hook: HookSpec, handler: Handler) -> bytes:
         try:
@@ -248,8 +301,7 @@ class GroupHooks:
             message = e.body.get("error", "bad request") if isinstance(e.body, dict) else str(e.body)
             if e.status == 400:
                 raise self.refusal(hook, 400, [message])
-            raise HTTPError(e.status, {"status": VALIDATION_ERROR, "message": [message]},
-                            e.headers)
+            raise HTTPError(e.status, hook_error(e.status, message), e.headers)
         action = hook.action(fields)
         if action is None:
             return self._send(request, hook, json_bytes(hook.description()))
@@ -316,17 +368,15 @@ class GroupHooks:
     def not_found(self, request: IRequest, failure: Any) -> bytes:
         request.setResponseCode(404)
         request.setHeader(b"content-type", JSON_TYPE)
-        return json_bytes({"status": 404, "message": [
-            "no such hook: %s" % request.path.decode("utf-8", "replace")]})
+        return json_bytes(hook_error(404, no_such_hook(request.path)))
 
     @app.handle_errors(MethodNotAllowed)
     def not_allowed(self, request: IRequest, failure: Any) -> bytes:
         request.setResponseCode(405)
         request.setHeader(b"content-type", JSON_TYPE)
         request.setHeader(b"allow", b"GET, POST")
-        return json_bytes({"status": 405, "message": [
-            "the hooks answer GET and POST, not %s"
-            % request.method.decode("ascii", "replace")]})
+        return json_bytes(hook_error(405, "the hooks answer GET and POST, not %s"
+                                     % request.method.decode("ascii", "replace")))
 
     # -- actions ------------------------------------------------------------------
 
@@ -377,7 +427,7 @@ class GroupHooks:
     def _need_directory(self) -> None:
         """503 with Retry-After while the directory is loading: never a partial list."""
         if not self.directory.loaded:
-            raise HTTPError(503, {"status": 503, "message": [LOADING]},
+            raise HTTPError(503, hook_error(503, LOADING),
                             {b"retry-after": b"5"})
 
     async def _add(self, request: IRequest, action: str, fields: dict[str, str]) -> bytes:
@@ -485,4 +535,4 @@ class GroupHooks:
         return self._send(request, LEAVE, json_bytes(body))
 
 
-__all__ = ["GroupHooks", "HOOKS", "HookSpec"]
+__all__ = ["GroupHooks", "HOOKS", "HookSpec", "hook_error", "hook_error_body"]

@@ -29,7 +29,8 @@ from typing import Any
 from zoneinfo import available_timezones
 
 from mailhub import __version__
-from mailhub.web.hooks import HOOKS, MAX_BIOGRAPHY, MAX_NAME, MAX_USER, HookSpec
+from mailhub.web.hooks import (GROUPS, HOOKS, MAX_BIOGRAPHY, MAX_NAME, MAX_USER, SITE_MEMBERS,
+                                HookSpec)
 
 _REF = "#/components/schemas/"
 
@@ -43,11 +44,25 @@ HOOK_SCHEMAS: dict[str, Any] = {
                  "description": "Empty, or a time zone name the server's zoneinfo knows"},
     "GroupServerError": {
         "type": "object",
-        "description": "GroupServer's error shape: status 100 and every reason.",
+        "description": "GroupServer's error shape, the one shape of every error the hooks "
+                       "answer: status 100 (a validation error) and every reason, for a "
+                       "refused request (HTTP 400, 403, 413).",
         "required": ["status", "message"],
+        "additionalProperties": False,
         "properties": {
             "status": {"type": "integer", "const": 100},
-            "message": {"type": "array", "items": {"type": "string"}},
+            "message": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        },
+    },
+    "HookError": {
+        "type": "object",
+        "description": "GroupServer's error shape for the hooks' other errors (HTTP 404, "
+                       "405, 500, 503): status is the HTTP status.",
+        "required": ["status", "message"],
+        "additionalProperties": False,
+        "properties": {
+            "status": {"type": "integer", "enum": [404, 405, 500, 503]},
+            "message": {"type": "array", "items": {"type": "string"}, "minItems": 1},
         },
     },
     "SelfDescription": {
@@ -236,11 +251,21 @@ def _operation(path: str, spec: HookSpec, method: str,
                         _SUCCESS[path], {"$ref": _REF + "SelfDescription"}]}}}},
             "400": _json({"$ref": _REF + "GroupServerError"}, "Validation error"),
             "403": _json({"$ref": _REF + "GroupServerError"}, "Missing or wrong token"),
-            # Refused before any surface sees the request (mailhub.web.site.LimitedRequest),
-            # so in the site's shape, not GroupServer's.
-            "413": _json({"$ref": _REF + "Error"}, "The body is larger than [mailhub] max_body"),
+            # Refused before the hooks see the request (mailhub.web.site.LimitedRequest),
+            # in the hooks' shape all the same (Root.shape_errors).
+            "413": _json({"$ref": _REF + "GroupServerError"},
+                         "The body is larger than [mailhub] max_body"),
         },
     }
+    if spec in (GROUPS, SITE_MEMBERS):
+        # Never a partial list: 503 until the directory is loaded after a start.
+        operation["responses"]["503"] = dict(
+            _json({"allOf": [{"$ref": _REF + "HookError"},
+                             {"properties": {"status": {"const": 503}}}]},
+                  "The site's directory is still loading after a start"),
+            headers={"Retry-After": {
+                "description": "Seconds to wait before trying again", "required": True,
+                "schema": {"type": "integer", "minimum": 0}}})
     if status_codes == "groupserver":
         # [hooks] status_codes = groupserver: refusals are answered 200, as
         # GroupServer answers them (mailhub.web.hooks.GroupHooks.refusal).
@@ -619,7 +644,14 @@ SURFACE_SCHEMAS: dict[str, Any] = {
             "version": {"type": "string"},
             "dependencies": {"type": "object", "additionalProperties": {
                 "type": "object", "required": ["ok", "detail"],
-                "properties": {"ok": {"type": "boolean"}, "detail": {"type": "string"}},
+                "properties": {
+                    "ok": {"type": "boolean"}, "detail": {"type": "string"},
+                    "outbox": {"type": "integer", "minimum": 0,
+                               "description": "amqp, with a broker: publications waiting "
+                                              "to be sent or confirmed"},
+                    "outbox_limit": {"type": "integer", "minimum": 0,
+                                     "description": "amqp, with a broker: [amqp] outbox"},
+                },
             }},
         },
     },
@@ -886,7 +918,7 @@ def openapi_document(extra_paths: dict[str, Any] | None = None,
     """
     paths = hook_paths(status_codes)
     paths.update(extra_paths or {})
-    schemas = dict(HOOK_SCHEMAS, Error=SURFACE_SCHEMAS["Error"])  # the hooks' 413
+    schemas = dict(HOOK_SCHEMAS)
     schemas.update(extra_schemas or {})
     return {
         "openapi": "3.1.0",

@@ -84,6 +84,8 @@ class Operations:
             ok = check.healthy(rows)
             healthy = healthy and ok
             state[check.name] = {"ok": ok, "detail": "; ".join(r.detail for r in rows)}
+            if check.figures is not None:
+                state[check.name].update(check.figures())
         body = {"status": "ok" if healthy else "degraded", "version": __version__,
                 "dependencies": state}
         query = request.uri.partition(b"?")[2]

@@ -79,21 +79,26 @@ class LimitedRequest(Request):
         if getattr(self.channel, "reserved", False) and self.path not in HEALTH_PATHS:
             # Accepted on a connection kept for health checks: the site is full.
             self.channel.site.dropped("reserve")  # type: ignore[attr-defined]
-            self.setResponseCode(503)
-            self.setHeader(b"content-type", b"application/json; charset=utf-8")
-            self.setHeader(b"retry-after", b"1")
-            self.setHeader(b"connection", b"close")
-            self.write(json_bytes({"error": "too many connections, try again"}))
-            self.finish()
+            self._refuse(503, "too many connections, try again", {b"retry-after": b"1"})
             return
         if self.too_large:
-            self.setResponseCode(413)
-            self.setHeader(b"content-type", b"application/json; charset=utf-8")
-            self.setHeader(b"connection", b"close")
-            self.write(json_bytes({"error": "request body larger than %d bytes" % self._limit()}))
-            self.finish()
+            self._refuse(413, "request body larger than %d bytes" % self._limit())
             return
         super().process()
+
+    def _refuse(self, status: int, message: str,
+                headers: dict[bytes, bytes] | None = None) -> None:
+        """Answer before any surface sees the request, in the shape of the
+        surface its path belongs to (``Root.shape_errors``), and close."""
+        root = getattr(getattr(self.channel, "site", None), "resource", None)
+        shape = root.error_shape(self.path) if isinstance(root, Root) else site_error_body
+        self.setResponseCode(status)
+        self.setHeader(b"content-type", b"application/json; charset=utf-8")
+        for name, value in (headers or {}).items():
+            self.setHeader(name, value)
+        self.setHeader(b"connection", b"close")
+        self.write(shape(status, message))
+        self.finish()
 
 
 #: Paths answered on the connections kept in reserve for health checks.
@@ -263,14 +268,28 @@ class MailhubSite(Site):
         self._open.set(len(self.connections))
 
 
+#: Makes the JSON body of an error answered by the site itself, from the
+#: HTTP status and the reason.
+ErrorShape = Callable[[int, str], bytes]
+
+
+def site_error_body(status: int, message: str) -> bytes:
+    """The site's own error shape, ``{"error": reason}``."""
+    return json_bytes({"error": message})
+
+
 @implementer(IResource)
 class _NotFound:
     isLeaf = True
 
+    def __init__(self, shape_for: Callable[[bytes], ErrorShape] | None = None) -> None:
+        self._shape_for = shape_for
+
     def render(self, request: Any) -> bytes:
         request.setResponseCode(404)
         request.setHeader(b"content-type", b"application/json; charset=utf-8")
-        return json_bytes({"error": "no such resource: %s" % request.path.decode("utf-8", "replace")})
+        shape = self._shape_for(request.path) if self._shape_for else site_error_body
+        return shape(404, "no such resource: %s" % request.path.decode("utf-8", "replace"))
 
     def getChildWithDefault(self, name: bytes, request: Any) -> "_NotFound":
         return self
@@ -329,7 +348,9 @@ class Root(Resource):
         super().__init__()
         self.routes = dict(routes or {})
         self.mounted: dict[bytes, tuple[list[bytes], IResource]] = {}
-        self.not_found = _NotFound()
+        #: (first-segment prefix, error shape), see :meth:`shape_errors`.
+        self.error_shapes: list[tuple[bytes, ErrorShape]] = []
+        self.not_found = _NotFound(self.error_shape)
         self._clock = clock
         self._requests = metrics.counter(
             "mailhub_http_requests_total", "HTTP requests answered, by route and status",
@@ -351,6 +372,22 @@ class Root(Resource):
         """
         self.dav_root = dav_root
         self.mount(b".well-known", _WellKnown(dav_root, self.not_found))
+
+    def shape_errors(self, prefix: bytes, shape: ErrorShape) -> None:
+        """Answer the site's own errors in ``shape`` for paths whose first
+        segment starts with ``prefix``: the 404 of an unknown path, and the
+        413 and 503 refused before any surface sees the request. So a surface
+        with an error shape of its own (the hooks: ``/gs-*``) keeps it for
+        every error a client of it can meet."""
+        self.error_shapes.append((prefix, shape))
+
+    def error_shape(self, path: bytes) -> ErrorShape:
+        """The error shape for a request path (the site's, unless a surface set one)."""
+        first = path.split(b"?", 1)[0].lstrip(b"/").split(b"/", 1)[0]
+        for prefix, shape in self.error_shapes:
+            if first.startswith(prefix):
+                return shape
+        return site_error_body
 
     def mount(self, segment: bytes, resource: IResource) -> None:
         """Hand requests whose first segment is ``segment`` to ``resource``,
