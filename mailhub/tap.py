@@ -40,6 +40,7 @@ from mailhub.metrics import Metrics
 from mailhub.pubsub.interfaces import IWorkQueue
 from mailhub.pubsub.wiring import PubSub, Resume, make_pubsub
 from mailhub.service import AfterReady, InOrder, Listening, StartupLog
+from mailhub.shared_throttle import ThrottleSync
 from mailhub.web.calendar import CalendarCollect
 from mailhub.web.hooks import GroupHooks
 from mailhub.web.mailstore import MailStoreIntegration
@@ -223,6 +224,10 @@ def build(config: Config, listen: str, reactor: Any,
         # Changes made elsewhere reach this instance as they commit (polling stays).
         ChangeListener(database.dialect.dsn, reactor,
                        directory.changed_elsewhere).setServiceParent(ready)
+    # One failure budget for every instance on this database (the table
+    # exists once migrated, so it starts with the directory).
+    ThrottleSync(auth.throttle, database.store, reactor,
+                 interval=config.database.throttle_sync).setServiceParent(ready)
     OnStop(*stops).setServiceParent(ready)
     for service in later:
         service.setServiceParent(ready)
