@@ -38,6 +38,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from mailhub.auth import Throttle
+from mailhub.metrics import Metrics
 
 Row = tuple[str, str, int, bool]
 
@@ -70,7 +71,8 @@ class ThrottleSync(Service):
 
     def __init__(self, throttle: Throttle, store: ThrottleStore, clock: IReactorTime,
                  interval: float = 1.0, max_rows: int = 10_000,
-                 prune_every: float = 60.0, instance: str | None = None) -> None:
+                 prune_every: float = 60.0, instance: str | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.throttle = throttle
         self.store = store
         self.clock = clock
@@ -92,6 +94,13 @@ class ThrottleSync(Service):
         #: Rows written and rows applied from other instances (tests, metrics).
         self.written = 0
         self.applied = 0
+        self._rows: Any = None
+        if metrics is not None:
+            self._rows = metrics.counter(
+                "mailhub_throttle_shared_rows_total",
+                "Failure-throttle rows shared with the other instances on the database "
+                "(direction: written, applied, dropped: left out of a full batch)",
+                ["direction"])
 
     # -- the local throttle's outcomes ---------------------------------------------
 
@@ -104,6 +113,8 @@ class ThrottleSync(Service):
             return
         if len(self._pending) >= self.max_rows:
             self.dropped += 1
+            if self._rows is not None:
+                self._rows.labels("dropped").inc()
             return
         row = [login, client, 0 if succeeded else 1, succeeded]
         self._pending.append(row)
@@ -153,6 +164,8 @@ class ThrottleSync(Service):
                 await self.store.record_throttle(
                     self.instance, now, [(r[0], r[1], r[2], r[3]) for r in rows])
                 self.written += len(rows)
+                if self._rows is not None:
+                    self._rows.labels("written").inc(len(rows))
             seq, remote = await self.store.throttle_since(
                 self._seq, self.instance, now - self.throttle.forget_after)
             if now >= self._next_prune:
@@ -177,6 +190,8 @@ class ThrottleSync(Service):
         for login, client, failures, succeeded in remote:
             self.throttle.shared(login, client, failures, succeeded)
         self.applied += len(remote)
+        if self._rows is not None and remote:
+            self._rows.labels("applied").inc(len(remote))
 
 
 __all__ = ["ThrottleStore", "ThrottleSync"]

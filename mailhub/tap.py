@@ -227,7 +227,8 @@ def build(config: Config, listen: str, reactor: Any,
     # One failure budget for every instance on this database (the table
     # exists once migrated, so it starts with the directory).
     ThrottleSync(auth.throttle, database.store, reactor,
-                 interval=config.database.throttle_sync).setServiceParent(ready)
+                 interval=config.database.throttle_sync,
+                 metrics=metrics).setServiceParent(ready)
     OnStop(*stops).setServiceParent(ready)
     for service in later:
         service.setServiceParent(ready)
