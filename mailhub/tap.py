@@ -14,7 +14,6 @@ from typing import Any, Callable
 import treq
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -34,6 +33,7 @@ from mailhub.directory.ldap import LDAPService
 from mailhub.directory.listen import ChangeListener
 from mailhub.directory.sql import PostgreSQLDialect, StoreService
 from mailhub.directory.users import ChainedUserSource, HashingService, SiteUserSource
+from mailhub.endpoints import server_endpoint
 from mailhub.errors import ConfigError
 from mailhub.logs import startup_summary
 from mailhub.metrics import Metrics
@@ -121,7 +121,7 @@ def listen_endpoint(reactor: Any, listen: str, source: str = "[mailhub] listen")
     certificate), so their errors are the setting's errors too.
     """
     try:
-        return serverFromString(reactor, listen)
+        return server_endpoint(reactor, listen)
     except OSError as e:
         why = "%s: %s" % (e.strerror, e.filename) if e.filename else (e.strerror or str(e))
         raise ConfigError("%s: bad value %r: %s" % (source, listen, why))
