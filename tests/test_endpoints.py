@@ -54,6 +54,12 @@ class ParsingTests(SynchronousTestCase):
             listen_check(reactor, "tcp:8080:reuseport=maybe").probe()))
         self.assertEqual([row.status for row in rows], [Status.FAIL])
 
+    def test_mailhub_check_before_systemd_passes_the_socket_is_not_a_failure(self) -> None:
+        """mailhub@.service's ExecStartPre runs mailhub check without the socket."""
+        rows = self.successResultOf(Deferred.fromCoroutine(
+            listen_check(reactor, "systemd:domain=INET:index=0").probe()))
+        self.assertEqual([row.status for row in rows], [Status.OK])
+
 
 class Hello(Resource):
     isLeaf = True
