@@ -65,8 +65,20 @@ Waiting
     with no failure on record anywhere, is accepted after one constant-time
     comparison, with no Deferred and no table touched.
 
-The state is per process (N instances allow N times the rate); memory is
-bounded (``max_keys`` entries per table, least recently used dropped first).
+Shared by the instances
+    Every instance on one database shares the failures: each failure (and a
+    success that clears a pair's failures) is written to the database in a
+    batch every ``[database] throttle_sync`` seconds, and every instance
+    reads the others' at the same pace and counts them as its own
+    (:meth:`Throttle.shared`, :mod:`mailhub.shared_throttle`). So an
+    attacker has one budget whichever instance they reach, within a bound
+    of staleness (two intervals, 2 s by default). Successes are not
+    written (a pair's first success after failures is), so the common case
+    costs no database write; the slots reserved by attempts in progress and
+    the trust a success earns an address stay per process.
+
+Memory is bounded (``max_keys`` entries per table, least recently used
+dropped first).
 Time comes from an injected ``IReactorTime``, so tests drive it with ``Clock``.
 
 Klein routes require a checker with :func:`requires`, as Tahoe-LAFS's storage
@@ -223,6 +235,11 @@ class Throttle:
         #: Password checks admitted and not yet over, by client (bounded by
         #: the checks running at once: an entry goes when it reaches 0).
         self._in_flight: dict[str, int] = {}
+        #: Told of each outcome other instances must learn (every failure,
+        #: and a success that cleared a pair's failures), as ``(login key,
+        #: client, succeeded)``: :class:`mailhub.shared_throttle.ThrottleSync`
+        #: writes them to the database. A plain success is never told.
+        self.outcomes: Callable[[str, str, bool], None] | None = None
 
     @staticmethod
     def _login_key(login: str) -> str:
@@ -337,9 +354,14 @@ class Throttle:
         key = (login, client)
         if succeeded:
             if self._pairs:
+                if self.outcomes is not None and self._pairs.get(key, now) is not None:
+                    # Other instances hold this pair's failures too.
+                    self.outcomes(login, client, True)
                 self._pairs.drop(key)
             self._trusted.touch(key, now).last = now
             return
+        if self.outcomes is not None:
+            self.outcomes(login, client, False)
         pair = self._pairs.touch(key, now)
         pair.failures += 1
         pair.last = now
@@ -352,6 +374,39 @@ class Throttle:
         record.last = now
         record.next_slot = max(record.next_slot,
                                now + self._delay(record.failures, self.client_free))
+
+    def shared(self, login: str, client: str, failures: int = 0,
+               succeeded: bool = False) -> None:
+        """Apply what another instance recorded (read from the database).
+
+        ``succeeded``: that instance saw ``login`` succeed from ``client``
+        after failures (the pair is reset and trusted here too); then
+        ``failures`` failed checks. Each remote failure counts as a local
+        one, and moves the pair's and the client's next slot one delay
+        further, as the attempt would have reserved it here: so guesses
+        spread over instances are spaced out as if they had all come to
+        this one.
+        """
+        now = self.clock.seconds()
+        login = self._login_key(login)
+        key = (login, client)
+        if succeeded:
+            self._pairs.drop(key)
+            self._trusted.touch(key, now).last = now
+        # Past 64 the delays are long capped: no need to loop further.
+        for _ in range(min(failures, 64)):
+            pair = self._pairs.touch(key, now)
+            pair.failures += 1
+            pair.last = now
+            pair.next_slot = max(now, pair.next_slot) + self._delay(pair.failures, self.free)
+            record = self._logins.touch(login, now)
+            record.failures += 1
+            record.last = now
+            record = self._clients.touch(client, now)
+            record.failures += 1
+            record.last = now
+            record.next_slot = max(now, record.next_slot) + self._delay(
+                record.failures, self.client_free)
 
     def sizes(self) -> dict[str, int]:
         """Entries per table (for metrics and the tests of the memory bound)."""

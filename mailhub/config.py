@@ -51,6 +51,9 @@ class MailhubSection:
 class DatabaseSection:
     dsn: str = attrs.field(default="", repr=False)  # empty: sqlite:////DATA/mailhub.sqlite
     poll_interval: float = 0.25
+    # Seconds between two exchanges of the failure throttle's records with
+    # the other instances (mailhub.shared_throttle).
+    throttle_sync: float = 1.0
 
 
 @attrs.frozen

@@ -14,7 +14,6 @@ from typing import Any, Callable
 import treq
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -34,12 +33,14 @@ from mailhub.directory.ldap import LDAPService
 from mailhub.directory.listen import ChangeListener
 from mailhub.directory.sql import PostgreSQLDialect, StoreService
 from mailhub.directory.users import ChainedUserSource, HashingService, SiteUserSource
+from mailhub.endpoints import server_endpoint
 from mailhub.errors import ConfigError
 from mailhub.logs import startup_summary
 from mailhub.metrics import Metrics
 from mailhub.pubsub.interfaces import IWorkQueue
 from mailhub.pubsub.wiring import PubSub, Resume, make_pubsub
 from mailhub.service import AfterReady, InOrder, Listening, StartupLog
+from mailhub.shared_throttle import ThrottleSync
 from mailhub.web.calendar import CalendarCollect
 from mailhub.web.hooks import GroupHooks, hook_error_body
 from mailhub.web.mailstore import MailStoreIntegration
@@ -120,7 +121,7 @@ def listen_endpoint(reactor: Any, listen: str, source: str = "[mailhub] listen")
     certificate), so their errors are the setting's errors too.
     """
     try:
-        return serverFromString(reactor, listen)
+        return server_endpoint(reactor, listen)
     except OSError as e:
         why = "%s: %s" % (e.strerror, e.filename) if e.filename else (e.strerror or str(e))
         raise ConfigError("%s: bad value %r: %s" % (source, listen, why))
@@ -226,6 +227,11 @@ def build(config: Config, listen: str, reactor: Any,
         # Changes made elsewhere reach this instance as they commit (polling stays).
         ChangeListener(database.dialect.dsn, reactor,
                        directory.changed_elsewhere).setServiceParent(ready)
+    # One failure budget for every instance on this database (the table
+    # exists once migrated, so it starts with the directory).
+    ThrottleSync(auth.throttle, database.store, reactor,
+                 interval=config.database.throttle_sync,
+                 metrics=metrics).setServiceParent(ready)
     OnStop(*stops).setServiceParent(ready)
     for service in later:
         service.setServiceParent(ready)

@@ -111,6 +111,22 @@ MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (site, name)
         )""",
     ],
+    [
+        # Version 5 (scale-out): the failure throttle shared by the instances.
+        # Each row is one instance's batch for one (login, client): a reset
+        # (a success after failures) and/or failures. Rows older than the
+        # throttle's memory are pruned (mailhub.shared_throttle).
+        """CREATE TABLE throttle_events (
+            seq {serial} PRIMARY KEY,
+            instance TEXT NOT NULL,
+            at {real} NOT NULL,
+            login TEXT NOT NULL,
+            client TEXT NOT NULL,
+            failures INTEGER NOT NULL,
+            succeeded {bool} NOT NULL
+        )""",
+        "CREATE INDEX throttle_events_at ON throttle_events (at)",
+    ],
 ]
 
 
@@ -629,6 +645,47 @@ class SQLStore:
             if removed:
                 tx.changed("profile", profile_id)
             return removed
+        return self._write(work)
+
+    # -- the shared failure throttle ------------------------------------------------
+
+    def record_throttle(self, instance: str, at: float,
+                        rows: Sequence[tuple[str, str, int, bool]]) -> "Deferred[None]":
+        """Write one instance's batch of throttle outcomes: ``(login, client,
+        failures, succeeded)`` rows, in order. Writers are serialised like
+        the change log's, so a reader that has seen number N has seen every
+        row before it."""
+        def work(tx: _Transaction) -> None:
+            for login, client, failures, succeeded in rows:
+                tx.execute("INSERT INTO throttle_events (instance, at, login, client, "
+                           "failures, succeeded) VALUES (?, ?, ?, ?, ?, ?)",
+                           (instance, at, login, client, failures, succeeded))
+        return self._write(work)
+
+    def throttle_since(self, seq: int, instance: str, not_before: float, limit: int = 10_000
+                       ) -> "Deferred[tuple[int, list[tuple[str, str, int, bool]]]]":
+        """Other instances' rows after number ``seq`` and not older than
+        ``not_before``, oldest first, at most ``limit``; with the number to
+        ask from next time."""
+        def work(tx: _Transaction) -> tuple[int, list[tuple[str, str, int, bool]]]:
+            rows = tx.all("SELECT seq, instance, at, login, client, failures, succeeded "
+                          "FROM throttle_events WHERE seq > ? ORDER BY seq LIMIT ?",
+                          (seq, limit))
+            last = int(rows[-1][0]) if rows else seq
+            return last, [(r[3], r[4], int(r[5]), bool(r[6])) for r in rows
+                          if r[1] != instance and float(r[2]) >= not_before]
+        return self._read(work)
+
+    def prune_throttle(self, before: float) -> "Deferred[int]":
+        """Forget throttle rows older than ``before``; how many went.
+
+        The newest row always stays, so numbers never go back (SQLite would
+        give a number again once every row above it is gone).
+        """
+        def work(tx: _Transaction) -> int:
+            return int(tx.execute(
+                "DELETE FROM throttle_events WHERE at < ? AND seq < "
+                "(SELECT MAX(seq) FROM throttle_events)", (before,)).rowcount)
         return self._write(work)
 
     # -- change log -----------------------------------------------------------
