@@ -20,6 +20,7 @@ tests (a failure under ``CI=true``, see :mod:`tests.support.ci`).
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -80,17 +81,26 @@ class Node:
         })
         return env
 
-    def prepare(self) -> None:
-        """Write the node's folders and configuration."""
+    def prepare(self, join: str | None = None) -> None:
+        """Write the node's folders and configuration; ``join``: the node
+        it joins as it boots (classic peer discovery)."""
         for sub in ("mnesia", "log"):
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
-        (self.folder / "rabbitmq.conf").write_text(
-            "listeners.tcp.1 = %s:%d\n"
-            "log.console = false\n"
-            "log.file.level = info\n"
-            # The tests fill a queue with 10,000 small messages at once.
-            "vm_memory_high_watermark.relative = 0.8\n"
-            "disk_free_limit.absolute = 50MB\n" % (HOST, self.port))
+        conf = ("listeners.tcp.1 = %s:%d\n"
+                "log.console = false\n"
+                "log.file.level = info\n"
+                "vm_memory_high_watermark.relative = 0.8\n"
+                "disk_free_limit.absolute = 50MB\n" % (HOST, self.port))
+        if join is not None:
+            # Booted at the same time as ``join``: wait for it (up to a
+            # minute) rather than form a cluster of one.
+            conf += ("cluster_formation.peer_discovery_backend = classic_config\n"
+                     "cluster_formation.classic_config.nodes.1 = %s\n"
+                     "cluster_formation.randomized_startup_delay_range.min = 0\n"
+                     "cluster_formation.randomized_startup_delay_range.max = 1\n"
+                     "cluster_formation.discovery_retry_limit = 240\n"
+                     "cluster_formation.discovery_retry_interval = 250\n" % join)
+        (self.folder / "rabbitmq.conf").write_text(conf)
         (self.folder / "advanced.config").write_text("[].\n")
         (self.folder / "enabled_plugins").write_text("[].\n")
 
@@ -184,19 +194,29 @@ class Cluster:
         cookie.write_text(self.cookie)
         cookie.chmod(0o400)
         (self.folder / "rabbitmq-env.conf").write_text("")
+        first = self.nodes[0]
         for node in self.nodes:
-            node.prepare()
+            node.prepare(join=None if node is first else first.name)
             node.start()
         for node in self.nodes:
             node.await_startup()
         self.phases["boot"] = time.monotonic() - begun
-        first = self.nodes[0]
+        # Peer discovery should have clustered them; a node that booted
+        # alone all the same joins the classic way.
+        running = self.running_in_cluster()
+        self.phases["check"] = time.monotonic() - begun
         for node in self.nodes[1:]:
-            for command in (["stop_app"], ["join_cluster", first.name], ["start_app"]):
-                began = time.monotonic()
-                node.ctl(*command)
-                self.phases["%s %s" % (command[0], node.name)] = time.monotonic() - began
+            if node.name not in running:
+                for command in (["stop_app"], ["join_cluster", first.name], ["start_app"]):
+                    began = time.monotonic()
+                    node.ctl(*command)
+                    self.phases["%s %s" % (command[0], node.name)] = time.monotonic() - began
         self.started_in = time.monotonic() - begun
+
+    def running_in_cluster(self) -> set[str]:
+        """The names of the nodes node 1 sees running in its cluster."""
+        out = self.nodes[0].ctl("cluster_status", "--formatter", "json")
+        return set(json.loads(out[out.index("{"):])["running_nodes"])
 
     def restart(self, node: Node) -> None:
         """Boot a killed node again and wait until it is back in the cluster."""
