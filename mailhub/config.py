@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import configparser
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import unquote, urlsplit
@@ -147,6 +148,7 @@ class CollectorSection:
     queue: str = "collector:email"
     dead_letter: str = "collector:email:dead"
     routing_key: str = ""  # used when the queue's exchange exists as a direct one
+    queue_type: str = "classic"  # quorum: replicated on a RabbitMQ cluster's nodes
     retry_initial: float = 1.0
     retry_max: float = 300.0
     cache_ttl: float = 600.0  # seconds a known-address answer is trusted
@@ -331,8 +333,11 @@ def _check(section: str, key: str, value: Any) -> None:
         if scheme == "sqlite":
             _sqlite_folder_exists(value)
     if section == "amqp" and key == "url" and value:
-        if urlsplit(value).scheme not in ("amqp", "amqps"):
-            raise ValueError("expected amqp://user:password@host:port/vhost")
+        # Several nodes of one cluster: separated by commas and/or spaces.
+        for url in re.split(r"[,\s]+", value.strip()):
+            if url and urlsplit(url).scheme not in ("amqp", "amqps"):
+                raise ValueError("expected amqp://user:password@host:port/vhost URLs "
+                                 "(several separated by commas), not %r" % redact(url))
     if section == "carddav" and key == "url" and value != "embedded":
         if urlsplit(value).scheme not in ("http", "https"):
             raise ValueError('expected "embedded" or an http(s) URL')
@@ -346,6 +351,8 @@ def _check(section: str, key: str, value: Any) -> None:
         raise ValueError("must start with /")
     if section == "hooks" and key == "status_codes" and value not in STATUS_CODES:
         raise ValueError("expected %s, not %r" % (" or ".join(STATUS_CODES), value))
+    if section == "collector" and key == "queue_type" and value not in ("classic", "quorum"):
+        raise ValueError("expected classic or quorum")
     if section == "collector" and key == "calendar" and value not in ("organizer", "all"):
         raise ValueError("expected organizer or all")
     if section == "collector" and key == "esn_id_profile" and value not in ("", "nickname"):

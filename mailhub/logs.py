@@ -179,7 +179,9 @@ def startup_summary(config: Any, listen: str) -> dict[str, str]:
         "listen": redact_url(listen) if "://" in listen else _redact_endpoint(listen),
         "data": str(config.data_dir.absolute()),
         "database": redact_url(config.dsn),
-        "broker": redact_url(config.amqp.url) if config.amqp.url else "none (local pubsub)",
+        # Several nodes of a cluster: each URL's password hidden.
+        "broker": " ".join(redact_url(u) for u in re.split(r"[,\s]+", config.amqp.url)
+                           if u) or "none (local pubsub)",
         "carddav": carddav,
         "ldap": " ".join(redact_url(u) for u in config.ldap.url.split()) or "none",
         "config": config.path or "none (built-in defaults)",

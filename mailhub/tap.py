@@ -296,7 +296,8 @@ def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, rea
     queue = pubsub.work_queue(collector.queue, dead_letter=collector.dead_letter,
                               retry_initial=collector.retry_initial,
                               retry_max=collector.retry_max, spool="collector-spool",
-                              routing_key=collector.routing_key)
+                              routing_key=collector.routing_key,
+                              queue_type=collector.queue_type)
     queue.consume(engine.handle)
     stops.append(queue.stop)
     MailSource(pubsub.hub, queue, collector.sent_folders, metrics).start()

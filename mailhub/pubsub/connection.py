@@ -30,6 +30,7 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, DeferredLock, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
@@ -111,11 +112,82 @@ class BrokerAddress:
                    password=unquote(parts.password or "guest"),
                    vhost=vhost, tls=tls)
 
+    @property
+    def where(self) -> str:
+        """``host:port``, for the log and ``/healthz``."""
+        return "%s:%d" % (self.host, self.port)
+
     def endpoint(self, reactor: Any, timeout: float = 30) -> Any:
         tcp = HostnameEndpoint(reactor, self.host, self.port, timeout=timeout)
         if self.tls:
             return wrapClientTLS(optionsForClientTLS(self.host), tcp)
         return tcp
+
+
+def parse_urls(value: str) -> list[BrokerAddress]:
+    """The nodes of ``[amqp] url``: one URL, or several separated by commas
+    and/or white space (the nodes of one RabbitMQ cluster, tried in turn)."""
+    urls = [url for url in re.split(r"[,\s]+", value.strip()) if url]
+    if not urls:
+        raise ConfigError("[amqp] url: expected amqp://user:password@host:port/vhost")
+    return [BrokerAddress.from_url(url) for url in urls]
+
+
+@implementer(IStreamClientEndpoint)
+class FailoverEndpoint:
+    """Connects to the first node of a cluster that answers.
+
+    Each attempt starts with the :attr:`current` node and goes on to the
+    next ones in the order of ``[amqp] url`` (wrapping round) until one
+    accepts the TCP connection; that node becomes the current one. It fails,
+    naming every node's error, only when none answers (ClientService then
+    waits and tries again). :meth:`advance` makes the next attempt start
+    with the node after the current one: the broker calls it when a
+    connection is lost or refused after TCP, so a node that went down, or
+    that accepts TCP but not mailhub, is not tried first again.
+
+    :attr:`trying` is the node being tried (its virtual host is the one the
+    AMQP client opens; nodes of one cluster share virtual hosts and users
+    anyway).
+    """
+
+    def __init__(self, addresses: list[BrokerAddress], endpoints: list[Any]) -> None:
+        assert addresses and len(addresses) == len(endpoints)
+        self.addresses = addresses
+        self._endpoints = endpoints
+        #: Index of the node tried first.
+        self.current = 0
+        #: The node of the attempt under way (the current one between attempts).
+        self.trying = addresses[0]
+
+    @property
+    def address(self) -> BrokerAddress:
+        """The node connected to, or to be tried first."""
+        return self.addresses[self.current]
+
+    def advance(self) -> None:
+        """Start the next attempt with the next node."""
+        self.current = (self.current + 1) % len(self.addresses)
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        return Deferred.fromCoroutine(self._connect(factory))
+
+    async def _connect(self, factory: Any) -> Any:
+        errors = []
+        first = self.current
+        for step in range(len(self.addresses)):
+            index = (first + step) % len(self.addresses)
+            address = self.addresses[index]
+            self.trying = address
+            try:
+                protocol = await self._endpoints[index].connect(factory)
+            except Exception as e:
+                errors.append("%s: %s" % (address.where, Failure(e).getErrorMessage()))
+                continue
+            self.current = index
+            return protocol
+        self.trying = self.address
+        raise ConnectError(string="; ".join(errors))
 
 
 @implementer(IStreamClientEndpoint)
@@ -196,7 +268,11 @@ class _Client(AMQClient):
 
 
 class _Factory(Factory):
-    def __init__(self, spec: Any, vhost: str, heartbeat: int, clock: Any, name: str) -> None:
+    """Builds the AMQP client; ``vhost`` says the virtual host of the node
+    being connected to."""
+
+    def __init__(self, spec: Any, vhost: Callable[[], str], heartbeat: int, clock: Any,
+                 name: str) -> None:
         self.spec = spec
         self.vhost = vhost
         self.heartbeat = heartbeat
@@ -204,7 +280,7 @@ class _Factory(Factory):
         self.name = name
 
     def buildProtocol(self, addr: Any) -> _Client:
-        return _Client(_Delegate(self.name), vhost=self.vhost, spec=self.spec,
+        return _Client(_Delegate(self.name), vhost=self.vhost(), spec=self.spec,
                        heartbeat=self.heartbeat, clock=self.clock)
 
 
@@ -221,6 +297,19 @@ def _reply_text(error: Any) -> str:
     if code is not None:
         return "%s %s" % (code, text)
     return str(reason)
+
+
+def _explain_queue_type(queue: str, arguments: dict[str, Any], reason: str) -> str:
+    """The broker's refusal of ``queue``'s declaration, with what to do when
+    the queue exists with another type (a queue's type never changes)."""
+    if "'x-queue-type'" not in reason:
+        return reason
+    wanted = arguments.get("x-queue-type") or "classic"
+    return ("%s (the queue exists with another type than %s, and a queue's type cannot "
+            "change: set [collector] queue_type to the existing queue's type, or stop "
+            "every consumer, move its messages away and delete it (rabbitmqctl "
+            "delete_queue %s), and mailhub declares it again as %s)"
+            % (reason, wanted, queue, wanted))
 
 
 class Refusals:
@@ -333,19 +422,23 @@ class Session:
         self.refusable(self._control)
 
     async def _on_control(self, call: Callable[[Any], Awaitable[Any]], what: str,
-                          record: bool = True) -> Any:
+                          record: bool = True,
+                          explain: Callable[[str], str] | None = None) -> Any:
         """Run one declaration on the control channel; a refusal closes only it.
 
         ``what`` names the declared thing for the log and ``/healthz``
         (``exchange 'collector:email'``); a refusal is recorded in
         :attr:`refusals` (unless ``record`` is false) and raised as
         :class:`Refused`, a success clears an earlier refusal of it.
+        ``explain`` turns the broker's reason into the words recorded (what
+        the operator can do about it).
         """
         return await self._control_lock.run(
-            lambda: Deferred.fromCoroutine(self._run_on_control(call, what, record)))
+            lambda: Deferred.fromCoroutine(self._run_on_control(call, what, record, explain)))
 
     async def _run_on_control(self, call: Callable[[Any], Awaitable[Any]], what: str,
-                              record: bool) -> Any:
+                              record: bool,
+                              explain: Callable[[str], str] | None = None) -> Any:
         if self._control is None or self._control.closed:
             self._control = await self.open_channel()
             self.refusable(self._control)
@@ -356,6 +449,8 @@ class Session:
             self.forget_channel(channel)
             self._control = None
             reason = _reply_text(e)
+            if explain is not None:
+                reason = explain(reason)
             if record:
                 self.refusals.refused(what, reason)
             raise Refused("%s: %s" % (what, reason))
@@ -392,10 +487,16 @@ class Session:
     async def declare_queue(self, name: str, arguments: dict[str, Any] | None = None) -> None:
         """A durable, non-exclusive queue, not auto-delete: with no
         ``arguments``, exactly as OpenPaaS declares ``collector:email``
-        (amqplib's ``assertQueue(name)``)."""
+        (amqplib's ``assertQueue(name)``).
+
+        ``arguments`` may name the queue's type (``x-queue-type``); a queue
+        that exists with another type is refused (``406 PRECONDITION_FAILED
+        - inequivalent arg 'x-queue-type'``), and the refusal says what to do.
+        """
         await self._on_control(lambda ch: ch.queue_declare(
             queue=name, durable=True, exclusive=False, auto_delete=False,
-            arguments=arguments or {}), "queue %r" % name)
+            arguments=arguments or {}), "queue %r" % name,
+            explain=lambda reason: _explain_queue_type(name, arguments or {}, reason))
 
     async def bind_queue(self, queue: str, exchange: str, routing_key: str = "") -> None:
         """Bind ``queue`` to ``exchange`` with ``routing_key``."""
@@ -426,7 +527,7 @@ class Session:
             else:
                 await self.declare_exchange(route.exchange)
         if route.queue:
-            await self.declare_queue(route.queue)
+            await self.declare_queue(route.queue, dict(route.queue_arguments))
             if route.exchange:
                 await self.bind_queue(route.queue, route.exchange, key)
 
@@ -509,7 +610,8 @@ class Broker(Service):
                  retry_policy: Callable[[int], float] | None = None) -> None:
         self.setName("amqp")
         self.reactor = reactor
-        self.address = BrokerAddress.from_url(url)
+        #: The nodes of ``[amqp] url``, tried in turn (see :class:`FailoverEndpoint`).
+        self.addresses = parse_urls(url)
         self.spec = load_spec(spec)
         self.prefetch = prefetch
         self.metrics = metrics or Metrics()
@@ -534,12 +636,19 @@ class Broker(Service):
         #: for the health checks (mailhub.checks).
         self.last_error: str | None = None
         self._settling: list[Deferred[None]] = []
-        self._factory = _Factory(self.spec, self.address.vhost, heartbeat, reactor,
-                                 self.connection_name)
+        self._endpoint = FailoverEndpoint(
+            self.addresses, [address.endpoint(reactor) for address in self.addresses])
+        self._factory = _Factory(self.spec, lambda: self._endpoint.trying.vhost, heartbeat,
+                                 reactor, self.connection_name)
         self._service = ClientService(
-            _Watched(self.address.endpoint(reactor), self._connect_failed), self._factory,
+            _Watched(self._endpoint, self._connect_failed), self._factory,
             retryPolicy=self._retry_delay,
             clock=reactor, prepareConnection=self._prepare)
+
+    @property
+    def address(self) -> BrokerAddress:
+        """The node connected to now, or to be tried first."""
+        return self._endpoint.address
 
     @property
     def connected(self) -> bool:
@@ -637,8 +746,11 @@ class Broker(Service):
             d.callback(None)
 
     def _connect_failed(self, failure: Failure) -> None:
-        self._settle("%s:%d: cannot connect: %s" % (
-            self.address.host, self.address.port, failure.getErrorMessage()))
+        if len(self.addresses) == 1:
+            self._settle("%s: cannot connect: %s" % (
+                self.address.where, failure.getErrorMessage()))
+        else:
+            self._settle("cannot connect to any node: %s" % failure.getErrorMessage())
 
     def startService(self) -> None:
         super().startService()
@@ -722,6 +834,8 @@ class Broker(Service):
                           host=self.address.host, port=self.address.port,
                           error=_reply_text(e))
             self._settle(self._refusal(e))
+            # The next attempt starts with the next node of a cluster.
+            self._endpoint.advance()
             # ClientService (Twisted 26) neither closes a connection whose
             # preparation failed nor accepts that connection being lost
             # afterwards. So the preparation never fails: ClientService
@@ -761,13 +875,16 @@ class Broker(Service):
     def _lost(self, session: Session) -> None:
         session.lost = True
         if self.session is session:
+            lost = self.address
+            # The next attempt starts with the next node of a cluster: this
+            # one may be down (and the others have the same queues).
+            self._endpoint.advance()
             self.session = None
             self._connected.set(0)
             self.outbox.detach()
             self.log.warn("AMQP connection to {host}:{port} lost",
-                          host=self.address.host, port=self.address.port)
-            self._settle("%s:%d: the connection was lost; reconnecting"
-                         % (self.address.host, self.address.port))
+                          host=lost.host, port=lost.port)
+            self._settle("%s: the connection was lost; reconnecting" % lost.where)
         for user in list(self._users):
             try:
                 user.disconnected(session)

@@ -328,10 +328,7 @@ class GlobalPubSub:
                       fresh: bool) -> None:
         if fresh:
             subscription.bound = set()
-            # Durable: RabbitMQ 4 deprecates transient queues that are not
-            # exclusive (and will refuse them); x-expires removes it all the same.
-            await session.declare_queue(subscription.queue, arguments={
-                "x-expires": SUBSCRIPTION_EXPIRES, "x-max-length": SUBSCRIPTION_MAX_LENGTH})
+            await self._declare_queue(session, subscription)
         for topic in subscription.topics:
             if topic in subscription.bound:
                 continue
@@ -357,6 +354,34 @@ class GlobalPubSub:
             subscription.consumer = consumer
         subscription.active = True
         subscription.ready()
+
+    async def _declare_queue(self, session: Session, subscription: _Subscription) -> None:
+        """Declare the subscription's queue; on a cluster, a new one when the
+        node holding it is down.
+
+        Durable: RabbitMQ 4 deprecates transient queues that are not
+        exclusive (and will refuse them); ``x-expires`` removes it all the
+        same. A classic queue lives on the node it was declared on: when that
+        node is down, the broker refuses it (``404 NOT_FOUND - home node ...
+        is down or inaccessible``) until the node is back. The subscription
+        then takes a new queue on the node it is connected to now, so its
+        topics keep flowing (what was waiting in the old queue is lost with
+        its node, as it would be with a restart; the old queue expires).
+        """
+        arguments = {"x-expires": SUBSCRIPTION_EXPIRES, "x-max-length": SUBSCRIPTION_MAX_LENGTH}
+        try:
+            await session.declare_queue(subscription.queue, arguments=arguments)
+            return
+        except Refused as e:
+            if "home node" not in str(e):
+                raise
+            old = subscription.queue
+        subscription.queue = _queue_name("+".join(subscription.topics))
+        session.refusals.accepted("queue %r" % old)
+        self.log.warn("the queue {old} of the subscription to {topics} is on a cluster node "
+                      "that is down: subscribing with a new queue, {new}", old=old,
+                      topics=", ".join(subscription.topics), new=subscription.queue)
+        await session.declare_queue(subscription.queue, arguments=arguments)
 
     def _deliver(self, subscription: _Subscription, delivery: Any) -> Deferred[None]:
         """Hand one message to its subscriber, then ack it (failure or not).

@@ -53,6 +53,10 @@ class Route:
     #: Take the exchange as it is when it exists with another type (the
     #: queue is then bound with ``routing_key``): the collector's queue.
     adopt: bool = False
+    #: The queue's declaration arguments, as ``(name, value)`` pairs
+    #: (``x-queue-type``: see ``[collector] queue_type``); none by default,
+    #: as OpenPaaS declares ``collector:email``.
+    queue_arguments: tuple[tuple[str, Any], ...] = ()
 
 
 class Refused(Exception):

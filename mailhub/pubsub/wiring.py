@@ -60,12 +60,16 @@ class PubSub:
 
     def work_queue(self, name: str, dead_letter: str | None = None,
                    retry_initial: float = 1.0, retry_max: float = 300.0,
-                   spool: str | None = None, routing_key: str = "") -> IWorkQueue:
+                   spool: str | None = None, routing_key: str = "",
+                   queue_type: str = "classic") -> IWorkQueue:
         """The work queue ``name``: RabbitMQ's with a broker, else a spool.
 
         On RabbitMQ the exchange ``name`` is taken as it is when it exists
         with another type (a direct exchange: the queue is bound with
         ``routing_key``, the key its publishers use).
+
+        ``queue_type`` (``classic`` or ``quorum``) is the RabbitMQ type of the
+        queue and its dead-letter queue (see :class:`WorkQueue`).
 
         Without a broker the messages live in ``data_dir / spool`` (default:
         the queue's name with ``:`` as ``-``), dead letters in its ``dead/``.
@@ -84,7 +88,7 @@ class PubSub:
                 self.broker.outbox, name, self.reactor, dead_letter=dead_letter,
                 retry_initial=retry_initial, retry_max=retry_max,
                 prefetch=self.broker.prefetch, metrics=self.metrics, broker=self.broker,
-                routing_key=routing_key)
+                routing_key=routing_key, queue_type=queue_type)
         return found
 
     def shared_subscription(self, topic: str, queue: str | None = None,

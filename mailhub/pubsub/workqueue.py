@@ -15,7 +15,11 @@ so each message is handled once. What mailhub adds:
   backoff while the message stays unacked, so it is never dropped. If the
   connection dies meanwhile, the retries stop and the broker redelivers the
   message to whichever consumer is alive;
-- ``basic.qos`` prefetch bounds how many messages one process holds.
+- ``basic.qos`` prefetch bounds how many messages one process holds;
+- ``queue_type="quorum"`` declares the queue and its dead-letter queue as
+  RabbitMQ quorum queues (``x-queue-type``), replicated on the nodes of a
+  cluster, so that they survive the loss of a node; the default declares
+  them with no arguments, as OpenPaaS does.
 
 With ``exchange`` set, the queue is instead a *shared subscription* to a
 global topic: the durable, non-exclusive queue ``name`` is bound with ``''``
@@ -46,10 +50,13 @@ from mailhub.pubsub.interfaces import Handler, IWorkQueue
 from mailhub.pubsub.outbox import Outbox, Route
 from mailhub.pubsub.retry import Outcome, RetryPolicy, attempt, queue_counters
 
+#: The values of ``[collector] queue_type``: RabbitMQ's queue types.
+QUEUE_TYPES = ("classic", "quorum")
+
 REASON_HEADER = "x-mailhub-reason"
 QUEUE_HEADER = "x-mailhub-queue"
 
-__all__ = ["IDelivery", "WorkQueue", "REASON_HEADER", "QUEUE_HEADER"]
+__all__ = ["IDelivery", "WorkQueue", "QUEUE_TYPES", "REASON_HEADER", "QUEUE_HEADER"]
 
 
 def encode_body(data: Any) -> bytes:
@@ -75,8 +82,15 @@ class WorkQueue:
                  dead_letter: str | None = None, retry_initial: float = 1.0,
                  retry_max: float = 300.0, prefetch: int = 16,
                  metrics: Metrics | None = None, broker: Any = None,
-                 exchange: str | None = None, routing_key: str = "") -> None:
+                 exchange: str | None = None, routing_key: str = "",
+                 queue_type: str = "classic") -> None:
+        if queue_type not in QUEUE_TYPES:
+            raise ValueError("queue type %r: expected %s" % (queue_type, " or ".join(QUEUE_TYPES)))
         self.outbox = outbox
+        #: ``classic`` (declared with no arguments, as OpenPaaS declares
+        #: ``collector:email``) or ``quorum`` (the queue and its dead-letter
+        #: queue replicated on the nodes of a RabbitMQ cluster).
+        self.queue_type = queue_type
         self.name = name
         #: The fanout exchange the queue is bound to: its own name for a
         #: point-to-point queue, a topic's for a shared subscription.
@@ -116,13 +130,23 @@ class WorkQueue:
         return self.policy.maximum
 
     @property
+    def queue_arguments(self) -> tuple[tuple[str, Any], ...]:
+        """The queues' declaration arguments: none for classic queues."""
+        if self.queue_type == "classic":
+            return ()
+        return (("x-queue-type", self.queue_type),)
+
+    @property
     def route(self) -> Route:
         """Publish to the exchange; the queue and its binding are declared first."""
-        return Route(self.exchange, self.routing_key, queue=self.name, adopt=self.adopt)
+        return Route(self.exchange, self.routing_key, queue=self.name, adopt=self.adopt,
+                     queue_arguments=self.queue_arguments)
 
     @property
     def dead_route(self) -> Route:
-        return Route("", self.dead_letter, queue=self.dead_letter)
+        """The dead-letter queue, of the same type as the queue."""
+        return Route("", self.dead_letter, queue=self.dead_letter,
+                     queue_arguments=self.queue_arguments)
 
     def publish(self, data: Any) -> Deferred[None]:
         """Publish one message (bytes as they are, anything else as JSON).

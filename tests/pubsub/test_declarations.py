@@ -80,11 +80,12 @@ class InVirtualHost(TestCase):
         return PubSub(Hub(LocalPubSub(), GlobalPubSub(broker)), [broker], broker,
                       reactor, broker.metrics)
 
-    def collector(self, pubsub: PubSub, routing_key: str = "") -> tuple[Any, list[Any]]:
+    def collector(self, pubsub: PubSub, routing_key: str = "",
+                  queue_type: str = "classic") -> tuple[Any, list[Any]]:
         """The collector's work queue, consumed; the list of what it handled."""
         handled: list[Any] = []
         queue = pubsub.work_queue("collector:email", retry_initial=0.05, retry_max=0.2,
-                                  routing_key=routing_key)
+                                  routing_key=routing_key, queue_type=queue_type)
 
         def handle(body: bytes) -> None:
             data = json.loads(body)
@@ -99,6 +100,49 @@ class InVirtualHost(TestCase):
 
 
 class DeclarationTests(InVirtualHost):
+    @inline
+    async def test_quorum_collector_queue_and_dead_letter_queue(self) -> None:
+        pubsub = self.pubsub()
+        queue, handled = self.collector(pubsub, queue_type="quorum")
+        await wait_for(lambda: queue._consumer is not None, what="the collector's consumer")
+        self.peer.publish("collector:email", {"userEmail": "a@example.org", "emails": ["b@x"]})
+        self.peer.publish("collector:email", {"poison": True})
+        await wait_for(lambda: handled, what="the message")
+        self.assertEqual(handled, [{"userEmail": "a@example.org", "emails": ["b@x"]}])
+        # Both queues are quorum queues: a passive look says so through a
+        # declaration with the type (accepted) and without it (refused).
+        for name in ("collector:email", "collector:email:dead"):
+            self.peer.channel.queue_declare(name, durable=True,
+                                            arguments={"x-queue-type": "quorum"})
+        channel = self.peer.connection.channel()
+        error = self.assertRaises(Exception, channel.queue_declare, "collector:email:dead",
+                                  durable=True)
+        self.assertIn("x-queue-type", str(error))
+        await wait_for(lambda: self.peer.channel.queue_declare(
+            "collector:email:dead", passive=True).method.message_count == 1,
+            what="the poison in the quorum dead-letter queue")
+
+    @inline
+    async def test_a_queue_of_the_other_type_is_refused_with_what_to_do(self) -> None:
+        # An OpenPaaS node declared collector:email first, classic (no arguments).
+        self.peer.channel.queue_declare("collector:email", durable=True)
+        pubsub = self.pubsub()
+        queue, handled = self.collector(pubsub, queue_type="quorum")
+        seen: list[Any] = []
+        await pubsub.hub.global_.topic("mail:new").subscribe(seen.append)
+        await wait_for(lambda: "refused" in pubsub.health(), what="the refusal")
+        reason = pubsub.health()["refused"]["queue 'collector:email'"]
+        self.assertIn("406 PRECONDITION_FAILED", reason)
+        self.assertIn("x-queue-type", reason)
+        self.assertIn("set [collector] queue_type to the existing queue's type", reason)
+        self.assertIn("rabbitmqctl delete_queue collector:email", reason)
+        self.assertIsNone(queue._consumer)
+        logged = [e for e in self.logged if e.get("what") == "queue 'collector:email'"]
+        self.assertIn("[collector] queue_type", logged[0]["reason"])
+        # Topics still work.
+        self.peer.publish("mail:new", {"user": "a@example.org"})
+        await wait_for(lambda: seen, what="a topic's message")
+
     @inline
     async def test_a_direct_collector_exchange_is_adopted_and_the_rest_works(self) -> None:
         # James' AmqpForwardAttribute got there first, with its default type.

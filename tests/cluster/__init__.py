@@ -1,0 +1,1 @@
+"""Tests against a three-node RabbitMQ cluster of their own (tests.support.rabbit_cluster)."""
