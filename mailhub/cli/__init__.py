@@ -9,7 +9,7 @@ SQLite), and reads the tokens from the database when a caller's token does
 not match one it holds.
 
 One module per verb: :mod:`~mailhub.cli.token`, :mod:`~mailhub.cli.groups`,
-:mod:`~mailhub.cli.users` and :mod:`~mailhub.cli.check`; this one holds the
+:mod:`~mailhub.cli.users`, :mod:`~mailhub.cli.dead` and :mod:`~mailhub.cli.check`; this one holds the
 parser and :func:`main`, the console script's entry point. The admin verbs
 are synchronous: they run the directory store inline on this thread (no
 reactor, no thread pool), migrating the schema first so that they work on a
@@ -32,6 +32,7 @@ from typing import Any, Callable, NoReturn, Sequence, TextIO, cast
 from mailhub import config as configuration
 from mailhub.checks import first_line
 from mailhub.cli.check import check
+from mailhub.cli import dead
 from mailhub.cli.common import BAD, IO, OK, UNREACHABLE, Exit, database_errors
 from mailhub.cli.groups import group_add, group_list, group_remove
 from mailhub.cli.token import (
@@ -95,7 +96,8 @@ def parser(out: TextIO | None = None) -> argparse.ArgumentParser:
              "SQLite under ./mailhub-data)")
 
     top = kind(prog="mailhub", parents=[config_option],
-                  description="Manage a mailhub site: token, groups, users; check its set-up.")
+                  description="Manage a mailhub site: token, groups, users, dead letters; "
+                                  "check its set-up.")
     verbs = top.add_subparsers(dest="verb", metavar="VERB", parser_class=kind)
     verbs.required = True
 
@@ -155,6 +157,8 @@ def parser(out: TextIO | None = None) -> argparse.ArgumentParser:
     passwd.add_argument("user", metavar="EMAIL", help="an address of the user (or the id)")
     remove = action(user, "remove", user_remove, "delete a user")
     remove.add_argument("user", metavar="ID_OR_EMAIL")
+
+    dead.add_arguments(verbs, config_option, kind)
 
     checker = verbs.add_parser("check", parents=[config_option],
                                help="reach every configured dependency and print a table",

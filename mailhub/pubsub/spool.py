@@ -202,6 +202,31 @@ class SpoolQueue:
         self._take_backlog()
         return len(found)
 
+    def take_up(self, found: list[tuple[str, bytes]]) -> int:
+        """Take up messages put in the spool by another process; how many were new.
+
+        ``mailhub dead replay`` moves a dead letter back into the spool while
+        the server runs; :class:`~mailhub.pubsub.deadletters.DeadLetterWatch`
+        reads such files in its thread and hands them here. A message this
+        queue holds already, or that is gone (collected since it was read),
+        is skipped, so none is handled twice.
+        """
+        if self._sleeps.stopped:
+            return 0
+        waiting = {name for name, _ in self._backlog} | self._names
+        new = [(name, body) for name, body in found if name not in waiting
+               and (self.spool.folder / (name + ".msg")).exists()]
+        self._backlog.extend(new)
+        if new:
+            self.log.info("taking up {count} replayed dead letters in {queue}'s spool",
+                          count=len(new), queue=self.name)
+        self._take_backlog()
+        return len(new)
+
+    def dead_counted(self, count: int) -> None:
+        """The dead letters counted on disk (they change under ``mailhub dead``)."""
+        self._dead = count
+
     def stop(self) -> None:
         """Cancel waiting retries (at shutdown); their messages stay in the spool.
 

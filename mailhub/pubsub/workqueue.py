@@ -9,8 +9,10 @@ so each message is handled once. What mailhub adds:
 - a message is acked only after its handler succeeded;
 - a handler that raises :class:`~mailhub.errors.ValidationError` (the message
   can never succeed) sends the message, properties kept, to a durable
-  dead-letter queue with the reason in the ``x-mailhub-reason`` header, and
-  only then acks the original;
+  dead-letter queue with the reason in the ``x-mailhub-reason`` header (and
+  an id and the time in ``x-mailhub-dead-id`` and ``x-mailhub-dead-at``, for
+  ``mailhub dead``: :mod:`mailhub.pubsub.deadletters`), and only then acks
+  the original;
 - any other failure is transient: the handler is tried again with exponential
   backoff while the message stays unacked, so it is never dropped. If the
   connection dies meanwhile, the retries stop and the broker redelivers the
@@ -33,6 +35,7 @@ them, with the same ack, retry and dead-letter rules.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -55,8 +58,11 @@ QUEUE_TYPES = ("classic", "quorum")
 
 REASON_HEADER = "x-mailhub-reason"
 QUEUE_HEADER = "x-mailhub-queue"
+ID_HEADER = "x-mailhub-dead-id"
+AT_HEADER = "x-mailhub-dead-at"
 
-__all__ = ["IDelivery", "WorkQueue", "QUEUE_TYPES", "REASON_HEADER", "QUEUE_HEADER"]
+__all__ = ["IDelivery", "WorkQueue", "QUEUE_TYPES", "REASON_HEADER", "QUEUE_HEADER",
+           "ID_HEADER", "AT_HEADER"]
 
 
 def encode_body(data: Any) -> bytes:
@@ -268,6 +274,11 @@ class WorkQueue:
         headers = dict(properties.get("headers") or {})
         headers[REASON_HEADER] = reason
         headers[QUEUE_HEADER] = self.name
+        # What `mailhub dead` names and dates the letter by (a queue's
+        # messages have no address of their own); a new one each time the
+        # message dies.
+        headers[ID_HEADER] = uuid.uuid4().hex[:12]
+        headers[AT_HEADER] = int(self.clock.seconds())
         properties["headers"] = headers
         properties["delivery-mode"] = 2
         delay = self.policy.initial

@@ -11,7 +11,9 @@ from zope.interface.verify import verifyObject
 
 from mailhub.errors import ValidationError
 from mailhub.pubsub.outbox import Route
-from mailhub.pubsub.workqueue import REASON_HEADER, IDelivery, WorkQueue
+from mailhub.pubsub.workqueue import (
+    AT_HEADER, ID_HEADER, REASON_HEADER, IDelivery, WorkQueue,
+)
 
 from tests.pubsub.fakes import FakeBroker, FakeChannel, FakeDelivery
 
@@ -87,13 +89,18 @@ class WorkQueueTests(SynchronousTestCase):
             raise ValidationError(["no user", "no emails"])
 
         self.queue.consume(handler)
+        self.clock.advance(1700000000)
         delivery = FakeDelivery(b"{}", {"content-type": "application/json",
                                         "headers": {"origin": "james"}, "message-id": "m1"})
         d = self.queue.handle(delivery)
         route, body, properties = self.channel.published[0]
         self.assertEqual(route, Route("", "collector:email:dead", queue="collector:email:dead"))
         self.assertEqual(body, b"{}")
-        self.assertEqual(properties["headers"],
+        # The id `mailhub dead` names the letter by, and when it died.
+        headers = dict(properties["headers"])
+        self.assertRegex(headers.pop(ID_HEADER), "^[0-9a-f]{12}$")
+        self.assertEqual(headers.pop(AT_HEADER), 1700000000)
+        self.assertEqual(headers,
                          {"origin": "james", REASON_HEADER: "no user; no emails",
                           "x-mailhub-queue": "collector:email"})
         self.assertEqual(properties["content-type"], "application/json")
