@@ -145,15 +145,21 @@ class _Confirms:
         return d
 
 
+def _constant(value: str) -> Callable[[], str]:
+    """A function that answers ``value`` (the AMQP factory asks for its vhost)."""
+    return lambda: value
+
+
 class BrokerDeadLetters:
     """The dead-letter queue on RabbitMQ, read and changed as the module says."""
 
     def __init__(self, reactor: Any, url: str, spec: str, dead_queue: str, work_queue: str,
                  timeout: float = 30.0) -> None:
-        from mailhub.pubsub.connection import BrokerAddress, load_spec
+        from mailhub.pubsub.connection import load_spec, parse_urls
 
         self.reactor = reactor
-        self.address = BrokerAddress.from_url(url)
+        #: The nodes of ``[amqp] url``, tried in turn (one cluster's nodes).
+        self.addresses = parse_urls(url)
         self.spec = load_spec(spec)
         self.dead_queue = dead_queue
         self.work_queue = work_queue
@@ -170,16 +176,24 @@ class BrokerDeadLetters:
         """Connect, log in, open the reading channel and the confirm-mode one."""
         from mailhub.pubsub.connection import _Factory
 
-        factory = _Factory(self.spec, self.address.vhost, 0, self.reactor, "mailhub dead")
-        endpoint = self.address.endpoint(self.reactor, timeout=self.timeout)
-        try:
-            self.client = await endpoint.connect(factory)
-            await self.client.authenticate(self.address.username, self.address.password,
-                                           mechanism="PLAIN").addTimeout(self.timeout,
-                                                                         self.reactor)
-        except Exception as e:
-            raise Exit(UNREACHABLE, "cannot reach RabbitMQ at %s:%d: %s"
-                       % (self.address.host, self.address.port, _reason(e)))
+        errors = []
+        for address in self.addresses:
+            factory = _Factory(self.spec, _constant(address.vhost), 0, self.reactor,
+                               "mailhub dead")
+            endpoint = address.endpoint(self.reactor, timeout=self.timeout)
+            try:
+                self.client = await endpoint.connect(factory)
+                await self.client.authenticate(address.username, address.password,
+                                               mechanism="PLAIN").addTimeout(self.timeout,
+                                                                             self.reactor)
+                break
+            except Exception as e:
+                errors.append("%s: %s" % (address.where, _reason(e)))
+                if self.client is not None:
+                    self.client.transport.loseConnection()
+                    self.client = None
+        else:
+            raise Exit(UNREACHABLE, "cannot reach RabbitMQ at %s" % "; ".join(errors))
         self.client.attach_session(self._confirms)
         self._get = await self._channel(1)
         self._publish = await self._channel(2)
