@@ -222,7 +222,9 @@ SECTIONS: dict[str, type] = {
 PAIRS = {"mailstore": [("username", "password")], "push": [("username", "password")]}
 
 SECRETS = {("database", "dsn"), ("carddav", "password"), ("ldap", "bind_password"),
-           ("mailstore", "password"), ("push", "password")}
+           ("mailstore", "password"), ("push", "password"),
+           # The broker's URL holds its password, as a DSN does.
+           ("amqp", "url")}
 
 
 def _secret(raw: str, environ: dict[str, str]) -> str:

@@ -95,3 +95,14 @@ def test_the_example_configuration_loads_with_the_example_environment_file() -> 
     assert config.mailstore.password == environment["MAILHUB_MAILSTORE_PASSWORD"]
     assert config.push.password == environment["MAILHUB_PUSH_PASSWORD"]
     assert "PGPASSWORD" in environment
+
+
+def test_no_secret_of_the_example_configuration_sits_in_the_ini_file() -> None:
+    """The broker's password, like the others, comes from mailhub.env (issue 15)."""
+    text = (CONTRIB / "mailhub.ini.example").read_text()
+    assert "change-me" not in text
+    environment = dict(
+        line.split("=", 1) for line in (CONTRIB / "systemd/mailhub.env.example").read_text().splitlines()
+        if line and not line.startswith("#"))
+    config = load(str(CONTRIB / "mailhub.ini.example"), environ=environment)
+    assert config.amqp.url == environment["MAILHUB_AMQP_URL"]

@@ -72,6 +72,12 @@ def test_oversized_body_is_refused_with_json_413(tmp_path: Path) -> None:
         status, body = mailhub.request("POST", "/gs-group-groups.json", b"x" * 10_000_000,
                                        {"Content-Type": "application/x-www-form-urlencoded"})
         assert status == 413
+        # On a hook, in the hooks' one error shape (doc/hooks.rst, issue 15)...
+        assert body == {"status": 100, "message": ["request body larger than 1024 bytes"]}
+        # ...elsewhere in the site's.
+        status, body = mailhub.request("POST", "/mailstore", b"x" * 10_000_000,
+                                       {"Content-Type": "application/x-www-form-urlencoded"})
+        assert status == 413
         assert body == {"error": "request body larger than 1024 bytes"}
 
 

@@ -721,10 +721,13 @@ class OpenAPITests(SynchronousTestCase):
         doc = openapi_document(extra, {"Extra": {"type": "object"}})
         self.assertEqual(doc["openapi"], "3.1.0")
         self.assertEqual(set(doc["paths"]), set(HOOKS) | set(extra))
-        for path in HOOKS:
+        for path, spec in HOOKS.items():
+            # The lists answer 503 while the directory loads (issue 15: documented).
+            loading = {"503"} if spec.path in ("/gs-group-groups.json",
+                                               "/gs-site-member-list.json") else set()
             for method in ("get", "post"):
                 responses = doc["paths"][path][method]["responses"]
-                self.assertEqual(set(responses), {"200", "400", "403", "413"})
+                self.assertEqual(set(responses), {"200", "400", "403", "413"} | loading)
         form = doc["paths"]["/gs-search-people.json"]["post"]["requestBody"]["content"]
         self.assertEqual(set(form["application/x-www-form-urlencoded"]["schema"]["properties"]),
                          {"token", "user", "search"})

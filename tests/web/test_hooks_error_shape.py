@@ -111,3 +111,55 @@ def test_the_openapi_document_names_the_shape_of_each_error(site: Any) -> None:
                 assert "HookError" in schema or status in ("400", "403", "413"), schema
     assert schemas["GroupServerError"]["properties"]["status"] == {"type": "integer",
                                                                    "const": 100}
+
+
+class TestSiteRefusalShape:
+    """What the site refuses before any surface sees it (a body too large, a
+    request on a connection kept for health checks) is in the hooks' shape on
+    ``/gs-*`` paths and in the site's elsewhere (``Root.shape_errors``)."""
+
+    def site(self) -> Any:
+        from twisted.internet.task import Clock
+
+        from mailhub.metrics import Metrics
+        from mailhub.web.hooks import hook_error_body
+        from mailhub.web.site import MailhubSite, Root
+
+        clock = Clock()
+        root = Root(Metrics())
+        root.shape_errors(b"gs-", hook_error_body)
+        return MailhubSite(root, 64, max_connections=3, health_reserve=1, header_timeout=5,
+                           metrics=Metrics(), reactor=clock)
+
+    def answer(self, site: Any, data: bytes) -> tuple[bytes, Any]:
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4321))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(data)
+        # HTTP/1.0 requests: the body is sent as it is, not chunked.
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        return head, json.loads(body) if body else None
+
+    def test_a_body_over_the_limit(self) -> None:
+        site = self.site()
+        big = b"x" * 100
+        for path, expected in ((b"/gs-search-people.json", {"status": 100, "message": [
+                                   "request body larger than 64 bytes"]}),
+                               (b"/mailstore", {"error": "request body larger than 64 bytes"})):
+            head, body = self.answer(site, b"POST %s HTTP/1.0\r\nHost: x\r\nContent-Length: "
+                                     b"100\r\n\r\n%s" % (path, big))
+            assert head.startswith(b"HTTP/1.0 413"), head
+            assert body == expected, (path, body)
+
+    def test_a_request_on_the_health_reserve(self) -> None:
+        site = self.site()
+        busy = b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n"
+        self.answer(site, busy)
+        self.answer(site, busy)
+        head, body = self.answer(site, b"GET /gs-group-groups.json HTTP/1.0\r\nHost: x\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 503"), head
+        assert body == {"status": 503, "message": ["too many connections, try again"]}, body
+        assert b"Retry-After: 1" in head or b"retry-after: 1" in head.lower(), head
