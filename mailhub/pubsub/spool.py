@@ -217,8 +217,11 @@ class SpoolQueue:
         if self._sleeps.stopped or not self._recovered:
             return 0  # recover() takes them up with the rest
         waiting = {name for name, _ in self._backlog} | self._names
-        new = [(name, body) for name, body in found if name not in waiting
-               and (self.spool.folder / (name + ".msg")).exists()]
+        new = []
+        for name, body in found:
+            if name not in waiting and (self.spool.folder / (name + ".msg")).exists():
+                waiting.add(name)
+                new.append((name, body))
         self._backlog.extend(new)
         if new:
             self.log.info("taking up {count} replayed dead letters in {queue}'s spool",
