@@ -238,3 +238,76 @@ class InterruptedTests(TestCase):
             self.assertEqual(self.queues.count(self.queues.queue), 0)
 
         return await_run.addCallback(check)
+
+
+class ServerTests(TestCase):
+    """Dead letters made by mailhub's own WorkQueue: counted by the server's
+    watch, and a replayed one consumed again by the running queue."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.queues = Queues()
+        self.addCleanup(self.queues.delete)
+        self.addCleanup(lambda: self.queues.channel.exchange_delete(self.queues.queue))
+
+    def test_the_watch_counts_and_a_replay_is_collected(self) -> Deferred[None]:
+        return ensureDeferred(self._scenario())
+
+    async def _scenario(self) -> None:
+        from mailhub.config import load
+        from mailhub.errors import ValidationError
+        from mailhub.metrics import Metrics
+        from mailhub.pubsub.connection import Broker
+        from mailhub.pubsub.deadletters import GAUGE, dead_letter_watch
+        from mailhub.pubsub.workqueue import WorkQueue
+
+        metrics = Metrics()
+        broker = Broker(reactor, URL, DEFAULT_SPEC, heartbeat=5, metrics=metrics,
+                        connection_name=unique("conn"), retry_policy=lambda n: 0.1)
+        broker.startService()
+        self.addCleanup(broker.stopService)
+        queue = WorkQueue(broker.outbox, self.queues.queue, reactor, retry_initial=0.05,
+                          retry_max=0.2, metrics=metrics, broker=broker)
+        self.addCleanup(queue.stop)
+        collected: list[bytes] = []
+        fixed = [False]
+
+        def handle(body: bytes) -> None:
+            if not fixed[0]:
+                raise ValidationError(["unknown user"])
+            collected.append(body)
+
+        queue.consume(handle)
+        await broker.when_connected()
+        for n in range(2):
+            await queue.publish({"userEmail": "u%d@example.org" % n, "emails": ["a@b.org"]})
+
+        async def until(check: Any) -> None:
+            deadline = reactor.seconds() + 20
+            while not check():
+                if reactor.seconds() > deadline:
+                    raise AssertionError("timed out waiting for %r" % check)
+                await deferLater(reactor, 0.05, lambda: None)
+
+        await until(lambda: self.queues.count(self.queues.dead) == 2)
+        watch = dead_letter_watch(load(None), queue, broker, metrics, reactor)
+        await watch.refresh()
+        self.assertEqual(metrics.value(GAUGE), 2)
+
+        fixed[0] = True
+        tool = BrokerDeadLetters(reactor, URL, DEFAULT_SPEC, self.queues.dead, self.queues.queue)
+        await tool.open()
+        try:
+            letters = await tool.read()
+            self.assertEqual([letter.reason for letter in letters], ["unknown user"] * 2)
+            self.assertEqual([letter.summary() for letter in letters],
+                             ["user=u0@example.org addresses=1",
+                              "user=u1@example.org addresses=1"])
+            await tool.replay(letters[1])
+        finally:
+            await tool.close()
+        await until(lambda: len(collected) == 1)
+        self.assertEqual(json.loads(collected[0])["userEmail"], "u1@example.org")
+        await watch.refresh()
+        self.assertEqual(metrics.value(GAUGE), 1)
