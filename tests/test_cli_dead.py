@@ -270,3 +270,38 @@ def test_dead_letter_days_is_read_and_zero_allowed(tmp_path: Path) -> None:
     path.write_text("[collector]\ndead_letter_days = -1\n")
     with pytest.raises(ConfigError):
         load(str(path))
+
+
+def test_a_running_server_counts_its_dead_letters_and_takes_up_a_replay(
+        tmp_path: Path) -> None:
+    """The real ``twistd mailhub`` (no broker): poison left in its spool dies
+    at start, ``/metrics`` counts it, and ``mailhub dead replay`` while it
+    runs is taken up by it (the user is still unknown, so the letter dies
+    again, under its new name)."""
+    from tests.support.metrics import total
+    from tests.support.process import Mailhub
+
+    spool = tmp_path / "data" / "collector-spool"
+    spool.mkdir(parents=True)
+    (spool / "00000000000000000001-1-000000.msg").write_text(
+        '{"userEmail": "nobody@example.com", "emails": ["ann@example.org"]}')
+    config = "[mailhub]\ndata = %s\n" % (tmp_path / "data")
+    letters = SpoolDeadLetters(spool)
+
+    def wait(check: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 90
+        while not check():
+            assert time.monotonic() < deadline, "timed out waiting: " + what
+            time.sleep(0.2)
+
+    with Mailhub(tmp_path, config=config) as server:
+        wait(lambda: letters.count() == 1, "the poison to die")
+        wait(lambda: total(server.get("/metrics")[1], GAUGE) == 1, "the gauge to count it")
+        [first] = list(letters.letters())
+        assert first.reason == "unknown user (userEmail 'nobody@example.com')"
+        code, out, err = run("dead", "replay", first.id, "--config", str(tmp_path / "mailhub.ini"))
+        assert code == 0, err
+        wait(lambda: [letter.id for letter in letters.letters()] not in ([], [first.id]),
+             "the replayed letter to be taken up")
+        [again] = list(letters.letters())
+        assert "-replay-" in again.id and again.body == first.body
