@@ -163,6 +163,7 @@ class CollectorSection:
     exclude_domains: tuple[str, ...] = ()  # domains (and subdomains) never collected
     exclude_lists: bool = True  # never collect the site's groups' addresses
     note: str = "Collected automatically from {source} on {date}."  # NOTE of cards; empty: none
+    dead_letter_days: int = 30  # spool dead letters older than this are deleted; 0: kept
 
 
 #: The values of ``[hooks] status_codes``.
@@ -298,7 +299,8 @@ def _whole_number(raw: str) -> int:
 
 
 #: Whole-number keys for which 0 means "none" (every other one must be positive).
-_ZERO_ALLOWED = frozenset([("collector", "mirror_size"), ("mailhub", "health_reserve")])
+_ZERO_ALLOWED = frozenset([("collector", "mirror_size"), ("mailhub", "health_reserve"),
+                           ("collector", "dead_letter_days")])
 
 
 def _positive_float(raw: str) -> float:

@@ -37,6 +37,7 @@ from mailhub.endpoints import server_endpoint
 from mailhub.errors import ConfigError
 from mailhub.logs import startup_summary
 from mailhub.metrics import Metrics
+from mailhub.pubsub.deadletters import dead_letter_watch
 from mailhub.pubsub.interfaces import IWorkQueue
 from mailhub.pubsub.wiring import PubSub, Resume, make_pubsub
 from mailhub.service import AfterReady, InOrder, Listening, StartupLog
@@ -300,6 +301,8 @@ def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, rea
                               queue_type=collector.queue_type)
     queue.consume(engine.handle)
     stops.append(queue.stop)
+    # Their count for /metrics; the spool's pruned after dead_letter_days.
+    dead_letter_watch(config, queue, pubsub.broker, metrics, reactor).setServiceParent(top)
     MailSource(pubsub.hub, queue, collector.sent_folders, metrics).start()
     calendar_source = CalendarSource(
         queue, functools.partial(pubsub.shared_subscription,

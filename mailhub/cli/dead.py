@@ -224,10 +224,10 @@ class BrokerDeadLetters:
         try:
             reply = await channel.queue_declare(queue=queue, passive=True)
         except ChannelClosed:  # 404: no such queue (the channel is closed with it)
-            return None
-        finally:
             self.client.channels.pop(3, None)
+            return None
         await channel.channel_close(reply_code=200, reply_text="bye", class_id=0, method_id=0)
+        self.client.channels.pop(3, None)
         return int(reply.message_count)
 
     async def read(self, stop: Callable[[DeadLetter], bool] | None = None) -> list[DeadLetter]:

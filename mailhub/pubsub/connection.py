@@ -509,6 +509,13 @@ class Session:
         await self._on_control(lambda ch: ch.queue_delete(queue=name),
                                "deletion of queue %r" % name, record=False)
 
+    async def message_count(self, name: str) -> int:
+        """How many messages the queue ``name`` holds (a passive declare; a
+        missing queue raises Refused without marking the broker unhealthy)."""
+        reply = await self._on_control(lambda ch: ch.queue_declare(queue=name, passive=True),
+                                       "queue %r" % name, record=False)
+        return int(reply.message_count)
+
     async def declare_route(self, route: Route) -> None:
         """Everything a publication on ``route`` needs on the broker.
 

@@ -319,3 +319,33 @@ class DeadLetterWatch(Service):
                     self.count = found
         except Exception:
             self.log.failure("cannot count the collector's dead letters")
+
+
+def dead_letter_watch(config: Any, queue: Any, broker: Any, metrics: Metrics,
+                      reactor: Any) -> DeadLetterWatch:
+    """The watch of the collector's dead letters, for ``queue`` as mailhub.tap built it.
+
+    A :class:`~mailhub.pubsub.spool.SpoolQueue` (no broker): its ``dead/``
+    is counted and pruned after ``[collector] dead_letter_days``, and
+    replayed letters are taken up. A RabbitMQ work queue: the dead-letter
+    queue is counted on ``broker``'s connection, when it is up.
+    """
+    from mailhub.pubsub.spool import SpoolQueue
+
+    days = config.collector.dead_letter_days
+    if isinstance(queue, SpoolQueue):
+        return DeadLetterWatch(reactor, metrics, spool=SpoolDeadLetters(queue.spool.folder),
+                               days=days, rescan=queue.take_up, counted=queue.dead_counted)
+    dead = queue.dead_letter
+
+    async def count() -> int | None:
+        session = broker.session if broker is not None else None
+        if session is None or session.lost:
+            return None  # the last count stands until the broker is back
+        try:
+            return await session.message_count(dead)  # type: ignore[no-any-return]
+        except Exception:
+            return None
+
+    return DeadLetterWatch(reactor, metrics, days=days,
+                           broker_count=lambda: Deferred.fromCoroutine(count()))

@@ -141,6 +141,8 @@ class SpoolQueue:
         #: Messages being handled or waiting for a retry.
         self.held = 0
         self._dead = spool.dead_count()
+        #: Set by :meth:`recover`: until then the spool is not taken up.
+        self._recovered = False
         metrics = metrics or Metrics()
         self._retries = metrics.counter(
             metrics_prefix + "_retries_total", "In-process collector retries (no broker)")
@@ -193,6 +195,7 @@ class SpoolQueue:
         """
         if self._sleeps.stopped:  # started again after a stop
             self._sleeps = Sleeps(self._clock)
+        self._recovered = True
         waiting = {name for name, _ in self._backlog} | self._names
         found = [(name, body) for name, body in self.spool.messages() if name not in waiting]
         self._backlog.extend(found)
@@ -211,11 +214,14 @@ class SpoolQueue:
         queue holds already, or that is gone (collected since it was read),
         is skipped, so none is handled twice.
         """
-        if self._sleeps.stopped:
-            return 0
+        if self._sleeps.stopped or not self._recovered:
+            return 0  # recover() takes them up with the rest
         waiting = {name for name, _ in self._backlog} | self._names
-        new = [(name, body) for name, body in found if name not in waiting
-               and (self.spool.folder / (name + ".msg")).exists()]
+        new = []
+        for name, body in found:
+            if name not in waiting and (self.spool.folder / (name + ".msg")).exists():
+                waiting.add(name)
+                new.append((name, body))
         self._backlog.extend(new)
         if new:
             self.log.info("taking up {count} replayed dead letters in {queue}'s spool",
