@@ -29,6 +29,7 @@ import functools
 import sys
 from typing import Any, Callable, NoReturn, Sequence, TextIO, cast
 
+from mailhub import __version__
 from mailhub import config as configuration
 from mailhub.checks import first_line
 from mailhub.cli.check import check
@@ -96,6 +97,8 @@ def parser(out: TextIO | None = None) -> argparse.ArgumentParser:
 
     top = kind(prog="mailhub", parents=[config_option],
                   description="Manage a mailhub site: token, groups, users; check its set-up.")
+    top.add_argument("--version", action="version", version="mailhub " + __version__,
+                     help="print mailhub's version and exit")
     verbs = top.add_subparsers(dest="verb", metavar="VERB", parser_class=kind)
     verbs.required = True
 
