@@ -182,7 +182,7 @@ def startup_summary(config: Any, listen: str) -> dict[str, str]:
         "broker": redact_url(config.amqp.url) if config.amqp.url else "none (local pubsub)",
         "carddav": carddav,
         "ldap": " ".join(redact_url(u) for u in config.ldap.url.split()) or "none",
-        "config": config.path or "none (built-in defaults)",
+        "config": config.source,
     }
 
 

@@ -28,7 +28,7 @@ from mailhub.collector.embedded import EmbeddedDAV
 from mailhub.collector.engine import CollectorEngine
 from mailhub.collector.rules import esn_ids_of, exclusions_of
 from mailhub.collector.sources import CalendarSource, MailSource
-from mailhub.config import Config, load
+from mailhub.config import Config, discover
 from mailhub.directory.service import Directory
 from mailhub.directory.ldap import LDAPService
 from mailhub.directory.listen import ChangeListener
@@ -56,7 +56,8 @@ class Options(usage.Options):
     longdesc = ("mailhub: contact collector, GroupServer web hooks, ESN pubsub, "
                 "Dovecot push receiver and MailStore integration in one process.")
     optParameters = [
-        ["config", "c", None, "INI configuration file (default: built-in defaults)."],
+        ["config", "c", None, "INI configuration file (default: $MAILHUB_CONFIG, else "
+                              "/etc/mailhub/mailhub.ini if it exists, else built-in defaults)."],
         ["listen", "l", None, "Twisted endpoint to listen on; overrides [mailhub] listen."],
     ]
 
@@ -69,7 +70,7 @@ class Options(usage.Options):
 def load_config(options: usage.Options) -> Config:
     """The Config that the options name, or SystemExit with one clear line."""
     try:
-        return load(options["config"])
+        return discover(options["config"])
     except ConfigError as e:
         raise SystemExit("mailhub: configuration error: %s" % e)
 
