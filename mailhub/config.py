@@ -45,6 +45,12 @@ class MailhubSection:
     max_connections: int = 800
     health_reserve: int = 16
     header_timeout: float = 15.0
+    # Operations endpoints (doc/operations.rst): a listen address of their
+    # own for /metrics and /openapi.json (empty: the main one), and Basic
+    # credentials they require (both empty: none).
+    ops_listen: str = ""
+    ops_user: str = ""
+    ops_password: str = attrs.field(default="", repr=False)
 
 
 @attrs.frozen
@@ -229,10 +235,11 @@ SECTIONS: dict[str, type] = {
 }
 
 #: Keys that are set together or not at all.
-PAIRS = {"mailstore": [("username", "password")], "push": [("username", "password")]}
+PAIRS = {"mailstore": [("username", "password")], "push": [("username", "password")],
+         "mailhub": [("ops_user", "ops_password")]}
 
 SECRETS = {("database", "dsn"), ("carddav", "password"), ("ldap", "bind_password"),
-           ("mailstore", "password"), ("push", "password")}
+           ("mailstore", "password"), ("push", "password"), ("mailhub", "ops_password")}
 
 
 def _secret(raw: str, environ: dict[str, str]) -> str:
