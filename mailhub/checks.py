@@ -145,7 +145,7 @@ def startup_check(started: Callable[[], bool]) -> Check:
     return Check("startup", probe)
 
 
-def listen_check(reactor: Any, listen: str) -> Check:
+def listen_check(reactor: Any, listen: str, name: str = "listen") -> Check:
     """The listen address is a Twisted server endpoint string (nothing is opened)."""
     async def probe() -> Sequence[Row]:
         if listen.lower().startswith("systemd:"):
@@ -155,9 +155,9 @@ def listen_check(reactor: Any, listen: str) -> Check:
         try:
             server_endpoint(reactor, listen)
         except Exception as e:
-            return [Row("listen", Status.FAIL, "%r: %s" % (listen, first_line(e)))]
-        return [Row("listen", Status.OK, listen)]
-    return Check("listen", probe)
+            return [Row(name, Status.FAIL, "%r: %s" % (listen, first_line(e)))]
+        return [Row(name, Status.OK, listen)]
+    return Check(name, probe)
 
 
 def unusable_folder(path: Path) -> str | None:
@@ -345,7 +345,10 @@ def make_checks(config: Config, reactor: Any, *, listen: str, database: StoreSer
     """
     known = dict(unusable or {})
     missing = Row("", Status.FAIL, "not built")
-    checks: list[Check] = [listen_check(reactor, listen), data_check(config)]
+    checks: list[Check] = [listen_check(reactor, listen)]
+    if config.mailhub.ops_listen:
+        checks.append(listen_check(reactor, config.mailhub.ops_listen, "ops listen"))
+    checks.append(data_check(config))
     checks.append(database_check(database) if database is not None else
                   fixed("database", Status.FAIL, known.get("database", missing).detail))
     checks.append(amqp_check(pubsub) if pubsub is not None else

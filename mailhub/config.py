@@ -21,7 +21,7 @@ import configparser
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 from urllib.parse import unquote, urlsplit
 
 import attrs
@@ -46,6 +46,12 @@ class MailhubSection:
     max_connections: int = 800
     health_reserve: int = 16
     header_timeout: float = 15.0
+    # Operations endpoints (doc/operations.rst): a listen address of their
+    # own for /metrics and /openapi.json (empty: the main one), and Basic
+    # credentials they require (both empty: none).
+    ops_listen: str = ""
+    ops_user: str = ""
+    ops_password: str = attrs.field(default="", repr=False)
 
 
 @attrs.frozen
@@ -178,9 +184,15 @@ class HooksSection:
 
 @attrs.frozen
 class Config:
-    """Everything mailhub reads from its INI file."""
+    """Everything mailhub reads from its INI file.
+
+    ``path`` is the file read (None: the built-in defaults); ``origin`` says
+    how it was chosen (:func:`locate`), so the CLI and the start-up log can
+    tell an administrator which configuration, and so which database, they got.
+    """
 
     path: str | None = None
+    origin: str = ""
     mailhub: MailhubSection = MailhubSection()
     database: DatabaseSection = DatabaseSection()
     amqp: AMQPSection = AMQPSection()
@@ -206,6 +218,15 @@ class Config:
     def embedded_carddav(self) -> bool:
         return self.carddav.url == "embedded"
 
+    @property
+    def source(self) -> str:
+        """Which configuration this is, fit to print: the file (absolute) or the
+        built-in defaults, with how it was chosen."""
+        what = os.path.abspath(self.path) if self.path else "built-in defaults"
+        if not self.origin or self.origin == "--config":  # named by the administrator
+            return what
+        return "%s (%s)" % (what, self.origin)
+
 
 SECTIONS: dict[str, type] = {
     "mailhub": MailhubSection,
@@ -220,10 +241,11 @@ SECTIONS: dict[str, type] = {
 }
 
 #: Keys that are set together or not at all.
-PAIRS = {"mailstore": [("username", "password")], "push": [("username", "password")]}
+PAIRS = {"mailstore": [("username", "password")], "push": [("username", "password")],
+         "mailhub": [("ops_user", "ops_password")]}
 
 SECRETS = {("database", "dsn"), ("carddav", "password"), ("ldap", "bind_password"),
-           ("mailstore", "password"), ("push", "password"),
+           ("mailstore", "password"), ("push", "password"), ("mailhub", "ops_password"),
            # The broker's URL holds its password, as a DSN does.
            ("amqp", "url")}
 
@@ -424,6 +446,46 @@ def parse(text: str, path: str = "<string>",
         raise ConfigError("%s: [ldap] base_dn: must be set when url is set "
                           "(the subtree where users are searched)" % path)
     return Config(path=path, **sections)
+
+
+#: The environment variable naming the INI file when no ``--config`` is given
+#: (set but empty: the built-in defaults, whatever :data:`SYSTEM_CONFIG` holds).
+CONFIG_VARIABLE = "MAILHUB_CONFIG"
+
+#: The INI file read when neither ``--config`` nor :data:`CONFIG_VARIABLE`
+#: names one, if it exists (the path doc/operations.rst installs it at).
+SYSTEM_CONFIG = "/etc/mailhub/mailhub.ini"
+
+
+def locate(option: str | None, environ: Mapping[str, str] | None = None,
+           system: str | None = None) -> tuple[str | None, str]:
+    """The INI file to read (None: the built-in defaults), and how it was chosen.
+
+    The same order for ``twistd mailhub`` and every verb of the ``mailhub``
+    command, so that both find the same database: ``--config FILE``; else
+    ``$MAILHUB_CONFIG`` (empty: the defaults); else ``/etc/mailhub/mailhub.ini``
+    when it exists; else the built-in defaults.
+    """
+    if option is not None:
+        return option, "--config"
+    env = os.environ if environ is None else environ
+    if CONFIG_VARIABLE in env:
+        named = env[CONFIG_VARIABLE]
+        if named:
+            return named, "from %s" % CONFIG_VARIABLE
+        return None, "%s is set and empty" % CONFIG_VARIABLE
+    system = SYSTEM_CONFIG if system is None else system
+    if os.path.exists(system):
+        return system, "no --config or %s; found at %s" % (CONFIG_VARIABLE, system)
+    return None, "no --config, no %s, no %s" % (CONFIG_VARIABLE, system)
+
+
+def discover(option: str | None, environ: Mapping[str, str] | None = None,
+             system: str | None = None) -> Config:
+    """The Config :func:`locate` chooses, read with :func:`load`, its origin recorded."""
+    path, origin = locate(option, environ, system)
+    config = load(path, None if environ is None else dict(environ))
+    return attrs.evolve(config, origin=origin)
 
 
 def load(path: str | None, environ: dict[str, str] | None = None) -> Config:

@@ -184,7 +184,7 @@ def startup_summary(config: Any, listen: str) -> dict[str, str]:
                            if u) or "none (local pubsub)",
         "carddav": carddav,
         "ldap": " ".join(redact_url(u) for u in config.ldap.url.split()) or "none",
-        "config": config.path or "none (built-in defaults)",
+        "config": config.source,
     }
 
 

@@ -27,7 +27,7 @@ from mailhub.collector.embedded import EmbeddedDAV
 from mailhub.collector.engine import CollectorEngine
 from mailhub.collector.rules import esn_ids_of, exclusions_of
 from mailhub.collector.sources import CalendarSource, MailSource
-from mailhub.config import Config, load
+from mailhub.config import Config, discover
 from mailhub.directory.service import Directory
 from mailhub.directory.ldap import LDAPService
 from mailhub.directory.listen import ChangeListener
@@ -46,10 +46,15 @@ from mailhub.web.calendar import CalendarCollect
 from mailhub.web.hooks import GroupHooks, hook_error_body
 from mailhub.web.mailstore import MailStoreIntegration
 from mailhub.web.openapi import site_document
-from mailhub.web.ops import Operations
+from mailhub.web.ops import OPS_ONLY, Operations, ops_credentials
 from mailhub.web.events import EventStream
 from mailhub.web.push import PushReceiver
 from mailhub.web.site import MailhubSite, Root
+
+#: Connections the operations listener (``[mailhub] ops_listen``) holds at
+#: once: a few scrapers and probes, never the site's traffic.
+OPS_CONNECTIONS = 64
+
 
 class Options(usage.Options):
     """Options of ``twistd mailhub``."""
@@ -58,7 +63,8 @@ class Options(usage.Options):
     longdesc = ("mailhub: contact collector, GroupServer web hooks, ESN pubsub, "
                 "Dovecot push receiver and MailStore integration in one process.")
     optParameters = [
-        ["config", "c", None, "INI configuration file (default: built-in defaults)."],
+        ["config", "c", None, "INI configuration file (default: $MAILHUB_CONFIG, else "
+                              "/etc/mailhub/mailhub.ini if it exists, else built-in defaults)."],
         ["listen", "l", None, "Twisted endpoint to listen on; overrides [mailhub] listen."],
     ]
 
@@ -71,7 +77,7 @@ class Options(usage.Options):
 def load_config(options: usage.Options) -> Config:
     """The Config that the options name, or SystemExit with one clear line."""
     try:
-        return load(options["config"])
+        return discover(options["config"])
     except ConfigError as e:
         raise SystemExit("mailhub: configuration error: %s" % e)
 
@@ -146,6 +152,9 @@ def build(config: Config, listen: str, reactor: Any,
           listen_source: str = "[mailhub] listen") -> MultiService:
     """Wire every part for ``config``, listening on ``listen``."""
     endpoint = listen_endpoint(reactor, listen, listen_source)
+    ops_listen = config.mailhub.ops_listen
+    ops_endpoint = (listen_endpoint(reactor, ops_listen, "[mailhub] ops_listen")
+                    if ops_listen else None)
     data_folder(config)
     # Stopped in reverse: the web site and its surfaces first, then the
     # broker (which drains its consumers), then the thread pools they used.
@@ -207,9 +216,14 @@ def build(config: Config, listen: str, reactor: Any,
     checks.insert(0, startup_check(lambda: ready.ready.called and directory.loaded))
     ops = Operations(metrics, checks, functools.partial(
         site_document, config.mailstore.path, config.collector.enabled,
-        status_codes=config.hooks.status_codes), reactor)
-    for name in (b"healthz", b"metrics", b"openapi.json"):
-        root.mount(name, ops.resource())
+        status_codes=config.hooks.status_codes), reactor,
+        credentials=ops_credentials(config.mailhub, auth))
+    # /healthz stays on the main port (load balancers probe it there); with
+    # [mailhub] ops_listen, /metrics and /openapi.json are served only there.
+    ops_root = Root(metrics) if ops_endpoint is not None else root
+    root.mount(b"healthz", ops.resource())
+    for name in (b"healthz", *OPS_ONLY):
+        ops_root.mount(name, ops.resource())
     site = MailhubSite(root, config.mailhub.max_body,
                        max_connections=config.mailhub.max_connections,
                        health_reserve=config.mailhub.health_reserve,
@@ -239,6 +253,13 @@ def build(config: Config, listen: str, reactor: Any,
     web = Listening(endpoint, site, listen)
     web.setName("web")
     web.setServiceParent(ready)
+    if ops_endpoint is not None:
+        ops_site = MailhubSite(ops_root, config.mailhub.max_body,
+                               max_connections=OPS_CONNECTIONS, health_reserve=0,
+                               header_timeout=config.mailhub.header_timeout, metrics=metrics)
+        ops_web = Listening(ops_endpoint, ops_site, ops_listen)
+        ops_web.setName("ops")
+        ops_web.setServiceParent(ready)
     return top
 
 

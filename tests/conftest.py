@@ -5,12 +5,14 @@
 - ``slapd``: the run's one OpenLDAP server (:func:`tests.support.slapd.shared`),
   for the LDAP, MailStore and event-stream tests; trial test cases call
   ``shared()`` themselves. It is stopped when the run ends.
+- ``MAILHUB_CONFIG`` is set empty: no test reads the machine's configuration.
 - ``mailhub_wheel``: mailhub built as a wheel, once per run, for the tests of
   what an installed mailhub has (the twistd plugin, the Dovecot files).
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +27,11 @@ __all__ = ["mailhub_wheel", "pytest_make_collect_report", "pytest_runtest_makere
            "pytest_sessionfinish", "slapd"]
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Without --config, mailhub (twistd and the CLI) reads $MAILHUB_CONFIG, else
+# /etc/mailhub/mailhub.ini: set and empty, it takes the built-in defaults, so
+# no test (nor any process a test starts) reads the machine's own configuration.
+os.environ["MAILHUB_CONFIG"] = ""
 
 
 @pytest.fixture(scope="session")

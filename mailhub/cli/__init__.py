@@ -1,8 +1,10 @@
 """The ``mailhub`` command: the tokens, groups, users, and a health check.
 
-Every verb reads the same INI file as ``twistd -n mailhub`` (``--config FILE``,
-before or after the verb; without it the embedded defaults, SQLite under
-``./mailhub-data``) and works on the same database, so what it changes the
+Every verb reads the same INI file as ``twistd -n mailhub``, found the same
+way (:func:`mailhub.config.locate`: ``--config FILE`` before or after the verb,
+else ``$MAILHUB_CONFIG``, else ``/etc/mailhub/mailhub.ini`` if it exists, else
+the embedded defaults, SQLite under ``./mailhub-data``) and works on the same
+database, so what it changes the
 running server sees without a restart: the server follows the database's
 change log (as each change commits on PostgreSQL, every poll interval on
 SQLite), and reads the tokens from the database when a caller's token does
@@ -29,11 +31,14 @@ import functools
 import sys
 from typing import Any, Callable, NoReturn, Sequence, TextIO, cast
 
+from mailhub import __version__
 from mailhub import config as configuration
 from mailhub.checks import first_line
 from mailhub.cli.check import check
 from mailhub.cli import dead
-from mailhub.cli.common import BAD, IO, OK, UNREACHABLE, Exit, database_errors
+from mailhub.cli.common import (
+    BAD, IO, OK, UNREACHABLE, Exit, database_errors, note_configuration,
+)
 from mailhub.cli.groups import group_add, group_list, group_remove
 from mailhub.cli.token import (
     TOKEN_CHANGED, TOKEN_UPDATE, add_create_arguments, token_create, token_list, token_revoke,
@@ -46,6 +51,11 @@ from mailhub.errors import ConfigError, NotFound, Unavailable, ValidationError
 
 __all__ = ["main", "parser", "IO", "Exit", "OK", "BAD", "UNREACHABLE",
            "TOKEN_CHANGED", "TOKEN_UPDATE"]
+
+
+#: The verbs that work on the database: without --config (or a DSN) each
+#: says on stderr which configuration and database it found.
+DATABASE_VERBS = frozenset(["token", "group", "user", "dead"])
 
 
 # -- the parser -------------------------------------------------------------------
@@ -92,12 +102,15 @@ def parser(out: TextIO | None = None) -> argparse.ArgumentParser:
     config_option = _Parser(add_help=False)
     config_option.add_argument(
         "--config", metavar="FILE", default=argparse.SUPPRESS,
-        help="the INI file twistd mailhub reads (default: built-in defaults, "
+        help="the INI file twistd mailhub reads (default: $MAILHUB_CONFIG, else "
+             "/etc/mailhub/mailhub.ini if it exists, else the built-in defaults: "
              "SQLite under ./mailhub-data)")
 
     top = kind(prog="mailhub", parents=[config_option],
                   description="Manage a mailhub site: token, groups, users, dead letters; "
-                                  "check its set-up.")
+                              "check its set-up.")
+    top.add_argument("--version", action="version", version="mailhub " + __version__,
+                     help="print mailhub's version and exit")
     verbs = top.add_subparsers(dest="verb", metavar="VERB", parser_class=kind)
     verbs.required = True
 
@@ -188,7 +201,9 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None,
         io.stderr.write(e.message + "\n")
         return e.code
     try:
-        config = configuration.load(getattr(args, "config", None))
+        config = configuration.discover(getattr(args, "config", None))
+        if args.verb in DATABASE_VERBS:
+            note_configuration(config, args, io.stderr)
         return int(args.run(config, args, io))
     except Exit as e:
         io.stderr.write("mailhub: %s\n" % e.message)

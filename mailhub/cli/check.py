@@ -12,7 +12,6 @@ server meets it, with the broker's reason.
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any, Callable
 
 import attrs
@@ -125,7 +124,7 @@ def build_parts(config: Config, reactor: Any) -> Parts:
 
 async def run(reactor: Any, config: Config, io: IO) -> int:
     """Build, start, check, stop; print the table; the exit code."""
-    where = os.path.abspath(config.path) if config.path else "defaults (no --config given)"
+    where = config.source
     parts = build_parts(config, reactor)
     parts.services.startService()
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import os
 import sqlite3
 import sys
 from typing import Any, Iterator, Sequence, TextIO, TypeVar
@@ -14,9 +15,9 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from mailhub.config import Config, redact
+from mailhub.config import CONFIG_VARIABLE, Config, redact
 from mailhub.decoding import address_problem
-from mailhub.directory.sql import Dialect, SQLStore, dialect_for, run_inline
+from mailhub.directory.sql import Dialect, SQLiteDialect, SQLStore, dialect_for, run_inline
 from mailhub.errors import ConfigError, Unavailable
 
 T = TypeVar("T")
@@ -82,9 +83,25 @@ def checked_dialect(dsn: str) -> Dialect:
     return dialect
 
 
-def open_store(dsn: str, site_id: str) -> SQLStore:
-    """A migrated store on ``dsn``, run inline; Exit(1) bad DSN, Exit(2) unreachable."""
-    store = SQLStore(checked_dialect(dsn), site_id, runner=run_inline)
+def open_store(dsn: str, site_id: str, *, create: bool = True,
+               note: TextIO | None = None) -> SQLStore:
+    """A migrated store on ``dsn``, run inline; Exit(1) bad DSN, Exit(2) unreachable.
+
+    ``create=False`` is for the verbs that only read (``list``, ``show``): a
+    SQLite file that does not exist is not made (nor its folder); the verb
+    reads an empty in-memory store instead, and ``note`` is told that no
+    database exists at that path, so an empty listing cannot pass for one
+    read from a database the administrator did not mean.
+    """
+    dialect = checked_dialect(dsn)
+    if not create and isinstance(dialect, SQLiteDialect) and dialect.path != ":memory:" \
+            and not os.path.exists(dialect.path):
+        if note is not None:
+            note.write("mailhub: no database at %s yet: nothing was stored with this "
+                       "configuration (another one: --config FILE or %s)\n"
+                       % (os.path.abspath(dialect.path), CONFIG_VARIABLE))
+        dialect = SQLiteDialect(":memory:")
+    store = SQLStore(dialect, site_id, runner=run_inline)
     try:
         result_of(store.migrate())
     except Unavailable as e:
@@ -102,13 +119,25 @@ def open_store(dsn: str, site_id: str) -> SQLStore:
 
 
 @contextlib.contextmanager
-def stored(config: Config) -> Iterator[SQLStore]:
-    """``with stored(config) as store``: the migrated store, its connection closed afterwards."""
-    store = open_store(config.dsn, config.mailhub.site_id)
+def stored(config: Config, *, create: bool = True,
+           note: TextIO | None = None) -> Iterator[SQLStore]:
+    """``with stored(config) as store``: the migrated store, its connection closed afterwards.
+
+    ``create=False`` (and ``note``) for verbs that only read: see :func:`open_store`.
+    """
+    store = open_store(config.dsn, config.mailhub.site_id, create=create, note=note)
     try:
         yield store
     finally:
         store.close_all()
+
+
+def note_configuration(config: Config, args: Any, out: TextIO) -> None:
+    """Say on ``out`` which configuration and database a verb uses, when the
+    administrator did not name them (no ``--config``, no DSN argument)."""
+    if config.origin == "--config" or getattr(args, "dsn", None):
+        return
+    out.write("mailhub: configuration: %s; database: %s\n" % (config.source, redact(config.dsn)))
 
 
 def read_password(stdin: TextIO, stderr: TextIO) -> str:

@@ -40,7 +40,7 @@ def group_add(config: Config, args: argparse.Namespace, io: IO) -> int:
 
 def group_list(config: Config, args: argparse.Namespace, io: IO) -> int:
     """Print every group with its name, list address, privacy and member count."""
-    with stored(config) as store:
+    with stored(config, create=False, note=io.stderr) as store:
         groups = result_of(store.load_groups())
         profiles = result_of(store.load_profiles())
     members: dict[str, int] = {}

@@ -89,7 +89,8 @@ def token_create(config: Config, args: argparse.Namespace, io: IO,
 def token_list(config: Config, args: argparse.Namespace, io: IO,
                clock: Callable[[], float] = time.time) -> int:
     """Print every token's name, scopes, dates and overlap; never a secret."""
-    store = open_store(args.dsn or config.dsn, config.mailhub.site_id)
+    store = open_store(args.dsn or config.dsn, config.mailhub.site_id, create=False,
+                       note=io.stderr)
     try:
         records = result_of(store.load_tokens())
     except Unavailable as e:

@@ -49,7 +49,7 @@ def _find_user(store: SQLStore, id_or_email: str) -> Profile:
 
 def user_list(config: Config, args: argparse.Namespace, io: IO) -> int:
     """Print every profile: id, name, addresses (preferred first), groups, password set."""
-    with stored(config) as store:
+    with stored(config, create=False, note=io.stderr) as store:
         profiles = result_of(store.load_profiles())
     rows = [["ID", "NAME", "EMAIL", "GROUPS", "PASSWORD"]]
     # By name (then id): the same order on every run and every database.

@@ -3,6 +3,12 @@
 ``/healthz`` answers 200 while the process lives, with each dependency's
 state; ``/healthz?ready`` answers 503 when any dependency is down, for load
 balancers that should send no traffic to an instance that cannot work.
+
+``/metrics`` and ``/openapi.json`` tell a caller how the site is built and
+used: with ``[mailhub] ops_user`` and ``ops_password`` they need those Basic
+credentials (:func:`ops_credentials`), and with ``[mailhub] ops_listen`` they
+are served only on that address (``mailhub.tap`` mounts them there).
+``/healthz`` stays open, on both, for load balancers.
 """
 
 from __future__ import annotations
@@ -17,12 +23,39 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
 from mailhub import __version__
+from mailhub.auth import Auth, Checker, StaticBasic, requires
 from mailhub.checks import Check, Row, run_checks
+from mailhub.config import MailhubSection
 from mailhub.metrics import Metrics
 from mailhub.web.common import handle_errors, json_routing_errors, reply
 
 #: What one run of the checks found: each check with its rows.
 Results = list[tuple[Check, list[Row]]]
+
+#: The realm of the operations endpoints' Basic credentials.
+REALM = "mailhub operations"
+
+#: The paths that only operations tools need (``/healthz`` is not one: load
+#: balancers probe it on the main port).
+OPS_ONLY = (b"metrics", b"openapi.json")
+
+
+class Open:
+    """The checker of operations endpoints without credentials: anyone may ask."""
+
+    async def authorise(self, request: IRequest) -> None:
+        """Accept every request."""
+        return None
+
+
+def ops_credentials(settings: MailhubSection, auth: Auth) -> Checker:
+    """What ``/metrics`` and ``/openapi.json`` require: ``[mailhub] ops_user``
+    and ``ops_password`` as Basic credentials (surface ``ops``), or nothing
+    when they are not set."""
+    if not settings.ops_user:
+        return Open()
+    return StaticBasic(auth, "ops", "service:ops", settings.ops_user, settings.ops_password,
+                       REALM)
 
 
 class Operations:
@@ -30,10 +63,12 @@ class Operations:
 
     ``checks`` are the process's health checks (:func:`mailhub.checks.make_checks`),
     the same that ``mailhub check`` runs; each becomes one entry of
-    ``dependencies``, its rows' details joined. ``/healthz`` needs no
-    credentials, so requests that arrive while the checks run share that
-    run, and its results answer for :attr:`reuse` seconds: a flood of
-    requests costs the database, LDAP and CardDAV one probe a second.
+    ``dependencies``, its rows' details joined. ``credentials`` guard
+    ``/metrics`` and ``/openapi.json`` (default: :class:`Open`).
+    ``/healthz`` needs no credentials, so requests that arrive while the
+    checks run share that run, and its results answer for :attr:`reuse`
+    seconds: a flood of requests costs the database, LDAP and CardDAV one
+    probe a second.
     """
 
     app = Klein()
@@ -43,8 +78,10 @@ class Operations:
     reuse = 1.0
 
     def __init__(self, metrics: Metrics, checks: Sequence[Check],
-                 openapi: Callable[[], dict[str, Any]], clock: IReactorTime) -> None:
+                 openapi: Callable[[], dict[str, Any]], clock: IReactorTime,
+                 credentials: Checker | None = None) -> None:
         self.metrics = metrics
+        self._credentials = credentials if credentials is not None else Open()
         self.checks = list(checks)
         self.openapi = openapi
         self.clock = clock
@@ -93,11 +130,14 @@ class Operations:
         return reply(request, body, 503 if (ready and not healthy) else 200)
 
     @app.route("/metrics", methods=["GET"])
-    def metrics_page(self, request: IRequest) -> bytes:
+    @handle_errors
+    @requires("_credentials")
+    async def metrics_page(self, request: IRequest, _: None) -> bytes:
         request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
         return self.metrics.exposition()
 
     @app.route("/openapi.json", methods=["GET"])
     @handle_errors
-    async def openapi_document(self, request: IRequest) -> bytes:
+    @requires("_credentials")
+    async def openapi_document(self, request: IRequest, _: None) -> bytes:
         return reply(request, self.openapi())
