@@ -13,8 +13,8 @@ twisted.web resource answering the same bytes (bench/hooks' ``Bare``), once
 as one process and once as two on one port, which shows what a second
 process can give on this machine at all (the load generator shares its two
 cores). Nothing is pinned to a CPU: the processes are meant to use every
-core. Rounds alternate the four; each prints its rate, then the best of
-each and the ratios 2 processes / 1. Needs Debian's ``wrk``.
+core. Rounds alternate the four; each prints its rate, then the best and
+the median of each and the ratios 2 processes / 1. Needs Debian's ``wrk``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import argparse
 import json
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -126,10 +127,14 @@ def main() -> None:
                 rates[name].append(rate)
                 print("  round %d %-11s %9.0f requests/s" % (number, name, rate))
         best = {name: max(values) for name, values in rates.items()}
-        for name, rate in best.items():
-            print("%-24s %9.0f requests/s" % (name + ":", rate))
-        print("ratio mailhub 2 processes / 1:  %5.2f" % (best["mailhub x2"] / best["mailhub x1"]))
-        print("ratio bare    2 processes / 1:  %5.2f" % (best["bare x2"] / best["bare x1"]))
+        middle = {name: statistics.median(values) for name, values in rates.items()}
+        for name in rates:
+            print("%-12s best %7.0f, median %7.0f requests/s" % (name + ":", best[name],
+                                                               middle[name]))
+        for kind in ("mailhub", "bare"):
+            print("ratio %-7s 2 processes / 1: best %5.2f, median %5.2f"
+                  % (kind, best[kind + " x2"] / best[kind + " x1"],
+                     middle[kind + " x2"] / middle[kind + " x1"]))
     finally:
         for proc in procs:
             stop(proc)

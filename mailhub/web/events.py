@@ -156,6 +156,9 @@ class EventStream:
         self._buffer: deque[_Buffered] = deque(maxlen=self._settings.sse_buffer)
         self._by_key: dict[str, set[_Client]] = {}
         self._clients: set[_Client] = set()
+        #: Streams open per login (checked at each open: a scan of every
+        #: stream would cost O(streams) per open, O(n^2) to open n).
+        self._per_user: dict[str, int] = {}
         auth = auth if auth is not None else Auth(clock, metrics, hub)
         self._login = PasswordLogin(auth, "events", user_source, EVENTS_REALM)
         self._sent = metrics.counter("mailhub_sse_events_total",
@@ -192,7 +195,7 @@ class EventStream:
     @requires("_login")
     async def events(self, request: IRequest, user: User) -> None:
         """Stream the authenticated user's events until they disconnect."""
-        if sum(1 for c in self._clients if c.user.login == user.login) >= MAX_STREAMS_PER_USER:
+        if self._per_user.get(user.login, 0) >= MAX_STREAMS_PER_USER:
             raise HTTPError(429, {"error": "too many event streams open for this user"},
                             {b"retry-after": b"30"})
         request.setResponseCode(200)
@@ -206,6 +209,7 @@ class EventStream:
         if last is not None:
             self._replay(client, last)
         self._clients.add(client)
+        self._per_user[user.login] = self._per_user.get(user.login, 0) + 1
         for key in client.keys:
             self._by_key.setdefault(key, set()).add(client)
 
@@ -288,7 +292,13 @@ class EventStream:
             client.request.unregisterProducer()  # type: ignore[attr-defined]
         except Exception:
             pass  # the connection is already gone
-        self._clients.discard(client)
+        if client in self._clients:
+            self._clients.discard(client)
+            left = self._per_user.get(client.user.login, 1) - 1
+            if left > 0:
+                self._per_user[client.user.login] = left
+            else:
+                self._per_user.pop(client.user.login, None)
         for key in client.keys:
             found = self._by_key.get(key)
             if found is not None:

@@ -16,7 +16,7 @@ from mailhub.directory.interfaces import IUserSource
 from mailhub.directory.model import User
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
-from mailhub.web.events import EventStream
+from mailhub.web.events import MAX_STREAMS_PER_USER, EventStream
 from tests.push.fakes import FakeUserSource
 from tests.support.auth import auth_failures
 
@@ -128,6 +128,16 @@ class EventStreamTests(StreamCase):
         self.assertEqual(self.stream.clients(), 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.publish("mail:new", {"user": "bob"})  # nobody left to write to: no error
+
+    def test_a_user_may_hold_sixteen_streams_and_one_more_once_one_closes(self) -> None:
+        bodies = [self.open(("bob", "builder"))[1] for _ in range(MAX_STREAMS_PER_USER)]
+        refused, _ = self.open(("bob", "builder"))
+        self.assertEqual(refused.code, 429)
+        # Another user is not counted against bob.
+        self.assertEqual(self.open(("alice", "wonderland"))[0].code, 200)
+        self.hang_up(bodies[0])
+        self.assertEqual(self.open(("bob", "builder"))[0].code, 200)
+        self.assertEqual(self.stream.clients(), MAX_STREAMS_PER_USER + 1)
 
     def test_last_event_id_resumes_from_the_buffer(self) -> None:
         _, first = self.open(("alice", "wonderland"))
