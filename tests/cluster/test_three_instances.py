@@ -1,0 +1,141 @@
+"""Three ``twistd mailhub`` processes on one PostgreSQL and the RabbitMQ cluster.
+
+Each instance has its own ``[amqp] url`` order (so each starts on another
+node), the collector's queue a quorum queue; the site user is created once,
+with the ``mailhub`` command, in the shared database. A Dovecot-style push
+(the OX endpoint, as ``doc/push.rst`` shows it) delivered to instance A
+reaches the user's ``/api/v1/events`` stream on instance C, through the
+cluster.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.internet import reactor, threads
+from twisted.internet.task import deferLater
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+
+from tests.cluster.test_rabbit_cluster import ClusterTestCase
+from tests.pubsub.test_rabbitmq import inline
+from tests.push.test_twistd_e2e import EventStreamClient
+from tests.support.postgres import throwaway_database
+from tests.support.process import Mailhub
+from tests.support.rabbitmq import unique
+
+MAILHUB_CLI = str(Path(sys.executable).with_name("mailhub"))
+PUSH_USER, PUSH_PASSWORD = "dovecot", "push-Secret-42"
+
+
+class ThreeInstances(ClusterTestCase):
+    timeout = 300
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.folder = Path(tempfile.mkdtemp(prefix="mailhub-three-"))
+        self.addCleanup(shutil.rmtree, self.folder, True)
+        database = throwaway_database()
+        self.dsn = database.__enter__()
+        self.addCleanup(database.__exit__, None, None, None)
+        queue = unique("three-collector")
+        nodes = self.cluster.nodes
+        self.instances = []
+        for i, name in enumerate("abc"):
+            folder = self.folder / name
+            (folder / "data").mkdir(parents=True)
+            url = ", ".join(nodes[(i + k) % 3].url for k in range(3))
+            self.instances.append(Mailhub(folder, config=(
+                "[mailhub]\ndata = %s\n"
+                "[database]\ndsn = %s\n"
+                "[amqp]\nurl = %s\n"
+                "[push]\nusername = %s\npassword = %s\nkeepalive = 0.5\n"
+                "[collector]\nqueue = %s\ndead_letter = %s:dead\nqueue_type = quorum\n"
+                % (folder / "data", self.dsn, url, PUSH_USER, PUSH_PASSWORD, queue, queue))))
+
+    def cli(self, *args: str, stdin: str = "") -> None:
+        """The ``mailhub`` command on instance A's INI file (blocking)."""
+        a = self.instances[0]
+        done = subprocess.run([MAILHUB_CLI, *args, "--config", str(a.folder / "mailhub.ini")],
+                              input=stdin, capture_output=True, text=True, timeout=60,
+                              cwd=a.folder)
+        self.assertEqual(done.returncode, 0, done.stderr)
+
+    async def wait_for(self, what: str, predicate: Callable[[], Any],
+                       seconds: float = 60.0) -> Any:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            found = predicate()
+            if found:
+                return found
+            await deferLater(reactor, 0.05, lambda: None)
+        logs = "\n".join("--- %s\n%s" % (m.folder.name, m.log.read_text()[-3000:])
+                         for m in self.instances)
+        self.fail("timed out waiting for %s\n%s" % (what, logs))
+
+    async def start(self, mailhub: Mailhub) -> None:
+        """Start ``mailhub``, until /healthz says the broker is set up too."""
+        await threads.deferToThread(mailhub.start, 120)
+        self.addCleanup(threads.deferToThread, mailhub.stop)
+        deadline = time.monotonic() + 60
+        while True:
+            status, health = await threads.deferToThread(mailhub.get, "/healthz")
+            if status == 200 and health["dependencies"]["amqp"]["ok"]:
+                return
+            if time.monotonic() > deadline:
+                self.fail("%s never reached RabbitMQ: %r\n%s"
+                          % (mailhub.folder.name, health, mailhub.log.read_text()))
+            await deferLater(reactor, 0.1, lambda: None)
+
+    async def stream(self, mailhub: Mailhub, login: str, password: str) -> EventStreamClient:
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        token = base64.b64encode(("%s:%s" % (login, password)).encode("utf-8"))
+        response = await Agent(reactor, pool=pool).request(
+            b"GET", (mailhub.url + "/api/v1/events").encode("ascii"),
+            Headers({b"authorization": [b"Basic " + token],
+                     b"accept": [b"text/event-stream"]}))
+        self.assertEqual(response.code, 200)
+        stream = EventStreamClient()
+        response.deliverBody(stream)
+        self.addCleanup(stream.close)
+        await self.wait_for("the stream to open", lambda: b": connected" in stream.data)
+        return stream
+
+    @inline
+    async def test_a_push_to_instance_a_reaches_a_stream_on_instance_c(self) -> None:
+        tag = uuid.uuid4().hex[:10]
+        login, password = "three-%s@example.org" % tag, "own-Secret-%s" % tag
+        await threads.deferToThread(self.cli, "user", "add", login, "--name", "Three")
+        await threads.deferToThread(self.cli, "user", "passwd", login, stdin=password + "\n")
+        for mailhub in self.instances:
+            await self.start(mailhub)
+        a, b, c = self.instances
+        on_c = await self.stream(c, login, password)
+        on_b = await self.stream(b, login, password)
+
+        push = {"user": login, "event": "messageNew", "folder": "INBOX",
+                "imap-uidvalidity": 1700000000, "imap-uid": 7,
+                "from": "Bob <bob@example.org>", "subject": "Lunch?", "snippet": "Shall we?",
+                "unseen": 1}
+        credentials = base64.b64encode(("%s:%s" % (PUSH_USER, PUSH_PASSWORD)).encode())
+        status, answer = await threads.deferToThread(
+            a.request, "PUT", "/preliminary/http-notify/v1/notify",
+            json.dumps(push).encode("utf-8"),
+            {"Content-Type": "application/json; charset=utf-8",
+             "Authorization": "Basic " + credentials.decode()})
+        self.assertEqual((status, answer), (200, {"success": True}))
+
+        for name, stream in (("C", on_c), ("B", on_b)):
+            [event] = await self.wait_for("mail:new on instance %s" % name,
+                                          lambda s=stream: s.events("mail:new"))
+            self.assertEqual((event["user"], event["subject"], event["uid"]),
+                             (login, "Lunch?", 7))
