@@ -4,8 +4,9 @@ Each instance has its own ``[amqp] url`` order (so each starts on another
 node), the collector's queue a quorum queue; the site user is created once,
 with the ``mailhub`` command, in the shared database. A Dovecot-style push
 (the OX endpoint, as ``doc/push.rst`` shows it) delivered to instance A
-reaches the user's ``/api/v1/events`` stream on instance C, through the
-cluster.
+reaches the user's ``/api/v1/events`` streams on instances B and C, through
+the cluster; a site token rotated with instance B's configuration works at
+once on all three, and the old one is refused by all three.
 """
 
 from __future__ import annotations
@@ -62,13 +63,24 @@ class ThreeInstances(ClusterTestCase):
                 "[collector]\nqueue = %s\ndead_letter = %s:dead\nqueue_type = quorum\n"
                 % (folder / "data", self.dsn, url, PUSH_USER, PUSH_PASSWORD, queue, queue))))
 
-    def cli(self, *args: str, stdin: str = "") -> None:
-        """The ``mailhub`` command on instance A's INI file (blocking)."""
-        a = self.instances[0]
-        done = subprocess.run([MAILHUB_CLI, *args, "--config", str(a.folder / "mailhub.ini")],
+    def cli(self, *args: str, stdin: str = "", instance: int = 0) -> str:
+        """The ``mailhub`` command on an instance's INI file (blocking); its output."""
+        on = self.instances[instance]
+        done = subprocess.run([MAILHUB_CLI, *args, "--config", str(on.folder / "mailhub.ini")],
                               input=stdin, capture_output=True, text=True, timeout=60,
-                              cwd=a.folder)
+                              cwd=on.folder)
         self.assertEqual(done.returncode, 0, done.stderr)
+        return done.stdout
+
+    def token(self, instance: int) -> str:
+        """``mailhub token create`` with an instance's configuration: the new site token."""
+        out = self.cli("token", "create", instance=instance)
+        return out.splitlines()[1].strip()
+
+    def groups(self, mailhub: Mailhub, token: str) -> int:
+        """The status of ``/gs-group-groups.json`` asked with ``token``."""
+        status, _ = mailhub.post_form("/gs-group-groups.json", "token=%s&get=" % token)
+        return status
 
     async def wait_for(self, what: str, predicate: Callable[[], Any],
                        seconds: float = 60.0) -> Any:
@@ -111,11 +123,12 @@ class ThreeInstances(ClusterTestCase):
         return stream
 
     @inline
-    async def test_a_push_to_instance_a_reaches_a_stream_on_instance_c(self) -> None:
+    async def test_events_and_token_rotation_across_three_instances(self) -> None:
         tag = uuid.uuid4().hex[:10]
         login, password = "three-%s@example.org" % tag, "own-Secret-%s" % tag
         await threads.deferToThread(self.cli, "user", "add", login, "--name", "Three")
         await threads.deferToThread(self.cli, "user", "passwd", login, stdin=password + "\n")
+        old = await threads.deferToThread(self.token, 0)
         for mailhub in self.instances:
             await self.start(mailhub)
         a, b, c = self.instances
@@ -139,3 +152,20 @@ class ThreeInstances(ClusterTestCase):
                                           lambda s=stream: s.events("mail:new"))
             self.assertEqual((event["user"], event["subject"], event["uid"]),
                              (login, "Lunch?", 7))
+
+        # A token rotated with instance B's configuration: the new one works
+        # at once everywhere, the old one is refused by all three once each
+        # has read the change (PostgreSQL: as it commits; cli.rst's bound).
+        for mailhub in self.instances:
+            self.assertEqual(await threads.deferToThread(self.groups, mailhub, old), 200)
+        new = await threads.deferToThread(self.token, 1)
+        self.assertNotEqual(new, old)
+        for mailhub in self.instances:
+            self.assertEqual(await threads.deferToThread(self.groups, mailhub, new), 200)
+        for mailhub in self.instances:
+            deadline = time.monotonic() + 10
+            while (status := await threads.deferToThread(self.groups, mailhub, old)) != 403:
+                self.assertEqual(status, 200)
+                if time.monotonic() > deadline:
+                    self.fail("%s still accepts the old token" % mailhub.folder.name)
+                await deferLater(reactor, 0.05, lambda: None)
