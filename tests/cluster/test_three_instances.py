@@ -21,6 +21,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import quote
 
 from twisted.internet import reactor, threads
 from twisted.internet.task import deferLater
@@ -30,9 +31,12 @@ from twisted.web.http_headers import Headers
 from tests.cluster.test_rabbit_cluster import ClusterTestCase
 from tests.pubsub.test_rabbitmq import inline
 from tests.push.test_twistd_e2e import EventStreamClient
+from tests.support import dav
+from tests.support.amqp_peer import _pika
 from tests.support.postgres import throwaway_database
 from tests.support.process import Mailhub
 from tests.support.rabbitmq import unique
+from tests.support.radicale import RadicaleServer
 
 MAILHUB_CLI = str(Path(sys.executable).with_name("mailhub"))
 PUSH_USER, PUSH_PASSWORD = "dovecot", "push-Secret-42"
@@ -45,10 +49,20 @@ class ThreeInstances(ClusterTestCase):
         super().setUp()
         self.folder = Path(tempfile.mkdtemp(prefix="mailhub-three-"))
         self.addCleanup(shutil.rmtree, self.folder, True)
+        tag = uuid.uuid4().hex[:10]
+        self.login, self.password = "three-%s@example.org" % tag, "own-Secret-%s" % tag
+        # One CardDAV server for the three, as a site has.
+        self.radicale = RadicaleServer({self.login: self.password})
+        self.radicale.start()
+        self.addCleanup(self.radicale.cleanup)
+        radicale = self.radicale
+        carddav = ("[carddav]\nurl = %s\nusername = %s\npassword = %s\n"
+                   "addressbook = %s{user}/collected/\n"
+                   % (radicale.url, radicale.service[0], radicale.service[1], radicale.url))
         database = throwaway_database()
         self.dsn = database.__enter__()
         self.addCleanup(database.__exit__, None, None, None)
-        queue = unique("three-collector")
+        self.queue = queue = unique("three-collector")
         nodes = self.cluster.nodes
         self.instances = []
         for i, name in enumerate("abc"):
@@ -60,8 +74,9 @@ class ThreeInstances(ClusterTestCase):
                 "[database]\ndsn = %s\n"
                 "[amqp]\nurl = %s\n"
                 "[push]\nusername = %s\npassword = %s\nkeepalive = 0.5\n"
-                "[collector]\nqueue = %s\ndead_letter = %s:dead\nqueue_type = quorum\n"
-                % (folder / "data", self.dsn, url, PUSH_USER, PUSH_PASSWORD, queue, queue))))
+                "[collector]\nqueue = %s\ndead_letter = %s:dead\nqueue_type = quorum\n%s"
+                % (folder / "data", self.dsn, url, PUSH_USER, PUSH_PASSWORD, queue, queue,
+                   carddav))))
 
     def cli(self, *args: str, stdin: str = "", instance: int = 0) -> str:
         """The ``mailhub`` command on an instance's INI file (blocking); its output."""
@@ -123,9 +138,8 @@ class ThreeInstances(ClusterTestCase):
         return stream
 
     @inline
-    async def test_events_and_token_rotation_across_three_instances(self) -> None:
-        tag = uuid.uuid4().hex[:10]
-        login, password = "three-%s@example.org" % tag, "own-Secret-%s" % tag
+    async def test_collection_events_and_token_rotation_across_three_instances(self) -> None:
+        login, password = self.login, self.password
         await threads.deferToThread(self.cli, "user", "add", login, "--name", "Three")
         await threads.deferToThread(self.cli, "user", "passwd", login, stdin=password + "\n")
         old = await threads.deferToThread(self.token, 0)
@@ -169,3 +183,38 @@ class ThreeInstances(ClusterTestCase):
                 if time.monotonic() > deadline:
                     self.fail("%s still accepts the old token" % mailhub.folder.name)
                 await deferLater(reactor, 0.05, lambda: None)
+
+        # Collector messages published to the cluster (pika, confirmed), the
+        # same addresses in several of them: the three instances compete for
+        # them, and each address becomes one contact in the shared CardDAV.
+        expected = sorted({"c%02d@example.net" % (i % 20) for i in range(40)}
+                          | {"shared@example.net"})
+        await threads.deferToThread(self.publish, [
+            {"userEmail": login, "emails": ["Contact %d <c%02d@example.net>" % (i % 20, i % 20),
+                                            "shared@example.net"]} for i in range(40)])
+        book = "%s%s/collected/" % (self.radicale.url, quote(login, safe="@+"))
+
+        def emails() -> list[str]:
+            return sorted(e for card in dav.cards(book, self.radicale.service)
+                          for e in card.emails)
+
+        await self.wait_for("every contact", lambda: set(emails()) == set(expected))
+        await self.wait_for("the queue settled", lambda: self.cluster.queue_counts(
+            self.queue) == (0, 0))
+        self.assertEqual(emails(), expected)
+
+    def publish(self, messages: list[dict[str, Any]]) -> None:
+        """pika publishes ``messages`` to the collector's exchange, with confirms."""
+        pika = _pika()
+        node = self.cluster.nodes[2]
+        connection = pika.BlockingConnection(pika.ConnectionParameters(
+            host="127.0.0.1", port=node.port, heartbeat=0,
+            credentials=pika.PlainCredentials("guest", "guest")))
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            for data in messages:
+                channel.basic_publish(self.queue, "", json.dumps(data).encode("utf-8"),
+                                      pika.BasicProperties(delivery_mode=2))
+        finally:
+            connection.close()

@@ -136,7 +136,9 @@ class QueueTypeTests(SynchronousTestCase):
     def test_quorum_makes_the_queue_and_its_dead_letter_queue_quorum_queues(self) -> None:
         queue = self.queue("quorum")
         self.assertEqual(dict(queue.route.queue_arguments), {"x-queue-type": "quorum"})
-        self.assertEqual(dict(queue.dead_route.queue_arguments), {"x-queue-type": "quorum"})
+        # mailhub dead's listings must never reach RabbitMQ 4's default limit (20).
+        self.assertEqual(dict(queue.dead_route.queue_arguments),
+                         {"x-queue-type": "quorum", "x-delivery-limit": 1_000_000})
         self.assertEqual(queue.dead_route.queue, "collector:email:dead")
 
     def test_an_unknown_type_is_refused_in_the_configuration(self) -> None:
