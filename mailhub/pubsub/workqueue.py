@@ -56,6 +56,9 @@ from mailhub.pubsub.retry import Outcome, RetryPolicy, attempt, queue_counters
 #: The values of ``[collector] queue_type``: RabbitMQ's queue types.
 QUEUE_TYPES = ("classic", "quorum")
 
+#: ``x-delivery-limit`` of a quorum dead-letter queue (see ``WorkQueue.dead_route``).
+DEAD_LETTER_DELIVERY_LIMIT = 1_000_000
+
 REASON_HEADER = "x-mailhub-reason"
 QUEUE_HEADER = "x-mailhub-queue"
 ID_HEADER = "x-mailhub-dead-id"
@@ -150,9 +153,17 @@ class WorkQueue:
 
     @property
     def dead_route(self) -> Route:
-        """The dead-letter queue, of the same type as the queue."""
-        return Route("", self.dead_letter, queue=self.dead_letter,
-                     queue_arguments=self.queue_arguments)
+        """The dead-letter queue, of the same type as the queue.
+
+        A quorum dead-letter queue gets a delivery limit no one reaches:
+        ``mailhub dead list`` reads letters with ``basic.get`` and puts them
+        back, which a quorum queue counts as deliveries, and RabbitMQ 4 drops
+        a message after 20 of them by default.
+        """
+        arguments = self.queue_arguments
+        if self.queue_type == "quorum":
+            arguments += (("x-delivery-limit", DEAD_LETTER_DELIVERY_LIMIT),)
+        return Route("", self.dead_letter, queue=self.dead_letter, queue_arguments=arguments)
 
     def publish(self, data: Any) -> Deferred[None]:
         """Publish one message (bytes as they are, anything else as JSON).

@@ -111,9 +111,10 @@ class DeclarationTests(InVirtualHost):
         self.assertEqual(handled, [{"userEmail": "a@example.org", "emails": ["b@x"]}])
         # Both queues are quorum queues: a passive look says so through a
         # declaration with the type (accepted) and without it (refused).
-        for name in ("collector:email", "collector:email:dead"):
-            self.peer.channel.queue_declare(name, durable=True,
-                                            arguments={"x-queue-type": "quorum"})
+        self.peer.channel.queue_declare("collector:email", durable=True,
+                                        arguments={"x-queue-type": "quorum"})
+        self.peer.channel.queue_declare("collector:email:dead", durable=True, arguments={
+            "x-queue-type": "quorum", "x-delivery-limit": 1_000_000})
         channel = self.peer.connection.channel()
         error = self.assertRaises(Exception, channel.queue_declare, "collector:email:dead",
                                   durable=True)

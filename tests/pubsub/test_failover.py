@@ -10,16 +10,20 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectError, ConnectionRefusedError
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
-from twisted.internet.interfaces import IStreamClientEndpoint
 
 from mailhub.config import ConfigError, parse
 from mailhub.logs import startup_summary
-from mailhub.pubsub.connection import FailoverEndpoint, _explain_queue_type, parse_urls
-from mailhub.pubsub.outbox import Outbox
+from mailhub.pubsub.connection import (FailoverEndpoint, Refusals, _explain_queue_type,
+                                       parse_urls)
+from mailhub.pubsub.globalpubsub import GlobalPubSub, _Subscription
+from mailhub.pubsub.outbox import Outbox, Refused
 from mailhub.pubsub.workqueue import WorkQueue
-from twisted.internet.task import Clock
+
+from tests.pubsub.fakes import FakeBroker
 
 
 @implementer(IStreamClientEndpoint)
@@ -132,7 +136,9 @@ class QueueTypeTests(SynchronousTestCase):
     def test_quorum_makes_the_queue_and_its_dead_letter_queue_quorum_queues(self) -> None:
         queue = self.queue("quorum")
         self.assertEqual(dict(queue.route.queue_arguments), {"x-queue-type": "quorum"})
-        self.assertEqual(dict(queue.dead_route.queue_arguments), {"x-queue-type": "quorum"})
+        # mailhub dead's listings must never reach RabbitMQ 4's default limit (20).
+        self.assertEqual(dict(queue.dead_route.queue_arguments),
+                         {"x-queue-type": "quorum", "x-delivery-limit": 1_000_000})
         self.assertEqual(queue.dead_route.queue, "collector:email:dead")
 
     def test_an_unknown_type_is_refused_in_the_configuration(self) -> None:
@@ -153,3 +159,53 @@ class QueueTypeTests(SynchronousTestCase):
         self.assertIn("rabbitmqctl delete_queue collector:email", explained)
         other = "406 PRECONDITION_FAILED - inequivalent arg 'durable'"
         self.assertEqual(_explain_queue_type("q", {}, other), other)
+
+
+class FakeSession:
+    """Declares queues; the queues in ``down`` are on a cluster node that is down."""
+
+    def __init__(self) -> None:
+        self.refusals = Refusals()
+        self.down: set[str] = set()
+        self.declared: list[tuple[str, dict[str, Any]]] = []
+
+    async def declare_queue(self, name: str, arguments: dict[str, Any]) -> None:
+        if name in self.down:
+            reason = ("404 NOT_FOUND - home node 'rabbit@n1' of durable queue '%s' in vhost "
+                      "'/' is down or inaccessible" % name)
+            self.refusals.refused("queue %r" % name, reason)
+            raise Refused("queue %r: %s" % (name, reason))
+        self.declared.append((name, arguments))
+
+
+class SubscriptionQueueTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.pubsub = GlobalPubSub(FakeBroker())  # type: ignore[arg-type]
+        self.session = FakeSession()
+        self.subscription = _Subscription.to_topic("mail:new", lambda data: None)
+
+    def declare(self) -> None:
+        self.successResultOf(Deferred.fromCoroutine(
+            self.pubsub._declare_queue(self.session, self.subscription)))  # type: ignore[arg-type]
+
+    def test_a_queue_whose_node_is_down_is_replaced_by_a_new_one(self) -> None:
+        old = self.subscription.queue
+        self.session.down.add(old)
+        self.declare()
+        [(new, arguments)] = self.session.declared
+        self.assertNotEqual(new, old)
+        self.assertTrue(new.startswith("mailhub.sub.mail:new."))
+        self.assertEqual(self.subscription.queue, new)
+        self.assertIn("x-expires", arguments)
+        self.assertEqual(self.session.refusals.current, {})  # nothing left refused
+
+    def test_other_refusals_are_left_to_the_usual_retries(self) -> None:
+        async def refuse(name: str, arguments: dict[str, Any]) -> None:
+            raise Refused("queue %r: 406 PRECONDITION_FAILED - inequivalent arg" % name)
+
+        self.session.declare_queue = refuse  # type: ignore[method-assign]
+        old = self.subscription.queue
+        self.failureResultOf(Deferred.fromCoroutine(
+            self.pubsub._declare_queue(self.session, self.subscription)),  # type: ignore[arg-type]
+            Refused)
+        self.assertEqual(self.subscription.queue, old)
