@@ -112,7 +112,7 @@ class Trace:
             return lag, cpu, pause, generation
         for line in lines:
             fields = line.split()
-            if len(fields) < 3 or not start <= float(fields[1]) <= end:
+            if fields[0] == "#" or len(fields) < 3 or not start <= float(fields[1]) <= end:
                 continue
             if fields[0] == "lag" and float(fields[2]) > lag:
                 lag, cpu = float(fields[2]), float(fields[3])
@@ -137,6 +137,8 @@ def main() -> None:
     parser.add_argument("--profiles", type=int, default=1_000_000)
     parser.add_argument("--ldap-users", type=int, default=100_000)
     parser.add_argument("--interval", type=float, default=0.01)
+    parser.add_argument("--trace-out", type=Path, default=None,
+                        help="keep what traced.py recorded inside twistd in this file")
     args = parser.parse_args()
     rng = random.Random(11)
     with tempfile.TemporaryDirectory() as tmp:
@@ -226,6 +228,8 @@ def run(args: argparse.Namespace, work: Path, token: str, ldap: str) -> None:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
         stop(proc)  # type: ignore[arg-type]
+        if args.trace_out is not None and trace.path.exists():
+            args.trace_out.write_bytes(trace.path.read_bytes())
         os.sync()
 
 

@@ -14,6 +14,9 @@ is to be explained:
   and more), in whichever thread it ran; while it runs no other thread,
   the reactor's included, can run Python code.
 
+With ``MAILHUB_STALL_GC_DETAIL=1``, a long full collection is followed by a
+``#`` line counting the objects it scanned by type (slow: for diagnosis).
+
 START is ``time.monotonic()``, the same clock in every process of the
 machine, so the benchmark can match the lines with the phases it timed.
 Nothing here is part of mailhub: it is how the benchmark looks inside.
@@ -21,7 +24,9 @@ Nothing here is part of mailhub: it is how the benchmark looks inside.
 
 from __future__ import annotations
 
+import collections
 import gc
+import os
 import sys
 import time
 from typing import Any
@@ -33,6 +38,7 @@ WORTH = 0.005
 def main() -> None:
     trace = open(sys.argv[1], "w", buffering=1)
     begun: list[float] = [0.0]
+    detail = bool(os.environ.get("MAILHUB_STALL_GC_DETAIL"))
 
     def on_gc(phase: str, info: dict[str, Any]) -> None:
         now = time.monotonic()
@@ -40,6 +46,10 @@ def main() -> None:
             begun[0] = now
         elif now - begun[0] >= WORTH:
             trace.write("gc %.6f %.6f %d\n" % (begun[0], now - begun[0], info["generation"]))
+            if detail and info["generation"] == 2:
+                kinds = collections.Counter(type(o).__name__ for o in gc.get_objects(2))
+                trace.write("# gen 2 holds %d objects, most: %s\n"
+                            % (sum(kinds.values()), kinds.most_common(6)))
 
     gc.callbacks.append(on_gc)
 
