@@ -96,10 +96,40 @@ def fetch(port: int, path: str, body: str, headers: dict[str, str]) -> tuple[int
     return response.status, size, time.monotonic() - started
 
 
-def report(what: str, prober: Prober, start: float, end: float, extra: str) -> None:
+class Trace:
+    """What bench/stall/traced.py saw inside twistd: reactor lags and GC pauses."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def during(self, start: float, end: float) -> tuple[float, float, float, str]:
+        """(longest reactor lag, the reactor thread's CPU time in it, longest GC
+        pause, its generation) in [start, end]."""
+        lag, cpu, pause, generation = 0.0, 0.0, 0.0, "-"
+        try:
+            lines = self.path.read_text().splitlines()
+        except OSError:
+            return lag, cpu, pause, generation
+        for line in lines:
+            fields = line.split()
+            if fields[0] == "#" or len(fields) < 3 or not start <= float(fields[1]) <= end:
+                continue
+            if fields[0] == "lag" and float(fields[2]) > lag:
+                lag, cpu = float(fields[2]), float(fields[3])
+            elif fields[0] == "gc" and float(fields[2]) > pause:
+                pause, generation = float(fields[2]), fields[3]
+        return lag, cpu, pause, generation
+
+
+def report(what: str, prober: Prober, trace: Trace, start: float, end: float,
+           extra: str) -> None:
     longest, p99, n = prober.during(start, end)
-    print("%-34s %s; probe latency max %.1f ms, p99 %.1f ms (%d probes)"
-          % (what, extra, longest * 1000, p99 * 1000, n), flush=True)
+    lag, cpu, pause, generation = trace.during(start, end)
+    print("%-34s %s; probe latency max %.1f ms, p99 %.1f ms (%d probes); "
+          "inside: reactor lag max %.1f ms (its thread ran %.1f ms of it), "
+          "longest GC %.1f ms (gen %s)"
+          % (what, extra, longest * 1000, p99 * 1000, n, lag * 1000, cpu * 1000,
+             pause * 1000, generation), flush=True)
 
 
 def main() -> None:
@@ -107,6 +137,8 @@ def main() -> None:
     parser.add_argument("--profiles", type=int, default=1_000_000)
     parser.add_argument("--ldap-users", type=int, default=100_000)
     parser.add_argument("--interval", type=float, default=0.01)
+    parser.add_argument("--trace-out", type=Path, default=None,
+                        help="keep what traced.py recorded inside twistd in this file")
     args = parser.parse_args()
     rng = random.Random(11)
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,8 +174,9 @@ def run(args: argparse.Namespace, work: Path, token: str, ldap: str) -> None:
         "[collector]\nenabled = no\n[mailstore]\nusername = mailstore\npassword = Passw0rd\n"
         "list = all\n%s" % (port, work / "data", work / "site.sqlite", ldap))
     log = work / "twistd.log"
-    twistd = [str(Path(sys.executable).parent / "twistd"), "-n", "--pidfile=", "--logfile",
-              str(log), "mailhub", "--config", str(config)]
+    trace = Trace(work / "trace")
+    twistd = [sys.executable, str(Path(__file__).parent / "traced.py"), str(trace.path),
+              "-n", "--pidfile=", "--logfile", str(log), "mailhub", "--config", str(config)]
     started = time.monotonic()
     proc = subprocess.Popen(twistd, cwd=str(ROOT), stdout=subprocess.DEVNULL,
                             stderr=subprocess.STDOUT)
@@ -170,7 +203,7 @@ def run(args: argparse.Namespace, work: Path, token: str, ldap: str) -> None:
                 break
             time.sleep(0.25)
         ready = time.monotonic()
-        report("start-up (directory loading)", prober, listening, ready,
+        report("start-up (directory loading)", prober, trace, listening, ready,
                "listening after %.1f s, loaded after %.1f s; users answered %s"
                % (listening - started, ready - started,
                   ", ".join("%d x%d" % kv for kv in sorted(seen.items()))))
@@ -179,22 +212,24 @@ def run(args: argparse.Namespace, work: Path, token: str, ldap: str) -> None:
             begin = time.monotonic()
             status, size, seconds = fetch(port, "/gs-site-member-list.json",
                                           "token=%s&%s" % (token, action), FORM)
-            report("site members %s" % action, prober, begin, time.monotonic(),
+            report("site members %s" % action, prober, trace, begin, time.monotonic(),
                    "%d, %.1f MB in %.1f s" % (status, size / 1e6, seconds))
         begin = time.monotonic()
         status, size, seconds = fetch(port, "/mailstore", "cmd=list",
                                       dict(FORM, authorization=AUTH))
-        report("MailStore cmd=list", prober, begin, time.monotonic(),
+        report("MailStore cmd=list", prober, trace, begin, time.monotonic(),
                "%d, %.1f MB in %.1f s" % (status, size / 1e6, seconds))
         idle = time.monotonic()
         time.sleep(2)
-        report("idle", prober, idle, time.monotonic(), "-")
+        report("idle", prober, trace, idle, time.monotonic(), "-")
         prober.running = False
         prober.join(5)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
         stop(proc)  # type: ignore[arg-type]
+        if args.trace_out is not None and trace.path.exists():
+            args.trace_out.write_bytes(trace.path.read_bytes())
         os.sync()
 
 

@@ -67,6 +67,20 @@ class Directory(Service):
 
     async def load(self) -> None:
         """Read everything from the store (at start-up)."""
+        # Building a million profiles' objects would set off full garbage
+        # collections, each scanning all of them while holding the GIL, in
+        # whichever thread allocates (the database's included): the reactor
+        # would wait a second at a time. Nothing made here is cyclic, so the
+        # collector sleeps until the load is done and frozen.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            await self._load()
+        finally:
+            if collecting:
+                gc.enable()
+
+    async def _load(self) -> None:
         seq = await self.store.last_change()
         loaded = await self.store.load_profiles()
         profiles = loaded if isinstance(loaded, list) else list(loaded)

@@ -40,6 +40,9 @@ T = TypeVar("T")
 #: Advisory lock key that serialises writers of the change log (PostgreSQL).
 CHANGE_LOCK = 7_305_100
 
+#: Rows turned into Python objects per call when a query's answer is read.
+FETCH_BATCH = 2000
+
 #: The channel on which PostgreSQL writers announce a change (LISTEN/NOTIFY).
 CHANNEL = "mailhub_changes"
 
@@ -234,7 +237,14 @@ class _Transaction:
         return self.cursor
 
     def all(self, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        return list(self.execute(statement, params).fetchall())
+        # In batches: psycopg's C extension turns a whole result into rows
+        # in one call that holds the GIL, and a million rows would hold the
+        # reactor thread for as long; between batches it can run.
+        cursor = self.execute(statement, params)
+        rows: list[tuple[Any, ...]] = []
+        while batch := cursor.fetchmany(FETCH_BATCH):
+            rows.extend(batch)
+        return rows
 
     def one(self, statement: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
         row = self.execute(statement, params).fetchone()
