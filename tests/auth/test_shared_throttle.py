@@ -8,6 +8,7 @@ PostgreSQL are in ``test_shared_throttle_processes.py``.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,11 @@ class SharedThrottleTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(1_000_000)  # seconds since the epoch, as a real clock's
-        path = str(Path(self.mktemp()).absolute())
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # A folder of the system's, not trial's mktemp (relative to the working
+        # folder: under pytest, the source tree).
+        folder = tempfile.TemporaryDirectory(prefix="mailhub-throttle-")
+        self.addCleanup(folder.cleanup)
+        path = str(Path(folder.name) / "mailhub.sqlite")
         self.path = path
         self.assertEqual(self.successResultOf(CountingStore(path).migrate()), len(MIGRATIONS))
         self.a = self.instance()
