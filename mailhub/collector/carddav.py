@@ -529,6 +529,50 @@ class CardDAVClient:
             "PUT", url, (200, 201, 204, 412))
         return answer.code != 412
 
+    async def all_cards(self, book: str) -> list[Card] | None:
+        """Every card of ``book`` that has an EMAIL (None when the book is not there).
+
+        An addressbook-query (RFC 6352 8.6, which every CardDAV server answers)
+        with a bare ``prop-filter`` on EMAIL ("is defined"); not urgent, so the
+        collector's own lookups go first (the retention pass reads with it).
+        """
+        body = ('<?xml version="1.0" encoding="utf-8"?>'
+                '<c:addressbook-query xmlns:d="DAV:" xmlns:c="%s">'
+                "<d:prop><d:getetag/><c:address-data/></d:prop>"
+                '<c:filter><c:prop-filter name="EMAIL"/></c:filter>'
+                "</c:addressbook-query>" % CARD)
+        answer = self._check(
+            await self.request("REPORT", book, {b"content-type": XML_TYPE},
+                               body.encode("utf-8"), depth="1"),
+            "REPORT", book, (207, 404))
+        if answer.code == 404:
+            return None
+        cards = []
+        for href, prop in _responses(answer.body, book):
+            if same_collection(href, book):
+                continue
+            etag = (prop.findtext(_q("getetag")) or "").strip()
+            text = prop.findtext(_q("address-data", CARD)) or ""
+            if not text.strip():
+                fetched = await self.get(href)
+                if fetched is None:
+                    continue
+                cards.append(fetched)
+            else:
+                cards.append(Card(href, etag, text))
+        return cards
+
+    async def delete_if_match(self, url: str, etag: str) -> bool:
+        """DELETE the card if it is still the version with this ETag.
+
+        True when it is gone (deleted now, or already: 404, 410); False when
+        it changed meanwhile (412: someone edited it, keep it).
+        """
+        headers = {b"if-match": etag.encode("latin-1")} if etag else {}
+        answer = self._check(await self.request("DELETE", url, headers),
+                             "DELETE", url, (200, 202, 204, 404, 410, 412))
+        return answer.code != 412
+
     async def get(self, url: str) -> Card | None:
         """The card at ``url`` with its ETag, or None when there is none."""
         answer = self._check(await self.request("GET", url), "GET", url, (200, 404, 410))
