@@ -40,7 +40,7 @@ from twisted.logger import Logger
 
 from mailhub.collector.addresses import address_key
 from mailhub.collector.carddav import Card, CardDAVClient, Changes, SyncRefused, TokenExpired
-from mailhub.collector.vcard import parse_vcard, split_line, unfold
+from mailhub.collector.vcard import X_FIRST_SEEN, X_LAST_USED, parse_vcard, split_line, unfold
 from mailhub.errors import Unavailable
 from mailhub.metrics import Metrics
 
@@ -49,8 +49,9 @@ from mailhub.metrics import Metrics
 QUERY_FOR = 3600.0
 #: Books remembered as queried, at most (the oldest decisions go first).
 QUERIED_MAX = 10_000
-#: Lines of a card a copy keeps (what :func:`parse_vcard` reads for a lookup).
-_KEPT = frozenset(["EMAIL", "FN", "UID"])
+#: Lines of a card a copy keeps (what :func:`parse_vcard` reads for a lookup,
+#: and the ranking's dates, so a use can tell whether the card's ranking is due).
+_KEPT = frozenset(["EMAIL", "FN", "UID", X_LAST_USED, X_FIRST_SEEN])
 
 
 def _href_key(url: str) -> str:
