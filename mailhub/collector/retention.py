@@ -37,15 +37,16 @@ from typing import Any, Callable, Iterable
 import attrs
 from cachetools import LRUCache
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
+from twisted.internet.defer import Deferred, DeferredSemaphore, ensureDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from mailhub.collector.addresses import address_key
-from mailhub.collector.carddav import BookLayout, Card, CardDAVClient
+from mailhub.collector.carddav import BookLayout, Card, CardDAVClient, CardDAVError
 from mailhub.collector.vcard import edited, parse_vcard, ranking_of
 from mailhub.directory.model import User
+from mailhub.errors import Unavailable
 from mailhub.metrics import Metrics
 
 #: Seconds between two writes of one contact's ranking, at least (a day).
@@ -280,6 +281,10 @@ class Retention:
             return
         try:
             await self.prune(user, report)
+        except (Unavailable, CardDAVError) as e:
+            report.failed += 1  # tried again at the next pass
+            self.log.warn("retention of {user}'s collected contacts failed: {why}",
+                          user=user.login, why=str(e))
         except Exception:
             report.failed += 1
             self.log.failure("retention of {user}'s collected contacts failed", user=user.login)
@@ -356,7 +361,7 @@ class RetentionService(Service):
         if self._running is not None:
             self.log.warn("a retention pass is still running: this one is skipped")
             return
-        d = Deferred.fromCoroutine(self.retention.run_pass())
+        d = ensureDeferred(self.retention.run_pass())
 
         def done(result: Any) -> None:
             self._running = None
