@@ -17,10 +17,11 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailhub.collector.carddav import BookLayout, CardDAVClient
+from mailhub.collector.addresses import address_key
+from mailhub.collector.carddav import BookLayout, Card, CardDAVClient
 from mailhub.collector.engine import CollectorEngine
 from mailhub.collector.retention import (
-    FIRST_PASS, RANK_INTERVAL, Retention, RetentionService, decide,
+    FIRST_PASS, RANK_INTERVAL, Retention, RetentionService, Usage, decide,
 )
 from mailhub.collector.vcard import (
     X_COUNT, X_HASH, X_LAST_USED, Contact, contact_uuid, edited, ranking_of, sign, to_vcard,
@@ -280,10 +281,8 @@ class RetentionTests(SynchronousTestCase):
         self.assertEqual((report.expired, report.kept_changed), (0, 1))
 
     def test_uses_counted_in_memory_and_not_yet_written_keep_a_contact(self) -> None:
-        from mailhub.collector.retention import Usage
         usage = Usage(self.clock)
         name = self.put("old@x.org", 31)
-        from mailhub.collector.addresses import address_key
         usage.used("alice@example.org", address_key("old@x.org"))
         self.run_pass(self.retention(expire_days=30, usage=usage))
         self.assertEqual(self.names(), {name})
@@ -296,7 +295,6 @@ class RetentionTests(SynchronousTestCase):
         self.assertEqual((report.users, report.failed), (2, 1))
 
     def test_decide_keeps_the_most_recent_and_the_most_used_among_equals(self) -> None:
-        from mailhub.collector.carddav import Card
         when = datetime.fromtimestamp(START, timezone.utc)
         cards = [Card("/c/%d" % n, "", with_ranking(card_of("n%d@x.org" % n), n, when))
                  for n in (1, 5, 3)]

@@ -1,4 +1,5 @@
-"""Ranking and retention against a real Radicale, with a real CardDAV client editing.
+"""Ranking and retention against a real Radicale (external and embedded), with a
+real CardDAV client editing.
 
 A Radicale subprocess (tests.support.radicale) holds the books; the engine
 collects into it through the real CardDAV client; the user edits a contact
@@ -10,18 +11,23 @@ runs against what Radicale serves. Time (the engine's ranking, the pass's
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from treq.client import HTTPClient
 from twisted.internet import reactor, threads
-from twisted.internet.task import Clock
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.server import Site
 
 from mailhub.collector.carddav import BookLayout, CardDAVClient
+from mailhub.collector.embedded import EmbeddedDAV
 from mailhub.collector.engine import CollectorEngine
 from mailhub.collector.retention import Retention
 from mailhub.collector.vcard import (
@@ -31,6 +37,7 @@ from mailhub.directory.model import User
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from tests.collector.fakes import FakeUsers
+from tests.collector.test_radicale import _Root
 from tests.support.radicale import RadicaleServer
 
 VDIRSYNCER = str(Path(sys.executable).with_name("vdirsyncer"))
@@ -61,11 +68,12 @@ class RadicaleRetentionTests(TestCase):
         self.engine = CollectorEngine(self.users, self.dav, self.layout, Hub(), self.metrics,
                                       self.clock)
         self.told: list[list[str]] = []
+        #: Where the user's client finds the book.
+        self.client_book = self.layout.book(ALICE)
 
     def retention(self, **kw: Any) -> Retention:
         def on_removed(user_id: str, addresses: list[str]) -> Any:
             self.told.append(sorted(addresses))
-            from twisted.internet.defer import succeed
             return succeed(None)
         return Retention(self.users, self.dav, self.layout, self.clock, usage=self.engine.usage,
                          on_removed=on_removed, metrics=self.metrics, **kw)
@@ -80,11 +88,9 @@ class RadicaleRetentionTests(TestCase):
         return {parse_vcard(c.text).emails[0]: c.text for c in found}
 
     async def expire(self, retention: Retention) -> Any:
-        from twisted.internet.defer import Deferred
         d = Deferred.fromCoroutine(retention.run_pass())
         while not d.called:  # the pass lets the reactor turn between pages (on the Clock)
             self.clock.advance(0)
-            from twisted.internet.task import deferLater
             await deferLater(reactor, 0.01, lambda: None)
         return await d
 
@@ -99,7 +105,7 @@ class RadicaleRetentionTests(TestCase):
             '[storage site]\ntype = "carddav"\nurl = "%s"\n'
             'username = "%s"\npassword = "%s"\n\n'
             '[storage local]\ntype = "filesystem"\npath = "%s"\nfileext = ".vcf"\n'
-            % (tmp / "status", self.layout.book(ALICE), ALICE.login, PASSWORD, local))
+            % (tmp / "status", self.client_book, ALICE.login, PASSWORD, local))
         return [VDIRSYNCER, "-c", str(tmp / "vdirsyncer.conf")], local
 
     async def sh(self, command: list[str], stdin: str = "") -> None:
@@ -167,3 +173,28 @@ class RadicaleRetentionTests(TestCase):
         outcome = await self.collect("b@x.org")
         self.assertEqual(outcome.created, ["b@x.org"])
         self.assertIn("b@x.org", await self.cards())
+
+
+class EmbeddedRetentionTests(RadicaleRetentionTests):
+    """The same, on the embedded store (Radicale in process, behind mailhub's /dav/)."""
+
+    def setUp(self) -> None:
+        folder = Path(tempfile.mkdtemp(prefix="mailhub-dav-"))
+        self.addCleanup(shutil.rmtree, folder, True)
+        self.users = FakeUsers([ALICE], {ALICE.login: PASSWORD})
+        self.embedded = EmbeddedDAV(reactor, folder / "dav", self.users, threads=2)
+        self.embedded.startService()
+        self.addCleanup(self.embedded.stopService)
+        self.port = reactor.listenTCP(0, Site(_Root(self.embedded)), interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.metrics = Metrics()
+        self.dav = CardDAVClient(self.embedded.http_client(), reactor, timeout=10,
+                                 metrics=self.metrics)
+        self.layout = BookLayout.from_config(self.embedded.url, "")
+        self.engine = CollectorEngine(self.users, self.dav, self.layout, Hub(), self.metrics,
+                                      self.clock)
+        self.told = []
+        self.client_book = "http://127.0.0.1:%d/dav/%s/collected/" % (
+            self.port.getHost().port, ALICE.login)
