@@ -429,12 +429,13 @@ class CardDAVClient:
                 cards.append(Card(href, etag, text))
         return cards
 
-    async def changes(self, book: str, token: str) -> Changes | None:
+    async def changes(self, book: str, token: str, urgent: bool = True) -> Changes | None:
         """The cards of ``book`` added, changed and removed since ``token``
         (every card for the empty token); None when the book is not there.
 
         Raises :class:`TokenExpired` when the server forgot the token and
         :class:`SyncRefused` when it does not do sync-collection here.
+        ``urgent``: ahead of the PUTs (a lookup waits for it), or behind them.
         """
         body = ('<?xml version="1.0" encoding="utf-8"?>'
                 '<d:sync-collection xmlns:d="DAV:" xmlns:c="%s">'
@@ -442,7 +443,7 @@ class CardDAVClient:
                 "<d:prop><d:getetag/><c:address-data/></d:prop></d:sync-collection>"
                 % (CARD, _xml_text(token)))
         answer = await self.request("REPORT", book, {b"content-type": XML_TYPE},
-                                    body.encode("utf-8"), depth="0", urgent=True)
+                                    body.encode("utf-8"), depth="0", urgent=urgent)
         if answer.code == 404:
             return None
         if answer.code in (403, 409) and b"valid-sync-token" in answer.body:

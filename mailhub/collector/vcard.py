@@ -67,6 +67,8 @@ def escape(value: str) -> str:
 
 def unescape(value: str) -> str:
     """Undo :func:`escape` (``\\n`` and ``\\N`` are newlines)."""
+    if "\\" not in value:
+        return value
     out: list[str] = []
     chars = iter(value)
     for ch in chars:
@@ -250,6 +252,14 @@ class Property:
 
 def split_line(line: str) -> Property | None:
     """Split a content line at the first colon outside quoted parameter values."""
+    colon = line.find(":")
+    if colon < 0:
+        return None
+    if '"' not in line[:colon]:  # the common case: no quoted parameter before it
+        name, _, params = line[:colon].partition(";")
+        group, dot, bare = name.rpartition(".")
+        return Property(name=(bare if dot else name).strip().upper(),
+                        params=params, value=line[colon + 1:], group=group if dot else "")
     quoted = False
     for i, ch in enumerate(line):
         if ch == '"':
@@ -398,17 +408,55 @@ def content_hash(text: str) -> str:
     return content_hash_of_lines(unfold(text))
 
 
-def _first(text: str, name: str) -> str | None:
-    for line in unfold(text):
-        prop = split_line(line)
-        if prop is not None and prop.name == name:
-            return unescape(prop.value).strip()
-    return None
-
-
 #: What mailhub wrote into a card before it signed cards with X-MAILHUB-HASH.
 _LEGACY = frozenset(["BEGIN", "END", "VERSION", "PRODID", "UID", "FN", "N", "EMAIL", "REV",
                      "NOTE", X_SOURCE, X_FIRST_SEEN, X_MESSAGE_ID, X_EVENT_UID])
+
+
+def _edited(lines: list[str], props: list[Property]) -> bool:
+    signed = [p for p in props if p.name == X_HASH]
+    if signed:
+        return unescape(signed[0].value).strip() != content_hash_of_lines(lines)
+    if any(p.name not in _LEGACY for p in props):
+        return True
+    prodid = [unescape(p.value).strip() for p in props if p.name == "PRODID"]
+    emails = [e for e in (_email_value(p) for p in props if p.name == "EMAIL") if e]
+    uids = [unescape(p.value).strip() for p in props if p.name == "UID"]
+    if prodid != [PRODID] or len(emails) != 1 or len(uids) != 1:
+        return True
+    from mailhub.collector.addresses import address_key  # no cycle at import time
+    key = address_key(emails[0])
+    return not key or uids[0].removeprefix("urn:uuid:") != contact_uuid(key)
+
+
+def _email_value(prop: Property) -> str:
+    value = unescape(prop.value).strip()
+    return value[7:] if value.lower().startswith("mailto:") else value
+
+
+@attrs.frozen
+class Assessed:
+    """What retention reads of a collected card, in one reading of it."""
+
+    edited: bool
+    email: str
+    uid: str
+    ranking: "Ranking"
+
+
+def assess(text: str) -> Assessed:
+    """Whether the card was edited, its first EMAIL, bare UID and ranking, reading it once."""
+    lines = unfold(text)
+    props = [p for p in map(split_line, lines) if p is not None]
+    first: dict[str, str] = {}
+    email = ""
+    for p in props:
+        if p.name not in first:
+            first[p.name] = unescape(p.value).strip()
+        if p.name == "EMAIL" and not email:
+            email = _email_value(p)
+    return Assessed(_edited(lines, props), email,
+                    first.get("UID", "").removeprefix("urn:uuid:"), _ranking(first))
 
 
 def edited(text: str) -> bool:
@@ -421,20 +469,7 @@ def edited(text: str) -> bool:
     and the UID mailhub derives from that address.
     """
     lines = unfold(text)
-    props = [p for p in map(split_line, lines) if p is not None]
-    signed = [p for p in props if p.name == X_HASH]
-    if signed:
-        return unescape(signed[0].value).strip() != content_hash_of_lines(lines)
-    if any(p.name not in _LEGACY for p in props):
-        return True
-    prodid = [unescape(p.value).strip() for p in props if p.name == "PRODID"]
-    emails = parse_vcard(text).emails
-    uid = parse_vcard(text).uid
-    if prodid != [PRODID] or len(emails) != 1:
-        return True
-    from mailhub.collector.addresses import address_key  # no cycle at import time
-    key = address_key(emails[0])
-    return not key or uid.removeprefix("urn:uuid:") != contact_uuid(key)
+    return _edited(lines, [p for p in map(split_line, lines) if p is not None])
 
 
 def sign(text: str) -> str:
@@ -455,6 +490,14 @@ def parse_stamp(value: str | None) -> datetime | None:
     if not value:
         return None
     compact = value.strip().replace("-", "").replace(":", "")
+    if len(compact) == 16 and compact[8] == "T" and compact[15] == "Z" and \
+            compact[:8].isdigit() and compact[9:15].isdigit():
+        try:  # the form mailhub writes, without strptime's cost
+            return datetime(int(compact[:4]), int(compact[4:6]), int(compact[6:8]),
+                            int(compact[9:11]), int(compact[11:13]), int(compact[13:15]),
+                            tzinfo=timezone.utc)
+        except ValueError:
+            return None
     for form in ("%Y%m%dT%H%M%SZ", "%Y%m%dT%H%M%S", "%Y%m%d"):
         try:
             return datetime.strptime(compact, form).replace(tzinfo=timezone.utc)
@@ -480,15 +523,25 @@ class Ranking:
 
 def ranking_of(text: str) -> Ranking:
     """The ranking properties of a card (count 0 and None where absent or unreadable)."""
+    first: dict[str, str] = {}
+    for line in unfold(text):
+        prop = split_line(line)
+        if prop is not None and prop.name not in first:
+            first[prop.name] = unescape(prop.value).strip()
+    return _ranking(first)
+
+
+def _ranking(first: dict[str, str]) -> Ranking:
+    """The Ranking from the first value of each property (unescaped)."""
     count = 0
-    raw = _first(text, X_COUNT)
+    raw = first.get(X_COUNT)
     if raw is not None:
         try:
             count = max(0, int(raw))
         except ValueError:
             count = 0
-    return Ranking(count, parse_stamp(_first(text, X_LAST_USED)),
-                   parse_stamp(_first(text, X_FIRST_SEEN)), parse_stamp(_first(text, "REV")))
+    return Ranking(count, parse_stamp(first.get(X_LAST_USED)),
+                   parse_stamp(first.get(X_FIRST_SEEN)), parse_stamp(first.get("REV")))
 
 
 def with_ranking(text: str, count: int, last_used: datetime) -> str:
