@@ -31,6 +31,12 @@ where it came from (NOTE and X-MAILHUB-* properties, from the message's
 :class:`~mailhub.collector.rules.Origin`). Each
 creation (201/204, never 412) publishes ``contacts:contact:add`` once.
 
+Ranking ([collector] rank): a card is created with X-MAILHUB-COUNT 1 and
+X-MAILHUB-LAST-USED now; each later message naming a contact of the
+collected book counts a use in memory (:class:`~mailhub.collector.retention.Usage`),
+and the card is rewritten with its new count only when its LAST-USED is a
+day old, so re-collecting stays free of PUTs but for one per contact a day.
+
 A message names at most [collector] max_addresses addresses: the first ones
 are collected and the message is then dead-lettered with the reason. One
 message keeps at most [carddav] concurrency PUTs queued, so it never holds
