@@ -23,7 +23,8 @@ books used least recently are dropped first, and a book larger than the
 bound is not kept (it is queried).
 
 A copy keeps of each card only what a lookup reads: its URL, ETag and the
-EMAIL, FN and UID lines (a photo is never held). The cards :meth:`find`
+EMAIL, FN and UID lines, and the X-MAILHUB-LAST-USED and -FIRST-SEEN dates
+that say whether its ranking is due (a photo is never held). The cards :meth:`find`
 returns are these summaries; whoever changes a card GETs it first.
 """
 
