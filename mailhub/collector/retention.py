@@ -301,23 +301,19 @@ class Retention:
         """Every card of the book (None: no book), behind the collector's own requests.
 
         A sync-collection from the empty token where the server does them
-        (Radicale serves it from its cache of the cards' text, where an
-        addressbook-query parses every card to apply the filter: four to
-        five times the work); else the addressbook-query every CardDAV
-        server answers.
+        (Radicale answers it from its cache of the cards' text, where an
+        addressbook-query parses every card to apply the filter: about a
+        third of the work, measured on a 200-card book); else the
+        addressbook-query every CardDAV server answers. A server that
+        truncates the answer (507) is asked with the query too.
         """
         if book not in self._no_sync:
-            cards: list[Card] = []
             try:
-                while True:
-                    changes = await self._dav.changes(book, "", urgent=False)
-                    if changes is None:
-                        return None
-                    cards.extend(changes.changed)
-                    if not changes.more:
-                        return cards
-                    # Truncated (507): the query reads the whole book at once.
-                    break
+                changes = await self._dav.changes(book, "", urgent=False)
+                if changes is None:
+                    return None  # no book
+                if not changes.more:
+                    return changes.changed
             except (SyncRefused, TokenExpired):
                 pass
             if len(self._no_sync) < 10_000:

@@ -287,6 +287,19 @@ class RetentionTests(SynchronousTestCase):
         self.run_pass(self.retention(expire_days=30, usage=usage))
         self.assertEqual(self.names(), {name})
 
+    def test_a_server_without_sync_collection_is_read_with_a_query(self) -> None:
+        self.dav.sync = False  # a 403 on sync-collection, as Radicale on a non-book
+        recent = self.put("recent@x.org", 1)
+        self.put("old@x.org", 31)
+        retention = self.retention(expire_days=30)
+        self.run_pass(retention)
+        self.assertEqual(self.names(), {recent})
+        self.put("old@x.org", 31)
+        before = self.dav.methods().count("REPORT")
+        self.run_pass(retention)  # the query at once, without asking for a sync again
+        self.assertEqual(self.dav.methods().count("REPORT") - before, 2)  # alice's, bob's
+        self.assertEqual(self.names(), {recent})
+
     def test_a_failing_book_does_not_stop_the_pass(self) -> None:
         self.dav.books["/dav/bob@example.org/collected/"] = {}
         self.put("old@x.org", 31)
