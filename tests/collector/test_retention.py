@@ -300,6 +300,17 @@ class RetentionTests(SynchronousTestCase):
         self.assertEqual(self.dav.methods().count("REPORT") - before, 2)  # alice's, bob's
         self.assertEqual(self.names(), {recent})
 
+    def test_a_large_book_is_assessed_a_slice_at_a_time(self) -> None:
+        for i in range(45):
+            self.put("n%d@x.org" % i, 40)
+        d = Deferred.fromCoroutine(self.retention(expire_days=30).run_pass())
+        self.assertNoResult(d)  # the reactor turns between slices of cards
+        self.assertEqual(len(self.names()), 45)
+        for _ in range(10):
+            self.clock.advance(0)
+        self.assertEqual(self.successResultOf(d).expired, 45)
+        self.assertEqual(self.names(), set())
+
     def test_a_failing_book_does_not_stop_the_pass(self) -> None:
         self.dav.books["/dav/bob@example.org/collected/"] = {}
         self.put("old@x.org", 31)
