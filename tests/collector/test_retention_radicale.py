@@ -135,7 +135,8 @@ class RadicaleRetentionTests(TestCase):
 
     async def test_a_contact_edited_with_vdirsyncer_is_kept_past_expiry(self) -> None:
         await self.collect("Ann <ann@x.org>", "Ben <ben@x.org>", "Cy <cy@x.org>")
-        tmp = Path(self.mktemp())
+        tmp = Path(tempfile.mkdtemp(prefix="mailhub-vdirsyncer-"))
+        self.addCleanup(shutil.rmtree, tmp, True)
         command, local = self.vdirsyncer(tmp)
         await self.sh(command + ["discover"], "y\n" * 3)
         await self.sh(command + ["sync"])
