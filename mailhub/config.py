@@ -170,6 +170,10 @@ class CollectorSection:
     exclude_lists: bool = True  # never collect the site's groups' addresses
     note: str = "Collected automatically from {source} on {date}."  # NOTE of cards; empty: none
     dead_letter_days: int = 30  # spool dead letters older than this are deleted; 0: kept
+    rank: bool = True  # X-MAILHUB-COUNT and -LAST-USED in cards, written at most daily
+    max_contacts: int = 0  # collected contacts kept per user at most (0: no cap)
+    expire_days: int = 0  # collected contacts unused this many days are removed (0: never)
+    retention_interval: float = 86400.0  # seconds between two retention passes
 
 
 #: The values of ``[hooks] status_codes``.
@@ -322,7 +326,8 @@ def _whole_number(raw: str) -> int:
 
 #: Whole-number keys for which 0 means "none" (every other one must be positive).
 _ZERO_ALLOWED = frozenset([("collector", "mirror_size"), ("mailhub", "health_reserve"),
-                           ("collector", "dead_letter_days")])
+                           ("collector", "dead_letter_days"), ("collector", "max_contacts"),
+                           ("collector", "expire_days")])
 
 
 def _positive_float(raw: str) -> float:

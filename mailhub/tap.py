@@ -25,6 +25,7 @@ from mailhub.checks import carddav_for_checks, make_checks, startup_check
 from mailhub.collector.carddav import BookLayout, CardDAVClient
 from mailhub.collector.embedded import EmbeddedDAV
 from mailhub.collector.engine import CollectorEngine
+from mailhub.collector.retention import Retention, RetentionService
 from mailhub.collector.rules import esn_ids_of, exclusions_of
 from mailhub.collector.sources import CalendarSource, MailSource
 from mailhub.config import Config, discover
@@ -313,7 +314,15 @@ def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, rea
                              calendar=collector.calendar, note=collector.note,
                              exclusions=exclusions_of(collector, directory, reactor),
                              esn_ids=esn_ids_of(collector, directory,
-                                                ldap.source if ldap is not None else None))
+                                                ldap.source if ldap is not None else None),
+                             rank=collector.rank)
+    # Expiry and the cap: a pass every retention_interval, off the message
+    # path (doc/collector.rst). on_removed is the forget rules' hook.
+    retention = Retention(users, carddav, layout, reactor,
+                          max_contacts=collector.max_contacts,
+                          expire_days=collector.expire_days, usage=engine.usage,
+                          metrics=metrics)
+    RetentionService(retention, reactor, collector.retention_interval).setServiceParent(top)
     # Without a broker the queue lives in {data}/collector-spool (doc/collector.rst).
     queue = pubsub.work_queue(collector.queue, dead_letter=collector.dead_letter,
                               retry_initial=collector.retry_initial,

@@ -111,3 +111,20 @@ def test_a_mirror_size_of_zero_keeps_no_copies() -> None:
 def test_config_is_frozen() -> None:
     with pytest.raises(Exception):
         Config().mailhub.listen = "tcp:1"  # type: ignore[misc]
+
+
+def test_retention_is_off_and_ranking_on_by_default() -> None:
+    collector = parse("").collector
+    assert (collector.max_contacts, collector.expire_days, collector.rank) == (0, 0, True)
+    assert collector.retention_interval == 86400.0
+    set_ = parse("[collector]\nmax_contacts = 500\nexpire_days = 0\nrank = no\n"
+                 "retention_interval = 3600\n").collector
+    assert (set_.max_contacts, set_.expire_days, set_.rank, set_.retention_interval) == (
+        500, 0, False, 3600.0)
+
+
+@pytest.mark.parametrize("line", ["expire_days = -1", "max_contacts = many",
+                                  "retention_interval = 0"])
+def test_bad_retention_settings_stop_start_up(line: str) -> None:
+    with pytest.raises(ConfigError, match=r"\[collector\] %s: bad value" % line.split()[0]):
+        parse("[collector]\n%s\n" % line)

@@ -18,7 +18,10 @@ change of load on a shared machine hits both sides; the ratios are given per
 round and as medians. The engine's CardDAV requests per contact, by method,
 say where any extra server work goes.
 
-Usage: ``.venv/bin/python bench/collector/run.py [--contacts 400] [--rounds 3]``.
+Usage: ``.venv/bin/python bench/collector/run.py [--contacts 400] [--rounds 3]
+[--rank on|off]`` (``[collector] rank``, on by default: new cards carry their
+ranking, and a re-collected contact counts a use in memory; its card is
+rewritten at most once a day, never within a run).
 """
 
 from __future__ import annotations
@@ -187,7 +190,7 @@ def median(values: list[float]) -> float:
     return (ordered[middle - 1] + ordered[middle]) / 2
 
 
-async def main(reactor: Any, contacts: int, rounds: int) -> None:
+async def main(reactor: Any, contacts: int, rounds: int, rank: bool = True) -> None:
     server = RadicaleServer({"alice@example.org": "pw"})
     server.start()
     # Radicale's own server closes every connection after its answer, so
@@ -211,7 +214,7 @@ async def main(reactor: Any, contacts: int, rounds: int) -> None:
             dav = CardDAVClient(http, reactor, credentials=server.service, timeout=30,
                                 concurrency=CONCURRENCY, metrics=metrics)
             engine = CollectorEngine(users, dav, layout, Hub(), metrics, reactor,
-                                     skip_site_users=False)
+                                     skip_site_users=False, rank=rank)
             figures["plain"].append(await measured(server, cpu["plain"], Deferred.fromCoroutine(
                 baseline(http, server, contacts, "base%d" % r))))
             figures["engine"].append(await measured(server, cpu["engine"], run_engine(
@@ -235,6 +238,7 @@ async def main(reactor: Any, contacts: int, rounds: int) -> None:
         result = {
             "contacts": contacts,
             "rounds": rounds,
+            "rank": rank,
             "plain_put_per_s": [round(v, 1) for v in figures["plain"]],
             "engine_per_s": [round(v, 1) for v in figures["engine"]],
             "engine_vs_plain": [round(e / p, 2) for e, p in zip(figures["engine"],
@@ -264,7 +268,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contacts", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rank", choices=("on", "off"), default="on",
+                        help="[collector] rank: ranking properties in the cards (default on)")
     args = parser.parse_args()
     os.environ.setdefault("PYTHONHASHSEED", "0")
     task.react(lambda reactor: Deferred.fromCoroutine(
-        main(reactor, args.contacts, args.rounds)))
+        main(reactor, args.contacts, args.rounds, args.rank == "on")))

@@ -429,12 +429,13 @@ class CardDAVClient:
                 cards.append(Card(href, etag, text))
         return cards
 
-    async def changes(self, book: str, token: str) -> Changes | None:
+    async def changes(self, book: str, token: str, urgent: bool = True) -> Changes | None:
         """The cards of ``book`` added, changed and removed since ``token``
         (every card for the empty token); None when the book is not there.
 
         Raises :class:`TokenExpired` when the server forgot the token and
         :class:`SyncRefused` when it does not do sync-collection here.
+        ``urgent``: ahead of the PUTs (a lookup waits for it), or behind them.
         """
         body = ('<?xml version="1.0" encoding="utf-8"?>'
                 '<d:sync-collection xmlns:d="DAV:" xmlns:c="%s">'
@@ -442,7 +443,7 @@ class CardDAVClient:
                 "<d:prop><d:getetag/><c:address-data/></d:prop></d:sync-collection>"
                 % (CARD, _xml_text(token)))
         answer = await self.request("REPORT", book, {b"content-type": XML_TYPE},
-                                    body.encode("utf-8"), depth="0", urgent=True)
+                                    body.encode("utf-8"), depth="0", urgent=urgent)
         if answer.code == 404:
             return None
         if answer.code in (403, 409) and b"valid-sync-token" in answer.body:
@@ -527,6 +528,50 @@ class CardDAVClient:
         answer = self._check(
             await self.request("PUT", url, headers, text.encode("utf-8")),
             "PUT", url, (200, 201, 204, 412))
+        return answer.code != 412
+
+    async def all_cards(self, book: str) -> list[Card] | None:
+        """Every card of ``book`` that has an EMAIL (None when the book is not there).
+
+        An addressbook-query (RFC 6352 8.6, which every CardDAV server answers)
+        with a bare ``prop-filter`` on EMAIL ("is defined"); not urgent, so the
+        collector's own lookups go first (the retention pass reads with it).
+        """
+        body = ('<?xml version="1.0" encoding="utf-8"?>'
+                '<c:addressbook-query xmlns:d="DAV:" xmlns:c="%s">'
+                "<d:prop><d:getetag/><c:address-data/></d:prop>"
+                '<c:filter><c:prop-filter name="EMAIL"/></c:filter>'
+                "</c:addressbook-query>" % CARD)
+        answer = self._check(
+            await self.request("REPORT", book, {b"content-type": XML_TYPE},
+                               body.encode("utf-8"), depth="1"),
+            "REPORT", book, (207, 404))
+        if answer.code == 404:
+            return None
+        cards = []
+        for href, prop in _responses(answer.body, book):
+            if same_collection(href, book):
+                continue
+            etag = (prop.findtext(_q("getetag")) or "").strip()
+            text = prop.findtext(_q("address-data", CARD)) or ""
+            if not text.strip():
+                fetched = await self.get(href)
+                if fetched is None:
+                    continue
+                cards.append(fetched)
+            else:
+                cards.append(Card(href, etag, text))
+        return cards
+
+    async def delete_if_match(self, url: str, etag: str) -> bool:
+        """DELETE the card if it is still the version with this ETag.
+
+        True when it is gone (deleted now, or already: 404, 410); False when
+        it changed meanwhile (412: someone edited it, keep it).
+        """
+        headers = {b"if-match": etag.encode("latin-1")} if etag else {}
+        answer = self._check(await self.request("DELETE", url, headers),
+                             "DELETE", url, (200, 202, 204, 404, 410, 412))
         return answer.code != 412
 
     async def get(self, url: str) -> Card | None:

@@ -31,6 +31,12 @@ where it came from (NOTE and X-MAILHUB-* properties, from the message's
 :class:`~mailhub.collector.rules.Origin`). Each
 creation (201/204, never 412) publishes ``contacts:contact:add`` once.
 
+Ranking ([collector] rank): a card is created with X-MAILHUB-COUNT 1 and
+X-MAILHUB-LAST-USED now; each later message naming a contact of the
+collected book counts a use in memory (:class:`~mailhub.collector.retention.Usage`),
+and the card is rewritten with its new count only when its LAST-USED is a
+day old, so re-collecting stays free of PUTs but for one per contact a day.
+
 A message names at most [collector] max_addresses addresses: the first ones
 are collected and the message is then dead-lettered with the reason. One
 message keeps at most [carddav] concurrency PUTs queued, so it never holds
@@ -72,9 +78,11 @@ from mailhub.collector.carddav import (
     Book, BookLayout, BookMissing, Card, CardDAVClient, CardDAVError, same_collection,
 )
 from mailhub.collector.mirror import BookMirror
+from mailhub.collector.retention import RANK_INTERVAL, Usage
 from mailhub.collector.rules import DEFAULT_NOTE, EsnIds, Exclusions, Origin, note_text
 from mailhub.collector.vcard import (
-    Contact, choose_version, contact_uuid, parse_vcard, to_jcard, to_vcard, with_name,
+    Contact, choose_version, contact_uuid, parse_vcard, ranking_of, to_jcard, to_vcard,
+    with_name, with_ranking,
 )
 from mailhub.decoding import decode_json_object
 from mailhub.directory.model import User
@@ -298,7 +306,7 @@ class CollectorEngine:
                  book_display_name: str = "Collected contacts",
                  max_addresses: int = 1000, calendar: str = "organizer",
                  exclusions: Exclusions | None = None, esn_ids: EsnIds | None = None,
-                 note: str = DEFAULT_NOTE) -> None:
+                 note: str = DEFAULT_NOTE, rank: bool = True) -> None:
         if calendar not in ("organizer", "all"):
             raise ValueError("calendar must be organizer or all, not %r" % calendar)
         self._users = users
@@ -318,6 +326,10 @@ class CollectorEngine:
         #: behind a whole large message.
         self._put_window = max(1, carddav.concurrency)
         self.known = KnownAddresses(clock, cache_ttl, cache_size)
+        #: Uses of collected contacts not yet written into their cards
+        #: ([collector] rank; see mailhub.collector.retention).
+        self.usage: Usage | None = (Usage(clock, RANK_INTERVAL, max(1, cache_size))
+                                    if rank else None)
         self.books = BookMirror(carddav, mirror_size, clock, metrics)
         self.lookups = Coalescer(self._find, carddav.when_short)
         #: Checks that known contacts are still in the collected book, shared
@@ -339,6 +351,10 @@ class CollectorEngine:
         self._failed = metrics.counter(
             "mailhub_collector_failed_total",
             "Messages that failed: poison (dead-lettered) or transient (retried)", ["kind"])
+        self._ranked = metrics.counter(
+            "mailhub_collector_ranked_total",
+            "Collected contacts whose ranking (X-MAILHUB-COUNT, X-MAILHUB-LAST-USED) "
+            "was written")
         self._publish_failed = metrics.counter(
             "mailhub_collector_publish_failed_total",
             "contacts:contact:add publications that failed")
@@ -497,12 +513,15 @@ class CollectorEngine:
             # Only known ones: ask the collected book's copy alone, brought
             # up to date (one sync-collection, shared by the user's messages).
             found = await self.checks.lookup(self._layout.book(user), user, in_collected)
+            used = []
             for r in in_collected:
                 if found.get(r.key):
                     self._skip(outcome, "exists", r)
+                    used.append(self._use(user, r, found[r.key][0]))
                 else:
                     self.known.forget(user.login, r.key)
                     todo.append(r)
+            await _settle(used)
             todo = await self._not_site_users(todo, outcome)
         if todo:
             await self._write(user, todo, outcome, origin)
@@ -638,7 +657,7 @@ class CollectorEngine:
         home = self._layout.home(user)
         by_key = await self.lookups.lookup(collected, user, todo)
         new: list[Recipient] = []
-        fills = []
+        fills: list[Awaitable[None]] = []
         for r in todo:
             cards = by_key[r.key]
             if not cards:
@@ -652,6 +671,8 @@ class CollectorEngine:
                 self.known.remember(user.login, r.key, final=named or not mine,
                                     collected=bool(mine))
                 self._skip(outcome, "exists", r)
+                if mine:
+                    fills.append(self._use(user, r, mine[0]))
         await _settle(fills)
         if not new:
             return
@@ -679,7 +700,8 @@ class CollectorEngine:
         now = self._now()
         contact = Contact(uid=contact_uuid(r.key), email=r.email, fn=r.fn,
                           family=family, given=given, rev=now, source=origin.source,
-                          ref=origin.ref, note=note_text(self._note, origin, now))
+                          ref=origin.ref, note=note_text(self._note, origin, now),
+                          count=1 if self.usage is not None else 0, last_used=now)
         url = urljoin(collected, contact.href_name)
         try:
             created = await self._dav.put_new(url, to_vcard(contact,
@@ -699,6 +721,8 @@ class CollectorEngine:
             await self._announce(user, contact, home)
             return
         # 412: it exists (an earlier delivery or another instance wrote it).
+        if self.usage is not None:
+            self.usage.used(user.login, r.key)
         card = await self._dav.get(url) if r.name else None
         if card is not None:
             await self._fill_or_skip(user, r, card, outcome)
@@ -725,6 +749,8 @@ class CollectorEngine:
                 break
             text = with_name(card.text, r.fn, family, given, self._now())
             if await self._dav.put_if_match(card.url, text, card.etag):
+                if self.usage is not None:
+                    self.usage.used(user.login, r.key)
                 outcome.named.append(r.email)
                 self._named.inc()
                 self.known.remember(user.login, r.key, final=True)
@@ -732,6 +758,34 @@ class CollectorEngine:
             card = await self._dav.get(card.url)
         self.known.remember(user.login, r.key, final=True)
         self._skip(outcome, "exists", r)
+
+    async def _use(self, user: User, r: Recipient, card: Card) -> None:
+        """Count a use of the collected contact ``card`` (a lookup's summary),
+        and write its ranking when the card's is a day old (RANK_INTERVAL).
+
+        Best effort: a failure is logged and the uses stay counted for the
+        next time; the message is not failed for it.
+        """
+        usage = self.usage
+        if usage is None:
+            return
+        usage.used(user.login, r.key)
+        if not usage.due(user.login, r.key, card.text):
+            return
+        try:
+            for _ in range(3):
+                full = await self._dav.get(card.url)
+                if full is None:
+                    return  # deleted meanwhile
+                pending = usage.pending(user.login, r.key)
+                ranking = ranking_of(full.text)
+                text = with_ranking(full.text, ranking.count + pending, self._now())
+                if await self._dav.put_if_match(full.url, text, full.etag):
+                    usage.written(user.login, r.key, pending)
+                    self._ranked.inc()
+                    return
+        except Exception:
+            self.log.failure("cannot write the ranking of {url}", url=card.url)
 
     async def _announce(self, user: User, contact: Contact, home: str) -> None:
         """Publish contacts:contact:add (ESN's payload), locally and globally.

@@ -23,7 +23,8 @@ books used least recently are dropped first, and a book larger than the
 bound is not kept (it is queried).
 
 A copy keeps of each card only what a lookup reads: its URL, ETag and the
-EMAIL, FN and UID lines (a photo is never held). The cards :meth:`find`
+EMAIL, FN and UID lines, and the X-MAILHUB-LAST-USED and -FIRST-SEEN dates
+that say whether its ranking is due (a photo is never held). The cards :meth:`find`
 returns are these summaries; whoever changes a card GETs it first.
 """
 
@@ -40,7 +41,7 @@ from twisted.logger import Logger
 
 from mailhub.collector.addresses import address_key
 from mailhub.collector.carddav import Card, CardDAVClient, Changes, SyncRefused, TokenExpired
-from mailhub.collector.vcard import parse_vcard, split_line, unfold
+from mailhub.collector.vcard import X_FIRST_SEEN, X_LAST_USED, parse_vcard, split_line, unfold
 from mailhub.errors import Unavailable
 from mailhub.metrics import Metrics
 
@@ -49,8 +50,9 @@ from mailhub.metrics import Metrics
 QUERY_FOR = 3600.0
 #: Books remembered as queried, at most (the oldest decisions go first).
 QUERIED_MAX = 10_000
-#: Lines of a card a copy keeps (what :func:`parse_vcard` reads for a lookup).
-_KEPT = frozenset(["EMAIL", "FN", "UID"])
+#: Lines of a card a copy keeps (what :func:`parse_vcard` reads for a lookup,
+#: and the ranking's dates, so a use can tell whether the card's ranking is due).
+_KEPT = frozenset(["EMAIL", "FN", "UID", X_LAST_USED, X_FIRST_SEEN])
 
 
 def _href_key(url: str) -> str:

@@ -187,9 +187,11 @@ class FakeCardDAV(Resource):
         for m in root.iter(CARD + "text-match"):
             assert m.get("match-type") == "equals"
             assert m.get("collation") == "i;unicode-casemap"
+        # A bare prop-filter (no text-match): every card having the property.
+        every = not wanted and root.find(".//" + CARD + "prop-filter") is not None
         items = [self._card_response(path, name, text)
                  for name, text in sorted(self.books[path].items())
-                 if any(e.casefold() in wanted for e in parse_vcard(text).emails)]
+                 if any(every or e.casefold() in wanted for e in parse_vcard(text).emails)]
         return self._multistatus(request, items)
 
     def do_MKCOL(self, request: Any, path: str, body: bytes) -> bytes:
@@ -229,6 +231,20 @@ class FakeCardDAV(Resource):
         self.books[book][name] = body.decode("utf-8")
         request.setResponseCode(204 if existing is not None else 201)
         request.setHeader(b"etag", _etag(body.decode("utf-8")).encode())
+        return b""
+
+    def do_DELETE(self, request: Any, path: str, body: bytes) -> bytes:
+        book, name = self._split(path)
+        existing = self.books.get(book, {}).get(name)
+        if existing is None:
+            request.setResponseCode(404)
+            return b""
+        match = request.getHeader(b"if-match")
+        if match is not None and _etag(existing).encode() != match:
+            request.setResponseCode(412)
+            return b""
+        del self.books[book][name]
+        request.setResponseCode(204)
         return b""
 
     def do_GET(self, request: Any, path: str, body: bytes) -> bytes:
