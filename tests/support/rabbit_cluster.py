@@ -213,6 +213,12 @@ class Cluster:
         # Peer discovery clustered them, as their logs say (a rabbitmqctl
         # cluster_status would cost seconds); a node that booted alone all
         # the same joins the classic way.
+        # A node that joined node 1 while node 1 was still booting may leave
+        # the cluster with feature flags off (quorum_queue among them: quorum
+        # queues are then refused); turn every one on.
+        began = time.monotonic()
+        first.ctl("enable_feature_flag", "all")
+        self.phases["feature flags"] = time.monotonic() - began
         for node in self.nodes[1:]:
             if not node.joined_by_discovery():
                 for command in (["stop_app"], ["join_cluster", first.name], ["start_app"]):
