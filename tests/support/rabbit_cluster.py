@@ -13,7 +13,9 @@ machine's own broker (``rabbit@localhost``, port 5672, its cookie and
 
 How it starts, fast: the three nodes boot at the same time, nodes 2 and 3
 configured to join node 1 by classic peer discovery as they boot (waiting
-for it if need be), which their logs confirm; a node that booted alone all
+for it if need be), which their logs confirm; then one ``rabbitmqctl
+enable_feature_flag all`` (a node that joined node 1 while it booted can
+leave ``quorum_queue`` off); a node that booted alone all
 the same joins the usual way (``rabbitmqctl stop_app``, ``join_cluster``,
 ``start_app``: about 45 s more on a loaded machine, hence peer discovery).
 ``started_in`` and ``phases`` record the seconds it took (the quorum test
