@@ -13,7 +13,9 @@ machine's own broker (``rabbit@localhost``, port 5672, its cookie and
 
 How it starts, fast: the three nodes boot at the same time, nodes 2 and 3
 configured to join node 1 by classic peer discovery as they boot (waiting
-for it if need be), which their logs confirm; a node that booted alone all
+for it if need be), which their logs confirm; then one ``rabbitmqctl
+enable_feature_flag all`` (a node that joined node 1 while it booted can
+leave ``quorum_queue`` off); a node that booted alone all
 the same joins the usual way (``rabbitmqctl stop_app``, ``join_cluster``,
 ``start_app``: about 45 s more on a loaded machine, hence peer discovery).
 ``started_in`` and ``phases`` record the seconds it took (the quorum test
@@ -213,6 +215,12 @@ class Cluster:
         # Peer discovery clustered them, as their logs say (a rabbitmqctl
         # cluster_status would cost seconds); a node that booted alone all
         # the same joins the classic way.
+        # A node that joined node 1 while node 1 was still booting may leave
+        # the cluster with feature flags off (quorum_queue among them: quorum
+        # queues are then refused); turn every one on.
+        began = time.monotonic()
+        first.ctl("enable_feature_flag", "all")
+        self.phases["feature flags"] = time.monotonic() - began
         for node in self.nodes[1:]:
             if not node.joined_by_discovery():
                 for command in (["stop_app"], ["join_cluster", first.name], ["start_app"]):
