@@ -158,6 +158,9 @@ class CollectorSection:
     exclude_domains: tuple[str, ...] = ()  # domains (and subdomains) never collected
     exclude_lists: bool = True  # never collect the site's groups' addresses
     note: str = "Collected automatically from {source} on {date}."  # NOTE of cards; empty: none
+    forget: bool = True  # a contact the user deletes is not collected again (doc/collector.rst)
+    forget_days: int = 0  # days a contact the user deleted stays uncollected; 0: for ever
+    book_opt_out: bool = True  # deleting the collected book turns collection off for the user
 
 
 #: The values of ``[hooks] status_codes``.
@@ -291,7 +294,8 @@ def _whole_number(raw: str) -> int:
 
 
 #: Whole-number keys for which 0 means "none" (every other one must be positive).
-_ZERO_ALLOWED = frozenset([("collector", "mirror_size"), ("mailhub", "health_reserve")])
+_ZERO_ALLOWED = frozenset([("collector", "mirror_size"), ("mailhub", "health_reserve"),
+                           ("collector", "forget_days")])
 
 
 def _positive_float(raw: str) -> float:

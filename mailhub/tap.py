@@ -27,6 +27,7 @@ from mailhub.collector.carddav import BookLayout, CardDAVClient
 from mailhub.collector.embedded import EmbeddedDAV
 from mailhub.collector.engine import CollectorEngine
 from mailhub.collector.rules import esn_ids_of, exclusions_of
+from mailhub.collector.state import CollectorState
 from mailhub.collector.sources import CalendarSource, MailSource
 from mailhub.config import Config, load
 from mailhub.directory.service import Directory
@@ -274,12 +275,19 @@ def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, rea
                             timeout=config.carddav.timeout,
                             concurrency=config.carddav.concurrency, metrics=metrics)
     collector = config.collector
+    state = None
+    if directory is not None:
+        # Tombstones, opt-outs and block lists: in the database, cached here,
+        # dropped as the directory reads each change (doc/collector.rst).
+        state = CollectorState(directory.store, reactor, forget_days=collector.forget_days,
+                               forget=collector.forget, book_opt_out=collector.book_opt_out)
+        directory.on_change.append(state.directory_changed)
     engine = CollectorEngine(users, carddav, layout, pubsub.hub, metrics, reactor,
                              skip_site_users=collector.skip_site_users,
                              cache_ttl=collector.cache_ttl, cache_size=collector.cache_size,
                              mirror_size=collector.mirror_size,
                              max_addresses=collector.max_addresses,
-                             calendar=collector.calendar, note=collector.note,
+                             calendar=collector.calendar, note=collector.note, state=state,
                              exclusions=exclusions_of(collector, directory, reactor),
                              esn_ids=esn_ids_of(collector, directory,
                                                 ldap.source if ldap is not None else None))

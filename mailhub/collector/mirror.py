@@ -30,7 +30,7 @@ returns are these summaries; whoever changes a card GETs it first.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterable
+from typing import Awaitable, Callable, Iterable
 from urllib.parse import unquote, urlsplit
 
 from cachetools import TTLCache
@@ -51,6 +51,10 @@ QUERY_FOR = 3600.0
 QUERIED_MAX = 10_000
 #: Lines of a card a copy keeps (what :func:`parse_vcard` reads for a lookup).
 _KEPT = frozenset(["EMAIL", "FN", "UID"])
+
+
+#: Told which addresses went from a book and which came (see BookMirror.find).
+Seen = Callable[[list[str], list[str]], Awaitable[None]]
 
 
 def _href_key(url: str) -> str:
@@ -86,15 +90,24 @@ class _Copy:
         self.lock = DeferredLock()
         #: Set when the book was forgotten while a lookup held the copy.
         self.stale = False
+        #: Address keys whose last card went away, and keys of cards added
+        #: or changed, since the last time they were told (see BookMirror.find).
+        self.gone: set[str] = set()
+        self.came: set[str] = set()
 
     def clear(self) -> None:
         self.token = ""
         self.cards.clear()
         self.keys.clear()
         self.by_key.clear()
+        # Read afresh, a book says nothing of what went away meanwhile.
+        self.gone.clear()
+        self.came.clear()
 
     def apply(self, changes: Changes) -> None:
+        removed: set[str] = set()
         for href in changes.removed:
+            removed.update(self.keys.get(_href_key(href), ()))
             self._forget(_href_key(href))
         for card in changes.changed:
             href = _href_key(card.url)
@@ -105,6 +118,9 @@ class _Copy:
             self.keys[href] = keys
             for key in keys:
                 self.by_key.setdefault(key, set()).add(href)
+            self.came.update(keys)
+        self.gone.update(k for k in removed if k not in self.by_key)
+        self.gone.difference_update(self.by_key.keys() & self.gone)
         self.token = changes.token
 
     def _forget(self, href: str) -> None:
@@ -157,14 +173,22 @@ class BookMirror:
         """Cards held now, over all books."""
         return self._held
 
-    async def find(self, book: str, keys: Iterable[str], spellings: Iterable[str]) -> list[Card]:
+    async def find(self, book: str, keys: Iterable[str], spellings: Iterable[str],
+                   seen: Seen | None = None) -> list[Card]:
         """Cards of ``book`` having an email whose :func:`address_key` is in ``keys``.
 
         ``spellings`` are the forms to ask for where the book is queried
         instead (see :meth:`CardDAVClient.find_emails`).
+
+        ``seen`` (optional) is told, after a sync-collection and before the
+        answer, which addresses lost their last card in the book since it
+        was last told (first argument) and which were added or changed
+        (second): the collector's tombstones (:mod:`mailhub.collector.state`).
+        A book read whole (first read, forgotten token) tells no removal.
+        When ``seen`` fails, what it was to be told is kept for the next time.
         """
         if self._size > 0 and not self._is_queried(book):
-            copy = await self._synced(book)
+            copy = await self._synced(book, seen)
             if copy is not None:
                 return copy.find(keys)
         return await self._dav.find_emails(book, spellings)
@@ -190,7 +214,7 @@ class BookMirror:
         self._queried[key] = True
         self._drop(key)
 
-    async def _synced(self, book: str) -> _Copy | None:
+    async def _synced(self, book: str, seen: Seen | None = None) -> _Copy | None:
         """The copy of ``book``, brought up to date now; None to query it instead."""
         key = _book_key(book)
         copy = self._copies.get(key)
@@ -200,7 +224,7 @@ class BookMirror:
         async with copy.lock:
             if self._copies.get(key) is not copy or self._is_queried(book):
                 # Dropped or decided while this lookup waited: start again.
-                return None if self._is_queried(book) else await self._synced(book)
+                return None if self._is_queried(book) else await self._synced(book, seen)
             if copy.stale:
                 copy.stale = False
                 self._held -= len(copy.cards)
@@ -221,6 +245,14 @@ class BookMirror:
                               "it is queried, not copied", book=book, count=len(copy.cards))
             else:
                 self._evict(keep=key)
+                if seen is not None and (copy.gone or copy.came):
+                    gone, came = sorted(copy.gone), sorted(copy.came)
+                    await seen(gone, came)
+                    copy.gone.difference_update(gone)
+                    copy.came.difference_update(came)
+                elif seen is None:  # nobody asks about this book
+                    copy.gone.clear()
+                    copy.came.clear()
                 return copy
             self._query_from_now_on(book)
             return None
