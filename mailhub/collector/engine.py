@@ -780,6 +780,8 @@ class CollectorEngine:
             self._collected.inc()
             self.known.remember(user.login, r.key, final=bool(r.name))
             if self.state is not None:
+                # Its deletion is then seen even if no sync saw it exist.
+                self.books.written(collected, url, (r.key,))
                 await self.state.created(user.login, r.key)
             await self._announce(user, contact, home)
             return

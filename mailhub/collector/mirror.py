@@ -94,6 +94,10 @@ class _Copy:
         #: or changed, since the last time they were told (see BookMirror.find).
         self.gone: set[str] = set()
         self.came: set[str] = set()
+        #: Cards mailhub created since: href -> (write number, address keys).
+        #: One absent after a sync that started after the write was deleted
+        #: (a sync from an older token may not mention it at all).
+        self.written: dict[str, tuple[int, frozenset[str]]] = {}
 
     def clear(self) -> None:
         self.token = ""
@@ -153,6 +157,8 @@ class BookMirror:
         self._size = size
         self._clock = clock
         self._held = 0
+        #: Writes noted so far (see written()).
+        self._writes = 0
         # Least recently used first. Not a cachetools map: a copy weighs its
         # cards, which change after it is stored, and one a lookup holds
         # (its lock taken) must not be evicted under it (see _evict).
@@ -206,6 +212,19 @@ class BookMirror:
         elif copy is not None:
             copy.stale = True  # dropped by the lookup that holds it
 
+    def written(self, book: str, url: str, keys: Iterable[str]) -> None:
+        """mailhub created the card at ``url`` (with addresses ``keys``) in
+        ``book``: if a later sync no longer finds it, it was deleted, and
+        ``seen`` is told so (see :meth:`find`). Call it once the server
+        answered the PUT."""
+        if self._size <= 0 or self._is_queried(book):
+            return
+        copy = self._copies.get(_book_key(book))
+        if copy is None:
+            copy = self._copies[_book_key(book)] = _Copy()
+        self._writes += 1
+        copy.written[_href_key(url)] = (self._writes, frozenset(keys))
+
     def _is_queried(self, book: str) -> bool:
         return _book_key(book) in self._queried
 
@@ -229,10 +248,14 @@ class BookMirror:
                 copy.stale = False
                 self._held -= len(copy.cards)
                 copy.clear()
+                copy.written.clear()
             before = len(copy.cards)
             refused: SyncRefused | None = None
+            # Writes noted until now were answered before this sync starts.
+            mark = self._writes
             try:
                 await self._catch_up(book, copy)
+                self._judge_writes(copy, mark)
             except SyncRefused as e:
                 refused = e
             finally:
@@ -257,6 +280,15 @@ class BookMirror:
             self._query_from_now_on(book)
             return None
 
+    @staticmethod
+    def _judge_writes(copy: _Copy, mark: int) -> None:
+        """Cards mailhub wrote before the sync that the sync did not find: deleted."""
+        for href, (number, keys) in list(copy.written.items()):
+            if number <= mark:
+                del copy.written[href]
+                if href not in copy.cards:
+                    copy.gone.update(k for k in keys if k not in copy.by_key)
+
     async def _catch_up(self, book: str, copy: _Copy) -> None:
         fresh = not copy.token
         while True:
@@ -274,6 +306,7 @@ class BookMirror:
                 continue
             if changes is None:  # the book went away
                 copy.clear()
+                copy.written.clear()
                 return
             if sent and changes.token != sent and not (changes.changed or changes.removed):
                 # A new token and nothing to tell: the server does not know
