@@ -483,7 +483,10 @@ class CollectorEngine:
             # The user opted out (mailhub user set collect=off, or deleted
             # the collected book): nothing is collected, no book is made.
             for r in parsed.recipients:
-                self._skip(outcome, OPTED_OUT, r)
+                if r.key in own or user.owns(r.email):
+                    self._skip(outcome, "own", r)
+                else:
+                    self._skip(outcome, OPTED_OUT, r)
             return outcome
         now = self._clock.seconds()
         forget = self.state.forget_seconds if self.state is not None else 0.0
