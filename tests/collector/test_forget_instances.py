@@ -11,15 +11,18 @@ from __future__ import annotations
 
 from typing import Callable
 
-from tests.collector.test_end_to_end import (  # noqa: F401 (fixtures)
-    ALICE, PASSWORDS, Site, collected, external, handled, metric, peer, radicale,
-    read_collected, sites, vhost, wait_until,
+from tests.collector import test_end_to_end as e2e
+from tests.collector.test_end_to_end import (
+    ALICE, PASSWORDS, Site, external, handled, metric, read_collected, wait_until,
 )
 from tests.support import dav
 from tests.support.amqp_peer import WorkQueuePeer
 from tests.support.postgres import throwaway_database
 from tests.support.process import Mailhub
 from tests.support.radicale import RadicaleServer
+
+# The end-to-end tests' fixtures: a vhost, a queue, a Radicale, sites on them.
+vhost, peer, radicale, sites = e2e.vhost, e2e.peer, e2e.radicale, e2e.sites
 
 
 def test_two_instances_honour_one_tombstone(
