@@ -17,6 +17,9 @@ for a user who does not organise it ([collector] calendar = organizer).
 For each address, in order: reject what is not an address; skip the user's
 own addresses; skip the addresses never collected (robots, bounces, the
 site's lists, configured domains: :class:`~mailhub.collector.rules.Exclusions`);
+skip what the user decided (:class:`~mailhub.collector.state.CollectorState`:
+an opted-out user collects nothing, and no book is made for them; blocked
+addresses; addresses whose card the user deleted, seen by the book's copy);
 skip addresses of site users ([collector] skip_site_users);
 skip addresses with a contact in any of the user's books (read from a local
 copy of each book that a sync-collection REPORT brings up to date first, or
