@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -237,8 +239,9 @@ class CommandLineTests(SynchronousTestCase):
     through the directory's change log (as another process's change is)."""
 
     def setUp(self) -> None:
-        self.folder = Path(self.mktemp())
-        self.folder.mkdir()
+        # A system temp folder: trial's mktemp writes into the working directory.
+        self.folder = Path(tempfile.mkdtemp(prefix="mailhub-forget-"))
+        self.addCleanup(shutil.rmtree, self.folder, True)
         self.ini = self.folder / "mailhub.ini"
         self.ini.write_text("[mailhub]\ndata = %s\n" % (self.folder / "data"))
         self.assertEqual(self.mailhub("user", "add", "alice@example.org", "--name", "Alice")[0], 0)
