@@ -174,6 +174,9 @@ class CollectorSection:
     max_contacts: int = 0  # collected contacts kept per user at most (0: no cap)
     expire_days: int = 0  # collected contacts unused this many days are removed (0: never)
     retention_interval: float = 86400.0  # seconds between two retention passes
+    forget: bool = True  # a contact the user deletes is not collected again (doc/collector.rst)
+    forget_days: int = 0  # days a contact the user deleted stays uncollected; 0: for ever
+    book_opt_out: bool = True  # deleting the collected book turns collection off for the user
 
 
 #: The values of ``[hooks] status_codes``.
@@ -327,7 +330,7 @@ def _whole_number(raw: str) -> int:
 #: Whole-number keys for which 0 means "none" (every other one must be positive).
 _ZERO_ALLOWED = frozenset([("collector", "mirror_size"), ("mailhub", "health_reserve"),
                            ("collector", "dead_letter_days"), ("collector", "max_contacts"),
-                           ("collector", "expire_days")])
+                           ("collector", "expire_days"), ("collector", "forget_days")])
 
 
 def _positive_float(raw: str) -> float:

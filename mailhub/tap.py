@@ -27,6 +27,7 @@ from mailhub.collector.embedded import EmbeddedDAV
 from mailhub.collector.engine import CollectorEngine
 from mailhub.collector.retention import Retention, RetentionService
 from mailhub.collector.rules import esn_ids_of, exclusions_of
+from mailhub.collector.state import CollectorState
 from mailhub.collector.sources import CalendarSource, MailSource
 from mailhub.config import Config, discover
 from mailhub.directory.service import Directory
@@ -306,22 +307,31 @@ def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, rea
                             timeout=config.carddav.timeout,
                             concurrency=config.carddav.concurrency, metrics=metrics)
     collector = config.collector
+    state = None
+    if directory is not None:
+        # Tombstones, opt-outs and block lists: in the database, cached here,
+        # dropped as the directory reads each change (doc/collector.rst).
+        state = CollectorState(directory.store, reactor, forget_days=collector.forget_days,
+                               forget=collector.forget, book_opt_out=collector.book_opt_out)
+        directory.on_change.append(state.directory_changed)
     engine = CollectorEngine(users, carddav, layout, pubsub.hub, metrics, reactor,
                              skip_site_users=collector.skip_site_users,
                              cache_ttl=collector.cache_ttl, cache_size=collector.cache_size,
                              mirror_size=collector.mirror_size,
                              max_addresses=collector.max_addresses,
-                             calendar=collector.calendar, note=collector.note,
+                             calendar=collector.calendar, note=collector.note, state=state,
                              exclusions=exclusions_of(collector, directory, reactor),
                              esn_ids=esn_ids_of(collector, directory,
                                                 ldap.source if ldap is not None else None),
                              rank=collector.rank)
     # Expiry and the cap: a pass every retention_interval, off the message
-    # path (doc/collector.rst). on_removed is the forget rules' hook.
+    # path (doc/collector.rst). What it removes is recorded as mailhub's
+    # doing first, so the forget rules do not take it for the user's.
     retention = Retention(users, carddav, layout, reactor,
                           max_contacts=collector.max_contacts,
                           expire_days=collector.expire_days, usage=engine.usage,
-                          metrics=metrics)
+                          metrics=metrics,
+                          on_removed=state.removed_by_collector if state is not None else None)
     RetentionService(retention, reactor, collector.retention_interval).setServiceParent(top)
     # Without a broker the queue lives in {data}/collector-spool (doc/collector.rst).
     queue = pubsub.work_queue(collector.queue, dead_letter=collector.dead_letter,

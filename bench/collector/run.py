@@ -18,8 +18,14 @@ change of load on a shared machine hits both sides; the ratios are given per
 round and as medians. The engine's CardDAV requests per contact, by method,
 say where any extra server work goes.
 
+With ``--forget`` the engine has the per-user rules of issue 13 on
+(:class:`~mailhub.collector.state.CollectorState` on a SQLite store in its own
+thread pool, as the server has it): tombstones, opt-out and block list are
+checked for every address, and the database reads made are reported
+(``state_db_reads``: one per user, none per message).
+
 Usage: ``.venv/bin/python bench/collector/run.py [--contacts 400] [--rounds 3]
-[--rank on|off]`` (``[collector] rank``, on by default: new cards carry their
+[--rank on|off] [--forget]`` (``[collector] rank``, on by default: new cards carry their
 ranking, and a re-collected contact counts a use in memory; its card is
 rewritten at most once a day, never within a run).
 """
@@ -45,6 +51,8 @@ from twisted.web.client import Agent, HTTPConnectionPool  # noqa: E402
 from twisted.web.http_headers import Headers  # noqa: E402
 
 from mailhub.collector.carddav import BookLayout, CardDAVClient  # noqa: E402
+from mailhub.collector.state import CollectorState  # noqa: E402
+from mailhub.directory.sql import StoreService  # noqa: E402
 from mailhub.collector.engine import CollectorEngine, message_body  # noqa: E402
 from mailhub.collector.vcard import Contact, contact_uuid, to_vcard  # noqa: E402
 from mailhub.directory.model import User  # noqa: E402
@@ -190,9 +198,17 @@ def median(values: list[float]) -> float:
     return (ordered[middle - 1] + ordered[middle]) / 2
 
 
-async def main(reactor: Any, contacts: int, rounds: int, rank: bool = True) -> None:
+async def main(reactor: Any, contacts: int, rounds: int, rank: bool = True,
+               forget: bool = False) -> None:
     server = RadicaleServer({"alice@example.org": "pw"})
     server.start()
+    state: CollectorState | None = None
+    database: StoreService | None = None
+    if forget:
+        database = StoreService("sqlite:///%s/bench.sqlite" % server.folder, "main", reactor)
+        database.startService()
+        await database.store.migrate()
+        state = CollectorState(database.store, reactor)
     # Radicale's own server closes every connection after its answer, so
     # both sides open one per request (keep-alive would only add retries).
     pool = HTTPConnectionPool(reactor, persistent=False)
@@ -214,7 +230,7 @@ async def main(reactor: Any, contacts: int, rounds: int, rank: bool = True) -> N
             dav = CardDAVClient(http, reactor, credentials=server.service, timeout=30,
                                 concurrency=CONCURRENCY, metrics=metrics)
             engine = CollectorEngine(users, dav, layout, Hub(), metrics, reactor,
-                                     skip_site_users=False, rank=rank)
+                                     skip_site_users=False, rank=rank, state=state)
             figures["plain"].append(await measured(server, cpu["plain"], Deferred.fromCoroutine(
                 baseline(http, server, contacts, "base%d" % r))))
             figures["engine"].append(await measured(server, cpu["engine"], run_engine(
@@ -257,10 +273,14 @@ async def main(reactor: Any, contacts: int, rounds: int, rank: bool = True) -> N
             "recollect_cached_per_s": round(cached, 1),
             "recollect_uncached_per_s": round(uncached, 1),
             "puts_during_recollect": puts_during,
+            "forget": state is not None,
+            "state_db_reads": state.reads if state is not None else None,
         }
         print(json.dumps(result, indent=2))
     finally:
         await pool.closeCachedConnections()
+        if database is not None:
+            await database.stopService()
         server.cleanup()
 
 
@@ -270,7 +290,9 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rank", choices=("on", "off"), default="on",
                         help="[collector] rank: ranking properties in the cards (default on)")
+    parser.add_argument("--forget", action="store_true",
+                        help="with issue 13's per-user rules (tombstones...) on")
     args = parser.parse_args()
     os.environ.setdefault("PYTHONHASHSEED", "0")
     task.react(lambda reactor: Deferred.fromCoroutine(
-        main(reactor, args.contacts, args.rounds, args.rank == "on")))
+        main(reactor, args.contacts, args.rounds, args.rank == "on", args.forget)))

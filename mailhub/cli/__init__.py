@@ -43,7 +43,7 @@ from mailhub.cli.groups import group_add, group_list, group_remove
 from mailhub.cli.token import (
     TOKEN_CHANGED, TOKEN_UPDATE, add_create_arguments, token_create, token_list, token_revoke,
 )
-from mailhub.cli.users import user_add, user_list, user_passwd, user_remove
+from mailhub.cli.users import SETTINGS, user_add, user_list, user_passwd, user_remove, user_set
 from mailhub.config import Config
 from mailhub.directory.model import GROUP_TYPES, PRIVACY
 from mailhub.push import dovecot_config
@@ -170,6 +170,13 @@ def parser(out: TextIO | None = None) -> argparse.ArgumentParser:
     passwd.add_argument("user", metavar="EMAIL", help="an address of the user (or the id)")
     remove = action(user, "remove", user_remove, "delete a user")
     remove.add_argument("user", metavar="ID_OR_EMAIL")
+    setter = action(user, "set", user_set,
+                    "change a user's collector settings (collect=on|off, block=ADDRESS|@DOMAIN, "
+                    "unblock=..., unforget=ADDRESS|all) and print them")
+    setter.add_argument("user", metavar="LOGIN",
+                        help="a site user's address or id, or an LDAP user's login")
+    setter.add_argument("settings", metavar="NAME=VALUE", nargs="*",
+                        help="any of %s; none: only print the settings" % ", ".join(SETTINGS))
 
     dead.add_arguments(verbs, config_option, kind)
 

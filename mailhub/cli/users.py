@@ -1,4 +1,5 @@
-"""``mailhub user add|list|passwd|remove``: the site's users (profiles)."""
+"""``mailhub user add|list|passwd|remove|set``: the site's users (profiles), and
+each user's collector settings (``set``: opt-out, block list, forgotten addresses)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from mailhub.cli.common import (
 from mailhub.config import Config
 from mailhub.directory.model import Email, Profile, new_profile_id
 from mailhub.directory.sql import SQLStore
+from mailhub.collector.state import REASON_CLI, block_entry, login_key
 from mailhub.directory.users import hash_password
 from mailhub.errors import NotFound
 
@@ -78,4 +80,67 @@ def user_remove(config: Config, args: argparse.Namespace, io: IO) -> int:
         profile = _find_user(store, args.user)
         result_of(store.remove_profile(profile.id))
     io.stdout.write("removed user %s (%s)\n" % (profile.id, profile.login))
+    return OK
+
+
+#: The settings ``mailhub user set`` takes, as NAME=VALUE (doc/cli.rst).
+SETTINGS = ("collect", "block", "unblock", "unforget")
+
+
+def _settings(pairs: list[str]) -> list[tuple[str, str]]:
+    """NAME=VALUE pairs, checked; Exit(1) saying what is wrong."""
+    out = []
+    for pair in pairs:
+        name, eq, value = pair.partition("=")
+        name, value = name.strip().lower(), value.strip()
+        if not eq or name not in SETTINGS:
+            raise Exit(BAD, "%r: expected NAME=VALUE with NAME one of %s"
+                       % (pair, ", ".join(SETTINGS)))
+        if name == "collect" and value not in ("on", "off"):
+            raise Exit(BAD, "%r: collect is on or off" % pair)
+        if name in ("block", "unblock") and block_entry(value) is None:
+            raise Exit(BAD, "%r: expected an address (bob@example.org) or a domain "
+                       "(@example.org)" % pair)
+        if name == "unforget" and value != "all" and block_entry(value) is None:
+            raise Exit(BAD, "%r: expected an address, or all" % pair)
+        out.append((name, value))
+    return out
+
+
+def user_set(config: Config, args: argparse.Namespace, io: IO) -> int:
+    """Change a user's collector settings, then print them.
+
+    LOGIN is a site user's address or id, or any other login (an LDAP
+    user's): the collector names users by login.
+    """
+    settings = _settings(args.settings)
+    with stored(config) as store:
+        login = args.user.strip()
+        if not login:
+            raise Exit(BAD, "the login must not be empty")
+        try:
+            login = _find_user(store, login).login
+        except NotFound:
+            pass  # not a site profile: an LDAP login, taken as given
+        key = login_key(login)
+        for name, value in settings:
+            if name == "collect" and value == "off":
+                result_of(store.set_collector_user(key, collect=False, reason=REASON_CLI))
+            elif name == "collect":
+                # On again; the book, if deleted, may be made again.
+                result_of(store.set_collector_user(key, collect=True, book_seen=False,
+                                                   reason=""))
+            elif name == "block":
+                result_of(store.change_blocks(key, add=[block_entry(value) or value]))
+            elif name == "unblock":
+                result_of(store.change_blocks(key, remove=[block_entry(value) or value]))
+            else:
+                keys = [] if value == "all" else [block_entry(value) or value]
+                result_of(store.remove_tombstones(key, keys))
+        row = result_of(store.collector_state(key))
+    forgotten = sorted(k for k, (_, by) in row.tombstones.items() if by == "user")
+    io.stdout.write("%s: collect=%s%s\n" % (login, "on" if row.collect else "off",
+                                            " (%s)" % row.reason if row.reason else ""))
+    io.stdout.write("blocked: %s\n" % (", ".join(row.blocks) or "-"))
+    io.stdout.write("forgotten: %s\n" % (", ".join(forgotten) or "-"))
     return OK

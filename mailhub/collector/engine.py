@@ -17,6 +17,9 @@ for a user who does not organise it ([collector] calendar = organizer).
 For each address, in order: reject what is not an address; skip the user's
 own addresses; skip the addresses never collected (robots, bounces, the
 site's lists, configured domains: :class:`~mailhub.collector.rules.Exclusions`);
+skip what the user decided (:class:`~mailhub.collector.state.CollectorState`:
+an opted-out user collects nothing, and no book is made for them; blocked
+addresses; addresses whose card the user deleted, seen by the book's copy);
 skip addresses of site users ([collector] skip_site_users);
 skip addresses with a contact in any of the user's books (read from a local
 copy of each book that a sync-collection REPORT brings up to date first, or
@@ -80,6 +83,7 @@ from mailhub.collector.carddav import (
 from mailhub.collector.mirror import BookMirror
 from mailhub.collector.retention import RANK_INTERVAL, Usage
 from mailhub.collector.rules import DEFAULT_NOTE, EsnIds, Exclusions, Origin, note_text
+from mailhub.collector.state import OPTED_OUT, CollectorState
 from mailhub.collector.vcard import (
     Contact, choose_version, contact_uuid, parse_vcard, ranking_of, to_jcard, to_vcard,
     with_name, with_ranking,
@@ -115,6 +119,10 @@ class Outcome:
 
     def skip(self, reason: str, address: str) -> None:
         self.skipped.setdefault(reason, []).append(address)
+
+
+class OptedOut(Exception):
+    """The user deleted their collected book: collection is off for them."""
 
 
 class KnownAddresses:
@@ -306,7 +314,8 @@ class CollectorEngine:
                  book_display_name: str = "Collected contacts",
                  max_addresses: int = 1000, calendar: str = "organizer",
                  exclusions: Exclusions | None = None, esn_ids: EsnIds | None = None,
-                 note: str = DEFAULT_NOTE, rank: bool = True) -> None:
+                 note: str = DEFAULT_NOTE, rank: bool = True,
+                 state: CollectorState | None = None) -> None:
         if calendar not in ("organizer", "all"):
             raise ValueError("calendar must be organizer or all, not %r" % calendar)
         self._users = users
@@ -314,6 +323,8 @@ class CollectorEngine:
         self._exclusions = exclusions or Exclusions()
         self.esn_ids = esn_ids or EsnIds()
         self._note = note
+        #: Each user's tombstones, opt-out and block list (None: no such rules).
+        self.state = state
         self._dav = carddav
         self._layout = layout
         self._hub = hub
@@ -487,11 +498,25 @@ class CollectorEngine:
         todo: list[Recipient] = []
         in_collected: list[Recipient] = []
         exclusions = self._exclusions
+        mine = await self.state.of(user.login) if self.state is not None else None
+        if mine is not None and not mine.collect:
+            # The user opted out (mailhub user set collect=off, or deleted
+            # the collected book): nothing is collected, no book is made.
+            for r in parsed.recipients:
+                if r.key in own or user.owns(r.email):
+                    self._skip(outcome, "own", r)
+                else:
+                    self._skip(outcome, OPTED_OUT, r)
+            return outcome
+        now = self._clock.seconds()
+        forget = self.state.forget_seconds if self.state is not None else 0.0
         for r in parsed.recipients:
             if r.key in own or user.owns(r.email):
                 self._skip(outcome, "own", r)
                 continue
             excluded = exclusions.reason(r.key)
+            if excluded is None and mine is not None:
+                excluded = mine.skip_reason(r.key, now, forget)
             if excluded is not None:
                 self._skip(outcome, excluded, r)
                 continue
@@ -576,7 +601,8 @@ class CollectorEngine:
         """Cards by key for ``todo`` in the collected book alone (none when it is gone)."""
         by_key: dict[str, list[Card]] = {r.key: [] for r in todo}
         spellings = [s for r in todo for s in (r.forms or (r.email,))]
-        for card in await self.books.find(self._layout.book(user), by_key, spellings):
+        for card in await self.books.find(self._layout.book(user), by_key, spellings,
+                                          self._seen(user, True)):
             for email in parse_vcard(card.text).emails:
                 key = address_key(email)
                 if key in by_key and card not in by_key[key]:
@@ -596,20 +622,59 @@ class CollectorEngine:
         books = await self._dav.books(self._layout.home(user))
         by_key: dict[str, list[Card]] = {r.key: [] for r in todo}
         spellings = [s for r in todo for s in (r.forms or (r.email,))]
-        for found in await _settle(self.books.find(b.url, by_key, spellings) for b in books):
+        collected_books = [same_collection(b.url, collected) for b in books]
+        for found in await _settle(
+                self.books.find(b.url, by_key, spellings, self._seen(user, is_collected))
+                for b, is_collected in zip(books, collected_books)):
             for card in found:
                 for email in parse_vcard(card.text).emails:
                     key = address_key(email)
                     if key in by_key and card not in by_key[key]:
                         by_key[key].append(card)
-        mine = [b for b in books if same_collection(b.url, collected)]
+        mine = [b for b, is_collected in zip(books, collected_books) if is_collected]
         if mine:
             self._learn_version(collected, mine[0].versions)
+            if self.state is not None:
+                await self.state.saw_book(user.login)
         else:
             self.books.forget(collected)  # gone: a book made anew starts afresh
             if not all(by_key.values()):
+                await self._book_gone(user)
                 await self._make_book(collected, books)
+                if self.state is not None:
+                    await self.state.saw_book(user.login)
         return by_key
+
+    async def _book_gone(self, user: User) -> None:
+        """The collected book is missing: if mailhub had seen it, the user
+        deleted it, which turns collection off for them (raises OptedOut)."""
+        if self.state is None:
+            return
+        state = await self.state.of(user.login)
+        if not state.collect:
+            raise OptedOut(user.login)
+        if state.book_seen and self.state.book_opt_out:
+            self.known.forget(user.login)
+            await self.state.book_deleted(user.login)
+            raise OptedOut(user.login)
+
+    def _seen(self, user: User, collected: bool) -> Callable[[list[str], list[str]],
+                                                             Awaitable[None]] | None:
+        """What a book's copy tells after a sync (see BookMirror.find): an
+        address gone from the collected book is tombstoned; one added to any
+        book lifts its tombstone."""
+        state = self.state
+        if state is None:
+            return None
+
+        async def seen(gone: list[str], came: list[str]) -> None:
+            if came:
+                await state.present(user.login, came)
+            if gone and collected and state.forget:
+                for key in gone:
+                    self.known.forget(user.login, key)
+                await state.deleted(user.login, gone)
+        return seen
 
     async def _make_book(self, collected: str, siblings: list[Book]) -> None:
         """Create the collected book, and learn which vCard version it takes.
@@ -655,12 +720,28 @@ class CollectorEngine:
                      origin: Origin) -> None:
         collected = self._layout.book(user)
         home = self._layout.home(user)
-        by_key = await self.lookups.lookup(collected, user, todo)
+        try:
+            by_key = await self.lookups.lookup(collected, user, todo)
+        except OptedOut:
+            for r in todo:
+                self._skip(outcome, OPTED_OUT, r)
+            return
+        mine_state = await self.state.of(user.login) if self.state is not None else None
         new: list[Recipient] = []
         fills: list[Awaitable[None]] = []
         for r in todo:
             cards = by_key[r.key]
             if not cards:
+                if mine_state is not None:
+                    # The lookup's sync may have just seen the user delete it.
+                    if not mine_state.collect:
+                        self._skip(outcome, OPTED_OUT, r)
+                        continue
+                    excluded = mine_state.skip_reason(r.key, self._clock.seconds(),
+                                                      self.state.forget_seconds)  # type: ignore[union-attr]
+                    if excluded is not None:
+                        self._skip(outcome, excluded, r)
+                        continue
                 new.append(r)
                 continue
             named = any(parse_vcard(c.text).has_display_name() for c in cards)
@@ -681,9 +762,18 @@ class CollectorEngine:
                              for r in new], self._put_window)
         except BookMissing:
             # The collected book went away between the PROPFIND and the PUT:
-            # whatever was remembered about it is void. Make it and go again.
+            # whatever was remembered about it is void. Make it and go again
+            # (unless that was the user deleting it: then they opted out).
             self.known.forget(user.login)
             self.books.forget(collected)
+            done = set(outcome.created) | {a for v in outcome.skipped.values() for a in v}
+            try:
+                await self._book_gone(user)
+            except OptedOut:
+                for r in new:
+                    if r.email not in done:
+                        self._skip(outcome, OPTED_OUT, r)
+                return
             # Made again at the same URL, on the same server: the version
             # learnt for it stands.
             await self._dav.create_book(collected, self._book_display_name)
@@ -718,6 +808,10 @@ class CollectorEngine:
             outcome.created.append(r.email)
             self._collected.inc()
             self.known.remember(user.login, r.key, final=bool(r.name))
+            if self.state is not None:
+                # Its deletion is then seen even if no sync saw it exist.
+                self.books.written(collected, url, (r.key,))
+                await self.state.created(user.login, r.key)
             await self._announce(user, contact, home)
             return
         # 412: it exists (an earlier delivery or another instance wrote it).

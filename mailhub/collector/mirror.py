@@ -31,7 +31,7 @@ returns are these summaries; whoever changes a card GETs it first.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterable
+from typing import Awaitable, Callable, Iterable
 from urllib.parse import unquote, urlsplit
 
 from cachetools import TTLCache
@@ -53,6 +53,10 @@ QUERIED_MAX = 10_000
 #: Lines of a card a copy keeps (what :func:`parse_vcard` reads for a lookup,
 #: and the ranking's dates, so a use can tell whether the card's ranking is due).
 _KEPT = frozenset(["EMAIL", "FN", "UID", X_LAST_USED, X_FIRST_SEEN])
+
+
+#: Told which addresses went from a book and which came (see BookMirror.find).
+Seen = Callable[[list[str], list[str]], Awaitable[None]]
 
 
 def _href_key(url: str) -> str:
@@ -88,15 +92,28 @@ class _Copy:
         self.lock = DeferredLock()
         #: Set when the book was forgotten while a lookup held the copy.
         self.stale = False
+        #: Address keys whose last card went away, and keys of cards added
+        #: or changed, since the last time they were told (see BookMirror.find).
+        self.gone: set[str] = set()
+        self.came: set[str] = set()
+        #: Cards mailhub created since: href -> (write number, address keys).
+        #: One absent after a sync that started after the write was deleted
+        #: (a sync from an older token may not mention it at all).
+        self.written: dict[str, tuple[int, frozenset[str]]] = {}
 
     def clear(self) -> None:
         self.token = ""
         self.cards.clear()
         self.keys.clear()
         self.by_key.clear()
+        # Read afresh, a book says nothing of what went away meanwhile.
+        self.gone.clear()
+        self.came.clear()
 
     def apply(self, changes: Changes) -> None:
+        removed: set[str] = set()
         for href in changes.removed:
+            removed.update(self.keys.get(_href_key(href), ()))
             self._forget(_href_key(href))
         for card in changes.changed:
             href = _href_key(card.url)
@@ -107,6 +124,9 @@ class _Copy:
             self.keys[href] = keys
             for key in keys:
                 self.by_key.setdefault(key, set()).add(href)
+            self.came.update(keys)
+        self.gone.update(k for k in removed if k not in self.by_key)
+        self.gone.difference_update(self.by_key.keys() & self.gone)
         self.token = changes.token
 
     def _forget(self, href: str) -> None:
@@ -139,6 +159,8 @@ class BookMirror:
         self._size = size
         self._clock = clock
         self._held = 0
+        #: Writes noted so far (see written()).
+        self._writes = 0
         # Least recently used first. Not a cachetools map: a copy weighs its
         # cards, which change after it is stored, and one a lookup holds
         # (its lock taken) must not be evicted under it (see _evict).
@@ -159,14 +181,22 @@ class BookMirror:
         """Cards held now, over all books."""
         return self._held
 
-    async def find(self, book: str, keys: Iterable[str], spellings: Iterable[str]) -> list[Card]:
+    async def find(self, book: str, keys: Iterable[str], spellings: Iterable[str],
+                   seen: Seen | None = None) -> list[Card]:
         """Cards of ``book`` having an email whose :func:`address_key` is in ``keys``.
 
         ``spellings`` are the forms to ask for where the book is queried
         instead (see :meth:`CardDAVClient.find_emails`).
+
+        ``seen`` (optional) is told, after a sync-collection and before the
+        answer, which addresses lost their last card in the book since it
+        was last told (first argument) and which were added or changed
+        (second): the collector's tombstones (:mod:`mailhub.collector.state`).
+        A book read whole (first read, forgotten token) tells no removal.
+        When ``seen`` fails, what it was to be told is kept for the next time.
         """
         if self._size > 0 and not self._is_queried(book):
-            copy = await self._synced(book)
+            copy = await self._synced(book, seen)
             if copy is not None:
                 return copy.find(keys)
         return await self._dav.find_emails(book, spellings)
@@ -184,6 +214,19 @@ class BookMirror:
         elif copy is not None:
             copy.stale = True  # dropped by the lookup that holds it
 
+    def written(self, book: str, url: str, keys: Iterable[str]) -> None:
+        """mailhub created the card at ``url`` (with addresses ``keys``) in
+        ``book``: if a later sync no longer finds it, it was deleted, and
+        ``seen`` is told so (see :meth:`find`). Call it once the server
+        answered the PUT."""
+        if self._size <= 0 or self._is_queried(book):
+            return
+        copy = self._copies.get(_book_key(book))
+        if copy is None:
+            copy = self._copies[_book_key(book)] = _Copy()
+        self._writes += 1
+        copy.written[_href_key(url)] = (self._writes, frozenset(keys))
+
     def _is_queried(self, book: str) -> bool:
         return _book_key(book) in self._queried
 
@@ -192,7 +235,7 @@ class BookMirror:
         self._queried[key] = True
         self._drop(key)
 
-    async def _synced(self, book: str) -> _Copy | None:
+    async def _synced(self, book: str, seen: Seen | None = None) -> _Copy | None:
         """The copy of ``book``, brought up to date now; None to query it instead."""
         key = _book_key(book)
         copy = self._copies.get(key)
@@ -202,15 +245,19 @@ class BookMirror:
         async with copy.lock:
             if self._copies.get(key) is not copy or self._is_queried(book):
                 # Dropped or decided while this lookup waited: start again.
-                return None if self._is_queried(book) else await self._synced(book)
+                return None if self._is_queried(book) else await self._synced(book, seen)
             if copy.stale:
                 copy.stale = False
                 self._held -= len(copy.cards)
                 copy.clear()
+                copy.written.clear()
             before = len(copy.cards)
             refused: SyncRefused | None = None
+            # Writes noted until now were answered before this sync starts.
+            mark = self._writes
             try:
                 await self._catch_up(book, copy)
+                self._judge_writes(copy, mark)
             except SyncRefused as e:
                 refused = e
             finally:
@@ -223,9 +270,26 @@ class BookMirror:
                               "it is queried, not copied", book=book, count=len(copy.cards))
             else:
                 self._evict(keep=key)
+                if seen is not None and (copy.gone or copy.came):
+                    gone, came = sorted(copy.gone), sorted(copy.came)
+                    await seen(gone, came)
+                    copy.gone.difference_update(gone)
+                    copy.came.difference_update(came)
+                elif seen is None:  # nobody asks about this book
+                    copy.gone.clear()
+                    copy.came.clear()
                 return copy
             self._query_from_now_on(book)
             return None
+
+    @staticmethod
+    def _judge_writes(copy: _Copy, mark: int) -> None:
+        """Cards mailhub wrote before the sync that the sync did not find: deleted."""
+        for href, (number, keys) in list(copy.written.items()):
+            if number <= mark:
+                del copy.written[href]
+                if href not in copy.cards:
+                    copy.gone.update(k for k in keys if k not in copy.by_key)
 
     async def _catch_up(self, book: str, copy: _Copy) -> None:
         fresh = not copy.token
@@ -244,6 +308,7 @@ class BookMirror:
                 continue
             if changes is None:  # the book went away
                 copy.clear()
+                copy.written.clear()
                 return
             if sent and changes.token != sent and not (changes.changed or changes.removed):
                 # A new token and nothing to tell: the server does not know

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 from urllib.parse import urlsplit
 
+import attrs
+
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorFromThreads
@@ -115,7 +117,33 @@ MIGRATIONS: list[list[str]] = [
         )""",
     ],
     [
-        # Version 5 (scale-out): the failure throttle shared by the instances.
+        # Version 3 (collector-forget): per-user collector state shared by
+        # every instance: the switch (collect, and whether the collected book
+        # was seen, so its deletion reads as an opt-out), the addresses the
+        # user deleted (tombstones; by = 'user') or mailhub removed itself
+        # (by = 'mailhub': not a user's deletion), and the block list.
+        """CREATE TABLE collector_users (
+            login TEXT PRIMARY KEY,
+            collect {bool} NOT NULL,
+            book_seen {bool} NOT NULL,
+            reason TEXT NOT NULL,
+            changed TEXT NOT NULL
+        )""",
+        """CREATE TABLE collector_tombstones (
+            login TEXT NOT NULL,
+            address_key TEXT NOT NULL,
+            at {real} NOT NULL,
+            by_whom TEXT NOT NULL,
+            PRIMARY KEY (login, address_key)
+        )""",
+        """CREATE TABLE collector_blocks (
+            login TEXT NOT NULL,
+            entry TEXT NOT NULL,
+            PRIMARY KEY (login, entry)
+        )""",
+    ],
+    [
+        # Version 4 (scale-out): the failure throttle shared by the instances.
         # Each row is one instance's batch for one (login, client): a reset
         # (a success after failures) and/or failures. Rows older than the
         # throttle's memory are pruned (mailhub.shared_throttle).
@@ -131,6 +159,21 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX throttle_events_at ON throttle_events (at)",
     ],
 ]
+
+
+@attrs.frozen
+class CollectorRow:
+    """One user's collector state as the database holds it.
+
+    ``tombstones``: address key -> (seconds since the epoch, ``user`` or
+    ``mailhub``); ``blocks``: the block list's entries.
+    """
+
+    collect: bool = True
+    book_seen: bool = False
+    reason: str = ""
+    tombstones: dict[str, tuple[float, str]] = attrs.Factory(dict)
+    blocks: list[str] = attrs.Factory(list)
 
 
 def now() -> str:
@@ -696,6 +739,91 @@ class SQLStore:
             return int(tx.execute(
                 "DELETE FROM throttle_events WHERE at < ? AND seq < "
                 "(SELECT MAX(seq) FROM throttle_events)", (before,)).rowcount)
+        return self._write(work)
+
+    # -- collector state (mailhub.collector.state) ------------------------------
+
+    def collector_state(self, login: str) -> "Deferred[CollectorRow]":
+        """One user's collector settings, tombstones and block list (one read)."""
+        def work(tx: _Transaction) -> CollectorRow:
+            row = tx.one("SELECT collect, book_seen, reason FROM collector_users "
+                         "WHERE login = ?", (login,))
+            tombstones = {r[0]: (float(r[1]), r[2]) for r in tx.all(
+                "SELECT address_key, at, by_whom FROM collector_tombstones WHERE login = ?",
+                (login,))}
+            blocks = [r[0] for r in tx.all(
+                "SELECT entry FROM collector_blocks WHERE login = ? ORDER BY entry", (login,))]
+            return CollectorRow(
+                collect=bool(row[0]) if row else True, book_seen=bool(row[1]) if row else False,
+                reason=row[2] if row else "", tombstones=tombstones, blocks=blocks)
+        return self._read(work)
+
+    def set_collector_user(self, login: str, *, collect: bool | None = None,
+                           book_seen: bool | None = None, reason: str | None = None,
+                           only_if_collecting: bool = False) -> "Deferred[bool]":
+        """Change a user's switch and/or whether their book was seen; True when
+        something changed. ``only_if_collecting``: leave an opted-out user as is."""
+        def work(tx: _Transaction) -> bool:
+            row = tx.one("SELECT collect, book_seen, reason FROM collector_users "
+                         "WHERE login = ?", (login,))
+            old = (bool(row[0]), bool(row[1]), row[2]) if row else (True, False, "")
+            if only_if_collecting and not old[0]:
+                return False
+            new = (old[0] if collect is None else collect,
+                   old[1] if book_seen is None else book_seen,
+                   old[2] if reason is None else reason)
+            if row is not None and new == old:
+                return False
+            if row is None:
+                tx.execute("INSERT INTO collector_users (login, collect, book_seen, reason, "
+                           "changed) VALUES (?, ?, ?, ?, ?)", (login, *new, now()))
+            else:
+                tx.execute("UPDATE collector_users SET collect = ?, book_seen = ?, "
+                           "reason = ?, changed = ? WHERE login = ?", (*new, now(), login))
+            tx.changed("collector", login)
+            return True
+        return self._write(work)
+
+    def set_tombstones(self, login: str, keys: Sequence[str], at: float,
+                       by_whom: str) -> "Deferred[None]":
+        """Record (or replace) tombstones of ``keys`` for ``login``."""
+        def work(tx: _Transaction) -> None:
+            for key in keys:
+                tx.execute("DELETE FROM collector_tombstones WHERE login = ? "
+                           "AND address_key = ?", (login, key))
+                tx.execute("INSERT INTO collector_tombstones (login, address_key, at, "
+                           "by_whom) VALUES (?, ?, ?, ?)", (login, key, at, by_whom))
+            tx.changed("collector", login)
+        return self._write(work)
+
+    def remove_tombstones(self, login: str, keys: Sequence[str]) -> "Deferred[int]":
+        """Remove tombstones of ``keys`` for ``login`` (all when ``keys`` is
+        empty); how many were removed."""
+        def work(tx: _Transaction) -> int:
+            if keys:
+                removed = 0
+                for key in keys:
+                    removed += tx.execute("DELETE FROM collector_tombstones WHERE login = ? "
+                                          "AND address_key = ?", (login, key)).rowcount
+            else:
+                removed = tx.execute("DELETE FROM collector_tombstones WHERE login = ?",
+                                     (login,)).rowcount
+            if removed:
+                tx.changed("collector", login)
+            return int(removed)
+        return self._write(work)
+
+    def change_blocks(self, login: str, add: Sequence[str] = (),
+                      remove: Sequence[str] = ()) -> "Deferred[None]":
+        """Add entries to and remove entries from a user's block list."""
+        def work(tx: _Transaction) -> None:
+            for entry in remove:
+                tx.execute("DELETE FROM collector_blocks WHERE login = ? AND entry = ?",
+                           (login, entry))
+            for entry in add:
+                tx.execute("INSERT INTO collector_blocks (login, entry) VALUES (?, ?) "
+                           "ON CONFLICT (login, entry) DO NOTHING", (login, entry))
+            tx.changed("collector", login)
         return self._write(work)
 
     # -- change log -----------------------------------------------------------
