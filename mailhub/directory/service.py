@@ -32,7 +32,7 @@ from mailhub.directory.model import (
 )
 from mailhub.directory.tokens import SITE, Grant, TokenRecord, match
 from mailhub.errors import ValidationError
-from mailhub.steps import TurnBudget
+from mailhub.steps import TurnBudget, hold_full_collections
 
 
 class Directory(Service):
@@ -70,15 +70,12 @@ class Directory(Service):
         # Building a million profiles' objects would set off full garbage
         # collections, each scanning all of them while holding the GIL, in
         # whichever thread allocates (the database's included): the reactor
-        # would wait a second at a time. Nothing made here is cyclic, so the
-        # collector sleeps until the load is done and frozen.
-        collecting = gc.isenabled()
-        gc.disable()
+        # would wait a second at a time. None until the load is frozen.
+        release = hold_full_collections()
         try:
             await self._load()
         finally:
-            if collecting:
-                gc.enable()
+            release()
 
     async def _load(self) -> None:
         seq = await self.store.last_change()

@@ -41,7 +41,7 @@ from mailhub.directory.interfaces import IUserSource
 from mailhub.errors import Unavailable, ValidationError
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
-from mailhub.steps import TurnBudget
+from mailhub.steps import TurnBudget, hold_full_collections
 from mailhub.web.common import (
     HTTPError,
     form_fields,
@@ -164,6 +164,9 @@ class MailStoreIntegration:
         started = False
         pacer = _Pacer()
         count = 0
+        # The site's users come from a snapshot of the directory, LDAP's in
+        # pages: no full garbage collection traverses them meanwhile.
+        release = hold_full_collections()
         try:
             try:
                 first = await pages.__anext__()
@@ -220,6 +223,7 @@ class MailStoreIntegration:
             await _abort(request)
             return None
         finally:
+            release()
             close = getattr(pages, "aclose", None)
             if close is not None:
                 await close()

@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailhub.steps import TURN
+from mailhub.steps import TURN, hold_full_collections
 from mailhub.web.common import json_bytes
 
 T = TypeVar("T")
@@ -63,11 +63,18 @@ class StreamedBody:
         self._stopped = False
         self._call: IDelayedCall | None = None
         self.done: Deferred[None] = Deferred(self._cancelled)
+        self._release: Callable[[], None] = lambda: None
         #: Reactor turns taken so far (for tests and the benchmark).
         self.turns = 0
 
     def start(self) -> "Deferred[None]":
-        """Register on the request and write the first chunk now."""
+        """Register on the request and write the first chunk now.
+
+        No full garbage collection runs until the answer ends
+        (:func:`mailhub.steps.hold_full_collections`): the pieces come from
+        a snapshot of up to a million profiles."""
+        self.done.addBoth(self._release_collections)
+        self._release = hold_full_collections()
         self._request.registerProducer(self, True)
         self._request.notifyFinish().addErrback(self._gone)
         self._turn()
@@ -97,6 +104,10 @@ class StreamedBody:
             close()
 
     # -- the work -----------------------------------------------------------
+
+    def _release_collections(self, result: object) -> object:
+        self._release()
+        return result
 
     def _schedule(self) -> None:
         if self._call is None and not self._stopped and not self._paused:

@@ -150,3 +150,36 @@ class SiteListingTests(SynchronousTestCase):
         self.assertEqual(pages, [["aaa@site.example.test", "has@site.example.test"],
                                  ["none@site.example.test"]])
         self.assertEqual(asked, [])
+
+
+class FullCollectionTests(SynchronousTestCase):
+    """No full garbage collection runs while a list is written (see
+    mailhub.steps.hold_full_collections), and the setting comes back after."""
+
+    def test_the_listing_holds_full_collections_until_it_ends(self) -> None:
+        import gc
+
+        from mailhub.steps import NEVER
+
+        before = gc.get_threshold()
+        self.addCleanup(gc.set_threshold, *before)
+        seen: list[int] = []
+
+        class Watching(FakeUsers):
+            async def pages(self, page_size: int) -> Any:
+                async for page in super().pages(page_size):
+                    seen.append(gc.get_threshold()[2])
+                    yield page
+
+        clock = TurnClock()
+        store = MemoryStore()
+        site = SiteUserSource(store, clock, InlinePool())  # type: ignore[arg-type]
+        users = ChainedUserSource([site, Watching(count=5)])
+        settings = MailStoreSection(username="mailstore", password="Passw0rd")
+        surface = MailStoreIntegration(Config(mailstore=settings), users, Hub(), Metrics(),
+                                       clock, page_size=2)
+        http = StubTreq(surface.resource())
+        _, body = ListTests().listing(http, clock)
+        self.assertEqual(len(body), 5)
+        self.assertEqual(seen, [NEVER] * 3)
+        self.assertEqual(gc.get_threshold(), before)

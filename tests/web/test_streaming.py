@@ -4,6 +4,7 @@ needs the directory is a 503 with Retry-After until the directory has loaded."""
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 from typing import Any
@@ -23,7 +24,7 @@ from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from mailhub.web.common import json_bytes
 from mailhub.web.hooks import GroupHooks
-from mailhub.steps import TURN, sorted_in_steps
+from mailhub.steps import NEVER, TURN, hold_full_collections, sorted_in_steps
 from mailhub.web.streaming import CHUNK, StreamedBody, json_array, json_values
 
 TOKEN = "0123456789abcdefghijABCDEFGHIJ01"
@@ -284,6 +285,43 @@ class StreamedBodyTests(SynchronousTestCase):
         clock, request = TurnClock(), _Request()
         done = StreamedBody(request, broken(), clock).start()
         self.failureResultOf(done, ValueError)
+
+
+class FullCollectionTests(SynchronousTestCase):
+    """While a large answer is written, no full garbage collection traverses
+    its snapshot (bench/stall measured 80 to 300 ms each at a million
+    profiles); the young generations are collected as before."""
+
+    def setUp(self) -> None:
+        self.before = gc.get_threshold()
+        self.addCleanup(gc.set_threshold, *self.before)
+
+    def test_holds_nest_and_release_once_each(self) -> None:
+        first = hold_full_collections()
+        second = hold_full_collections()
+        self.assertEqual(gc.get_threshold(), self.before[:2] + (NEVER,))
+        first()
+        first()  # a second call of the same release changes nothing
+        self.assertEqual(gc.get_threshold()[2], NEVER)
+        second()
+        self.assertEqual(gc.get_threshold(), self.before)
+
+    def test_a_streamed_answer_holds_them_until_it_ends(self) -> None:
+        clock, request, made = TurnClock(), _Request(), []
+        done = StreamedBody(request, _pieces(100, made), clock, chunk=10_000).start()
+        self.assertEqual(gc.get_threshold(), self.before[:2] + (NEVER,))
+        while not done.called:
+            clock.turn()
+        self.successResultOf(done)
+        self.assertEqual(gc.get_threshold(), self.before)
+
+    def test_an_answer_cut_short_releases_them(self) -> None:
+        clock, request, made = TurnClock(), _Request(), []
+        done = StreamedBody(request, _pieces(1000, made), clock, chunk=10_000).start()
+        clock.turn()
+        request.finished.errback(Failure(ConnectionError("gone")))
+        self.failureResultOf(done, CancelledError)
+        self.assertEqual(gc.get_threshold(), self.before)
 
 
 class PieceTests(SynchronousTestCase):
