@@ -414,20 +414,7 @@ class CardDAVClient:
             "REPORT", book, (207, 404))
         if answer.code == 404:
             return []
-        cards = []
-        for href, prop in _responses(answer.body, book):
-            if same_collection(href, book):
-                continue
-            etag = (prop.findtext(_q("getetag")) or "").strip()
-            text = prop.findtext(_q("address-data", CARD)) or ""
-            if not text.strip():
-                fetched = await self.get(href)
-                if fetched is None:
-                    continue
-                cards.append(fetched)
-            else:
-                cards.append(Card(href, etag, text))
-        return cards
+        return await self._cards_of(answer.body, book)
 
     async def changes(self, book: str, token: str, urgent: bool = True) -> Changes | None:
         """The cards of ``book`` added, changed and removed since ``token``
@@ -548,8 +535,13 @@ class CardDAVClient:
             "REPORT", book, (207, 404))
         if answer.code == 404:
             return None
+        return await self._cards_of(answer.body, book)
+
+    async def _cards_of(self, body: bytes, book: str) -> list[Card]:
+        """The cards of a multistatus answer about ``book``'s members; a card
+        answered without its data (some servers) is fetched by GET."""
         cards = []
-        for href, prop in _responses(answer.body, book):
+        for href, prop in _responses(body, book):
             if same_collection(href, book):
                 continue
             etag = (prop.findtext(_q("getetag")) or "").strip()
