@@ -18,7 +18,7 @@ import datetime
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
@@ -293,6 +293,18 @@ class _Transaction:
         row = self.execute(statement, params).fetchone()
         return tuple(row) if row is not None else None
 
+    def rows(self, statement: str, params: Sequence[Any] = ()) -> Iterator[tuple[Any, ...]]:
+        """The rows of a query on a cursor of its own (several may be read
+        side by side in the transaction), turned into Python rows a batch at
+        a time: nothing holds the whole answer."""
+        cursor = self.cursor.connection.cursor()
+        try:
+            cursor.execute(self.dialect.sql(statement), tuple(params))
+            while batch := cursor.fetchmany(FETCH_BATCH):
+                yield from batch
+        finally:
+            cursor.close()
+
     def changed(self, kind: str, key: str) -> None:
         """Log a change; on PostgreSQL also tell every listening instance.
 
@@ -564,7 +576,40 @@ class SQLStore:
                         groups=tuple(groups[r[0]]), has_password=bool(r[3])) for r in rows]
 
     def load_profiles(self) -> "Deferred[list[Profile]]":
-        return self._read(lambda tx: self._profiles(tx))
+        return self._read(self._all_profiles)
+
+    def _all_profiles(self, tx: _Transaction) -> list[Profile]:
+        """Every profile, as :meth:`_profiles` makes them, from three answers
+        in the same order (the profile's id) read side by side.
+
+        No list of a million rows or dict of a million lists is made on the
+        way: freeing such a container at the end is one call that holds the
+        GIL, and the reactor waited half a second for it (bench/stall).
+        Every address and membership has its profile (foreign keys), so each
+        answer's rows for a profile follow one another as the profiles do;
+        ids are compared for equality only, so the database's collation
+        decides the order alone.
+        """
+        emails = tx.rows("SELECT profile_id, address, verified, preferred FROM emails "
+                         "ORDER BY profile_id, position")
+        groups = tx.rows("SELECT profile_id, group_id FROM memberships "
+                         "ORDER BY profile_id, group_id")
+        email = next(emails, None)
+        group = next(groups, None)
+        found: list[Profile] = []
+        for pid, name, nickname, has_password in tx.rows(
+                "SELECT id, name, nickname, password_hash IS NOT NULL FROM profiles ORDER BY id"):
+            addresses = []
+            while email is not None and email[0] == pid:
+                addresses.append(Email(email[1], bool(email[2]), bool(email[3])))
+                email = next(emails, None)
+            member_of = []
+            while group is not None and group[0] == pid:
+                member_of.append(group[1])
+                group = next(groups, None)
+            found.append(Profile(id=pid, name=name, nickname=nickname, emails=tuple(addresses),
+                                 groups=tuple(member_of), has_password=bool(has_password)))
+        return found
 
     def get_profile(self, profile_id: str) -> "Deferred[Profile | None]":
         def work(tx: _Transaction) -> Profile | None:

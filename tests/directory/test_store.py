@@ -147,3 +147,27 @@ def test_unreachable_postgresql_is_unavailable() -> None:
     store = SQLStore(dialect_for("postgresql://postgres@127.0.0.1:1/none"))
     with pytest.raises(Unavailable):
         result(store.get_token())
+
+
+def test_loading_every_profile_gives_each_its_own_addresses_and_groups(store: SQLStore) -> None:
+    """The full load joins three answers as they stream (no per-profile
+    query): profiles with none, one and several addresses and groups, ids in
+    an order unlike creation's, each comes back as ``get_profile`` gives it."""
+    for gid in ("zeta", "alpha", "mid"):
+        result(store.create_group(Group(gid, gid.title(), "%s@lists.example.com" % gid)))
+    made = []
+    for n in range(30):
+        emails = tuple(Email("p%d.%d@home.example.com" % (n, k), bool(k % 2), k == 0)
+                       for k in range(n % 4))
+        profile = Profile(id="%02d%s" % ((n * 7) % 30, new_profile_id()[2:]),
+                          name="Person %d" % n, emails=emails)
+        result(store.create_profile(profile))
+        for gid in ("zeta", "alpha", "mid")[: n % 4]:
+            result(store.add_member(gid, profile.id))
+        made.append(profile.id)
+    loaded = {p.id: p for p in result(store.load_profiles())}
+    assert sorted(loaded) == sorted(made)
+    for pid in made:
+        assert loaded[pid] == result(store.get_profile(pid))
+    assert sum(len(p.emails) for p in loaded.values()) == sum(n % 4 for n in range(30))
+    assert sum(len(p.groups) for p in loaded.values()) == sum(min(n % 4, 3) for n in range(30))
