@@ -181,7 +181,7 @@ def test_a_real_twistd_names_the_file_mailhub_config_chose(tmp_path: Path) -> No
     assert done.returncode != 0
     assert done.stderr.strip().splitlines() == [
         "mailhub: configuration error: %s: [database] colour: unknown key "
-        "(known: dsn, poll_interval)" % bad]
+        "(known: dsn, poll_interval, throttle_sync)" % bad]
 
 
 def test_check_says_where_the_configuration_came_from(tmp_path: Path) -> None:

@@ -31,8 +31,11 @@ username = dovecot
 password = CHANGE-ME
 """
 
-#: At most this many examples may be marked as not runnable here.
-MAX_SKIPPED = 12
+#: At most this many examples may be marked as not runnable here: 9 that
+#: need LDAP users, a foreign declaration or a calendar file, and the 7 of
+#: ``mailhub dead`` (cli.rst), which need dead letters that only a failing
+#: collector makes.
+MAX_SKIPPED = 16
 
 
 def toctree() -> list[str]:
