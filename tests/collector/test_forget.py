@@ -171,6 +171,27 @@ class ForgetTests(SynchronousTestCase):
         self.delete("b@x.org")
         self.assertEqual(self.handle("b@x.org").skipped, {"forgotten": ["b@x.org"]})
 
+    def test_what_retention_expires_is_not_taken_for_the_users_deletion(self) -> None:
+        # As tap wires them: the pass tells the state before each DELETE.
+        from mailhub.collector.retention import Retention
+
+        self.handle("b@x.org")
+        client = CardDAVClient(StubTreq(self.dav), self.clock, credentials=("svc", "pw"))
+        retention = Retention(FakeUsers([ALICE]), client,
+                              BookLayout.from_config("http://dav.test/dav/", ""), self.clock,
+                              expire_days=30, usage=self.one.engine.usage,
+                              on_removed=self.one.state.removed_by_collector)
+        self.clock.advance(31 * DAY)
+        done = ensureDeferred(retention.run_pass())
+        while not done.called:
+            self.clock.advance(0)
+        self.assertEqual(self.successResultOf(done).expired, 1)
+        self.assertNotIn(contact_uuid("b@x.org") + ".vcf", self.dav.cards(COLLECTED))
+        # Written to again, the address is collected again: no tombstone.
+        outcome = self.handle("b@x.org")
+        self.assertEqual(outcome.created, ["b@x.org"])
+        self.assertNotEqual(self.row().tombstones.get("b@x.org", (0, ""))[1], BY_USER)
+
     def test_a_card_deleted_before_any_sync_saw_it_is_still_a_deletion(self) -> None:
         self.handle("b@x.org")    # the copy was read before the PUT: it never held b
         self.delete("b@x.org")
