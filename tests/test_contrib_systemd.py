@@ -24,17 +24,24 @@ UNIT = CONTRIB / "systemd" / "mailhub.service"
 SYSTEM_UNITS = Path("/usr/lib/systemd/system")
 
 
+def fake_root(root: Path) -> None:
+    """Make ``root`` a root for ``systemd-analyze --root``: the system's units,
+    stand-ins for mailhub's programs, an empty /etc/systemd/system (once)."""
+    if root.exists():
+        return
+    shutil.copytree(SYSTEM_UNITS, root / "usr/lib/systemd/system", symlinks=True)
+    (root / "opt/mailhub/bin").mkdir(parents=True)
+    for program in ("twistd", "mailhub"):
+        path = root / "opt/mailhub/bin" / program
+        path.write_text("#!/bin/sh\n")
+        path.chmod(0o755)
+    (root / "etc/systemd/system").mkdir(parents=True)
+
+
 def verify(unit_text: str, root: Path) -> subprocess.CompletedProcess[str]:
     """``systemd-analyze verify`` of ``unit_text`` installed in a fake root."""
     analyze = require_program("systemd-analyze")
-    if not root.exists():
-        shutil.copytree(SYSTEM_UNITS, root / "usr/lib/systemd/system", symlinks=True)
-        (root / "opt/mailhub/bin").mkdir(parents=True)
-        for program in ("twistd", "mailhub"):
-            path = root / "opt/mailhub/bin" / program
-            path.write_text("#!/bin/sh\n")
-            path.chmod(0o755)
-        (root / "etc/systemd/system").mkdir(parents=True)
+    fake_root(root)
     (root / "etc/systemd/system/mailhub.service").write_text(unit_text)
     return subprocess.run([analyze, "verify", "--man=no", "--root=%s" % root, "mailhub.service"],
                           capture_output=True, text=True, timeout=60)

@@ -8,12 +8,11 @@ socket). Checked offline, as tests/test_contrib_systemd.py checks mailhub.servic
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 from tests.support.require import require_program
-from tests.test_contrib_systemd import SYSTEM_UNITS, directives
+from tests.test_contrib_systemd import directives, fake_root
 
 CONTRIB = Path(__file__).resolve().parent.parent / "contrib" / "systemd"
 SOCKET = CONTRIB / "mailhub.socket"
@@ -22,14 +21,7 @@ TEMPLATE = CONTRIB / "mailhub@.service"
 
 def verify(socket_text: str, template_text: str, root: Path) -> subprocess.CompletedProcess[str]:
     analyze = require_program("systemd-analyze")
-    if not root.exists():
-        shutil.copytree(SYSTEM_UNITS, root / "usr/lib/systemd/system", symlinks=True)
-        (root / "opt/mailhub/bin").mkdir(parents=True)
-        for program in ("twistd", "mailhub"):
-            path = root / "opt/mailhub/bin" / program
-            path.write_text("#!/bin/sh\n")
-            path.chmod(0o755)
-        (root / "etc/systemd/system").mkdir(parents=True)
+    fake_root(root)
     (root / "etc/systemd/system/mailhub.socket").write_text(socket_text)
     (root / "etc/systemd/system/mailhub@.service").write_text(template_text)
     return subprocess.run([analyze, "verify", "--man=no", "--root=%s" % root, "mailhub.socket",

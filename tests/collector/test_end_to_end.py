@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 from urllib.parse import quote
 
 import pytest
@@ -35,6 +34,7 @@ from tests.support.amqp_peer import VirtualHost, WorkQueuePeer
 from tests.support.postgres import throwaway_database
 from tests.support.process import TWISTD, Mailhub
 from tests.support.radicale import RadicaleServer
+from tests.support.wait import wait_until
 
 MAILHUB_CLI = str(Path(TWISTD).with_name("mailhub"))
 ALICE = "alice@example.org"
@@ -44,16 +44,6 @@ PASSWORDS = {ALICE: "pw-alice", BOB: "pw-bob"}
 
 # -- helpers -------------------------------------------------------------------
 
-def wait_until(check: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
-    """Poll ``check`` until it returns something true; fail saying ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %ss waiting for %s" % (timeout, what))
-        time.sleep(0.05)
 
 
 def metric(mailhub: Mailhub, name: str, **labels: str) -> float:

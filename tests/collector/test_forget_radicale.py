@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 from urllib.parse import quote
 
 import pytest
 
+from tests.support.wait import wait_until
 from tests.support import dav
 from tests.support.metrics import total
 from tests.support.process import TWISTD, Mailhub
@@ -32,14 +32,6 @@ MAILHUB_CLI = str(Path(TWISTD).with_name("mailhub"))
 ALICE, PASSWORD = "alice@example.org", "alice-pw"
 
 
-def wait_until(check: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.1)
-    raise AssertionError("timed out waiting for " + what)
 
 
 def event(*attendees: str) -> bytes:
@@ -101,7 +93,7 @@ class Site:
         def handled() -> bool:
             _, text = self.mailhub.get("/metrics")
             return total(text, "mailhub_collector_messages_total", outcome="done") >= self.done
-        wait_until(handled, "message %d to be collected" % self.done)
+        wait_until(handled, "message %d to be collected" % self.done, timeout=60)
 
     def emails(self, book: str | None = None) -> set[str]:
         return {e for c in dav.cards(book or self.book, (ALICE, PASSWORD)) for e in c.emails}

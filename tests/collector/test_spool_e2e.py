@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 from pathlib import Path
-from typing import Any, Callable
 from urllib.parse import quote
 
 from mailhub.collector.engine import message_body
+from tests.support.wait import wait_until
 from tests.support import dav
 from tests.support.process import TWISTD, Mailhub
 
@@ -27,14 +26,6 @@ ICS = ("BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//test//EN\r\nBEGIN:VEVENT\r\n
        "ATTENDEE;CN=Pat:mailto:pat@x.org\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n")
 
 
-def wait_until(check: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.1)
-    raise AssertionError("timed out waiting for " + what)
 
 
 def test_what_a_killed_mailhub_held_is_collected_at_the_next_start(tmp_path: Path) -> None:
