@@ -158,9 +158,9 @@ class EsnIds:
     async def find(self, esn_id: str) -> User | None:
         """The user whose ESN id is ``esn_id``, or None."""
         if self._profile == "nickname":
-            for profile in self._directory.profiles():
-                if profile.nickname == esn_id:
-                    return user_of(profile)
+            profile = self._directory.profile_by_nickname(esn_id)
+            if profile is not None:
+                return user_of(profile)
         if self._ldap is not None:
             return await self._ldap.find_by(self._attribute, esn_id)  # type: ignore[no-any-return]
         return None

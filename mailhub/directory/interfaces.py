@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
     from mailhub.directory.model import Email, Group, Profile, User
+    from mailhub.directory.table import ProfileTable
     from mailhub.directory.tokens import TokenRecord
 
 
@@ -63,6 +64,11 @@ class IDirectoryStore(Interface):
 
     def load_profiles() -> "Deferred[list[Profile]]":
         """Every profile, with addresses and groups: a list of Profile."""
+
+    def load_table() -> "Deferred[ProfileTable]":
+        """Every profile, in the compact
+        :class:`~mailhub.directory.table.ProfileTable` the in-memory directory
+        holds, built where the store's blocking work runs."""
 
     def get_profile(profile_id: str) -> "Deferred[Profile | None]":
         """Profile by id, or None."""

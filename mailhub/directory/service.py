@@ -18,7 +18,7 @@ notification has arrived (PostgreSQL; the next poll at the latest).
 from __future__ import annotations
 
 import gc
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterator
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock
@@ -30,9 +30,10 @@ from mailhub.directory.interfaces import IDirectoryStore
 from mailhub.directory.model import (
     Added, Email, Group, Left, Profile, new_profile_id, normalise_email,
 )
+from mailhub.directory.table import BY_ID, ProfileTable
 from mailhub.directory.tokens import SITE, Grant, TokenRecord, match
 from mailhub.errors import ValidationError
-from mailhub.steps import TurnBudget, hold_full_collections
+from mailhub.steps import hold_full_collections
 
 
 class Directory(Service):
@@ -40,8 +41,6 @@ class Directory(Service):
 
     log = Logger()
     name = "directory"  # type: ignore[assignment]
-    #: Profiles indexed per step of the start-up load.
-    load_step = 5000
 
     def __init__(self, store: IDirectoryStore, clock: IReactorTime,
                  poll_interval: float = 0.25, hub: Any = None) -> None:
@@ -52,8 +51,7 @@ class Directory(Service):
         self.token: str | None = None
         self._tokens: list[TokenRecord] = []
         self._refresh_queued = False
-        self._profiles: dict[str, Profile] = {}
-        self._by_email: dict[str, str] = {}
+        self._table = ProfileTable()
         self._groups: dict[str, Group] = {}
         self._seq = 0
         self._lock = DeferredLock()
@@ -67,10 +65,10 @@ class Directory(Service):
 
     async def load(self) -> None:
         """Read everything from the store (at start-up)."""
-        # Building a million profiles' objects would set off full garbage
-        # collections, each scanning all of them while holding the GIL, in
-        # whichever thread allocates (the database's included): the reactor
-        # would wait a second at a time. None until the load is frozen.
+        # Building a million profiles' records would set off full garbage
+        # collections, each scanning every container alive while holding the
+        # GIL, in whichever thread allocates (the database's included): the
+        # reactor would wait. None until the load is frozen.
         release = hold_full_collections()
         try:
             await self._load()
@@ -79,34 +77,22 @@ class Directory(Service):
 
     async def _load(self) -> None:
         seq = await self.store.last_change()
-        loaded = await self.store.load_profiles()
-        profiles = loaded if isinstance(loaded, list) else list(loaded)
+        # Built in the store's thread: the reactor stays free, and readers
+        # see the old copy until the end.
+        table = await self.store.load_table()
         groups = await self.store.load_groups()
         tokens = await self.store.load_tokens()
-        # A million profiles take seconds to index: in steps, the reactor
-        # given back between them; readers see the old copy until the end.
-        budget = TurnBudget(self.clock)
-        by_id: dict[str, Profile] = {}
-        by_email: dict[str, str] = {}
-        for start in range(0, len(profiles), self.load_step):
-            for profile in profiles[start:start + self.load_step]:
-                by_id[profile.id] = profile
-                for email in profile.emails:
-                    by_email[normalise_email(email.address)] = profile.id
-            await budget.check()
-        self._profiles = by_id
-        self._by_email = by_email
+        self._table = table
         self._groups = {g.id: g for g in groups}
-        # Millions of long-lived objects make each full garbage collection a
-        # pause of seconds on the reactor (7 s seen while a large answer was
-        # made): keep what is alive now out of the collector's scans.
-        # Profiles hold no reference cycles; refcounting still frees them.
+        # What is alive now lives as long as the process: keep it out of
+        # the collector's scans (the table itself is a few thousand lists
+        # of bytes, which the collector does not follow).
         gc.freeze()
         self._set_tokens(tokens, quiet=True)
         self._seq = seq
         self.loaded = True
         self.log.info("directory loaded: {profiles} profiles, {groups} groups",
-                      profiles=len(self._profiles), groups=len(self._groups))
+                      profiles=len(self._table), groups=len(self._groups))
 
     def startService(self) -> None:
         super().startService()
@@ -200,34 +186,38 @@ class Directory(Service):
             self.log.info("token {name} revoked", name=name)
 
     def _put(self, profile: Profile) -> None:
-        self._drop(profile.id)
-        self._profiles[profile.id] = profile
-        for email in profile.emails:
-            self._by_email[normalise_email(email.address)] = profile.id
+        self._table.put(profile)
 
     def _drop(self, profile_id: str) -> None:
-        old = self._profiles.pop(profile_id, None)
-        if old is not None:
-            for email in old.emails:
-                key = normalise_email(email.address)
-                if self._by_email.get(key) == profile_id:
-                    del self._by_email[key]
+        self._table.drop(profile_id)
 
     # -- reads, from memory ---------------------------------------------------
 
     def profile(self, profile_id: str) -> Profile | None:
-        return self._profiles.get(profile_id)
+        return self._table.get(profile_id)
 
     def profile_by_email(self, address: str) -> Profile | None:
-        found = self._by_email.get(normalise_email(address))
-        return self._profiles.get(found) if found else None
+        found = self._table.id_by_email(address)
+        return self._table.get(found) if found else None
+
+    def profile_by_nickname(self, nickname: str) -> Profile | None:
+        found = self._table.id_by_nickname(nickname)
+        return self._table.get(found) if found else None
 
     def lookup(self, id_or_address: str) -> Profile | None:
         """A profile by id or by any address (exact, case-insensitive)."""
-        return self._profiles.get(id_or_address) or self.profile_by_email(id_or_address)
+        return self._table.get(id_or_address) or self.profile_by_email(id_or_address)
 
-    def profiles(self) -> Iterable[Profile]:
-        return self._profiles.values()
+    def walk(self, order: str = BY_ID, batch: int = 1000) -> Iterator[list[Profile]]:
+        """Every profile in ``order`` (``"id"``, or ``"login"``: case-folded),
+        a batch per step, each resumed after the last one given: no snapshot,
+        so the directory may change between two steps (what changed is
+        listed or not by where it falls; nothing twice)."""
+        return self._table.walk(order, batch)
+
+    def count(self) -> int:
+        """How many profiles the site has."""
+        return len(self._table)
 
     def group(self, group_id: str) -> Group | None:
         return self._groups.get(group_id)

@@ -33,6 +33,7 @@ from zope.interface import implementer
 
 from mailhub.directory.interfaces import IDirectoryStore
 from mailhub.directory.model import Email, Group, Profile, normalise_email
+from mailhub.directory.table import ProfileTable
 from mailhub.directory.tokens import SITE, TokenRecord
 from mailhub.config import redact, sqlite_path
 from mailhub.errors import ConfigError, Unavailable, ValidationError
@@ -578,7 +579,15 @@ class SQLStore:
     def load_profiles(self) -> "Deferred[list[Profile]]":
         return self._read(self._all_profiles)
 
+    def load_table(self) -> "Deferred[ProfileTable]":
+        # Built in the store's thread, a profile at a time as the rows come:
+        # no million Profile objects are ever alive at once.
+        return self._read(lambda tx: ProfileTable.build(self._each_profile(tx)))
+
     def _all_profiles(self, tx: _Transaction) -> list[Profile]:
+        return list(self._each_profile(tx))
+
+    def _each_profile(self, tx: _Transaction) -> Iterator[Profile]:
         """Every profile, as :meth:`_profiles` makes them, from three answers
         in the same order (the profile's id) read side by side.
 
@@ -596,7 +605,6 @@ class SQLStore:
                          "ORDER BY profile_id, group_id")
         email = next(emails, None)
         group = next(groups, None)
-        found: list[Profile] = []
         for pid, name, nickname, has_password in tx.rows(
                 "SELECT id, name, nickname, password_hash IS NOT NULL FROM profiles ORDER BY id"):
             addresses = []
@@ -607,9 +615,8 @@ class SQLStore:
             while group is not None and group[0] == pid:
                 member_of.append(group[1])
                 group = next(groups, None)
-            found.append(Profile(id=pid, name=name, nickname=nickname, emails=tuple(addresses),
-                                 groups=tuple(member_of), has_password=bool(has_password)))
-        return found
+            yield Profile(id=pid, name=name, nickname=nickname, emails=tuple(addresses),
+                          groups=tuple(member_of), has_password=bool(has_password))
 
     def get_profile(self, profile_id: str) -> "Deferred[Profile | None]":
         def work(tx: _Transaction) -> Profile | None:

@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from mailhub.directory.interfaces import IDirectoryStore, IUserSource
 from mailhub.directory.model import Profile, User, user_of
+from mailhub.directory.table import BY_LOGIN, login_key
 from mailhub.errors import ValidationError
 from mailhub.service import ThreadPoolService
 from mailhub.steps import TURN, TurnBudget, sorted_in_steps
@@ -119,10 +120,6 @@ def _deferred(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, "Defer
 
 #: Profiles sorted per step of a listing (a few ms each).
 STEP = 10_000
-
-
-def _login_key(profile: Profile) -> str:
-    return profile.login.casefold()
 
 
 @implementer(IUserSource)
@@ -227,22 +224,26 @@ class SiteUserSource:
         sorted in steps, the reactor given back between them.
         """
         directory = self.directory
+        budget = TurnBudget(cast(IReactorTime, self.reactor))  # the reactor is both
+        size = max(page_size, 1)
         if directory is not None and directory.loaded:
-            # The in-memory copy, caught up: no million rows built in a thread
-            # (which holds the GIL against the reactor for seconds).
+            # The in-memory copy, caught up, read in login order a page at a
+            # time, each page resumed after the last login sent: no snapshot
+            # of a million profiles, nothing sorted.
             await directory.refresh()
-            profiles = list(directory.profiles())
-        else:
-            loaded = await maybeDeferred(self.store.load_profiles)
-            profiles = loaded if isinstance(loaded, list) else list(loaded)
-        # A million profiles: converted and sorted in steps, the reactor given
-        # back between them (one sort of them all would hold it for seconds).
+            for profiles in directory.walk(BY_LOGIN, size):
+                yield [user_of(profile) for profile in profiles]
+                await budget.check()
+            return
+        loaded = await maybeDeferred(self.store.load_profiles)
+        profiles = loaded if isinstance(loaded, list) else list(loaded)
+        # Before the directory has loaded (or without one): a million
+        # profiles converted and sorted in steps, the reactor given back
+        # between them (one sort of them all would hold it for seconds).
         # Each page's users are made as it is sent: a million User objects
         # made at once would cost the garbage collector long pauses.
-        budget = TurnBudget(cast(IReactorTime, self.reactor))  # the reactor is both
         page: list[User] = []
-        size = max(page_size, 1)
-        for profile in sorted_in_steps(profiles, key=_login_key, run=STEP):
+        for profile in sorted_in_steps(profiles, key=login_key, run=STEP):
             if profile is TURN:  # type: ignore[comparison-overlap]
                 await budget.check()
                 continue

@@ -44,11 +44,11 @@ from mailhub.config import Config
 from mailhub.decoding import MAX_ADDRESS_TEXT, address_problem, sanitise_address
 from mailhub.directory.model import Added, Left, Profile
 from mailhub.directory.service import Directory
+from mailhub.directory.table import BY_ID
 from mailhub.errors import Unavailable, ValidationError
 from mailhub.metrics import Metrics
 from mailhub.web.common import JSON_TYPE, HTTPError, form_fields, handle_errors, json_bytes
-from mailhub.steps import sorted_in_steps
-from mailhub.web.streaming import StreamedBody, json_array, json_values
+from mailhub.web.streaming import BATCH, StreamedBody, json_array, json_values
 
 #: GroupServer's status for a validation error (and a refused token).
 VALIDATION_ERROR = 100
@@ -178,14 +178,6 @@ HOOKS: dict[str, HookSpec] = {
 MAX_NAME = 200
 MAX_BIOGRAPHY = 64 * 1024
 MAX_USER = 320
-
-
-def _profile_id(profile: Profile) -> str:
-    return profile.id
-
-
-def _is_member(profile: Profile) -> bool:
-    return bool(profile.groups)
 
 
 class _Refusal(HTTPError):
@@ -410,9 +402,11 @@ class GroupHooks:
         self._need_directory()
         await self.directory.refresh()
         # A million members is 200 MB of JSON: streamed, a chunk per reactor
-        # turn, sorted in steps from a snapshot (see mailhub.web.streaming).
-        members = sorted_in_steps(list(self.directory.profiles()), key=_profile_id,
-                                  keep=_is_member)
+        # turn (see mailhub.web.streaming), read from the directory in id
+        # order a batch at a time: no snapshot, each batch resumed after the
+        # last profile written.
+        members = (profile for batch in self.directory.walk(BY_ID, BATCH)
+                   for profile in batch if profile.groups)
         if action == "users":
             pieces = json_array(members, lambda batch: json_values([p.id for p in batch]))
         else:

@@ -50,8 +50,8 @@ class FakeDirectory:
         self.group_list = list(groups)
         self.group_reads = 0
 
-    def profiles(self) -> list[Profile]:
-        return list(self._profiles.values())
+    def profile_by_nickname(self, nickname: str) -> Profile | None:
+        return next((p for p in self._profiles.values() if p.nickname == nickname), None)
 
     def profile(self, profile_id: str) -> Profile | None:
         return self._profiles.get(profile_id)

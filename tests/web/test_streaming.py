@@ -74,8 +74,8 @@ class _Store(MemoryStore):
         super().__init__()
         self.held: Deferred[None] | None = None
 
-    def load_profiles(self) -> Any:
-        loaded = super().load_profiles()
+    def load_table(self) -> Any:
+        loaded = super().load_table()
         if self.held is None:
             return loaded
         held = self.held
@@ -368,27 +368,22 @@ class ReadinessTests(SynchronousTestCase):
         self.assertEqual((code, body["dependencies"]["startup"]["ok"]), (200, True))
 
 
-class LoadInStepsTests(SynchronousTestCase):
-    def test_the_directory_is_indexed_in_steps_and_seen_whole_or_not_at_all(self) -> None:
-        from tests.web.test_mailstore_list import TickingClock
-
+class LoadTests(SynchronousTestCase):
+    def test_the_directory_is_seen_whole_or_not_at_all(self) -> None:
         profiles = many_profiles(40)
-        site = Site(self, profiles)
-        clock = TickingClock()
-        directory = Directory(site.store, clock)
-        directory.load_step = 4
-        loading = Deferred.fromCoroutine(directory.load())
-        turns = 0
-        while not loading.called:
-            self.assertEqual(list(directory.profiles()), [])
-            self.assertFalse(directory.loaded)
-            turns += 1
-            clock.turn()
-        self.successResultOf(loading)
-        self.assertGreaterEqual(turns, 9)
-        self.assertEqual(sorted(p.id for p in directory.profiles()),
+        site = Site(self, profiles, hold=True)
+        directory = site.directory
+        self.assertNoResult(site.loading)
+        self.assertFalse(directory.loaded)
+        self.assertEqual(list(directory.walk()), [])
+        self.assertIsNone(directory.profile(profiles[7].id))
+        assert site.store.held is not None
+        site.store.held.callback(None)
+        self.successResultOf(site.loading)
+        self.assertTrue(directory.loaded)
+        self.assertEqual([p.id for batch in directory.walk() for p in batch],
                          sorted(p.id for p in profiles))
-        self.assertEqual(directory.profile_by_email("p7@example.com").id,  # type: ignore
+        self.assertEqual(directory.profile_by_email("P7@example.com").id,  # type: ignore
                          profiles[7].id)
 
 
