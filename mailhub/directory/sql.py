@@ -33,7 +33,7 @@ from zope.interface import implementer
 
 from mailhub.directory.interfaces import IDirectoryStore
 from mailhub.directory.model import Email, Group, Profile, normalise_email
-from mailhub.directory.table import ProfileTable
+from mailhub.directory.table import Loader, ProfileTable
 from mailhub.directory.tokens import SITE, TokenRecord
 from mailhub.config import redact, sqlite_path
 from mailhub.errors import ConfigError, Unavailable, ValidationError
@@ -580,9 +580,47 @@ class SQLStore:
         return self._read(self._all_profiles)
 
     def load_table(self) -> "Deferred[ProfileTable]":
-        # Built in the store's thread, a profile at a time as the rows come:
-        # no million Profile objects are ever alive at once.
-        return self._read(lambda tx: ProfileTable.build(self._each_profile(tx)))
+        return self._read(self._load_table)
+
+    def _load_table(self, tx: _Transaction) -> ProfileTable:
+        """Every profile, straight from the rows into the compact table.
+
+        Each table is read in the order it is stored in (asking SQLite for
+        the profiles by id walks the index, a random read per row: 1.9 s
+        of 8 for a million) and joined here by profile id; no Profile object
+        is made. The addresses come with their state as the record's digit,
+        made by the database.
+        """
+        emails: dict[str, list[tuple[int, str]]] = {}
+        for pid, flagged, position in tx.rows(
+                "SELECT profile_id, CASE WHEN verified THEN (CASE WHEN preferred THEN '3' "
+                "ELSE '1' END) ELSE (CASE WHEN preferred THEN '2' ELSE '0' END) END "
+                "|| address, position FROM emails"):
+            held = emails.get(pid)
+            if held is None:
+                emails[pid] = [(position, flagged)]
+            else:
+                held.append((position, flagged))
+        groups: dict[str, list[str]] = {}
+        for pid, gid in tx.rows("SELECT profile_id, group_id FROM memberships"):
+            known = groups.get(pid)
+            if known is None:
+                groups[pid] = [gid]
+            else:
+                known.append(gid)
+        loader = Loader()
+        nothing: list[Any] = []
+        for pid, name, nickname, has_password in tx.rows(
+                "SELECT id, name, nickname, password_hash IS NOT NULL FROM profiles"):
+            mine = emails.pop(pid, nothing)
+            if len(mine) > 1:
+                mine.sort()
+            member_of = groups.pop(pid, nothing)
+            if len(member_of) > 1:
+                member_of.sort()
+            loader.add(pid, name, nickname, bool(has_password),
+                       [flagged for _, flagged in mine], member_of)
+        return loader.table()
 
     def _all_profiles(self, tx: _Transaction) -> list[Profile]:
         return list(self._each_profile(tx))

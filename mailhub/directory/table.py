@@ -34,7 +34,10 @@ keys on the object) is the same object until it changes.
 from __future__ import annotations
 
 import heapq
+from array import array
 from bisect import bisect_left, bisect_right, insort
+from itertools import accumulate, chain
+from os.path import commonprefix
 from typing import Iterable, Iterator
 
 from cachetools import LRUCache
@@ -51,31 +54,89 @@ BY_LOGIN = "login"
 
 
 class SortedKeys:
-    """A sorted list of ``bytes``, in blocks of at most ``2 * load`` items.
+    """A sorted list of ``bytes`` items, packed: blocks of up to ``2 * load``
+    items, each block one ``bytes`` object (the items end to end) and an
+    array of where each item ends.
 
-    What ``list`` + ``bisect`` does, but an insertion or a removal moves the
-    references of one block, not of a million.
+    An item costs its length and four bytes: none of the 33-byte header of
+    a ``bytes`` object, the 8-byte reference to it and the allocator's
+    rounding, and nothing for the garbage collector to follow. The blocks
+    are large objects of their own, so the many small objects a load makes
+    and frees leave no holes among them. A change repacks one block (a few
+    hundred microseconds); a search bisects the block maxima, then the
+    block's items.
     """
 
     def __init__(self, items: Iterable[bytes] = (), load: int = 1000) -> None:
-        ordered = sorted(items)
         self._load = load
-        self._blocks: list[list[bytes]] = [
-            ordered[start:start + load] for start in range(0, len(ordered), load)]
-        self._maxes: list[bytes] = [block[-1] for block in self._blocks]
-        self._len = len(ordered)
+        self._data: list[bytes] = []
+        self._ends: list[array[int]] = []
+        self._maxes: list[bytes] = []
+        self._len = 0
+        ordered = sorted(items)
+        for start in range(0, len(ordered), load):
+            self._append(ordered[start:start + load])
 
     @classmethod
-    def of_sorted(cls, blocks: Iterable[list[bytes]], load: int = 1000) -> "SortedKeys":
-        """From blocks already in order, each block and each block's items
-        (the start-up load builds them a block per step)."""
+    def of_sorted(cls, items: list[bytes], load: int = 1000) -> "SortedKeys":
+        """From items already in order."""
         made = cls(load=load)
-        for block in blocks:
-            if block:
-                made._blocks.append(block)
-                made._maxes.append(block[-1])
-                made._len += len(block)
+        for start in range(0, len(items), load):
+            made._append(items[start:start + load])
         return made
+
+    def _append(self, block: list[bytes]) -> None:
+        if block:
+            self._data.append(b"".join(block))
+            self._ends.append(array("I", accumulate(map(len, block))))
+            self._maxes.append(block[-1])
+            self._len += len(block)
+
+    def seal(self) -> None:
+        """Hold copies of the block maxima, made now: the items they were
+        taken from (a load's many small objects, freed by now) would each
+        keep a whole arena of the allocator's memory from being freed."""
+        self._maxes = [self._item(where, len(ends) - 1) for where, ends in enumerate(self._ends)]
+
+    def _pack(self, where: int, block: list[bytes]) -> None:
+        """Replace block ``where`` with ``block`` (split when too large,
+        dropped when empty)."""
+        if not block:
+            del self._data[where], self._ends[where], self._maxes[where]
+            return
+        if len(block) > 2 * self._load:
+            half = len(block) // 2
+            self._pack(where, block[half:])
+            self._data.insert(where, b"")
+            self._ends.insert(where, array("I"))
+            self._maxes.insert(where, b"")
+            block = block[:half]
+        self._data[where] = b"".join(block)
+        self._ends[where] = array("I", accumulate(map(len, block)))
+        self._maxes[where] = block[-1]
+
+    def _items(self, where: int) -> list[bytes]:
+        data = self._data[where]
+        ends = self._ends[where]
+        return [data[start:end] for start, end in zip(chain((0,), ends), ends)]
+
+    def _item(self, where: int, at: int) -> bytes:
+        ends = self._ends[where]
+        return self._data[where][ends[at - 1] if at else 0:ends[at]]
+
+    def _bisect(self, where: int, key: bytes, right: bool = False) -> int:
+        """Where ``key`` goes in block ``where`` (bisect_left, or _right)."""
+        data = self._data[where]
+        ends = self._ends[where]
+        low, high = 0, len(ends)
+        while low < high:
+            middle = (low + high) // 2
+            item = data[ends[middle - 1] if middle else 0:ends[middle]]
+            if item < key or right and item == key:
+                low = middle + 1
+            else:
+                high = middle
+        return low
 
     def __len__(self) -> int:
         return self._len
@@ -85,8 +146,7 @@ class SortedKeys:
         where = bisect_left(self._maxes, key)
         if where == len(self._maxes):
             return None
-        block = self._blocks[where]
-        return block[bisect_left(block, key)]
+        return self._item(where, self._bisect(where, key))
 
     def with_prefix(self, prefix: bytes) -> bytes | None:
         """The least item that begins with ``prefix``, or None."""
@@ -94,40 +154,27 @@ class SortedKeys:
         return found if found is not None and found.startswith(prefix) else None
 
     def add(self, item: bytes) -> None:
-        maxes = self._maxes
-        if not maxes:
-            self._blocks.append([item])
-            maxes.append(item)
-            self._len = 1
+        if not self._maxes:
+            self._append([item])
             return
-        where = bisect_left(maxes, item)
-        if where == len(maxes):
-            where -= 1
-        block = self._blocks[where]
+        where = min(bisect_left(self._maxes, item), len(self._maxes) - 1)
+        block = self._items(where)
         insort(block, item)
-        maxes[where] = block[-1]
+        self._pack(where, block)
         self._len += 1
-        if len(block) > 2 * self._load:
-            half = len(block) // 2
-            self._blocks[where:where + 1] = [block[:half], block[half:]]
-            maxes[where:where + 1] = [block[half - 1], block[-1]]
 
     def discard(self, item: bytes) -> bool:
         """Remove ``item`` if there; say whether it was."""
         where = bisect_left(self._maxes, item)
         if where == len(self._maxes):
             return False
-        block = self._blocks[where]
-        at = bisect_left(block, item)
-        if block[at] != item:
+        at = self._bisect(where, item)
+        if self._item(where, at) != item:
             return False
+        block = self._items(where)
         del block[at]
+        self._pack(where, block)
         self._len -= 1
-        if block:
-            self._maxes[where] = block[-1]
-        else:
-            del self._blocks[where]
-            del self._maxes[where]
         return True
 
     def after(self, key: bytes | None, limit: int) -> list[bytes]:
@@ -139,17 +186,21 @@ class SortedKeys:
             where = bisect_right(maxes, key)
             if where == len(maxes):
                 return []
-            start = bisect_right(self._blocks[where], key)
+            start = self._bisect(where, key, right=True)
         found: list[bytes] = []
         while where < len(maxes) and len(found) < limit:
-            found.extend(self._blocks[where][start:start + limit - len(found)])
+            found.extend(self._items(where)[start:start + limit - len(found)])
             where += 1
             start = 0
         return found
 
     def __iter__(self) -> Iterator[bytes]:
-        for block in self._blocks:
-            yield from block
+        for where in range(len(self._data)):
+            yield from self._items(where)
+
+    def nbytes(self) -> int:
+        """The memory the items take (their bytes and offsets)."""
+        return sum(len(d) for d in self._data) + 4 * self._len
 
 
 #: A bucket larger than this is cut again, by its next two bytes.
@@ -173,40 +224,52 @@ def in_buckets(items: list[bytes], depth: int = 0) -> list[bytes]:
     ordered: list[bytes] = []
     for head in sorted(buckets):
         bucket = buckets.pop(head)
-        if len(bucket) > BUCKET and len(head) == 2 and depth < 32:
-            ordered.extend(in_buckets(bucket, end))
-        else:
-            bucket.sort()
-            ordered.extend(bucket)
+        if len(bucket) > BUCKET and len(head) == 2:
+            # Cut again past what every item of the bucket shares.
+            shared = len(commonprefix([min(bucket), max(bucket)]))
+            if shared < 64:
+                ordered.extend(in_buckets(bucket, max(end, shared)))
+                continue
+        bucket.sort()
+        ordered.extend(bucket)
     return ordered
-
-
-def _blocks(items: list[bytes], load: int) -> Iterator[list[bytes]]:
-    for start in range(0, len(items), load):
-        yield items[start:start + load]
 
 
 def _text(value: str) -> bytes:
     return value.encode("utf-8", "surrogatepass")
 
 
+def fields_of(profile_id: str, name: str, nickname: str | None, has_password: bool,
+              emails: list[str], groups: list[str]) -> list[str]:
+    """A record's fields: ``emails`` as records hold them (:func:`_flagged`)."""
+    fields = [profile_id, name, nickname or "",
+              "%d%d%d" % (has_password, nickname is not None, len(emails))]
+    fields += emails
+    fields += groups
+    return fields
+
+
+def record_of(fields: list[str]) -> bytes | None:
+    """The record of these fields, or None when one holds a NUL."""
+    record = _text("\x00".join(fields))
+    return record if record.count(NUL) == len(fields) - 1 else None
+
+
 def encode(profile: Profile) -> bytes | None:
     """A profile's record, or None when a field holds a NUL (kept aside, as it is)."""
-    flags = "%d%d%d" % (profile.has_password, profile.nickname is not None, len(profile.emails))
-    fields = [profile.id, profile.name, profile.nickname or "", flags]
-    fields.extend("%d%s" % (email.verified + 2 * email.preferred, email.address)
-                  for email in profile.emails)
-    fields.extend(profile.groups)
-    if any("\x00" in field for field in fields):
-        return None
-    return _text("\x00".join(fields))
+    return record_of(fields_of(profile.id, profile.name, profile.nickname, profile.has_password,
+                               [_flagged(e) for e in profile.emails], list(profile.groups)))
 
 
 def decode(record: bytes) -> Profile:
     """The profile a record holds (:func:`encode` reversed)."""
     fields = record.decode("utf-8", "surrogatepass").split("\x00")
+    return decode_fields(fields, int(fields[3][2:]))
+
+
+def decode_fields(fields: list[str], count: int) -> Profile:
+    """The profile of a record's fields, ``count`` of them addresses."""
     flags = fields[3]
-    count = int(flags[2:])
     emails = tuple(Email(text[1:], text[0] in "13", text[0] in "23")
                    for text in fields[4:4 + count])
     return Profile(id=fields[0], name=fields[1],
@@ -229,6 +292,111 @@ def login_key(profile: Profile) -> str:
     return profile.login.casefold()
 
 
+def _flagged(email: Email) -> str:
+    """An address as a record holds it: its state as a digit, then itself."""
+    return "%d%s" % (email.verified + 2 * email.preferred, email.address)
+
+
+#: The login of a record: its first address whose digit says verified and preferred.
+VERIFIED_PREFERRED = "3"
+
+
+class Loader:
+    """Makes a :class:`ProfileTable` from a store's rows, in one pass, with
+    no large sort and no Profile object.
+
+    Meant for the store's thread at start-up: no step holds the GIL for long.
+    Records are checked to come in id order, and sorted in buckets when not
+    (:func:`in_buckets`); addresses are sorted in buckets; the logins are
+    the address keys that are logins, in that order (the same objects, found
+    by identity), with the few that are not addresses merged in.
+    """
+
+    def __init__(self, load: int = 1000) -> None:
+        self._load = load
+        self._made = ProfileTable()
+        self._records: list[bytes] = []
+        self._emails: list[bytes] = []
+        self._shared: set[int] = set()
+        self._own_logins: list[bytes] = []
+        self._nicknames: list[bytes] = []
+        self._ordered = True
+        self._last = b""
+
+    def add(self, profile_id: str, name: str, nickname: str | None, has_password: bool,
+            emails: list[str], groups: list[str]) -> None:
+        """One profile: ``emails`` as records hold them (:func:`_flagged`),
+        in their order; ``groups`` sorted."""
+        fields = fields_of(profile_id, name, nickname, has_password, emails, groups)
+        record = record_of(fields)
+        if record is None:
+            # A NUL inside a field (SQLite can store one): kept as it is.
+            self._made._odd[profile_id] = decode_fields(fields, len(emails))
+            record = _text(profile_id) + NUL
+        if record < self._last:
+            self._ordered = False
+        self._last = record
+        self._records.append(record)
+        addresses, login, shared, nickname_key = keys_of(profile_id, nickname, emails)
+        self._emails += addresses
+        if shared:
+            self._shared.add(id(login))
+        else:
+            self._own_logins.append(login)
+        if nickname_key is not None:
+            self._nicknames.append(nickname_key)
+
+    def table(self) -> "ProfileTable":
+        made = self._made
+        records = self._records
+        if not self._ordered:
+            records = in_buckets(records)
+        emails = in_buckets(self._emails)
+        shared = self._shared
+        logins = [key for key in emails if id(key) in shared]
+        if self._own_logins:
+            logins = list(heapq.merge(logins, in_buckets(self._own_logins)))
+        load = self._load
+        made._records = SortedKeys.of_sorted(records, load)
+        made._emails = SortedKeys.of_sorted(emails, load)
+        made._logins = SortedKeys.of_sorted(logins, load)
+        made._nicknames = SortedKeys(self._nicknames, load)
+        # Every small object of the load is freed before the maxima are copied.
+        del records, emails, logins
+        self.__init__(load)  # type: ignore[misc]
+        for index in made._indexes():
+            index.seal()
+        return made
+
+
+def keys_of(profile_id: str, nickname: str | None,
+            emails: list[str]) -> tuple[list[bytes], bytes, bool, bytes | None]:
+    """A profile's index keys: its address keys, its login key, whether that
+    is one of the address keys (the same object: a load finds it by
+    identity), and its nickname key (None without one).
+
+    The login is :attr:`Profile.login <mailhub.directory.model.Profile.login>`,
+    case-folded: the first verified preferred address, else the first, else the id.
+    """
+    tail = "\x00" + profile_id
+    keys: dict[str, bytes] = {}
+    login = ""
+    for flagged in emails:
+        normal = normalise_email(flagged[1:])
+        if normal not in keys:
+            keys[normal] = _text(normal + tail)
+        if not login and flagged[0] == VERIFIED_PREFERRED:
+            login = flagged[1:].casefold()
+    if not login:
+        login = emails[0][1:].casefold() if emails else profile_id.casefold()
+    login_key = keys.get(login)
+    shared = login_key is not None
+    if login_key is None:
+        login_key = _text(login + tail)
+    return (list(keys.values()), login_key, shared,
+            _text(nickname + tail) if nickname else None)
+
+
 class ProfileTable:
     """Every profile of the site, compact, found by id, address, login or nickname."""
 
@@ -247,70 +415,19 @@ class ProfileTable:
     # -- building --------------------------------------------------------------
 
     def _keys(self, profile: Profile) -> tuple[list[bytes], bytes, bool, bytes | None]:
-        """The address keys, the login key, whether that is one of the
-        address keys (the same object, in two indexes), and the nickname key
-        of a profile."""
-        tail = NUL + _text(profile.id)
-        addresses: dict[str, bytes] = {}
-        for email in profile.emails:
-            normal = normalise_email(email.address)
-            if normal not in addresses:
-                addresses[normal] = _text(normal) + tail
-        login = login_key(profile)
-        login_entry = addresses.get(login)
-        shared = login_entry is not None
-        if login_entry is None:
-            login_entry = _text(login) + tail
-        nickname = _text(profile.nickname) + tail if profile.nickname else None
-        return list(addresses.values()), login_entry, shared, nickname
+        return keys_of(profile.id, profile.nickname, [_flagged(e) for e in profile.emails])
 
     @classmethod
     def build(cls, profiles: Iterable[Profile], load: int = 1000) -> "ProfileTable":
-        """A table of ``profiles``, made in one pass with no large sort.
-
-        Meant for a thread (the start-up load): no step holds the GIL for
-        long. Records come in id order when the store reads them so (it is
-        checked); addresses are sorted in buckets by their first two bytes,
-        and the logins are the addresses that are logins, in that order,
-        with the few that are not addresses merged in.
-        """
-        table = cls()
-        records: list[bytes] = []
-        emails: list[bytes] = []
-        shared: set[int] = set()
-        own_logins: list[bytes] = []
-        nicknames: list[bytes] = []
-        ordered = True
-        last = b""
+        """A table of ``profiles`` (see :class:`Loader`)."""
+        loader = Loader(load)
         for profile in profiles:
-            record = encode(profile)
-            if record is None:
-                table._odd[profile.id] = profile
-                record = _text(profile.id) + NUL
-            if record < last:
-                ordered = False
-            last = record
-            records.append(record)
-            addresses, login, is_address, nickname = table._keys(profile)
-            emails.extend(addresses)
-            if is_address:
-                shared.add(id(login))
-            else:
-                own_logins.append(login)
-            if nickname is not None:
-                nicknames.append(nickname)
-        if not ordered:
-            records = in_buckets(records)
-        emails = in_buckets(emails)
-        logins = [key for key in emails if id(key) in shared]
-        shared.clear()
-        if own_logins:
-            logins = list(heapq.merge(logins, in_buckets(own_logins)))
-        table._records = SortedKeys.of_sorted(_blocks(records, load), load)
-        table._emails = SortedKeys.of_sorted(_blocks(emails, load), load)
-        table._logins = SortedKeys.of_sorted(_blocks(logins, load), load)
-        table._nicknames = SortedKeys(nicknames, load)
-        return table
+            loader.add(profile.id, profile.name, profile.nickname, profile.has_password,
+                       [_flagged(email) for email in profile.emails], list(profile.groups))
+        return loader.table()
+
+    def _indexes(self) -> tuple[SortedKeys, ...]:
+        return (self._records, self._emails, self._logins, self._nicknames)
 
     def put(self, profile: Profile) -> None:
         """Hold ``profile``, replacing the one with its id."""
@@ -359,7 +476,7 @@ class ProfileTable:
     def _profile(self, record: bytes) -> Profile:
         profile_id = record_id(record)
         held = self._decoded.get(profile_id)
-        if held is not None and held[0] is record:
+        if held is not None and held[0] == record:
             return held[1]
         odd = self._odd.get(profile_id)
         profile = odd if odd is not None else decode(record)
