@@ -30,6 +30,7 @@ from mailhub.collector.rules import esn_ids_of, exclusions_of
 from mailhub.collector.state import CollectorState
 from mailhub.collector.sources import CalendarSource, MailSource
 from mailhub.config import Config, discover
+from mailhub.directory import snapshot
 from mailhub.directory.service import Directory
 from mailhub.directory.ldap import LDAPService
 from mailhub.directory.listen import ChangeListener
@@ -171,7 +172,8 @@ def build(config: Config, listen: str, reactor: Any,
     database = StoreService(config.dsn, config.mailhub.site_id, reactor,
                             threads=config.mailhub.threads)
     database.setServiceParent(pools)
-    directory = Directory(database.store, reactor, config.database.poll_interval, hub)
+    directory = Directory(database.store, reactor, config.database.poll_interval, hub,
+                          saved=config.data_dir / snapshot.FILENAME)
 
     users, ldap = _users(config, database, directory, reactor, pools)
 

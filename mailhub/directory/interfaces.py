@@ -70,6 +70,12 @@ class IDirectoryStore(Interface):
         :class:`~mailhub.directory.table.ProfileTable` the in-memory directory
         holds, built where the store's blocking work runs."""
 
+    def mark(seq: int) -> "Deferred[tuple[str, str | None, int]]":
+        """Which database this is (no password), when change ``seq`` was
+        logged (None: no such change), and how many profiles there are: what
+        tells a saved table (:mod:`mailhub.directory.snapshot`) it is of
+        this database and of its present state."""
+
     def get_profile(profile_id: str) -> "Deferred[Profile | None]":
         """Profile by id, or None."""
 

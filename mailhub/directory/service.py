@@ -18,14 +18,17 @@ notification has arrived (PostgreSQL; the next poll at the latest).
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
+from mailhub.directory import snapshot
 from mailhub.directory.interfaces import IDirectoryStore
 from mailhub.directory.model import (
     Added, Email, Group, Left, Profile, new_profile_id, normalise_email,
@@ -42,9 +45,19 @@ class Directory(Service):
     log = Logger()
     name = "directory"  # type: ignore[assignment]
 
+    #: Changes a saved table may be behind the database's log at most;
+    #: further behind, reading the database is quicker than catching up.
+    max_behind = 20_000
+
     def __init__(self, store: IDirectoryStore, clock: IReactorTime,
-                 poll_interval: float = 0.25, hub: Any = None) -> None:
+                 poll_interval: float = 0.25, hub: Any = None,
+                 saved: Path | None = None) -> None:
         self.store = store
+        #: Where the table is kept between runs (:mod:`mailhub.directory.snapshot`);
+        #: None: nowhere, the database is read at each start.
+        self.saved = saved
+        self._saved_seq: int | None = None
+        self._following = False
         self.hub = hub
         self.clock = clock
         self.poll_interval = poll_interval
@@ -77,22 +90,101 @@ class Directory(Service):
 
     async def _load(self) -> None:
         seq = await self.store.last_change()
-        # Built in the store's thread: the reactor stays free, and readers
-        # see the old copy until the end.
-        table = await self.store.load_table()
+        saved = await self._read_saved(seq)
+        if saved is not None:
+            mark, table = saved
+            start = mark.seq
+        else:
+            # Built in the store's thread: the reactor stays free, and
+            # readers see the old copy until the end.
+            table = await self.store.load_table()
+            start = seq
         groups = await self.store.load_groups()
         tokens = await self.store.load_tokens()
         self._table = table
         self._groups = {g.id: g for g in groups}
-        # What is alive now lives as long as the process: keep it out of
-        # the collector's scans (the table itself is a few thousand lists
-        # of bytes, which the collector does not follow).
-        gc.freeze()
         self._set_tokens(tokens, quiet=True)
-        self._seq = seq
+        self._seq = start
+        self._following = True
+        if saved is not None:
+            if await self._caught_up():
+                self._saved_seq = start
+            else:
+                self.log.warn("the saved directory table does not agree with the database "
+                              "after its changes were applied; reading the database")
+                seq = await self.store.last_change()
+                self._table = await self.store.load_table()
+                self._seq = seq
+                await self.refresh()
+        # What is alive now lives as long as the process: keep it out of
+        # the collector's scans (the table itself is a few thousand packed
+        # blocks, which the collector does not follow).
+        gc.freeze()
         self.loaded = True
-        self.log.info("directory loaded: {profiles} profiles, {groups} groups",
-                      profiles=len(self._table), groups=len(self._groups))
+        self.log.info("directory loaded: {profiles} profiles, {groups} groups{how}",
+                      profiles=len(self._table), groups=len(self._groups),
+                      how=" (saved table, {} changes applied)".format(self._seq - start)
+                      if saved is not None and self._saved_seq is not None else "")
+        if self._saved_seq != self._seq:
+            self._save()
+
+    async def _read_saved(self, seq: int) -> "tuple[snapshot.Mark, ProfileTable] | None":
+        """The saved table, if there is one of this database that can be caught up."""
+        if self.saved is None:
+            return None
+        try:
+            found = await deferToThread(snapshot.read, self.saved)
+        except OSError as e:
+            self.log.warn("cannot read the saved directory table {path}: {error}",
+                          path=str(self.saved), error=e)
+            return None
+        if found is None:
+            if self.saved.exists():
+                self.log.warn("the saved directory table {path} is damaged or of another "
+                              "version; reading the database", path=str(self.saved))
+            return None
+        mark, table = found
+        identity, at, _ = await self.store.mark(mark.seq)
+        why = ""
+        if mark.identity != identity:
+            why = "it is of another database (%s)" % mark.identity
+        elif mark.seq > seq or at != mark.at:
+            why = "the database's change log does not hold the change it was saved at"
+        elif seq - mark.seq > self.max_behind:
+            why = "it is %d changes behind" % (seq - mark.seq)
+        if why:
+            self.log.info("not using the saved directory table: {why}; reading the database",
+                          why=why)
+            return None
+        return mark, table
+
+    async def _caught_up(self) -> bool:
+        """Apply the changes logged since the saved table's; say whether the
+        table then holds as many profiles as the database."""
+        while await self.refresh():
+            pass
+        _, _, profiles = await self.store.mark(self._seq)
+        return profiles == len(self._table)
+
+    def _save(self) -> "Deferred[None]":
+        """Write the table to :attr:`saved` in a thread (nothing when nowhere)."""
+        path = self.saved
+        if path is None:
+            return succeed(None)
+        state, seq, profiles = self._table.state(), self._seq, len(self._table)
+
+        async def save() -> None:
+            identity, at, _ = await self.store.mark(seq)
+            await deferToThread(snapshot.write, path, state,
+                                snapshot.Mark(identity, seq, at, profiles))
+            self._saved_seq = seq
+            self.log.info("directory table saved in {path} ({profiles} profiles)",
+                          path=str(path), profiles=profiles)
+
+        d = Deferred.fromCoroutine(save())
+        d.addErrback(lambda f: self.log.failure(
+            "cannot save the directory table in {path}", f, path=str(self.saved)))
+        return d
 
     def startService(self) -> None:
         super().startService()
@@ -100,12 +192,17 @@ class Directory(Service):
         self._poll.clock = self.clock
         self._poll.start(self.poll_interval, now=False)
 
-    def stopService(self) -> None:
+    def stopService(self) -> "Deferred[None] | None":
         super().stopService()
         if self._poll is not None and self._poll.running:
             self._poll.stop()
+        if self.loaded and self._saved_seq != self._seq:
+            # Changes were applied since the table was saved: the next start
+            # catches up from here.
+            return self._save()
+        return None
 
-    def _poll_once(self) -> "Deferred[None]":
+    def _poll_once(self) -> "Deferred[int]":
         d = Deferred.fromCoroutine(self.refresh())
         d.addErrback(lambda f: self.log.failure("cannot follow the directory's changes", f))
         return d
@@ -121,15 +218,21 @@ class Directory(Service):
         self._refresh_queued = True
         self._poll_once()
 
-    async def refresh(self) -> None:
-        """Apply every change the store logged since the last one seen."""
+    async def refresh(self) -> int:
+        """Apply the changes the store logged since the last one seen (up
+        to the store's batch); say how many were read.
+
+        Nothing until the table is in place: until then the start-up load
+        sees every change."""
+        if not self._following:
+            return 0
         await self._lock.acquire()
         # From here on a new notification needs a new read.
         self._refresh_queued = False
         try:
             changes = await self.store.changes_since(self._seq)
             if not changes:
-                return
+                return 0
             kinds: dict[tuple[str, str], None] = {}
             for seq, kind, key in changes:
                 kinds[(kind, key)] = None
@@ -141,6 +244,7 @@ class Directory(Service):
                     except Exception:
                         self.log.failure("change hook {hook!r} failed", hook=hook)
             self._seq = changes[-1][0]
+            return len(changes)
         finally:
             self._lock.release()
 
@@ -156,7 +260,7 @@ class Directory(Service):
             self._groups = {g.id: g for g in groups}
         elif kind == "token":
             self._set_tokens(await self.store.load_tokens())
-            if self.hub is not None:
+            if self.hub is not None and self.loaded:
                 # Never the token itself: subscribers learn that it changed.
                 site, slash, name = key.rpartition("/")
                 data = {"site": site, "name": name} if slash else {"site": key}

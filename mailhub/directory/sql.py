@@ -656,6 +656,17 @@ class SQLStore:
             yield Profile(id=pid, name=name, nickname=nickname, emails=tuple(addresses),
                           groups=tuple(member_of), has_password=bool(has_password))
 
+    def mark(self, seq: int) -> "Deferred[tuple[str, str | None, int]]":
+        def work(tx: _Transaction) -> tuple[str, str | None, int]:
+            logged = tx.one("SELECT at FROM changes WHERE seq = ?", (seq,))
+            counted = tx.one("SELECT count(*) FROM profiles")
+            where = getattr(self.dialect, "path", None) or redact(
+                getattr(self.dialect, "dsn", ""))
+            identity = "%s %s site=%s" % (self.dialect.name, where, self.site_id)
+            return (identity, str(logged[0]) if logged else None,
+                    int(counted[0]) if counted else 0)
+        return self._read(work)
+
     def get_profile(self, profile_id: str) -> "Deferred[Profile | None]":
         def work(tx: _Transaction) -> Profile | None:
             found = self._profiles(tx, "WHERE id = ?", (profile_id,))

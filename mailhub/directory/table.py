@@ -48,6 +48,9 @@ NUL = b"\x00"
 #: Profiles made from records kept for callers that ask again.
 DECODED = 4096
 
+#: The indexes of a table, in the order :meth:`ProfileTable.state` gives them.
+INDEXES = ("records", "emails", "logins", "nicknames")
+
 #: The orders :meth:`ProfileTable.after` walks.
 BY_ID = "id"
 BY_LOGIN = "login"
@@ -84,6 +87,22 @@ class SortedKeys:
         for start in range(0, len(items), load):
             made._append(items[start:start + load])
         return made
+
+    @classmethod
+    def of_blocks(cls, data: list[bytes], ends: list[array[int]],
+                  load: int = 1000) -> "SortedKeys":
+        """From packed blocks (as :meth:`blocks` gave them)."""
+        made = cls(load=load)
+        made._data = data
+        made._ends = ends
+        made._len = sum(len(e) for e in ends)
+        made.seal()
+        return made
+
+    def blocks(self) -> tuple[list[bytes], list[array[int]]]:
+        """The packed blocks as they are now (for a snapshot: blocks are
+        replaced on change, never changed in place)."""
+        return list(self._data), list(self._ends)
 
     def _append(self, block: list[bytes]) -> None:
         if block:
@@ -428,6 +447,18 @@ class ProfileTable:
 
     def _indexes(self) -> tuple[SortedKeys, ...]:
         return (self._records, self._emails, self._logins, self._nicknames)
+
+    def state(self) -> tuple[list[tuple[list[bytes], list[array[int]]]], list[Profile]]:
+        """What :meth:`of_state` makes the same table again from: the
+        indexes' blocks (in :data:`INDEXES` order) and the profiles kept aside."""
+        return [index.blocks() for index in self._indexes()], list(self._odd.values())
+
+    @classmethod
+    def of_state(cls, indexes: list[SortedKeys], odd: list[Profile]) -> "ProfileTable":
+        made = cls()
+        made._records, made._emails, made._logins, made._nicknames = indexes
+        made._odd = {p.id: p for p in odd}
+        return made
 
     def put(self, profile: Profile) -> None:
         """Hold ``profile``, replacing the one with its id."""

@@ -214,7 +214,7 @@ class SiteUserSource:
         """Follow the store's change log now (the in-memory directory, if any)."""
         if self.directory is None:
             return succeed(None)
-        return Deferred.fromCoroutine(self.directory.refresh())
+        return Deferred.fromCoroutine(self.directory.refresh()).addCallback(lambda _: None)
 
     async def pages(self, page_size: int) -> AsyncIterator[list[User]]:
         """Every site user, in pages, ordered by login.
