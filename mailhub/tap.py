@@ -31,10 +31,11 @@ from mailhub.collector.state import CollectorState
 from mailhub.collector.sources import CalendarSource, MailSource
 from mailhub.config import Config, discover
 from mailhub.directory import snapshot
+from mailhub.directory.build import in_child
 from mailhub.directory.service import Directory
 from mailhub.directory.ldap import LDAPService
 from mailhub.directory.listen import ChangeListener
-from mailhub.directory.sql import PostgreSQLDialect, StoreService
+from mailhub.directory.sql import PostgreSQLDialect, SQLiteDialect, StoreService
 from mailhub.directory.users import ChainedUserSource, HashingService, SiteUserSource
 from mailhub.endpoints import server_endpoint
 from mailhub.errors import ConfigError
@@ -172,8 +173,12 @@ def build(config: Config, listen: str, reactor: Any,
     database = StoreService(config.dsn, config.mailhub.site_id, reactor,
                             threads=config.mailhub.threads)
     database.setServiceParent(pools)
+    builder = None
+    if not (isinstance(database.dialect, SQLiteDialect) and database.dialect.path == ":memory:"):
+        # A database another process can open: the table is built there.
+        builder = functools.partial(in_child, reactor, config.dsn, config.mailhub.site_id)
     directory = Directory(database.store, reactor, config.database.poll_interval, hub,
-                          saved=config.data_dir / snapshot.FILENAME)
+                          saved=config.data_dir / snapshot.FILENAME, builder=builder)
 
     users, ldap = _users(config, database, directory, reactor, pools)
 

@@ -36,7 +36,7 @@ from mailhub.directory.model import (
 from mailhub.directory.table import BY_ID, ProfileTable
 from mailhub.directory.tokens import SITE, Grant, TokenRecord, match
 from mailhub.errors import ValidationError
-from mailhub.steps import hold_full_collections
+from mailhub.steps import hold_full_collections, pause_collections
 
 
 class Directory(Service):
@@ -51,8 +51,13 @@ class Directory(Service):
 
     def __init__(self, store: IDirectoryStore, clock: IReactorTime,
                  poll_interval: float = 0.25, hub: Any = None,
-                 saved: Path | None = None) -> None:
+                 saved: Path | None = None,
+                 builder: Callable[[Path], "Deferred[None]"] | None = None) -> None:
         self.store = store
+        #: Builds the table into :attr:`saved` when none can be used (a
+        #: child process: :func:`mailhub.directory.build.in_child`); None:
+        #: the table is read in the store's thread.
+        self.builder = builder
         #: Where the table is kept between runs (:mod:`mailhub.directory.snapshot`);
         #: None: nowhere, the database is read at each start.
         self.saved = saved
@@ -78,10 +83,8 @@ class Directory(Service):
 
     async def load(self) -> None:
         """Read everything from the store (at start-up)."""
-        # Building a million profiles' records would set off full garbage
-        # collections, each scanning every container alive while holding the
-        # GIL, in whichever thread allocates (the database's included): the
-        # reactor would wait. None until the load is frozen.
+        # A full garbage collection follows every container alive, holding
+        # the GIL: none until the load is frozen.
         release = hold_full_collections()
         try:
             await self._load()
@@ -91,13 +94,21 @@ class Directory(Service):
     async def _load(self) -> None:
         seq = await self.store.last_change()
         saved = await self._read_saved(seq)
+        how = "saved table"
+        if saved is None and self.builder is not None and self.saved is not None:
+            # Read and indexed by a process of its own (mailhub.directory.build).
+            try:
+                await self.builder(self.saved)
+            except Exception as e:
+                self.log.warn("{error}; reading the database here", error=e)
+            else:
+                saved = await self._read_saved(await self.store.last_change())
+                how = "built by a child process"
         if saved is not None:
             mark, table = saved
             start = mark.seq
         else:
-            # Built in the store's thread: the reactor stays free, and
-            # readers see the old copy until the end.
-            table = await self.store.load_table()
+            table = await self._read_database()
             start = seq
         groups = await self.store.load_groups()
         tokens = await self.store.load_tokens()
@@ -112,8 +123,9 @@ class Directory(Service):
             else:
                 self.log.warn("the saved directory table does not agree with the database "
                               "after its changes were applied; reading the database")
+                saved = None
                 seq = await self.store.last_change()
-                self._table = await self.store.load_table()
+                self._table = await self._read_database()
                 self._seq = seq
                 await self.refresh()
         # What is alive now lives as long as the process: keep it out of
@@ -121,12 +133,24 @@ class Directory(Service):
         # blocks, which the collector does not follow).
         gc.freeze()
         self.loaded = True
-        self.log.info("directory loaded: {profiles} profiles, {groups} groups{how}",
+        self.log.info("directory loaded: {profiles} profiles, {groups} groups ({how})",
                       profiles=len(self._table), groups=len(self._groups),
-                      how=" (saved table, {} changes applied)".format(self._seq - start)
-                      if saved is not None and self._saved_seq is not None else "")
+                      how="{}, {} changes behind".format(how, self._seq - start)
+                      if saved is not None else "read from the database")
         if self._saved_seq != self._seq:
             self._save()
+
+    async def _read_database(self) -> ProfileTable:
+        """The table, read and indexed in the store's thread (readers see the
+        old copy until the end)."""
+        # Its lists of a million items are young while they grow, and a young
+        # generation's collection follows every reference of each (a tenth
+        # of a second, the GIL held, the reactor waiting): none meanwhile.
+        resume = pause_collections()
+        try:
+            return await self.store.load_table()
+        finally:
+            resume()
 
     async def _read_saved(self, seq: int) -> "tuple[snapshot.Mark, ProfileTable] | None":
         """The saved table, if there is one of this database that can be caught up."""

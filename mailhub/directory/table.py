@@ -1,24 +1,23 @@
-"""The directory's profiles in memory, compact: about 250 bytes each.
+"""The directory's profiles in memory, compact: about 200 to 300 bytes each.
 
 A million :class:`~mailhub.directory.model.Profile` objects, with their
 ``Email`` objects, tuples, strings and two dicts to find them, took 1.3 KiB
-each (1.3 GiB), and the garbage collector had a million containers to
-follow. Here a profile is one ``bytes`` record, its fields joined by NUL
-(which neither PostgreSQL's text nor a hook's input can hold), and the
-indexes are sorted lists of ``bytes`` keys, each ``KEY NUL ID``:
+each (1.3 GiB), and the garbage collector had millions of containers to
+follow. Here a profile is a record, its fields joined by NUL (which neither
+PostgreSQL's text nor a hook's input can hold), and the indexes are sorted
+keys, each ``KEY NUL ID``:
 
 - records, ordered by profile id (a record begins ``ID NUL``), so the
   id order the member lists answer in is the records' own order;
 - addresses, normalised (:func:`~mailhub.directory.model.normalise_email`);
-- logins, case-folded: the order MailStore's user list is sent in; where
-  the login is one of the addresses (nearly always) the login key is the
-  very object of the address index, so it costs a reference;
+- logins, case-folded: the order MailStore's user list is sent in;
 - nicknames, for the sites that map OpenPaaS ids to them.
 
-``bytes`` objects are not tracked by the garbage collector at all, and a
-sorted list of them is the cheapest index there is: 8 bytes a reference.
-Lists are cut into blocks (:class:`SortedKeys`) so that a change costs a
-few microseconds, not the move of a million references.
+Each index is a :class:`SortedKeys`: blocks of about a thousand items, each
+block one ``bytes`` object with the items end to end and an array of where
+each ends. An item costs its length and four bytes, the collector follows
+nothing, and the blocks can be saved and read back as they are
+(:mod:`mailhub.directory.snapshot`).
 
 Readers that walk the whole directory (a member list, MailStore's list)
 hold no snapshot: they ask for the next batch after the last key they were
@@ -43,6 +42,7 @@ from typing import Iterable, Iterator
 from cachetools import LRUCache
 
 from mailhub.directory.model import Email, Profile, normalise_email
+from mailhub.steps import return_freed_memory
 
 NUL = b"\x00"
 #: Profiles made from records kept for callers that ask again.
@@ -82,10 +82,17 @@ class SortedKeys:
 
     @classmethod
     def of_sorted(cls, items: list[bytes], load: int = 1000) -> "SortedKeys":
-        """From items already in order."""
+        """From items already in order, taken from ``items`` (left empty): a
+        block at a time, from the end, so that the small objects are freed
+        a block at a time too (a million freed at once is one C call that
+        holds the GIL for a tenth of a second)."""
         made = cls(load=load)
-        for start in range(0, len(items), load):
-            made._append(items[start:start + load])
+        for start in reversed(range(0, len(items), load)):
+            made._append(items[start:])
+            del items[start:]
+        made._data.reverse()
+        made._ends.reverse()
+        made._maxes.reverse()
         return made
 
     @classmethod
@@ -244,8 +251,11 @@ def in_buckets(items: list[bytes], depth: int = 0) -> list[bytes]:
     for head in sorted(buckets):
         bucket = buckets.pop(head)
         if len(bucket) > BUCKET and len(head) == 2:
-            # Cut again past what every item of the bucket shares.
-            shared = len(commonprefix([min(bucket), max(bucket)]))
+            # Cut again past what every item of the bucket shares (its least
+            # and greatest found a slice at a time: each a C call).
+            least = min(min(bucket[at:at + BUCKET]) for at in range(0, len(bucket), BUCKET))
+            most = max(max(bucket[at:at + BUCKET]) for at in range(0, len(bucket), BUCKET))
+            shared = len(commonprefix([least, most]))
             if shared < 64:
                 ordered.extend(in_buckets(bucket, max(end, shared)))
                 continue
@@ -366,25 +376,30 @@ class Loader:
             self._nicknames.append(nickname_key)
 
     def table(self) -> "ProfileTable":
-        made = self._made
-        records = self._records
-        if not self._ordered:
+        """The table of every profile added (the loader is empty after).
+
+        The small objects of the load are let go a block at a time
+        (:meth:`SortedKeys.of_sorted`): a list of a million freed at once
+        holds the GIL, and so the reactor, for a tenth of a second."""
+        made, load = self._made, self._load
+        records, emails, shared = self._records, self._emails, self._shared
+        own_logins, nicknames, ordered = self._own_logins, self._nicknames, self._ordered
+        self.__init__(load)  # type: ignore[misc]
+        if not ordered:
             records = in_buckets(records)
-        emails = in_buckets(self._emails)
-        shared = self._shared
-        logins = [key for key in emails if id(key) in shared]
-        if self._own_logins:
-            logins = list(heapq.merge(logins, in_buckets(self._own_logins)))
-        load = self._load
         made._records = SortedKeys.of_sorted(records, load)
+        emails = in_buckets(emails)
+        logins = [key for key in emails if id(key) in shared]
+        shared.clear()  # ints only: no object of the table's
+        if own_logins:
+            logins = list(heapq.merge(logins, in_buckets(own_logins)))
         made._emails = SortedKeys.of_sorted(emails, load)
         made._logins = SortedKeys.of_sorted(logins, load)
-        made._nicknames = SortedKeys(self._nicknames, load)
-        # Every small object of the load is freed before the maxima are copied.
-        del records, emails, logins
-        self.__init__(load)  # type: ignore[misc]
+        made._nicknames = SortedKeys(nicknames, load)
+        # The maxima are copied once the small objects are gone.
         for index in made._indexes():
             index.seal()
+        return_freed_memory()
         return made
 
 

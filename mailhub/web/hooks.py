@@ -44,7 +44,7 @@ from mailhub.config import Config
 from mailhub.decoding import MAX_ADDRESS_TEXT, address_problem, sanitise_address
 from mailhub.directory.model import Added, Left, Profile
 from mailhub.directory.service import Directory
-from mailhub.directory.table import BY_ID
+from mailhub.directory.table import BY_ID, DECODED
 from mailhub.errors import Unavailable, ValidationError
 from mailhub.metrics import Metrics
 from mailhub.web.common import JSON_TYPE, HTTPError, form_fields, handle_errors, json_bytes
@@ -218,8 +218,11 @@ class GroupHooks:
             ["hook", "status"])
         self._answer_children: dict[tuple[str, int], Any] = {}
         #: profile id -> (the Profile object it was made from, its JSON bytes),
-        #: the least recently used dropped beyond half a million.
-        self._json: LRUCache[str, tuple[Profile, bytes]] = LRUCache(maxsize=500_000)
+        #: as many as the directory keeps profiles made from their records
+        #: (beyond those, the directory makes a new object, so the JSON is
+        #: made again anyway): a cache the size of the site's would hold a
+        #: Profile object per profile, what the compact directory avoids.
+        self._json: LRUCache[str, tuple[Profile, bytes]] = LRUCache(maxsize=DECODED)
 
     def resource(self) -> IResource:
         """The Klein resource; it expects to see the whole request path."""

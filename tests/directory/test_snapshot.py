@@ -185,3 +185,59 @@ class RestartTests(TestCase):
         assert found is not None
         self.assertGreater(self.saved.stat().st_mtime_ns, before - 1)
         self.assertEqual(found[1].get("p0001").name, "Changed")  # type: ignore[union-attr]
+
+
+class ChildBuildTests(TestCase):
+    """With no usable saved table, a child process reads the database and
+    writes one; the directory reads it and applies what changed meanwhile."""
+
+    def setUp(self) -> None:
+        from mailhub.directory.sql import SQLiteDialect, SQLStore, run_inline
+
+        folder = Path(self.mktemp())
+        folder.mkdir(parents=True)
+        self.dsn = "sqlite:///%s" % (folder / "site.sqlite")
+        self.store = SQLStore(SQLiteDialect(str(folder / "site.sqlite")), "main",
+                              runner=run_inline)
+        self.store.migrate()
+        self.store.create_group(Group("g", "G"))
+        for profile in profiles(40):
+            self.store.create_profile(Profile(profile.id, profile.name, profile.nickname,
+                                              profile.emails))
+        self.saved = folder / snapshot.FILENAME
+        self.addCleanup(self.store.close_all)
+
+    async def test_the_table_is_built_by_a_child_process(self) -> None:
+        from mailhub.directory.build import in_child
+
+        built: list[Path] = []
+
+        def builder(path: Path) -> Deferred[None]:
+            built.append(path)
+            d = in_child(reactor, self.dsn, "main", path)
+            # A change made while the child reads: the directory applies it.
+            self.store.update_profile("p0002", "Changed meanwhile", None)
+            return d
+
+        directory = Directory(self.store, reactor, poll_interval=3600, saved=self.saved,
+                              builder=builder)
+        await directory.load()
+        self.assertEqual(built, [self.saved])
+        self.assertEqual(directory.profile("p0002").name, "Changed meanwhile")  # type: ignore
+        fresh = Directory(self.store, reactor, poll_interval=3600)
+        await fresh.load()
+        self.assertEqual(everything(directory), everything(fresh))
+
+    async def test_a_child_that_fails_says_why_and_the_database_is_read_here(self) -> None:
+        from mailhub.directory.build import in_child
+        from mailhub.errors import Unavailable
+
+        missing = "sqlite:///%s" % Path(self.mktemp()).joinpath("no", "such.sqlite")
+        with self.assertRaises(Unavailable) as raised:
+            await in_child(reactor, "postgresql://nobody@127.0.0.1:1/none", "main", self.saved)
+        self.assertIn("build process failed", str(raised.exception))
+        self.assertIn("database unreachable", str(raised.exception))
+        directory = Directory(self.store, reactor, poll_interval=3600, saved=self.saved,
+                              builder=lambda path: in_child(reactor, missing, "main", path))
+        await directory.load()
+        self.assertEqual(directory.count(), 40)

@@ -1,0 +1,105 @@
+"""The directory's table built by a process of its own, for a start with none saved.
+
+Reading a million profiles and indexing them is about ten seconds of Python.
+In the server's own process that work holds the GIL against the reactor
+(pauses of tens of milliseconds), and its millions of short-lived small
+objects leave the allocator's memory pinned by whatever the reactor kept
+meanwhile (the process stayed at 700 bytes a profile instead of 250). So
+mailhub runs it as ``python -m mailhub.directory.build``, on the other
+processor, which writes the table where the server keeps its saved one
+(:mod:`mailhub.directory.snapshot`): the server then reads it as it reads
+any saved table, and applies the changes logged since the build began.
+
+The child reads its orders as one line of JSON on standard input (the DSN
+may hold a password: never on the command line, where ``ps`` shows it):
+``{"dsn": ..., "site": ..., "out": ...}``. It exits 0 once the file is
+written, else 1 with one line on standard error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+
+from mailhub.errors import Unavailable
+
+
+def build(dsn: str, site: str, out: Path) -> int:
+    """Read the database, write its table to ``out``; the profiles written."""
+    from mailhub.directory import snapshot
+    from mailhub.directory.sql import SQLStore, dialect_for, run_inline
+    from mailhub.steps import hold_full_collections, pause_collections
+
+    pause_collections()
+    hold_full_collections()
+    store = SQLStore(dialect_for(dsn), site, runner=run_inline)
+
+    def result(d: "Deferred[Any]") -> Any:
+        found: list[Any] = []
+        d.addBoth(found.append)
+        if isinstance(found[0], Failure):
+            found[0].raiseException()
+        return found[0]
+
+    # The log's position before the read: a change made during it is
+    # applied again by the server, which is harmless.
+    seq = result(store.last_change())
+    table = result(store.load_table())
+    identity, at, _ = result(store.mark(seq))
+    snapshot.write(out, table.state(), snapshot.Mark(identity, seq, at, len(table)))
+    store.close_all()
+    return len(table)
+
+
+def main() -> None:
+    try:
+        orders = json.loads(sys.stdin.readline())
+        build(orders["dsn"], orders["site"], Path(orders["out"]))
+    except Exception as e:  # one line for the server's log, whatever it was
+        sys.stderr.write("%s: %s\n" % (type(e).__name__, e))
+        sys.exit(1)
+
+
+class _Child(ProcessProtocol):
+    def __init__(self, orders: bytes) -> None:
+        self.orders = orders
+        self.errors = b""
+        self.done: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.orders)  # type: ignore[union-attr]
+        self.transport.closeStdin()  # type: ignore[union-attr]
+
+    def errReceived(self, data: bytes) -> None:
+        self.errors = (self.errors + data)[-2000:]
+
+    def processEnded(self, reason: Failure) -> None:
+        if reason.check(ProcessDone):
+            self.done.callback(None)
+        else:
+            said = self.errors.decode("utf-8", "replace").strip().splitlines()
+            self.done.errback(Unavailable("the directory's build process failed: %s"
+                                          % (said[-1] if said else reason.getErrorMessage())))
+
+
+def in_child(reactor: Any, dsn: str, site: str, out: Path) -> "Deferred[None]":
+    """Run :func:`build` in a child process; fires when ``out`` is written,
+    fails with Unavailable (and what the child said) when not."""
+    orders = json.dumps({"dsn": dsn, "site": site, "out": str(out)}).encode() + b"\n"
+    child = _Child(orders)
+    reactor.spawnProcess(child, sys.executable,
+                         [sys.executable, "-m", "mailhub.directory.build"],
+                         env=dict(os.environ), childFDs={0: "w", 1: 1, 2: "r"})
+    return child.done
+
+
+if __name__ == "__main__":
+    main()
