@@ -36,7 +36,7 @@ WORTH = 0.005
 
 
 def main() -> None:
-    trace = open(sys.argv[1], "w", buffering=1)
+    trace = open(sys.argv[1], "a", buffering=1)
     begun: list[float] = [0.0]
     detail = bool(os.environ.get("MAILHUB_STALL_GC_DETAIL"))
 
