@@ -4,6 +4,8 @@ up with the change log, and falls back to the database at any doubt."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,13 @@ from mailhub.directory.memory import MemoryStore
 from mailhub.directory.model import Email, Group, Profile
 from mailhub.directory.service import Directory
 from mailhub.directory.table import BY_ID, BY_LOGIN, ProfileTable
+
+
+def temporary(case: TestCase) -> Path:
+    """A new folder, removed after the test."""
+    made = Path(tempfile.mkdtemp(prefix="mailhub-table-"))
+    case.addCleanup(shutil.rmtree, made, True)
+    return made
 
 
 def profiles(count: int) -> list[Profile]:
@@ -45,8 +54,7 @@ class CountingStore(MemoryStore):
 
 class FileTests(TestCase):
     def setUp(self) -> None:
-        self.path = Path(self.mktemp())
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = temporary(self) / snapshot.FILENAME
         odd = Profile(id="odd", name="with\x00nul", emails=(Email("odd@example.org"),))
         self.table = ProfileTable.build(profiles(50) + [odd])
         self.mark = snapshot.Mark("sqlite /x site=main", 12, "2026-12-02T16:00:00", 51)
@@ -95,8 +103,7 @@ class RestartTests(TestCase):
                                               profile.emails))
             for group in profile.groups:
                 self.store.add_member(group, profile.id)
-        self.saved = Path(self.mktemp())
-        self.saved.parent.mkdir(parents=True, exist_ok=True)
+        self.saved = temporary(self) / snapshot.FILENAME
 
     async def start(self) -> Directory:
         directory = Directory(self.store, reactor, poll_interval=3600, saved=self.saved)
@@ -191,14 +198,15 @@ class ChildBuildTests(TestCase):
     """With no usable saved table, a child process reads the database and
     writes one; the directory reads it and applies what changed meanwhile."""
 
-    def setUp(self) -> None:
-        from mailhub.directory.sql import SQLiteDialect, SQLStore, run_inline
+    def database(self, folder: Path) -> str:
+        return "sqlite:///%s" % (folder / "site.sqlite")
 
-        folder = Path(self.mktemp())
-        folder.mkdir(parents=True)
-        self.dsn = "sqlite:///%s" % (folder / "site.sqlite")
-        self.store = SQLStore(SQLiteDialect(str(folder / "site.sqlite")), "main",
-                              runner=run_inline)
+    def setUp(self) -> None:
+        from mailhub.directory.sql import SQLStore, dialect_for, run_inline
+
+        folder = temporary(self)
+        self.dsn = self.database(folder)
+        self.store = SQLStore(dialect_for(self.dsn), "main", runner=run_inline)
         self.store.migrate()
         self.store.create_group(Group("g", "G"))
         for profile in profiles(40):
@@ -232,7 +240,7 @@ class ChildBuildTests(TestCase):
         from mailhub.directory.build import in_child
         from mailhub.errors import Unavailable
 
-        missing = "sqlite:///%s" % Path(self.mktemp()).joinpath("no", "such.sqlite")
+        missing = "sqlite:///%s" % temporary(self).joinpath("no", "such.sqlite")
         with self.assertRaises(Unavailable) as raised:
             await in_child(reactor, "postgresql://nobody@127.0.0.1:1/none", "main", self.saved)
         self.assertIn("build process failed", str(raised.exception))
@@ -241,3 +249,15 @@ class ChildBuildTests(TestCase):
                               builder=lambda path: in_child(reactor, missing, "main", path))
         await directory.load()
         self.assertEqual(directory.count(), 40)
+
+
+class ChildBuildPostgreSQLTests(ChildBuildTests):
+    """The same, the child reading PostgreSQL (its DSN given on its stdin)."""
+
+    def database(self, folder: Path) -> str:
+        from tests.support.postgres import throwaway_database
+
+        made = throwaway_database()
+        dsn = made.__enter__()
+        self.addCleanup(made.__exit__, None, None, None)
+        return dsn
