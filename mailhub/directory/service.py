@@ -62,6 +62,7 @@ class Directory(Service):
         #: None: nowhere, the database is read at each start.
         self.saved = saved
         self._saved_seq: int | None = None
+        self._saving = DeferredLock()
         self._following = False
         self.hub = hub
         self.clock = clock
@@ -191,7 +192,8 @@ class Directory(Service):
         return profiles == len(self._table)
 
     def _save(self) -> "Deferred[None]":
-        """Write the table to :attr:`saved` in a thread (nothing when nowhere)."""
+        """Write the table to :attr:`saved` in a thread (nothing when nowhere),
+        after any save under way."""
         path = self.saved
         if path is None:
             return succeed(None)
@@ -205,10 +207,14 @@ class Directory(Service):
             self.log.info("directory table saved in {path} ({profiles} profiles)",
                           path=str(path), profiles=profiles)
 
-        d = Deferred.fromCoroutine(save())
+        d = self._saving.run(lambda: Deferred.fromCoroutine(save()))
         d.addErrback(lambda f: self.log.failure(
-            "cannot save the directory table in {path}", f, path=str(self.saved)))
+            "cannot save the directory table in {path}", f, path=str(path)))
         return d
+
+    def saves_done(self) -> "Deferred[None]":
+        """Fires once no save of the table is under way (or waiting)."""
+        return self._saving.run(succeed, None)
 
     def startService(self) -> None:
         super().startService()
@@ -224,7 +230,7 @@ class Directory(Service):
             # Changes were applied since the table was saved: the next start
             # catches up from here.
             return self._save()
-        return None
+        return self.saves_done()
 
     def _poll_once(self) -> "Deferred[int]":
         d = Deferred.fromCoroutine(self.refresh())

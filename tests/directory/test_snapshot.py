@@ -108,17 +108,8 @@ class RestartTests(TestCase):
     async def start(self) -> Directory:
         directory = Directory(self.store, reactor, poll_interval=3600, saved=self.saved)
         await directory.load()
-        await self._written()
+        await directory.saves_done()
         return directory
-
-    async def _written(self) -> None:
-        # The save runs in a thread after the load: wait for the file.
-        for _ in range(200):
-            if self.saved.exists():
-                return
-            d: Deferred[None] = Deferred()
-            reactor.callLater(0.01, d.callback, None)
-            await d
 
     async def fresh(self) -> list[list[Profile]]:
         """What a directory that reads the database sees."""
@@ -150,6 +141,7 @@ class RestartTests(TestCase):
         other.create_profile(Profile("z1", "Zed", None, (Email("z@example.org"),)))
         directory = Directory(other, reactor, poll_interval=3600, saved=self.saved)
         await directory.load()
+        await directory.saves_done()
         self.assertEqual(other.table_reads, 1)
         self.assertEqual([p.id for b in directory.walk() for p in b], ["z1"])
 
@@ -230,6 +222,7 @@ class ChildBuildTests(TestCase):
         directory = Directory(self.store, reactor, poll_interval=3600, saved=self.saved,
                               builder=builder)
         await directory.load()
+        await directory.saves_done()
         self.assertEqual(built, [self.saved])
         self.assertEqual(directory.profile("p0002").name, "Changed meanwhile")  # type: ignore
         fresh = Directory(self.store, reactor, poll_interval=3600)
@@ -248,6 +241,7 @@ class ChildBuildTests(TestCase):
         directory = Directory(self.store, reactor, poll_interval=3600, saved=self.saved,
                               builder=lambda path: in_child(reactor, missing, "main", path))
         await directory.load()
+        await directory.saves_done()
         self.assertEqual(directory.count(), 40)
 
 
