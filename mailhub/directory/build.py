@@ -12,21 +12,26 @@ any saved table, and applies the changes logged since the build began.
 
 The child reads its orders as one line of JSON on standard input (the DSN
 may hold a password: never on the command line, where ``ps`` shows it):
-``{"dsn": ..., "site": ..., "out": ...}``. It exits 0 once the file is
-written, else 1 with one line on standard error.
+``{"dsn": ..., "site": ..., "out": ...}``. Once the file is written it
+prints a line of JSON on standard output (``profiles``, ``seconds``,
+``peak_mib``: what the server logs of the build) and exits 0; else it exits
+1 with one line on standard error.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailhub.errors import Unavailable
@@ -60,17 +65,25 @@ def build(dsn: str, site: str, out: Path) -> int:
 
 
 def main() -> None:
+    began = time.monotonic()
     try:
         orders = json.loads(sys.stdin.readline())
-        build(orders["dsn"], orders["site"], Path(orders["out"]))
+        profiles = build(orders["dsn"], orders["site"], Path(orders["out"]))
     except Exception as e:  # one line for the server's log, whatever it was
         sys.stderr.write("%s: %s\n" % (type(e).__name__, e))
         sys.exit(1)
+    # What the server logs of the build: its time and its memory's peak.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    sys.stdout.write(json.dumps({"profiles": profiles, "seconds": time.monotonic() - began,
+                                 "peak_mib": peak}) + "\n")
 
 
 class _Child(ProcessProtocol):
+    log = Logger()
+
     def __init__(self, orders: bytes) -> None:
         self.orders = orders
+        self.said = b""
         self.errors = b""
         self.done: Deferred[None] = Deferred()
 
@@ -78,11 +91,20 @@ class _Child(ProcessProtocol):
         self.transport.write(self.orders)  # type: ignore[union-attr]
         self.transport.closeStdin()  # type: ignore[union-attr]
 
+    def outReceived(self, data: bytes) -> None:
+        self.said = (self.said + data)[-2000:]
+
     def errReceived(self, data: bytes) -> None:
         self.errors = (self.errors + data)[-2000:]
 
     def processEnded(self, reason: Failure) -> None:
         if reason.check(ProcessDone):
+            try:
+                summary = json.loads(self.said.decode("utf-8").strip().splitlines()[-1])
+                self.log.info("directory table built by a child process: {profiles} profiles "
+                              "in {seconds:.1f} s, at most {peak_mib:.0f} MiB", **summary)
+            except (ValueError, IndexError, KeyError, TypeError):
+                pass
             self.done.callback(None)
         else:
             said = self.errors.decode("utf-8", "replace").strip().splitlines()
@@ -97,7 +119,7 @@ def in_child(reactor: Any, dsn: str, site: str, out: Path) -> "Deferred[None]":
     child = _Child(orders)
     reactor.spawnProcess(child, sys.executable,
                          [sys.executable, "-m", "mailhub.directory.build"],
-                         env=dict(os.environ), childFDs={0: "w", 1: 1, 2: "r"})
+                         env=dict(os.environ), childFDs={0: "w", 1: "r", 2: "r"})
     return child.done
 
 
