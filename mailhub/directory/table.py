@@ -343,6 +343,9 @@ class Loader:
 
     def __init__(self, load: int = 1000) -> None:
         self._load = load
+        self._reset()
+
+    def _reset(self) -> None:
         self._made = ProfileTable()
         self._records: list[bytes] = []
         self._emails: list[bytes] = []
@@ -384,7 +387,7 @@ class Loader:
         made, load = self._made, self._load
         records, emails, shared = self._records, self._emails, self._shared
         own_logins, nicknames, ordered = self._own_logins, self._nicknames, self._ordered
-        self.__init__(load)  # type: ignore[misc]
+        self._reset()
         if not ordered:
             records = in_buckets(records)
         made._records = SortedKeys.of_sorted(records, load)
