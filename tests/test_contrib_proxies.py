@@ -69,7 +69,8 @@ def test_nginx_streams_events_and_limits_push_bodies_as_mailhub_does() -> None:
         assert "client_max_body_size 64k;" in location(config, push)
     assert MailhubSection().max_body == 1024 * 1024
     assert re.search(r"^    client_max_body_size 1m;$", config, re.M)
-    assert "deny all;" in location(config, "= /metrics")
+    for operations in ("= /metrics", "= /openapi.json"):
+        assert "deny all;" in location(config, operations)
 
 
 def test_haproxy_accepts_the_example(tmp_path: Path, certificate: tuple[Path, Path]) -> None:
