@@ -225,7 +225,8 @@ def build(config: Config, listen: str, reactor: Any,
     checks.insert(0, startup_check(lambda: ready.ready.called and directory.loaded))
     ops = Operations(metrics, checks, functools.partial(
         site_document, config.mailstore.path, config.collector.enabled,
-        status_codes=config.hooks.status_codes), reactor,
+        status_codes=config.hooks.status_codes,
+        ops_credentials=bool(config.mailhub.ops_user)), reactor,
         credentials=ops_credentials(config.mailhub, auth))
     # /healthz stays on the main port (load balancers probe it there); with
     # [mailhub] ops_listen, /metrics and /openapi.json are served only there.

@@ -331,6 +331,11 @@ SECURITY_SCHEMES: dict[str, Any] = {
         "description": "``[mailstore] username`` and ``password``, as entered in MailStore's "
                        "Application Integration settings.",
     },
+    "opsBasic": {
+        "type": "http", "scheme": "basic",
+        "description": "``[mailhub] ops_user`` and ``ops_password``, when set: the "
+                       "operations endpoints' credentials (``/healthz`` needs none).",
+    },
     "siteUserBasic": {
         "type": "http", "scheme": "basic",
         "description": "A user's own login and password: a site user (address or id) or "
@@ -832,7 +837,7 @@ def _calendar_path() -> dict[str, Any]:
     }}
 
 
-def _operations_paths() -> dict[str, Any]:
+def _operations_paths(credentials: bool = False) -> dict[str, Any]:
     health = {"$ref": _REF + "Health"}
     return {
         "/healthz": {"get": {
@@ -850,31 +855,38 @@ def _operations_paths() -> dict[str, Any]:
                 "503": _answer("With ``ready``: a dependency is down", health),
             },
         }},
-        "/metrics": {"get": {
-            "tags": ["Operations"],
-            "summary": "Prometheus metrics",
-            "operationId": "metrics_get",
-            "security": [],
-            "responses": {"200": _answer("The text exposition format 0.0.4",
-                                         {"type": "string"}, media="text/plain")},
-        }},
-        "/openapi.json": {"get": {
-            "tags": ["Operations"],
-            "summary": "This description",
-            "operationId": "openapi_get",
-            "security": [],
-            "responses": {"200": _answer("The OpenAPI 3.1 document", {
-                "type": "object", "required": ["openapi", "info", "paths"]})},
-        }},
+        "/metrics": {"get": _operations_endpoint(
+            "Prometheus metrics", "metrics_get",
+            _answer("The text exposition format 0.0.4", {"type": "string"},
+                    media="text/plain"), credentials)},
+        "/openapi.json": {"get": _operations_endpoint(
+            "This description", "openapi_get",
+            _answer("The OpenAPI 3.1 document", {
+                "type": "object", "required": ["openapi", "info", "paths"]}), credentials)},
     }
 
 
+def _operations_endpoint(summary: str, operation: str, success: dict[str, Any],
+                         credentials: bool) -> dict[str, Any]:
+    """``/metrics`` or ``/openapi.json``: open, or behind ``[mailhub] ops_user``'s
+    Basic credentials (a 401 without them)."""
+    found: dict[str, Any] = {"tags": ["Operations"], "summary": summary,
+                             "operationId": operation, "security": [],
+                             "responses": {"200": success}}
+    if credentials:
+        found["security"] = [{"opsBasic": []}]
+        found["responses"]["401"] = _unauthorized()
+    return found
+
+
 def surface_paths(mailstore_path: str = "/mailstore",
-                  calendar: bool = True) -> dict[str, Any]:
+                  calendar: bool = True, ops_credentials: bool = False) -> dict[str, Any]:
     """The path items of every endpoint but the hooks.
 
     ``mailstore_path`` is ``[mailstore] path``; ``calendar`` says whether the
-    collector (and so ``/collector/v1/calendar``) is enabled.
+    collector (and so ``/collector/v1/calendar``) is enabled;
+    ``ops_credentials`` whether ``[mailhub] ops_user`` guards the operations
+    endpoints.
     """
     paths: dict[str, Any] = {
         "/preliminary/http-notify/v1/notify": {
@@ -886,20 +898,20 @@ def surface_paths(mailstore_path: str = "/mailstore",
     }
     if calendar:
         paths["/collector/v1/calendar"] = _calendar_path()
-    paths.update(_operations_paths())
+    paths.update(_operations_paths(ops_credentials))
     return paths
 
 
 def site_document(mailstore_path: str = "/mailstore", calendar: bool = True,
                   title: str = "mailhub", version: str = __version__,
-                  status_codes: str = "http") -> dict[str, Any]:
+                  status_codes: str = "http", ops_credentials: bool = False) -> dict[str, Any]:
     """What ``/openapi.json`` serves: every endpoint of the site, hooks included.
 
-    Give it the configuration: ``[mailstore] path``, ``[collector] enabled``
-    and ``[hooks] status_codes``.
+    Give it the configuration: ``[mailstore] path``, ``[collector] enabled``,
+    ``[hooks] status_codes`` and whether ``[mailhub] ops_user`` is set.
     """
-    document = openapi_document(surface_paths(mailstore_path, calendar), SURFACE_SCHEMAS,
-                                title, version, status_codes)
+    document = openapi_document(surface_paths(mailstore_path, calendar, ops_credentials),
+                                SURFACE_SCHEMAS, title, version, status_codes)
     document["info"]["description"] = (
         "Every HTTP endpoint of mailhub: the GroupServer hooks, Dovecot's push "
         "notifications, the event stream, MailStore's Application Integration, the "

@@ -88,6 +88,24 @@ class CredentialsTests(SynchronousTestCase):
     def test_without_ops_user_anyone_may_read(self) -> None:
         self.assertIsInstance(ops_credentials(parse("").mailhub, self.auth), Open)
 
+    def test_the_description_says_what_the_refusal_is(self) -> None:
+        from jsonschema import validate
+
+        from mailhub.web.openapi import site_document
+
+        guarded = site_document(ops_credentials=True)
+        code, body, _ = self.get("/metrics")
+        for path in ("/metrics", "/openapi.json"):
+            operation = guarded["paths"][path]["get"]
+            self.assertEqual(operation["security"], [{"opsBasic": []}])
+            refusal = operation["responses"]["401"]
+            self.assertIn("WWW-Authenticate", refusal["headers"])
+            schema = refusal["content"]["application/json"]["schema"]
+            validate(json.loads(body), dict(schema, components=guarded["components"]))
+        self.assertIn("opsBasic", guarded["components"]["securitySchemes"])
+        open_ = site_document()["paths"]["/metrics"]["get"]
+        self.assertEqual((open_["security"], sorted(open_["responses"])), ([], ["200"]))
+
 
 def test_ops_user_and_password_go_together_and_the_password_is_secret() -> None:
     with pytest.raises(ConfigError) as caught:
