@@ -40,8 +40,8 @@ the pool threads during each phase; the top functions are printed and the
 ``.prof`` files kept in ``--profile-dir``.
 
 Usage: ``.venv/bin/python bench/collector/books.py [--book-sizes 100,1000,5000]
-[--contacts 200] [--stores external,embedded] [--rounds 1] [--profile]
-[--mtime-cache]`` (also ``bench/collector/run.py --book-sizes ...``).
+[--contacts 200] [--stores external,embedded] [--book-rounds 1] [--profile]
+[--mtime-cache] [--plain-synced]`` (also ``bench/collector/run.py --book-sizes ...``).
 """
 
 from __future__ import annotations
@@ -87,6 +87,9 @@ PER_MESSAGE = 5
 MKBOOK = ('<?xml version="1.0"?><d:mkcol xmlns:d="DAV:" xmlns:c="urn:ietf:params:xml:ns:'
           'carddav"><d:set><d:prop><d:resourcetype><d:collection/><c:addressbook/>'
           "</d:resourcetype></d:prop></d:set></d:mkcol>").encode()
+SYNC = ('<?xml version="1.0"?><d:sync-collection xmlns:d="DAV:"><d:sync-token/>'
+        "<d:sync-level>1</d:sync-level><d:prop><d:getetag/></d:prop></d:sync-collection>"
+        ).encode()
 ETAGS = ('<?xml version="1.0"?><d:propfind xmlns:d="DAV:"><d:prop><d:getetag/></d:prop>'
          "</d:propfind>").encode()
 
@@ -225,7 +228,7 @@ async def request(store: Any, method: str, url: str, body: bytes | None = None,
 
 
 async def fill(store: Any, plain_user: str, engine: CollectorEngine, engine_user: User,
-               size: int) -> None:
+               size: int, plain_synced: bool = False) -> None:
     """Both books made, each holding ``size`` cards, in Radicale's item cache (untimed).
 
     The cards are written as files into the plain book's folder, read once
@@ -233,6 +236,10 @@ async def fill(store: Any, plain_user: str, engine: CollectorEngine, engine_user
     item cache), and the folder's cards and cache are then copied into the
     engine's collected book (same content, same modification times: the
     cache holds for both).
+
+    ``plain_synced``: the plain book is also read once with sync-collection
+    (as a user's CardDAV client reads it), so Radicale keeps its history
+    there too, as it does for the engine's book.
     """
     home = store.base + plain_user + "/"
     await request(store, "MKCOL", home)
@@ -253,6 +260,8 @@ async def fill(store: Any, plain_user: str, engine: CollectorEngine, engine_user
             shutil.copytree(entry, engine_dir / entry.name, dirs_exist_ok=True)
         else:
             shutil.copy2(entry, engine_dir / entry.name)
+    if plain_synced:
+        assert await request(store, "REPORT", home + "book/", SYNC, depth="0") == 207
 
 
 # -- the two sides ----------------------------------------------------------------
@@ -349,7 +358,8 @@ def top(stats: pstats.Stats, n: int, key: str) -> str:
 
 
 async def one_size(reactor: Any, store: Any, size: int, n: int, rounds: int, rank: bool,
-                   state: CollectorState | None, profile_dir: Path | None) -> dict[str, Any]:
+                   state: CollectorState | None, profile_dir: Path | None,
+                   plain_synced: bool = False) -> dict[str, Any]:
     plain_user = "plain-%d@x.org" % size
     engine_user = User(login="alice-%d@example.org" % size,
                        emails=("alice-%d@example.org" % size,), id="alice%d" % size)
@@ -360,7 +370,7 @@ async def one_size(reactor: Any, store: Any, size: int, n: int, rounds: int, ran
                              BookLayout.from_config(store.base, ""), Hub(), metrics, reactor,
                              skip_site_users=False, rank=rank, state=state)
     started = time.monotonic()
-    await fill(store, plain_user, engine, engine_user, size)
+    await fill(store, plain_user, engine, engine_user, size, plain_synced)
     filled = time.monotonic() - started
     # The copy a running mailhub would have had for long: one message, untimed.
     started = time.monotonic()
@@ -441,7 +451,7 @@ def metrics_mean(metrics: Metrics, method: str) -> float:
 async def main(reactor: Any, sizes: list[int], n: int, stores: list[str], rounds: int,
                rank: bool = True, forget: bool = False, profile: bool = False,
                profile_dir: Path = Path("/tmp/bookbench-profiles"),
-               mtime_cache: bool = False) -> None:
+               mtime_cache: bool = False, plain_synced: bool = False) -> None:
     results: list[dict[str, Any]] = []
     for name in stores:
         store: Any = External(reactor) if name == "external" else Embedded(reactor, mtime_cache)
@@ -457,7 +467,7 @@ async def main(reactor: Any, sizes: list[int], n: int, stores: list[str], rounds
             for size in sizes:
                 wanted = profile and name == "embedded" and size == max(sizes)
                 row = await one_size(reactor, store, size, n, rounds, rank, state,
-                                     profile_dir if wanted else None)
+                                     profile_dir if wanted else None, plain_synced)
                 row["store"] = name
                 results.append(row)
                 print(json.dumps(row), flush=True)
@@ -466,6 +476,7 @@ async def main(reactor: Any, sizes: list[int], n: int, stores: list[str], rounds
                 await database.stopService()
             await store.close()
     print(json.dumps({"rank": rank, "forget": forget, "mtime_cache": mtime_cache,
+                      "plain_synced": plain_synced,
                       "results": results}, indent=1))
     print(table(results))
 
@@ -508,6 +519,8 @@ def add_arguments(p: argparse.ArgumentParser, sizes: str | None = "100,1000,5000
     p.add_argument("--profile-dir", default="/tmp/bookbench-profiles")
     p.add_argument("--mtime-cache", action="store_true",
                    help="embedded: Radicale's use_mtime_and_size_for_item_cache on")
+    p.add_argument("--plain-synced", action="store_true",
+                   help="the plain book read once with sync-collection too (as a client does)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -518,7 +531,8 @@ def run(args: argparse.Namespace) -> None:
             raise SystemExit("--stores: external or embedded, not %r" % s)
     task.react(lambda reactor: Deferred.fromCoroutine(main(
         reactor, sizes, args.contacts, stores, args.book_rounds, args.rank == "on",
-        args.forget, args.profile, Path(args.profile_dir), args.mtime_cache)))
+        args.forget, args.profile, Path(args.profile_dir), args.mtime_cache,
+        args.plain_synced)))
 
 
 if __name__ == "__main__":
