@@ -41,7 +41,7 @@ the pool threads during each phase; the top functions are printed and the
 
 Usage: ``.venv/bin/python bench/collector/books.py [--book-sizes 100,1000,5000]
 [--contacts 200] [--stores external,embedded] [--book-rounds 1] [--profile]
-[--mtime-cache] [--plain-synced]`` (also ``bench/collector/run.py --book-sizes ...``).
+[--item-cache hash|mtime] [--plain-synced]`` (also ``bench/collector/run.py --book-sizes ...``).
 """
 
 from __future__ import annotations
@@ -171,13 +171,16 @@ class Embedded:
 
     name = "embedded"
 
-    def __init__(self, reactor: Any, mtime_cache: bool = False) -> None:
+    def __init__(self, reactor: Any, item_cache: str = "") -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="mailhub-bookbench-"))
         self.dav = EmbeddedDAV(reactor, self.folder / "dav", FakeUsers([]), threads=4)
-        if mtime_cache:
+        if item_cache:
             # Radicale's [storage] use_mtime_and_size_for_item_cache: its item
-            # cache is checked by stat(), not by reading and hashing each file.
-            self.dav.app._storage._use_mtime_and_size_for_item_cache = True
+            # cache checked by stat() (mtime), or by reading and hashing each
+            # card's file (hash, Radicale's default).
+            self.dav.app._storage._use_mtime_and_size_for_item_cache = item_cache == "mtime"
+        self.item_cache = ("mtime" if self.dav.app._storage._use_mtime_and_size_for_item_cache
+                           else "hash")
         self.calls = RadicaleCalls(self.dav.app)
         self.dav.app = self.calls  # http_client() calls this
         self.dav.startService()
@@ -451,10 +454,10 @@ def metrics_mean(metrics: Metrics, method: str) -> float:
 async def main(reactor: Any, sizes: list[int], n: int, stores: list[str], rounds: int,
                rank: bool = True, forget: bool = False, profile: bool = False,
                profile_dir: Path = Path("/tmp/bookbench-profiles"),
-               mtime_cache: bool = False, plain_synced: bool = False) -> None:
+               item_cache: str = "", plain_synced: bool = False) -> None:
     results: list[dict[str, Any]] = []
     for name in stores:
-        store: Any = External(reactor) if name == "external" else Embedded(reactor, mtime_cache)
+        store: Any = External(reactor) if name == "external" else Embedded(reactor, item_cache)
         database: StoreService | None = None
         state: CollectorState | None = None
         try:
@@ -469,13 +472,15 @@ async def main(reactor: Any, sizes: list[int], n: int, stores: list[str], rounds
                 row = await one_size(reactor, store, size, n, rounds, rank, state,
                                      profile_dir if wanted else None, plain_synced)
                 row["store"] = name
+                if name == "embedded":
+                    row["item_cache"] = store.item_cache
                 results.append(row)
                 print(json.dumps(row), flush=True)
         finally:
             if database is not None:
                 await database.stopService()
             await store.close()
-    print(json.dumps({"rank": rank, "forget": forget, "mtime_cache": mtime_cache,
+    print(json.dumps({"rank": rank, "forget": forget,
                       "plain_synced": plain_synced,
                       "results": results}, indent=1))
     print(table(results))
@@ -517,8 +522,10 @@ def add_arguments(p: argparse.ArgumentParser, sizes: str | None = "100,1000,5000
     p.add_argument("--profile", action="store_true",
                    help="cProfile the largest size of the embedded store")
     p.add_argument("--profile-dir", default="/tmp/bookbench-profiles")
-    p.add_argument("--mtime-cache", action="store_true",
-                   help="embedded: Radicale's use_mtime_and_size_for_item_cache on")
+    p.add_argument("--item-cache", choices=("hash", "mtime"), default="",
+                   help="embedded: Radicale's item cache checked by hashing each card "
+                   "(Radicale's default) or by size and mtime (mailhub's); default: as "
+                   "mailhub configures it")
     p.add_argument("--plain-synced", action="store_true",
                    help="the plain book read once with sync-collection too (as a client does)")
 
@@ -531,7 +538,7 @@ def run(args: argparse.Namespace) -> None:
             raise SystemExit("--stores: external or embedded, not %r" % s)
     task.react(lambda reactor: Deferred.fromCoroutine(main(
         reactor, sizes, args.contacts, stores, args.book_rounds, args.rank == "on",
-        args.forget, args.profile, Path(args.profile_dir), args.mtime_cache,
+        args.forget, args.profile, Path(args.profile_dir), args.item_cache,
         args.plain_synced)))
 
 

@@ -31,7 +31,7 @@ given).
 
 Usage: ``.venv/bin/python bench/collector/run.py [--contacts 400] [--rounds 3]
 [--rank on|off] [--forget] [--book-sizes 100,1000,5000 [--stores external,embedded]
-[--profile] [--mtime-cache]]`` (``[collector] rank``, on by default: new cards carry their
+[--profile] [--item-cache hash|mtime]]`` (``[collector] rank``, on by default: new cards carry their
 ranking, and a re-collected contact counts a use in memory; its card is
 rewritten at most once a day, never within a run).
 """
