@@ -24,8 +24,14 @@ thread pool, as the server has it): tombstones, opt-out and block list are
 checked for every address, and the database reads made are reported
 (``state_db_reads``: one per user, none per message).
 
+With ``--book-sizes 100,1000,5000`` it measures instead books that already
+hold that many cards, on the external and the embedded store
+(``bench/collector/books.py``: ``--contacts`` new ones per size, 200 unless
+given).
+
 Usage: ``.venv/bin/python bench/collector/run.py [--contacts 400] [--rounds 3]
-[--rank on|off] [--forget]`` (``[collector] rank``, on by default: new cards carry their
+[--rank on|off] [--forget] [--book-sizes 100,1000,5000 [--stores external,embedded]
+[--profile] [--item-cache hash|mtime]]`` (``[collector] rank``, on by default: new cards carry their
 ranking, and a re-collected contact counts a use in memory; its card is
 rewritten at most once a day, never within a run).
 """
@@ -286,13 +292,21 @@ async def main(reactor: Any, contacts: int, rounds: int, rank: bool = True,
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--contacts", type=int, default=400)
+    parser.add_argument("--contacts", type=int, default=None,
+                        help="new contacts per side (400; 200 with --book-sizes)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rank", choices=("on", "off"), default="on",
                         help="[collector] rank: ranking properties in the cards (default on)")
     parser.add_argument("--forget", action="store_true",
                         help="with issue 13's per-user rules (tombstones...) on")
+    import books  # bench/collector/books.py, beside this file
+    books.add_arguments(parser, sizes=None)
     args = parser.parse_args()
     os.environ.setdefault("PYTHONHASHSEED", "0")
+    if args.book_sizes:
+        args.contacts = args.contacts or 200
+        books.run(args)
+        sys.exit(0)
+    args.contacts = args.contacts or 400
     task.react(lambda reactor: Deferred.fromCoroutine(
         main(reactor, args.contacts, args.rounds, args.rank == "on", args.forget)))
