@@ -3,7 +3,7 @@
     .venv/bin/python bench/scale/run.py [--sizes 100000,1000000]
                                         [--databases sqlite,postgresql]
                                         [--duration 8] [--rounds 2] [--connections 16]
-                                        [--no-search]
+                                        [--no-search] [--no-restart]
 
 For each database and each size N (and N = 0, the baseline), it fills a
 fresh database with N profiles (bench/hooks' rows: a third with two
@@ -24,7 +24,11 @@ collector off) and measures:
 - ``/gs-search-people.json``: bench/hooks' method (``wrk`` on CPU 1, POST
   bodies searching 1,000 profiles, rounds alternating with a bare
   twisted.web resource answering the same bytes on CPU 0), the best rate
-  of each and their ratio.
+  of each and their ratio;
+- started again: once stopped, twistd is started again on the same data
+  folder (where a server that saves its directory table finds it), and its
+  ready time and VmRSS measured (``--no-restart`` skips it). With a child
+  process building the table, its time and peak (from the log) are shown.
 
 It prints a line per run as it goes, then the curve over N per database and
 the growth between sizes (exponent 1 = linear). Targets: ready within 5 s at
@@ -44,6 +48,7 @@ import importlib.util
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -223,19 +228,10 @@ def log_tail(log: Path) -> str:
         return "(no log)"
 
 
-def run_one(args: argparse.Namespace, work: Path, db: Any, count: int, token: str,
-            users: list[str]) -> dict[str, Any]:
-    """Start twistd on ``db``, measure it, stop it."""
-    port = free_port()
-    label = "%s-%d" % (db.name, count)
-    config = work / ("mailhub-%s.ini" % label)
-    config.write_text("[mailhub]\nlisten = tcp:%d:interface=127.0.0.1\ndata = %s\nsite_url = %s\n"
-                      "[database]\ndsn = %s\n[collector]\nenabled = no\n"
-                      % (port, work / ("data-" + label), SITE_URL, db.dsn))
-    log = work / ("twistd-%s.log" % label)
-    argv = pinned(0, [twistd_command(), "-n", "--pidfile=", "--logfile", str(log),
-                      "mailhub", "--config", str(config)])
-    result: dict[str, Any] = {"database": db.name, "profiles": count}
+def start(args: argparse.Namespace, argv: list[str], log: Path, port: int,
+          count: int) -> tuple[subprocess.Popen[bytes], float, float, str]:
+    """Start twistd; (the process, seconds to ready, seconds to the
+    ``directory loaded`` line, the line) once ``/healthz?ready`` says 200."""
     started = time.monotonic()
     proc = subprocess.Popen(argv, cwd=str(ROOT), stdout=subprocess.DEVNULL,
                             stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -255,28 +251,67 @@ def run_one(args: argparse.Namespace, work: Path, db: Any, count: int, token: st
                 break
             time.sleep(0.05)
         watcher.join(5)
-        loaded_at = watcher.seen_at if watcher.seen_at is not None else float("nan")
-        if watcher.line and int(watcher.line.split()[2]) != count:
-            raise SystemExit("twistd logged %r, expected %d profiles" % (watcher.line, count))
-        result["ready"] = ready_at - started
-        result["loaded"] = loaded_at - started
-        time.sleep(2)
-        memory = status_of(proc.pid)
-        result["rss"], result["hwm_ready"] = memory["VmRSS"], memory["VmHWM"]
-        if count:
-            status, size, seconds = fetch(port, "/gs-site-member-list.json",
-                                          "token=%s&users" % token)
-            if status != 200:
-                raise SystemExit("/gs-site-member-list.json users answered %d" % status)
-            result["users_bytes"], result["users_seconds"] = size, seconds
-            time.sleep(1)
-            memory = status_of(proc.pid)
-            result["hwm"], result["rss_after"] = memory["VmHWM"], memory["VmRSS"]
-            if not args.no_search:
-                result.update(search(args, work, port, token, users))
-    finally:
+    except BaseException:
         watcher.running = False
         stop(proc)
+        raise
+    watcher.running = False
+    loaded_at = watcher.seen_at if watcher.seen_at is not None else float("nan")
+    if watcher.line and int(watcher.line.split()[2]) != count:
+        stop(proc)
+        raise SystemExit("twistd logged %r, expected %d profiles" % (watcher.line, count))
+    return proc, ready_at - started, loaded_at - started, watcher.line
+
+
+def run_one(args: argparse.Namespace, work: Path, db: Any, count: int, token: str,
+            users: list[str]) -> dict[str, Any]:
+    """Start twistd on ``db``, measure it, stop it; then start it again on the
+    same data folder (where a server that saves its directory finds it)."""
+    port = free_port()
+    label = "%s-%d" % (db.name, count)
+    config = work / ("mailhub-%s.ini" % label)
+    config.write_text("[mailhub]\nlisten = tcp:%d:interface=127.0.0.1\ndata = %s\nsite_url = %s\n"
+                      "[database]\ndsn = %s\n[collector]\nenabled = no\n"
+                      % (port, work / ("data-" + label), SITE_URL, db.dsn))
+    result: dict[str, Any] = {"database": db.name, "profiles": count}
+    try:
+        log = work / ("twistd-%s.log" % label)
+        argv = pinned(0, [twistd_command(), "-n", "--pidfile=", "--logfile", str(log),
+                          "mailhub", "--config", str(config)])
+        proc, result["ready"], result["loaded"], result["how"] = start(args, argv, log, port,
+                                                                       count)
+        try:
+            time.sleep(2)
+            memory = status_of(proc.pid)
+            result["rss"], result["hwm_ready"] = memory["VmRSS"], memory["VmHWM"]
+            child = re.search(rb"built by a child process: .*? in ([0-9.]+) s, at most "
+                              rb"([0-9.]+) MiB", log.read_bytes())
+            if child:
+                result["child"] = float(child.group(1)), float(child.group(2)) * 1048576
+            if count:
+                status, size, seconds = fetch(port, "/gs-site-member-list.json",
+                                              "token=%s&users" % token)
+                if status != 200:
+                    raise SystemExit("/gs-site-member-list.json users answered %d" % status)
+                result["users_bytes"], result["users_seconds"] = size, seconds
+                time.sleep(1)
+                memory = status_of(proc.pid)
+                result["hwm"], result["rss_after"] = memory["VmHWM"], memory["VmRSS"]
+                if not args.no_search:
+                    result.update(search(args, work, port, token, users))
+        finally:
+            stop(proc)
+        if not args.no_restart:
+            log = work / ("twistd-%s-again.log" % label)
+            argv = pinned(0, [twistd_command(), "-n", "--pidfile=", "--logfile", str(log),
+                              "mailhub", "--config", str(config)])
+            proc, ready, loaded, how = start(args, argv, log, port, count)
+            try:
+                time.sleep(2)
+                result["again"] = ready, loaded, status_of(proc.pid)["VmRSS"], how
+            finally:
+                stop(proc)
+    finally:
         shutil.rmtree(work / ("data-" + label), ignore_errors=True)
     return result
 
@@ -332,6 +367,13 @@ def line(result: dict[str, Any], base: dict[str, Any] | None) -> str:
         text += ("; users answer %.1f MB in %.1f s, VmHWM after it %s (%s per profile)"
                  % (result["users_bytes"] / 1e6, result["users_seconds"], mb(result["hwm"]),
                     per_profile(result, base or result, "hwm")))
+    if "child" in result:
+        text += "; child build %.1f s, its peak %s" % (result["child"][0], mb(result["child"][1]))
+    if "again" in result:
+        text += ("; started again: ready %.1f s (loaded %.1f s), VmRSS %s"
+                 % (result["again"][0], result["again"][1], mb(result["again"][2])))
+    if result.get("how"):
+        text += "; first start logged %r" % result["how"]
     if "ratio" in result:
         text += ("; search-people %.0f/s vs bare %.0f/s = %.2f"
                  % (result["mailhub"], result["bare"], result["ratio"]))
@@ -341,7 +383,7 @@ def line(result: dict[str, Any], base: dict[str, Any] | None) -> str:
 def table(results: list[dict[str, Any]]) -> None:
     head = ("database", "profiles", "seeded", "ready", "loaded", "VmRSS", "B/profile",
             "VmHWM ready", "VmHWM users", "B/profile", "users answer", "bare/s", "mailhub/s",
-            "ratio")
+            "ratio", "again: ready", "loaded", "VmRSS")
     rows = [head]
     bases = {r["database"]: r for r in results if r["profiles"] == 0}
     for r in results:
@@ -354,7 +396,10 @@ def table(results: list[dict[str, Any]]) -> None:
                      if "users_bytes" in r else "-",
                      "%.0f" % r["bare"] if "bare" in r else "-",
                      "%.0f" % r["mailhub"] if "mailhub" in r else "-",
-                     "%.2f" % r["ratio"] if "ratio" in r else "-"))
+                     "%.2f" % r["ratio"] if "ratio" in r else "-",
+                     "%.1f s" % r["again"][0] if "again" in r else "-",
+                     "%.1f s" % r["again"][1] if "again" in r else "-",
+                     mb(r["again"][2]) if "again" in r else "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     for number, row in enumerate(rows):
         print("  ".join(cell.rjust(w) if i else cell.ljust(w)
@@ -388,6 +433,8 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--timeout", type=int, default=900, help="seconds to wait for ready")
+    parser.add_argument("--no-restart", action="store_true",
+                        help="skip the second start on the same data folder")
     parser.add_argument("--no-search", action="store_true",
                         help="skip the /gs-search-people.json rate (no wrk needed)")
     args = parser.parse_args()
