@@ -32,6 +32,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -49,21 +50,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def seed(path: Path, count: int, rng: random.Random) -> tuple[str, list[str]]:
-    """A database of ``count`` profiles; the token and 1,000 users to search."""
-    store = SQLStore(SQLiteDialect(str(path)), "main")
-    store.migrate()
-    token = new_token()
-    store.set_token(token)
-    store.close_all()
+Rows = tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]],
+             list[tuple[Any, ...]]]
+
+
+def generate(count: int, rng: random.Random,
+             password_hash: str | None = None) -> tuple[Rows, list[str]]:
+    """The rows of a directory of ``count`` profiles, and 1,000 users to search.
+
+    Rows are (groups, profiles, emails, memberships), in the columns of their
+    tables: 20 groups; a third of the profiles have two addresses, each is in
+    0 to 3 groups; with ``password_hash``, every fourth profile has it.
+    """
     groups = ["group%02d" % n for n in range(20)]
-    conn = sqlite3.connect(str(path), isolation_level=None)
-    conn.execute("BEGIN")
-    conn.executemany("INSERT INTO groups_ (id, name, email, type, privacy) VALUES (?, ?, ?, ?, ?)",
-                     [(g, g.title(), "%s@groups.example.com" % g, "discussion", "public")
-                      for g in groups])
+    group_rows: list[tuple[Any, ...]] = [
+        (g, g.title(), "%s@groups.example.com" % g, "discussion", "public") for g in groups]
     ids = set()
-    profiles, emails, members = [], [], []
+    profiles: list[tuple[Any, ...]] = []
+    emails: list[tuple[Any, ...]] = []
+    members: list[tuple[Any, ...]] = []
     now = "2025-01-01T00:00:00.000+00:00"
     while len(ids) < count:
         pid = "".join(rng.choice(BASE62) for _ in range(22))
@@ -71,12 +76,33 @@ def seed(path: Path, count: int, rng: random.Random) -> tuple[str, list[str]]:
             continue
         ids.add(pid)
         n = len(ids)
-        profiles.append((pid, "Person %d" % n, None, None, now))
+        profiles.append((pid, "Person %d" % n, None,
+                         password_hash if password_hash and n % 4 == 0 else None, now))
         emails.append(("person%d@example.com" % n, "person%d@example.com" % n, pid, 1, 1, 0))
         if n % 3 == 0:
             emails.append(("p%d@work.example.org" % n, "p%d@work.example.org" % n, pid, 1, 0, 1))
         for g in rng.sample(groups, rng.randint(0, 3)):
             members.append((g, pid))
+    users = []
+    for n in rng.sample(range(1, count + 1), min(1000, count)):
+        users.append(profiles[n - 1][0] if n % 2 else "Person%d@Example.com" % n)
+    return (group_rows, profiles, emails, members), users
+
+
+def seed(path: Path, count: int, rng: random.Random,
+         password_hash: str | None = None) -> tuple[str, list[str]]:
+    """A SQLite database of ``count`` profiles (:func:`generate`, inserted in
+    one transaction); the token and 1,000 users to search."""
+    store = SQLStore(SQLiteDialect(str(path)), "main")
+    store.migrate()
+    token = new_token()
+    store.set_token(token)
+    store.close_all()
+    (groups, profiles, emails, members), users = generate(count, rng, password_hash)
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    conn.execute("BEGIN")
+    conn.executemany("INSERT INTO groups_ (id, name, email, type, privacy) VALUES (?, ?, ?, ?, ?)",
+                     groups)
     conn.executemany("INSERT INTO profiles (id, name, nickname, password_hash, created) "
                      "VALUES (?, ?, ?, ?, ?)", profiles)
     conn.executemany("INSERT INTO emails (address_key, address, profile_id, verified, preferred, "
@@ -84,9 +110,6 @@ def seed(path: Path, count: int, rng: random.Random) -> tuple[str, list[str]]:
     conn.executemany("INSERT INTO memberships (group_id, profile_id) VALUES (?, ?)", members)
     conn.execute("COMMIT")
     conn.close()
-    users = []
-    for n in rng.sample(range(1, count + 1), 1000):
-        users.append(profiles[n - 1][0] if n % 2 else "Person%d@Example.com" % n)
     return token, users
 
 
