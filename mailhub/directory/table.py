@@ -560,6 +560,28 @@ class ProfileTable:
             records = keys
         return found, (records[-1] if len(records) == limit else None)
 
+    def member_ids(self, batch: int = 1000) -> Iterator[list[str]]:
+        """The ids of the profiles in a group, in id order, a batch at a time
+        (resumed by key, as :meth:`walk`), read from the records without
+        making a profile of each."""
+        key: bytes | None = None
+        while True:
+            records = self._records.after(key, batch)
+            found = []
+            for record in records:
+                fields = record.split(NUL)
+                if len(fields) == 2:  # kept aside (a NUL in a field)
+                    odd = self._odd.get(fields[0].decode("utf-8", "surrogatepass"))
+                    if odd is not None and odd.groups:
+                        found.append(odd.id)
+                elif len(fields) > 4 + int(fields[3][2:]):
+                    found.append(fields[0].decode("utf-8", "surrogatepass"))
+            if found:
+                yield found
+            if len(records) < batch:
+                return
+            key = records[-1]
+
     def walk(self, order: str = BY_ID, batch: int = 1000) -> Iterator[list[Profile]]:
         """Every profile, in ``order``, a batch at a time, resumed by key: safe
         to change the table between two batches."""

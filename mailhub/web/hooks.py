@@ -408,11 +408,12 @@ class GroupHooks:
         # turn (see mailhub.web.streaming), read from the directory in id
         # order a batch at a time: no snapshot, each batch resumed after the
         # last profile written.
-        members = (profile for batch in self.directory.walk(BY_ID, BATCH)
-                   for profile in batch if profile.groups)
         if action == "users":
-            pieces = json_array(members, lambda batch: json_values([p.id for p in batch]))
+            ids = (i for batch in self.directory.member_ids(BATCH) for i in batch)
+            pieces = json_array(ids, json_values)
         else:
+            members = (profile for batch in self.directory.walk(BY_ID, BATCH)
+                       for profile in batch if profile.groups)
             # One json.dumps per batch, and no million entries pushed through
             # the search path's cache (each a tracked object to collect).
             pieces = json_array(members, lambda batch: json_values(

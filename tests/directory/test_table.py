@@ -180,3 +180,15 @@ def test_a_walk_resumes_after_the_last_key_through_changes() -> None:
     table.put(Profile(id="p055", name="y"))  # ahead: listed
     rest = [p.id for batch in walk for p in batch]
     assert rest == ["p04", "p05", "p055", "p06", "p07", "p08", "p09"]
+
+
+def test_member_ids_are_the_ids_of_the_profiles_in_a_group_in_id_order() -> None:
+    odd = Profile(id="p05", name="with\x00nul", groups=("g",))
+    table = ProfileTable.build(
+        [Profile(id="p%02d" % n, name=str(n), groups=("g",) if n % 3 == 0 else (),
+                 emails=(Email("a%d@x.org" % n),) * (n % 2)) for n in range(12) if n != 5]
+        + [odd])
+    expected = [p.id for b in table.walk(BY_ID, 4) for p in b if p.groups]
+    assert expected == ["p00", "p03", "p05", "p06", "p09"]
+    assert [i for b in table.member_ids(4) for i in b] == expected
+    assert [i for b in table.member_ids(100) for i in b] == expected
