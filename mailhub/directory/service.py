@@ -136,7 +136,7 @@ class Directory(Service):
         self.loaded = True
         self.log.info("directory loaded: {profiles} profiles, {groups} groups ({how})",
                       profiles=len(self._table), groups=len(self._groups),
-                      how="{}, {} changes behind".format(how, self._seq - start)
+                      how="{}, {} changes applied".format(how, self._seq - start)
                       if saved is not None else "read from the database")
         if self._saved_seq != self._seq:
             self._save()
