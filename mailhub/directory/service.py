@@ -93,53 +93,55 @@ class Directory(Service):
             release()
 
     async def _load(self) -> None:
-        seq = await self.store.last_change()
-        saved = await self._read_saved(seq)
-        how = "saved table"
-        if saved is None and self.builder is not None and self.saved is not None:
-            # Read and indexed by a process of its own (mailhub.directory.build).
-            try:
-                await self.builder(self.saved)
-            except Exception as e:
-                self.log.warn("{error}; reading the database here", error=e)
-            else:
-                saved = await self._read_saved(await self.store.last_change())
-                how = "built by a child process"
-        if saved is not None:
-            mark, table = saved
-            start = mark.seq
-        else:
-            table = await self._read_database()
-            start = seq
         groups = await self.store.load_groups()
-        tokens = await self.store.load_tokens()
-        self._table = table
         self._groups = {g.id: g for g in groups}
-        self._set_tokens(tokens, quiet=True)
-        self._seq = start
-        self._following = True
-        if saved is not None:
+        self._set_tokens(await self.store.load_tokens(), quiet=True)
+        how = "read from the database"
+        # The table saved by the last run, else one a child process builds
+        # (mailhub.directory.build), else the database read here; the first
+        # two are caught up with the change log and checked.
+        for source in ("saved table", "built by a child process"):
+            found = await (self._read_saved() if source == "saved table" else self._build())
+            if found is None:
+                continue
+            mark, table = found
+            self._take(table, mark.seq)
             if await self._caught_up():
-                self._saved_seq = start
-            else:
-                self.log.warn("the saved directory table does not agree with the database "
-                              "after its changes were applied; reading the database")
-                saved = None
-                seq = await self.store.last_change()
-                self._table = await self._read_database()
-                self._seq = seq
-                await self.refresh()
+                self._saved_seq = mark.seq
+                how = "{}, {} changes applied".format(source, self._seq - mark.seq)
+                break
+            self.log.warn("the directory table ({source}) does not agree with the database "
+                          "once its changes are applied", source=source)
+        else:
+            seq = await self.store.last_change()
+            self._take(await self._read_database(), seq)
+            await self.refresh()
         # What is alive now lives as long as the process: keep it out of
         # the collector's scans (the table itself is a few thousand packed
         # blocks, which the collector does not follow).
         gc.freeze()
         self.loaded = True
         self.log.info("directory loaded: {profiles} profiles, {groups} groups ({how})",
-                      profiles=len(self._table), groups=len(self._groups),
-                      how="{}, {} changes applied".format(how, self._seq - start)
-                      if saved is not None else "read from the database")
+                      profiles=len(self._table), groups=len(self._groups), how=how)
         if self._saved_seq != self._seq:
             self._save()
+
+    def _take(self, table: ProfileTable, seq: int) -> None:
+        """Hold ``table``, which holds every change up to ``seq``; follow the log from there."""
+        self._table = table
+        self._seq = seq
+        self._following = True
+
+    async def _build(self) -> "tuple[snapshot.Mark, ProfileTable] | None":
+        """A table built by :attr:`builder` into :attr:`saved`, or None."""
+        if self.builder is None or self.saved is None:
+            return None
+        try:
+            await self.builder(self.saved)
+        except Exception as e:
+            self.log.warn("{error}; reading the database here", error=e)
+            return None
+        return await self._read_saved()
 
     async def _read_database(self) -> ProfileTable:
         """The table, read and indexed in the store's thread (readers see the
@@ -153,10 +155,11 @@ class Directory(Service):
         finally:
             resume()
 
-    async def _read_saved(self, seq: int) -> "tuple[snapshot.Mark, ProfileTable] | None":
+    async def _read_saved(self) -> "tuple[snapshot.Mark, ProfileTable] | None":
         """The saved table, if there is one of this database that can be caught up."""
         if self.saved is None:
             return None
+        seq = await self.store.last_change()
         try:
             found = await deferToThread(snapshot.read, self.saved)
         except OSError as e:
@@ -166,7 +169,7 @@ class Directory(Service):
         if found is None:
             if self.saved.exists():
                 self.log.warn("the saved directory table {path} is damaged or of another "
-                              "version; reading the database", path=str(self.saved))
+                              "version", path=str(self.saved))
             return None
         mark, table = found
         identity, at, _ = await self.store.mark(mark.seq)
@@ -178,18 +181,21 @@ class Directory(Service):
         elif seq - mark.seq > self.max_behind:
             why = "it is %d changes behind" % (seq - mark.seq)
         if why:
-            self.log.info("not using the saved directory table: {why}; reading the database",
-                          why=why)
+            self.log.info("not using the saved directory table: {why}", why=why)
             return None
         return mark, table
 
     async def _caught_up(self) -> bool:
-        """Apply the changes logged since the saved table's; say whether the
-        table then holds as many profiles as the database."""
-        while await self.refresh():
-            pass
-        _, _, profiles = await self.store.mark(self._seq)
-        return profiles == len(self._table)
+        """Apply the changes logged since the table's; say whether it then
+        holds as many profiles as the database (asked again a few times:
+        profiles made meanwhile are applied first)."""
+        for _ in range(3):
+            while await self.refresh():
+                pass
+            _, _, profiles = await self.store.mark(self._seq)
+            if profiles == len(self._table):
+                return True
+        return False
 
     def _save(self) -> "Deferred[None]":
         """Write the table to :attr:`saved` in a thread (nothing when nowhere),
@@ -327,20 +333,23 @@ class Directory(Service):
 
     # -- reads, from memory ---------------------------------------------------
 
+    # Until loaded, memory knows nobody (a table being caught up may be
+    # behind): :meth:`find` and the user sources then ask the database.
+
     def profile(self, profile_id: str) -> Profile | None:
-        return self._table.get(profile_id)
+        return self._table.get(profile_id) if self.loaded else None
 
     def profile_by_email(self, address: str) -> Profile | None:
-        found = self._table.id_by_email(address)
+        found = self._table.id_by_email(address) if self.loaded else None
         return self._table.get(found) if found else None
 
     def profile_by_nickname(self, nickname: str) -> Profile | None:
-        found = self._table.id_by_nickname(nickname)
+        found = self._table.id_by_nickname(nickname) if self.loaded else None
         return self._table.get(found) if found else None
 
     def lookup(self, id_or_address: str) -> Profile | None:
         """A profile by id or by any address (exact, case-insensitive)."""
-        return self._table.get(id_or_address) or self.profile_by_email(id_or_address)
+        return self.profile(id_or_address) or self.profile_by_email(id_or_address)
 
     def walk(self, order: str = BY_ID, batch: int = 1000) -> Iterator[list[Profile]]:
         """Every profile in ``order`` (``"id"``, or ``"login"``: case-folded),
