@@ -30,7 +30,7 @@ from zope.interface import implementer
 from mailhub.directory.interfaces import IDirectoryStore, IUserSource
 from mailhub.directory.model import Profile, User, user_of
 from mailhub.directory.table import BY_LOGIN, login_key
-from mailhub.errors import ValidationError
+from mailhub.errors import Unavailable, ValidationError
 from mailhub.service import ThreadPoolService
 from mailhub.steps import TURN, TurnBudget, sorted_in_steps
 
@@ -220,8 +220,9 @@ class SiteUserSource:
         """Every site user, in pages, ordered by login.
 
         Read from the in-memory directory once it has loaded (caught up with
-        the change log first), from the store before that; converted and
-        sorted in steps, the reactor given back between them.
+        the change log first), Unavailable while it loads; without one,
+        from the store, converted and sorted in steps, the reactor given
+        back between them.
         """
         directory = self.directory
         budget = TurnBudget(cast(IReactorTime, self.reactor))  # the reactor is both
@@ -235,6 +236,11 @@ class SiteUserSource:
                 yield [user_of(profile) for profile in profiles]
                 await budget.check()
             return
+        if directory is not None:
+            # Loading (seconds at a start with no saved table): a 503 with
+            # Retry-After rather than a million profiles made here from the
+            # database, what the compact directory is there to avoid.
+            raise Unavailable("the site's directory is loading")
         loaded = await maybeDeferred(self.store.load_profiles)
         profiles = loaded if isinstance(loaded, list) else list(loaded)
         # Before the directory has loaded (or without one): a million
@@ -338,7 +344,6 @@ class ChainedUserSource:
         finally:
             for iterator in iterators:
                 await _close(iterator)
-
 
     async def _known_before(self, index: int, login: str) -> bool:
         """Whether a source before ``index`` knows ``login``: then it decides

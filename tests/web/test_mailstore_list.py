@@ -152,6 +152,28 @@ class SiteListingTests(SynchronousTestCase):
         self.assertEqual(asked, [])
 
 
+    def test_while_the_directory_loads_the_list_is_unavailable_not_read_whole(self) -> None:
+        from twisted.internet.defer import Deferred
+
+        from mailhub.directory.service import Directory
+        from mailhub.errors import Unavailable
+
+        store = MemoryStore()
+        self.successResultOf(store.create_profile(WITH_PASSWORD))
+        asked: list[str] = []
+        original = store.load_profiles
+        store.load_profiles = lambda: (asked.append("load"), original())[1]  # type: ignore
+        clock = Clock()
+        directory = Directory(store, clock)  # not loaded yet
+        site = SiteUserSource(store, clock, InlinePool(), directory=directory)  # type: ignore
+
+        async def collect() -> list[list[str]]:
+            return [[u.login for u in page] async for page in site.pages(2)]
+
+        self.failureResultOf(Deferred.fromCoroutine(collect()), Unavailable)
+        self.assertEqual(asked, [])
+
+
 class FullCollectionTests(SynchronousTestCase):
     """No full garbage collection runs while a list is written (see
     mailhub.steps.hold_full_collections), and the setting comes back after."""
