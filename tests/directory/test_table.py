@@ -192,3 +192,29 @@ def test_member_ids_are_the_ids_of_the_profiles_in_a_group_in_id_order() -> None
     assert expected == ["p00", "p03", "p05", "p06", "p09"]
     assert [i for b in table.member_ids(4) for i in b] == expected
     assert [i for b in table.member_ids(100) for i in b] == expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.binary(max_size=4)), max_size=120),
+       st.binary(max_size=4))
+def test_sorted_keys_answer_as_a_sorted_list_would(ops: list[tuple[bool, bytes]],
+                                                   probe: bytes) -> None:
+    keys = SortedKeys(load=3)
+    model: list[bytes] = []
+    for add, item in ops:
+        if add:
+            keys.add(item)
+            model.append(item)
+            model.sort()
+        else:
+            assert keys.discard(item) == (item in model)
+            if item in model:
+                model.remove(item)
+    assert list(keys) == model and len(keys) == len(model)
+    at_or_after = [m for m in model if m >= probe]
+    assert keys.first_from(probe) == (at_or_after[0] if at_or_after else None)
+    assert keys.after(probe, 5) == [m for m in model if m > probe][:5]
+    assert keys.after(None, 4) == model[:4]
+    blocks = keys.blocks()
+    again = SortedKeys.of_blocks(*blocks, load=3)
+    assert list(again) == model and again.first_from(probe) == keys.first_from(probe)
