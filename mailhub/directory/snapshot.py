@@ -17,7 +17,7 @@ leaves the old one or the new one. It holds what the directory holds
 readable by its owner only.
 
 Layout: a line with :data:`MAGIC`, a line of JSON (the :class:`Mark`, the
-block counts, the profiles kept aside), then each index's blocks (a
+block counts, the profiles kept aside, :data:`MACHINE`), then each index's blocks (a
 little-endian length pair, the items, their ends), then a CRC-32 of all
 that came before.
 """
@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 import zlib
 from array import array
 from pathlib import Path
@@ -41,6 +42,11 @@ MAGIC = b"MAILHUB-DIRECTORY-TABLE 1\n"
 FILENAME = "directory.table"
 _BLOCK = struct.Struct("<QI")
 _CRC = struct.Struct("<I")
+#: Bytes per end offset (4 wherever mailhub runs).
+_END = array("I").itemsize
+#: The offsets are written as the machine holds them: a file from a machine
+#: of another byte order or offset size is not read.
+MACHINE = "%s-%d" % (sys.byteorder, _END)
 
 
 @attrs.frozen
@@ -97,7 +103,7 @@ def write(path: Path, state: tuple[list[tuple[list[bytes], list[array[int]]]], l
     """Save a table's :meth:`~ProfileTable.state` at ``mark`` (blocking: for a thread)."""
     indexes, odd = state
     header = {"mark": attrs.asdict(mark), "blocks": [len(data) for data, _ in indexes],
-              "odd": [_profile_json(p) for p in odd]}
+              "odd": [_profile_json(p) for p in odd], "machine": MACHINE}
     # Several processes on one machine may share the data folder: each
     # writes a file of its own, and the last rename wins (both are whole).
     partial = path.with_name("%s.%d.partial" % (path.name, os.getpid()))
@@ -130,6 +136,8 @@ def read(path: Path) -> tuple[Mark, ProfileTable] | None:
             return None
         try:
             header = json.loads(source.readline())
+            if header["machine"] != MACHINE:  # offsets written in another byte order
+                return None
             mark = Mark(**header["mark"])
             indexes = []
             for count in header["blocks"]:
@@ -139,7 +147,7 @@ def read(path: Path) -> tuple[Mark, ProfileTable] | None:
                     size, items = _BLOCK.unpack(source.read(_BLOCK.size))
                     datas.append(source.read(size))
                     block_ends = array("I")
-                    block_ends.frombytes(source.read(4 * items))
+                    block_ends.frombytes(source.read(_END * items))
                     ends.append(block_ends)
                 indexes.append(SortedKeys.of_blocks(datas, ends))
             crc = source.crc
