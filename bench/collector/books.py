@@ -72,7 +72,7 @@ from twisted.web.http_headers import Headers  # noqa: E402
 
 from mailhub.collector.carddav import BookLayout, CardDAVClient  # noqa: E402
 from mailhub.collector.embedded import EmbeddedDAV  # noqa: E402
-from mailhub.collector.engine import CollectorEngine, message_body  # noqa: E402
+from mailhub.collector.engine import CollectorEngine  # noqa: E402
 from mailhub.collector.state import CollectorState  # noqa: E402
 from mailhub.collector.vcard import Contact, contact_uuid, to_vcard  # noqa: E402
 from mailhub.directory.model import User  # noqa: E402
@@ -291,12 +291,11 @@ async def plain_loop(store: Any, user: str, prefix: str, n: int) -> None:
 
 
 def messages(prefix: str, n: int, user: str) -> list[bytes]:
-    out = []
-    for m in range(max(1, n // PER_MESSAGE)):
-        emails = ["Person %s %d <%s%d@x.org>" % (prefix, i, prefix, i)
-                  for i in range(m * PER_MESSAGE, (m + 1) * PER_MESSAGE)]
-        out.append(message_body(emails, user_id=user))
-    return out
+    """run.py's messages of ``n`` new addresses (one message at least)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import run  # bench/collector/run.py, beside this file
+
+    return run.messages(prefix, max(n, PER_MESSAGE), user)  # type: ignore[no-any-return]
 
 
 async def engine_loop(engine: CollectorEngine, bodies: list[bytes]) -> None:
