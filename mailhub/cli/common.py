@@ -8,19 +8,17 @@ import getpass
 import os
 import sqlite3
 import sys
-from typing import Any, Iterator, Sequence, TextIO, TypeVar
+from typing import Any, Iterator, Sequence, TextIO
 from urllib.parse import urlsplit
 
 import attrs
-from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
 
 from mailhub.config import CONFIG_VARIABLE, Config, redact
 from mailhub.decoding import address_problem
-from mailhub.directory.sql import Dialect, SQLiteDialect, SQLStore, dialect_for, run_inline
+from mailhub.directory.sql import (
+    Dialect, SQLiteDialect, SQLStore, dialect_for, result_of, run_inline,
+)
 from mailhub.errors import ConfigError, Unavailable
-
-T = TypeVar("T")
 
 #: Exit codes, as GroupServer's ``gs_auth_token_create`` uses them.
 OK, BAD, UNREACHABLE = 0, 1, 2
@@ -42,22 +40,6 @@ class IO:
     stdin: TextIO
     stdout: TextIO
     stderr: TextIO
-
-
-def result_of(d: "Deferred[T]") -> T:
-    """The result of a Deferred that has already fired (the store runs inline).
-
-    A failure is raised again as its exception, so callers use plain
-    try/except.
-    """
-    box: list[Any] = []
-    d.addBoth(box.append)
-    if not box:
-        raise RuntimeError("the store answered asynchronously; the CLI runs it inline")
-    result = box[0]
-    if isinstance(result, Failure):
-        result.raiseException()
-    return result  # type: ignore[no-any-return]
 
 
 def checked_dialect(dsn: str) -> Dialect:

@@ -40,25 +40,17 @@ from mailhub.errors import Unavailable
 def build(dsn: str, site: str, out: Path) -> int:
     """Read the database, write its table to ``out``; the profiles written."""
     from mailhub.directory import snapshot
-    from mailhub.directory.sql import SQLStore, dialect_for, run_inline
+    from mailhub.directory.sql import SQLStore, dialect_for, result_of, run_inline
     from mailhub.steps import hold_full_collections, pause_collections
 
     pause_collections()
     hold_full_collections()
     store = SQLStore(dialect_for(dsn), site, runner=run_inline)
-
-    def result(d: "Deferred[Any]") -> Any:
-        found: list[Any] = []
-        d.addBoth(found.append)
-        if isinstance(found[0], Failure):
-            found[0].raiseException()
-        return found[0]
-
     # The log's position before the read: a change made during it is
     # applied again by the server, which is harmless.
-    seq = result(store.last_change())
-    table = result(store.load_table())
-    identity, at, _ = result(store.mark(seq))
+    seq = result_of(store.last_change())
+    table = result_of(store.load_table())
+    identity, at, _ = result_of(store.mark(seq))
     snapshot.write(out, table.state(), snapshot.Mark(identity, seq, at, len(table)))
     store.close_all()
     return len(table)

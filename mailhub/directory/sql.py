@@ -28,6 +28,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
@@ -267,6 +268,23 @@ Runner = Callable[[Callable[[], T]], "Deferred[T]"]
 def run_inline(work: Callable[[], T]) -> "Deferred[T]":
     """Run ``work`` at once on this thread: for tests and the CLI."""
     return maybeDeferred(work)
+
+
+def result_of(d: "Deferred[T]") -> T:
+    """The result of a Deferred that has already fired (a store that runs
+    inline: the CLI, the directory's build process).
+
+    A failure is raised again as its exception, so callers use plain
+    try/except.
+    """
+    box: list[Any] = []
+    d.addBoth(box.append)
+    if not box:
+        raise RuntimeError("the store answered asynchronously; it runs inline here")
+    result = box[0]
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result  # type: ignore[no-any-return]
 
 
 class _Transaction:
