@@ -75,81 +75,98 @@ class TurnBudget:
             self._start = self._clock.seconds()
 
 
+class _Held:
+    """A state of the garbage collector kept while anyone holds it: made at
+    the first hold, undone after the last release (each release counts once)."""
+
+    def __init__(self, begin: Callable[[], None], end: Callable[[], None]) -> None:
+        self._begin = begin
+        self._end = end
+        self._holds = 0
+
+    def hold(self) -> Callable[[], None]:
+        if self._holds == 0:
+            self._begin()
+        self._holds += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            self._holds -= 1
+            if self._holds == 0:
+                self._end()
+
+        return release
+
+
 #: The full-collection threshold while :func:`hold_full_collections` holds:
 #: never reached.
 NEVER = 2**31 - 1
 
-_holds = 0
 _saved_threshold = 0
+
+
+def _no_full_collections() -> None:
+    global _saved_threshold
+    young, middle, _saved_threshold = gc.get_threshold()
+    gc.set_threshold(young, middle, NEVER)
+
+
+def _full_collections_again() -> None:
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, _saved_threshold)
+
+
+_full = _Held(_no_full_collections, _full_collections_again)
 
 
 def hold_full_collections() -> Callable[[], None]:
     """Keep the garbage collector from full collections until the returned
     function is called (each hold released once; holds nest).
 
-    A large answer keeps a snapshot of a million profiles (a list, sorted
-    runs) for as long as it is written. A full collection traverses every
-    container in the oldest generation, and following a million references
-    to objects scattered in memory takes 80 to 300 ms, on whichever thread
-    allocates, holding the GIL: the reactor waits (bench/stall). While a
-    hold is on, the young generations are still collected as usual (they
-    hold what a turn makes); cyclic garbage that reached the oldest waits
-    for the release, after which the next full collection finds the
-    snapshot freed.
+    A full collection traverses every container in the oldest generation,
+    on whichever thread allocates, holding the GIL: with millions of
+    objects alive it took 80 to 300 ms while the reactor waited
+    (bench/stall). Holds are taken while a large answer is written and
+    while the directory loads. The young generations are still collected as
+    usual (they hold what a turn makes); cyclic garbage that reached the
+    oldest waits for the release.
     """
-    global _holds, _saved_threshold
-    if _holds == 0:
-        young, middle, _saved_threshold = gc.get_threshold()
-        gc.set_threshold(young, middle, NEVER)
-    _holds += 1
-    released = False
-
-    def release() -> None:
-        global _holds
-        nonlocal released
-        if released:
-            return
-        released = True
-        _holds -= 1
-        if _holds == 0:
-            young, middle, _ = gc.get_threshold()
-            gc.set_threshold(young, middle, _saved_threshold)
-
-    return release
+    return _full.hold()
 
 
-_pauses = 0
+_was_enabled = True
+
+
+def _no_collections() -> None:
+    global _was_enabled
+    _was_enabled = gc.isenabled()
+    gc.disable()
+
+
+def _collections_again() -> None:
+    if _was_enabled:
+        gc.enable()
+
+
+_all = _Held(_no_collections, _collections_again)
 
 
 def pause_collections() -> Callable[[], None]:
     """No garbage collection at all until the returned function is called
     (each pause released once; pauses nest).
 
-    For the start-up load: its thread makes lists of a million items that
-    are young while they grow, and a young generation's collection follows
-    every reference of every young list (a tenth of a second for a million,
-    the GIL held). Reference counting still frees everything that is not
-    in a cycle; the collections resume after, from where they were.
+    For a load of the directory in this process: its thread makes lists of
+    a million items that are young while they grow, and a young
+    generation's collection follows every reference of every young list (a
+    tenth of a second for a million, the GIL held). Reference counting
+    still frees everything that is not in a cycle; the collections resume
+    after, from where they were.
     """
-    global _pauses
-    if _pauses == 0 and not gc.isenabled():
-        return lambda: None
-    if _pauses == 0:
-        gc.disable()
-    _pauses += 1
-    released = False
-
-    def release() -> None:
-        global _pauses
-        nonlocal released
-        if released:
-            return
-        released = True
-        _pauses -= 1
-        if _pauses == 0:
-            gc.enable()
-
-    return release
+    return _all.hold()
 
 
 def return_freed_memory() -> None:

@@ -107,8 +107,8 @@ class SortedKeys:
         return made
 
     def blocks(self) -> tuple[list[bytes], list[array[int]]]:
-        """The packed blocks as they are now (for a snapshot: blocks are
-        replaced on change, never changed in place)."""
+        """The packed blocks as they are now (for the saved table: blocks
+        are replaced on change, never changed in place)."""
         return list(self._data), list(self._ends)
 
     def _append(self, block: list[bytes]) -> None:

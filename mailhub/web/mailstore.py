@@ -164,8 +164,9 @@ class MailStoreIntegration:
         started = False
         pacer = _Pacer()
         count = 0
-        # The site's users come from a snapshot of the directory, LDAP's in
-        # pages: no full garbage collection traverses them meanwhile.
+        # A list of a million users lasts seconds: no full garbage
+        # collection (which follows every container, the reactor waiting)
+        # meanwhile.
         release = hold_full_collections()
         try:
             try:

@@ -71,8 +71,9 @@ class StreamedBody:
         """Register on the request and write the first chunk now.
 
         No full garbage collection runs until the answer ends
-        (:func:`mailhub.steps.hold_full_collections`): the pieces come from
-        a snapshot of up to a million profiles."""
+        (:func:`mailhub.steps.hold_full_collections`): one would follow
+        every container the process holds, the reactor waiting, and an
+        answer of a million profiles lasts seconds."""
         self.done.addBoth(self._release_collections)
         self._release = hold_full_collections()
         self._request.registerProducer(self, True)
