@@ -21,7 +21,7 @@ nothing, and the blocks can be saved and read back as they are
 
 Readers that walk the whole directory (a member list, MailStore's list)
 hold no snapshot: they ask for the next batch after the last key they were
-given (:meth:`ProfileTable.after`), so a list of a million profiles costs
+given (:meth:`ProfileTable.walk`), so a list of a million profiles costs
 the memory of a batch, and changes made while it is written show or not by
 where they fall (each profile is listed once at most, in order).
 
@@ -51,7 +51,7 @@ DECODED = 4096
 #: The indexes of a table, in the order :meth:`ProfileTable.state` gives them.
 INDEXES = ("records", "emails", "logins", "nicknames")
 
-#: The orders :meth:`ProfileTable.after` walks.
+#: The orders :meth:`ProfileTable.walk` walks.
 BY_ID = "id"
 BY_LOGIN = "login"
 
@@ -522,13 +522,17 @@ class ProfileTable:
     def _record(self, profile_id: str) -> bytes | None:
         return self._records.with_prefix(_text(profile_id) + NUL)
 
+    def _made(self, record: bytes) -> Profile:
+        """The profile of a record (those kept aside as they are)."""
+        return self._odd.get(record_id(record)) or decode(record)
+
     def _profile(self, record: bytes) -> Profile:
+        """:meth:`_made`, the same object while the record stays (see DECODED)."""
         profile_id = record_id(record)
         held = self._decoded.get(profile_id)
         if held is not None and held[0] == record:
             return held[1]
-        odd = self._odd.get(profile_id)
-        profile = odd if odd is not None else decode(record)
+        profile = self._made(record)
         self._decoded[profile_id] = (record, profile)
         return profile
 
@@ -544,29 +548,24 @@ class ProfileTable:
         key = self._nicknames.with_prefix(_text(nickname) + NUL)
         return None if key is None else _key_id(key)
 
-    def after(self, order: str, key: bytes | None, limit: int) -> tuple[list[Profile], bytes | None]:
-        """Up to ``limit`` profiles after ``key`` in ``order`` (:data:`BY_ID` or
-        :data:`BY_LOGIN`), and the key to ask after next (None: the end)."""
-        if order == BY_ID:
-            records = self._records.after(key, limit)
-            found = [self._odd.get(record_id(r)) or decode(r) for r in records]
-        else:
-            keys = self._logins.after(key, limit)
-            found = []
-            for login in keys:
-                record = self._record(_key_id(login))
-                if record is not None:
-                    found.append(self._odd.get(record_id(record)) or decode(record))
-            records = keys
-        return found, (records[-1] if len(records) == limit else None)
+    @staticmethod
+    def _resumed(keys: SortedKeys, batch: int) -> Iterator[list[bytes]]:
+        """The items of ``keys`` a batch at a time, each batch asked for after
+        the last item given: the table may change between two."""
+        key: bytes | None = None
+        while True:
+            items = keys.after(key, batch)
+            if items:
+                yield items
+            if len(items) < batch:
+                return
+            key = items[-1]
 
     def member_ids(self, batch: int = 1000) -> Iterator[list[str]]:
         """The ids of the profiles in a group, in id order, a batch at a time
         (resumed by key, as :meth:`walk`), read from the records without
         making a profile of each."""
-        key: bytes | None = None
-        while True:
-            records = self._records.after(key, batch)
+        for records in self._resumed(self._records, batch):
             found = []
             for record in records:
                 fields = record.split(NUL)
@@ -578,20 +577,21 @@ class ProfileTable:
                     found.append(fields[0].decode("utf-8", "surrogatepass"))
             if found:
                 yield found
-            if len(records) < batch:
-                return
-            key = records[-1]
 
     def walk(self, order: str = BY_ID, batch: int = 1000) -> Iterator[list[Profile]]:
-        """Every profile, in ``order``, a batch at a time, resumed by key: safe
-        to change the table between two batches."""
-        key: bytes | None = None
-        while True:
-            found, key = self.after(order, key, batch)
+        """Every profile, in ``order`` (:data:`BY_ID` or :data:`BY_LOGIN`), a
+        batch at a time, resumed by key: safe to change the table between
+        two batches. (Made apart from the cache of :meth:`get`, which a
+        walk of a million would only flush.)"""
+        if order == BY_ID:
+            for records in self._resumed(self._records, batch):
+                yield [self._made(record) for record in records]
+            return
+        for logins in self._resumed(self._logins, batch):
+            found = [self._made(record) for record in
+                     (self._record(_key_id(login)) for login in logins) if record is not None]
             if found:
                 yield found
-            if key is None:
-                return
 
 
 __all__ = ["BY_ID", "BY_LOGIN", "ProfileTable", "SortedKeys", "decode", "encode", "login_key"]
