@@ -641,9 +641,6 @@ class SQLStore:
         return loader.table()
 
     def _all_profiles(self, tx: _Transaction) -> list[Profile]:
-        return list(self._each_profile(tx))
-
-    def _each_profile(self, tx: _Transaction) -> Iterator[Profile]:
         """Every profile, as :meth:`_profiles` makes them, from three answers
         in the same order (the profile's id) read side by side.
 
@@ -661,6 +658,7 @@ class SQLStore:
                          "ORDER BY profile_id, group_id")
         email = next(emails, None)
         group = next(groups, None)
+        found: list[Profile] = []
         for pid, name, nickname, has_password in tx.rows(
                 "SELECT id, name, nickname, password_hash IS NOT NULL FROM profiles ORDER BY id"):
             addresses = []
@@ -671,8 +669,9 @@ class SQLStore:
             while group is not None and group[0] == pid:
                 member_of.append(group[1])
                 group = next(groups, None)
-            yield Profile(id=pid, name=name, nickname=nickname, emails=tuple(addresses),
-                          groups=tuple(member_of), has_password=bool(has_password))
+            found.append(Profile(id=pid, name=name, nickname=nickname, emails=tuple(addresses),
+                                 groups=tuple(member_of), has_password=bool(has_password)))
+        return found
 
     def mark(self, seq: int) -> "Deferred[tuple[str, str | None, int]]":
         def work(tx: _Transaction) -> tuple[str, str | None, int]:
