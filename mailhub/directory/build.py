@@ -51,7 +51,7 @@ def build(dsn: str, site: str, out: Path) -> int:
     seq = result_of(store.last_change())
     table = result_of(store.load_table())
     identity, at, _ = result_of(store.mark(seq))
-    snapshot.write(out, table.state(), snapshot.Mark(identity, seq, at, len(table)))
+    snapshot.write(out, table.state(), snapshot.Mark(identity, seq, at))
     store.close_all()
     return len(table)
 

@@ -208,7 +208,7 @@ class Directory(Service):
         async def save() -> None:
             identity, at, _ = await self.store.mark(seq)
             await deferToThread(snapshot.write, path, state,
-                                snapshot.Mark(identity, seq, at, profiles))
+                                snapshot.Mark(identity, seq, at))
             self._saved_seq = seq
             self.log.info("directory table saved in {path} ({profiles} profiles)",
                           path=str(path), profiles=profiles)

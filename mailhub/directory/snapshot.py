@@ -60,8 +60,6 @@ class Mark:
     #: When that change was logged (None: no change yet); checked against
     #: the database's log, so a restored or replaced database is noticed.
     at: str | None
-    #: Profiles in the table (and in the database) at ``seq``.
-    profiles: int
 
 
 class _Summing:
