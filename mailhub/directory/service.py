@@ -100,8 +100,9 @@ class Directory(Service):
         # The table saved by the last run, else one a child process builds
         # (mailhub.directory.build), else the database read here; the first
         # two are caught up with the change log and checked.
-        for source in ("saved table", "built by a child process"):
-            found = await (self._read_saved() if source == "saved table" else self._build())
+        for source, find in (("saved table", self._read_saved),
+                             ("built by a child process", self._build)):
+            found = await find()
             if found is None:
                 continue
             mark, table = found
