@@ -70,6 +70,14 @@ class IDirectoryStore(Interface):
         :class:`~mailhub.directory.table.ProfileTable` the in-memory directory
         holds, built where the store's blocking work runs."""
 
+    def member_ids(after: str, limit: int) -> "Deferred[list[str]]":
+        """The ids of up to ``limit`` profiles in a group, after ``after``
+        in byte order (the in-memory directory's): a page of the ``users``
+        list, read from the database while the directory loads."""
+
+    def members(after: str, limit: int) -> "Deferred[list[Profile]]":
+        """The profiles of :meth:`member_ids`, with addresses and groups."""
+
     def mark(seq: int) -> "Deferred[tuple[str, str | None, int]]":
         """Which database this is (no password), when change ``seq`` was
         logged (None: no such change), and how many profiles there are: what

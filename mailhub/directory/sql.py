@@ -50,6 +50,9 @@ FETCH_BATCH = 2000
 #: The channel on which PostgreSQL writers announce a change (LISTEN/NOTIFY).
 CHANNEL = "mailhub_changes"
 
+#: A migration's statement that starts with this runs on PostgreSQL only.
+ONLY_POSTGRESQL = "postgresql only: "
+
 # Each migration is a list of statements; ``{serial}``, ``{bool}`` and
 # ``{real}`` are filled in per dialect. Append, never edit, once released.
 MIGRATIONS: list[list[str]] = [
@@ -160,6 +163,14 @@ MIGRATIONS: list[list[str]] = [
         )""",
         "CREATE INDEX throttle_events_at ON throttle_events (at)",
     ],
+    [
+        # Version 5: the member lists read from the database while the
+        # in-memory directory loads, page after page in byte order (the
+        # directory's order). SQLite compares bytes already, with the index
+        # above; PostgreSQL needs an index in the "C" collation for it.
+        ONLY_POSTGRESQL + 'CREATE INDEX memberships_profile_bytes ON memberships '
+        '(profile_id COLLATE "C")',
+    ],
 ]
 
 
@@ -189,6 +200,9 @@ class Dialect:
     serial = "INTEGER"
     boolean = "INTEGER"
     real = "REAL"
+    #: Added to a text column to compare and order it by its bytes (UTF-8:
+    #: by code point), as the in-memory directory does.
+    in_bytes = ""
     unavailable: tuple[type[BaseException], ...] = (sqlite3.OperationalError,)
     integrity: tuple[type[BaseException], ...] = (sqlite3.IntegrityError,)
 
@@ -226,6 +240,7 @@ class PostgreSQLDialect(Dialect):
     serial = "BIGSERIAL"
     boolean = "BOOLEAN"
     real = "DOUBLE PRECISION"
+    in_bytes = ' COLLATE "C"'
 
     def __init__(self, dsn: str) -> None:
         import psycopg
@@ -442,6 +457,10 @@ class SQLStore:
                 tx.execute("INSERT INTO schema_version (version) VALUES (0)")
             for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
                 for statement in statements:
+                    if statement.startswith(ONLY_POSTGRESQL):
+                        if self.dialect.name != "postgresql":
+                            continue
+                        statement = statement[len(ONLY_POSTGRESQL):]
                     tx.execute(statement.format(serial=self.dialect.serial,
                                                 bool=self.dialect.boolean,
                                                 real=self.dialect.real))
@@ -672,6 +691,26 @@ class SQLStore:
             found.append(Profile(id=pid, name=name, nickname=nickname, emails=tuple(addresses),
                                  groups=tuple(member_of), has_password=bool(has_password)))
         return found
+
+    def _member_ids(self, tx: _Transaction, after: str, limit: int) -> list[str]:
+        column = "profile_id" + self.dialect.in_bytes
+        return [r[0] for r in tx.all(
+            "SELECT DISTINCT %s FROM memberships WHERE %s > ? ORDER BY 1 LIMIT ?"
+            % (column, column), (after, limit))]
+
+    def member_ids(self, after: str, limit: int) -> "Deferred[list[str]]":
+        return self._read(lambda tx: self._member_ids(tx, after, limit))
+
+    def members(self, after: str, limit: int) -> "Deferred[list[Profile]]":
+        def work(tx: _Transaction) -> list[Profile]:
+            ids = self._member_ids(tx, after, limit)
+            if not ids:
+                return []
+            found = {p.id: p for p in self._profiles(
+                tx, "WHERE id IN (%s)" % ",".join("?" * len(ids)), ids)}
+            # A profile removed between the two reads is left out.
+            return [found[i] for i in ids if i in found]
+        return self._read(work)
 
     def mark(self, seq: int) -> "Deferred[tuple[str, str | None, int]]":
         def work(tx: _Transaction) -> tuple[str, str | None, int]:

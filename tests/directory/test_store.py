@@ -171,3 +171,38 @@ def test_loading_every_profile_gives_each_its_own_addresses_and_groups(store: SQ
         assert loaded[pid] == result(store.get_profile(pid))
     assert sum(len(p.emails) for p in loaded.values()) == sum(n % 4 for n in range(30))
     assert sum(len(p.groups) for p in loaded.values()) == sum(min(n % 4, 3) for n in range(30))
+
+
+def test_members_are_read_in_pages_in_the_in_memory_directorys_order(store: SQLStore) -> None:
+    """The hooks' lists while the directory loads: every profile in a group
+    once, page after page, in byte order (upper case before lower case,
+    as the in-memory table orders them, whatever the database's collation),
+    each with its addresses and groups; profiles in no group are left out."""
+    from mailhub.directory.table import BY_ID
+
+    for gid in ("zeta", "alpha"):
+        result(store.create_group(Group(gid, gid.title())))
+    ids = ["b-x", "B-x", "a-x", "A-x", "Z9", "z9", "é-x", "e-x", "0x", "_x", "ab", "aB"]
+    for n, pid in enumerate(ids):
+        result(store.create_profile(Profile(pid, "P %d" % n, None, (
+            Email("p%d@home.example.com" % n, True, True),))))
+        for gid in ("zeta", "alpha")[: n % 3]:
+            result(store.add_member(gid, pid))
+    members = sorted(pid for n, pid in enumerate(ids) if n % 3)
+    assert members == sorted(members, key=lambda i: i.encode())
+    for size in (1, 2, 3, 100):
+        pages, after = [], ""
+        while page := result(store.member_ids(after, size)):
+            assert len(page) <= size
+            pages.append(page)
+            after = page[-1]
+        assert [i for page in pages for i in page] == members, size
+        profiles, after = [], ""
+        while page := result(store.members(after, size)):
+            profiles.extend(page)
+            after = page[-1].id
+        assert profiles == [result(store.get_profile(i)) for i in members], size
+    # The same order as the table the directory loads.
+    table = result(store.load_table())
+    assert [i for batch in table.member_ids(5) for i in batch] == members
+    assert [p.id for b in table.walk(BY_ID, 5) for p in b if p.groups] == members
