@@ -131,17 +131,20 @@ def fixed(name: str, status: Status, detail: str) -> Check:
 # -- the checks -------------------------------------------------------------------
 
 
-def startup_check(started: Callable[[], bool]) -> Check:
-    """The server's start-up work (schema migration, directory load) is done.
+def startup_check(started: Callable[[], bool],
+                  note: Callable[[], str] = lambda: "") -> Check:
+    """The server's start-up work (schema migration, the directory's groups
+    and tokens) is done; ``note`` says what still goes on once it is.
 
     Only the server has it: twistd listens, and answers ``/healthz``, before
     that work ends, and a load balancer should wait for it.
     """
     async def probe() -> Sequence[Row]:
         if started():
-            return [Row("startup", Status.OK, "done")]
+            still = note()
+            return [Row("startup", Status.OK, "done; " + still if still else "done")]
         return [Row("startup", Status.FAIL,
-                    "under way: migrating the database schema, loading the directory")]
+                    "under way: migrating the database schema, reading the directory")]
     return Check("startup", probe)
 
 

@@ -35,9 +35,12 @@ class AfterReady(MultiService):
     log = Logger()
 
     def __init__(self, prepare: Callable[[], Awaitable[Any]], clock: IReactorTime,
-                 policy: Callable[[int], float] | None = None) -> None:
+                 policy: Callable[[int], float] | None = None,
+                 done: str = "mailhub is ready") -> None:
         super().__init__()
         self.prepare = prepare
+        #: Logged when ``prepare`` has succeeded ("" for nothing).
+        self.done = done
         self.clock = clock
         self.policy = policy or backoffPolicy(initialDelay=1.0, maxDelay=30.0, factor=2.0)
         self.ready: Deferred[None] = Deferred()
@@ -62,7 +65,8 @@ class AfterReady(MultiService):
     def _prepared(self, _: Any) -> None:
         if self._stopping:
             return
-        self.log.info("mailhub is ready")
+        if self.done:
+            self.log.info(self.done)
         for service in self:
             service.startService()
         if not self.ready.called:

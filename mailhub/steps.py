@@ -14,6 +14,7 @@ import gc
 import heapq
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 
@@ -187,5 +188,23 @@ def return_freed_memory() -> None:
         pass
 
 
-__all__ = ["TURN", "SORT_RUN", "TurnBudget", "hold_full_collections", "pause_collections",
+def paged(fetch: Callable[[str], "Deferred[list[T]]"],
+          key: Callable[[T], str]) -> Iterator["T | Deferred[Any]"]:
+    """The items of page after page, each page ``fetch(after)`` where
+    ``after`` is the last item's ``key`` ("" first), until an empty page.
+
+    Each fetch is given out as a Deferred, its items after it: a
+    :class:`~mailhub.web.streaming.StreamedBody` waits for it (through
+    :func:`~mailhub.web.streaming.json_array`) with the reactor free."""
+    after = ""
+    while True:
+        page: list[T] = []
+        yield fetch(after).addCallback(page.extend)
+        if not page:
+            return
+        yield from page
+        after = key(page[-1])
+
+
+__all__ = ["TURN", "SORT_RUN", "TurnBudget", "hold_full_collections", "paged", "pause_collections",
            "return_freed_memory", "sorted_in_steps"]

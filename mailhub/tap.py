@@ -200,7 +200,7 @@ def build(config: Config, listen: str, reactor: Any,
     root.mount_at(config.mailstore.path, mailstore.resource())
 
     stops: list[Callable[[], Any]] = [push.stop, events.close]
-    later: list[Service] = []  # started once the database and directory are ready
+    later: list[Service] = []  # started once the directory's table has loaded
     if config.collector.enabled:
         queue, dav = _collector(config, pubsub, users, metrics, reactor, pools, stops, auth,
                                 directory, ldap)
@@ -220,9 +220,12 @@ def build(config: Config, listen: str, reactor: Any,
     checks = make_checks(config, reactor, listen=listen, database=database, pubsub=pubsub,
                          ldap=ldap, carddav=carddav, embedded_dav=config.embedded_carddav)
     # twistd listens before the start-up work is done (privilegedStartService):
-    # until then /healthz says so. (``ready`` is made below.)
-    # Ready means every surface can answer fully: the directory too.
-    checks.insert(0, startup_check(lambda: ready.ready.called and directory.loaded))
+    # until then /healthz says so. (``ready`` is made below.) Ready means
+    # every surface answers fully: from the database while the directory's
+    # table loads (seconds at a million profiles, on a first start).
+    checks.insert(0, startup_check(lambda: ready.ready.called, lambda: (
+        "" if directory.loaded else
+        "the directory's table is loading: its reads go to the database meanwhile")))
     ops = Operations(metrics, checks, functools.partial(
         site_document, config.mailstore.path, config.collector.enabled,
         status_codes=config.hooks.status_codes,
@@ -241,13 +244,17 @@ def build(config: Config, listen: str, reactor: Any,
 
     async def prepare() -> None:
         await database.store.migrate()
-        await directory.load()
+        await directory.start()
 
     for service in pubsub.services:
         service.setServiceParent(top)
     ready = AfterReady(prepare, reactor)
     ready.setServiceParent(top)
     directory.setServiceParent(ready)
+    # The profile table, then what needs it in memory: the collector's
+    # consumer (its ESN ids and exclusions are read from the table).
+    table = AfterReady(directory.load, reactor, done="")
+    table.setServiceParent(ready)
     if isinstance(database.dialect, PostgreSQLDialect):
         # Changes made elsewhere reach this instance as they commit (polling stays).
         ChangeListener(database.dialect.dsn, reactor,
@@ -259,7 +266,7 @@ def build(config: Config, listen: str, reactor: Any,
                  metrics=metrics).setServiceParent(ready)
     OnStop(*stops).setServiceParent(ready)
     for service in later:
-        service.setServiceParent(ready)
+        service.setServiceParent(table)
     web = Listening(endpoint, site, listen)
     web.setName("web")
     web.setServiceParent(ready)
@@ -347,7 +354,11 @@ def _collector(config: Config, pubsub: PubSub, users: Any, metrics: Metrics, rea
                               retry_max=collector.retry_max, spool="collector-spool",
                               routing_key=collector.routing_key,
                               queue_type=collector.queue_type)
-    queue.consume(engine.handle)
+    # A message taken before the directory's table is loaded waits for it
+    # (the broker hands messages over as soon as it is connected): the ESN
+    # ids and the group addresses are read from memory.
+    queue.consume(directory.after_load(engine.handle) if directory is not None
+                  else engine.handle)
     stops.append(queue.stop)
     # Their count for /metrics; the spool's pruned after dead_letter_days.
     dead_letter_watch(config, queue, pubsub.broker, metrics, reactor).setServiceParent(top)

@@ -101,6 +101,14 @@ class StartupTests(SynchronousTestCase):
         done.append(True)
         self.assertEqual(rows_of(self, check), [Row("startup", Status.OK, "done")])
 
+    def test_what_still_goes_on_once_ready_is_said(self) -> None:
+        loading = [True]
+        check = startup_check(lambda: True, lambda: "table loading" if loading else "")
+        self.assertEqual(rows_of(self, check),
+                         [Row("startup", Status.OK, "done; table loading")])
+        loading.clear()
+        self.assertEqual(rows_of(self, check), [Row("startup", Status.OK, "done")])
+
 
 class ListenAndDataTests(SynchronousTestCase):
     def test_listen_must_be_an_endpoint_string(self) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, succeed
@@ -36,7 +36,11 @@ from mailhub.directory.model import (
 from mailhub.directory.table import BY_ID, ProfileTable
 from mailhub.directory.tokens import SITE, Grant, TokenRecord, match
 from mailhub.errors import ValidationError
-from mailhub.steps import hold_full_collections, pause_collections
+from mailhub.steps import hold_full_collections, paged, pause_collections
+
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class Directory(Service):
@@ -75,15 +79,40 @@ class Directory(Service):
         self._seq = 0
         self._lock = DeferredLock()
         self._poll: LoopingCall | None = None
+        #: The groups and tokens are read (:meth:`start`): every surface can
+        #: answer, from the database where the table is not loaded yet.
+        self.answering = False
+        #: The profile table is loaded and caught up: memory answers.
         self.loaded = False
+        self._when_loaded: list[Deferred[None]] = []
+        #: The change log read while the table loads (groups and tokens).
+        self._early_seq = 0
+        #: The newest change whose token rotation was announced on the hub.
+        self._announced = 0
         #: Called with (kind, key) for every change read from the change log,
         #: after it has been applied (e.g. to drop cached logins).
         self.on_change: list[Callable[[str, str], None]] = []
 
     # -- life cycle ---------------------------------------------------------
 
+    async def start(self) -> None:
+        """Read the groups and the tokens (at start-up, before the table).
+
+        From then on every surface can answer: where the profile table is
+        not loaded yet, from the database (:attr:`answering`); changes to
+        groups and tokens are followed from here on."""
+        seq = await self.store.last_change()
+        groups = await self.store.load_groups()
+        self._groups = {g.id: g for g in groups}
+        self._set_tokens(await self.store.load_tokens(), quiet=True)
+        self._early_seq = self._announced = max(self._early_seq, seq)
+        self.answering = True
+
     async def load(self) -> None:
-        """Read everything from the store (at start-up)."""
+        """Read the profile table (at start-up; :meth:`start` first if not done):
+        seconds at a million profiles, after which memory answers."""
+        if not self.answering:
+            await self.start()
         # A full garbage collection follows every container alive, holding
         # the GIL: none until the load is frozen.
         release = hold_full_collections()
@@ -91,11 +120,28 @@ class Directory(Service):
             await self._load()
         finally:
             release()
+        waiting, self._when_loaded = self._when_loaded, []
+        for d in waiting:
+            if not d.called:  # not cancelled meanwhile
+                d.callback(None)
+
+    def after_load(self, handle: Callable[[T], "Deferred[R]"]) -> Callable[[T], "Deferred[R]"]:
+        """``handle``, called once the table is loaded (at once when it is)."""
+        def handle_loaded(item: T) -> "Deferred[R]":
+            if self.loaded:
+                return handle(item)
+            return self.when_loaded().addCallback(lambda _: handle(item))
+        return handle_loaded
+
+    def when_loaded(self) -> "Deferred[None]":
+        """Fires once the profile table is loaded (at once if it is)."""
+        if self.loaded:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._when_loaded.append(d)
+        return d
 
     async def _load(self) -> None:
-        groups = await self.store.load_groups()
-        self._groups = {g.id: g for g in groups}
-        self._set_tokens(await self.store.load_tokens(), quiet=True)
         how = "read from the database"
         # The table saved by the last run, else one a child process builds
         # (mailhub.directory.build), else the database read here; the first
@@ -250,7 +296,7 @@ class Directory(Service):
 
         Notifications that arrive while a read is waiting are folded into it.
         """
-        if self._refresh_queued or not self.loaded:
+        if self._refresh_queued or not self.answering:
             return
         self._refresh_queued = True
         self._poll_once()
@@ -259,33 +305,39 @@ class Directory(Service):
         """Apply the changes the store logged since the last one seen (up
         to the store's batch); say how many were read.
 
-        Nothing until the table is in place: until then the start-up load
-        sees every change."""
-        if not self._following:
+        Until the table is in place, only the groups and tokens are
+        followed (the table's load sees every change to the profiles), and
+        nothing before :meth:`start`."""
+        if not self.answering:
             return 0
         await self._lock.acquire()
         # From here on a new notification needs a new read.
         self._refresh_queued = False
         try:
-            changes = await self.store.changes_since(self._seq)
+            early = not self._following
+            changes = await self.store.changes_since(self._early_seq if early else self._seq)
             if not changes:
                 return 0
-            kinds: dict[tuple[str, str], None] = {}
+            latest: dict[tuple[str, str], int] = {}
             for seq, kind, key in changes:
-                kinds[(kind, key)] = None
-            for kind, key in kinds:
-                await self._reload(kind, key)
+                latest[(kind, key)] = seq
+            for (kind, key), seq in latest.items():
+                if not (early and kind == "profile"):
+                    await self._reload(kind, key, seq)
                 for hook in self.on_change:
                     try:
                         hook(kind, key)
                     except Exception:
                         self.log.failure("change hook {hook!r} failed", hook=hook)
-            self._seq = changes[-1][0]
+            if early:
+                self._early_seq = changes[-1][0]
+            else:
+                self._seq = changes[-1][0]
             return len(changes)
         finally:
             self._lock.release()
 
-    async def _reload(self, kind: str, key: str) -> None:
+    async def _reload(self, kind: str, key: str, seq: int) -> None:
         if kind == "profile":
             profile = await self.store.get_profile(key)
             if profile is None:
@@ -297,8 +349,11 @@ class Directory(Service):
             self._groups = {g.id: g for g in groups}
         elif kind == "token":
             self._set_tokens(await self.store.load_tokens())
-            if self.hub is not None and self.loaded:
-                # Never the token itself: subscribers learn that it changed.
+            if self.hub is not None and seq > self._announced:
+                # Once per change (the table's catch-up reads again what was
+                # followed while it loaded); never the token itself:
+                # subscribers learn that it changed.
+                self._announced = seq
                 site, slash, name = key.rpartition("/")
                 data = {"site": site, "name": name} if slash else {"site": key}
                 self.hub.local.topic("token:rotated").forward(self.hub.global_, data)
@@ -359,10 +414,22 @@ class Directory(Service):
         listed or not by where it falls; nothing twice)."""
         return self._table.walk(order, batch)
 
-    def member_ids(self, batch: int = 1000) -> Iterator[list[str]]:
-        """The ids of the profiles in a group, in id order, as :meth:`walk`
-        gives them but with no profile made (the ``users`` list)."""
-        return self._table.member_ids(batch)
+    def members(self, batch: int = 1000, ids: bool = False) -> Iterator[Any]:
+        """The profiles in a group (``ids``: their ids only, no profile
+        made), in id order, for the hooks' lists.
+
+        From memory once the table is loaded, a batch per step, each resumed
+        after the last one given (as :meth:`walk`). Before, page after page
+        from the database in the same order, each page a Deferred given out
+        before its items (:func:`~mailhub.steps.paged`): the whole list,
+        never a part or a 503, on a first start too."""
+        if self.loaded:
+            if ids:
+                return (i for found in self._table.member_ids(batch) for i in found)
+            return (p for found in self._table.walk(BY_ID, batch) for p in found if p.groups)
+        if ids:
+            return paged(lambda after: self.store.member_ids(after, batch), str)
+        return paged(lambda after: self.store.members(after, batch), lambda p: p.id)
 
     def count(self) -> int:
         """How many profiles the site has."""

@@ -20,7 +20,7 @@ from typing import (TYPE_CHECKING, Any, AsyncIterator, Callable, Coroutine, Para
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, TimeoutError as WaitedTooLong, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -121,6 +121,10 @@ def _deferred(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, "Defer
 #: Profiles sorted per step of a listing (a few ms each).
 STEP = 10_000
 
+#: Seconds a list waits for the directory's table after a start at most
+#: (a first start at a million profiles takes about 11), then Unavailable.
+LOAD_WAIT = 60.0
+
 
 @implementer(IUserSource)
 class SiteUserSource:
@@ -219,14 +223,22 @@ class SiteUserSource:
     async def pages(self, page_size: int) -> AsyncIterator[list[User]]:
         """Every site user, in pages, ordered by login.
 
-        Read from the in-memory directory once it has loaded (caught up with
-        the change log first), Unavailable while it loads; without one,
-        from the store, converted and sorted in steps, the reactor given
-        back between them.
+        Read from the in-memory directory (caught up with the change log
+        first). While its table loads after a start, the list waits for it
+        (seconds, on a first start at a million profiles: the database has no
+        order by login to page by); before the server has read its groups,
+        Unavailable. Without a directory, from the store, converted and
+        sorted in steps, the reactor given back between them.
         """
         directory = self.directory
         budget = TurnBudget(cast(IReactorTime, self.reactor))  # the reactor is both
         size = max(page_size, 1)
+        if directory is not None and directory.answering and not directory.loaded:
+            try:
+                await directory.when_loaded().addTimeout(
+                    LOAD_WAIT, cast(IReactorTime, self.reactor))
+            except WaitedTooLong:
+                raise Unavailable("the site's directory is still loading")
         if directory is not None and directory.loaded:
             # The in-memory copy, caught up, read in login order a page at a
             # time, each page resumed after the last login sent: no snapshot
@@ -237,10 +249,10 @@ class SiteUserSource:
                 await budget.check()
             return
         if directory is not None:
-            # Loading (seconds at a start with no saved table): a 503 with
-            # Retry-After rather than a million profiles made here from the
-            # database, what the compact directory is there to avoid.
-            raise Unavailable("the site's directory is loading")
+            # Before the start-up's first reads: a 503 with Retry-After
+            # rather than a million profiles made here from the database,
+            # what the compact directory is there to avoid.
+            raise Unavailable("the site is starting")
         loaded = await maybeDeferred(self.store.load_profiles)
         profiles = loaded if isinstance(loaded, list) else list(loaded)
         # Before the directory has loaded (or without one): a million

@@ -44,7 +44,7 @@ from mailhub.config import Config
 from mailhub.decoding import MAX_ADDRESS_TEXT, address_problem, sanitise_address
 from mailhub.directory.model import Added, Left, Profile
 from mailhub.directory.service import Directory
-from mailhub.directory.table import BY_ID, DECODED
+from mailhub.directory.table import DECODED
 from mailhub.errors import Unavailable, ValidationError
 from mailhub.metrics import Metrics
 from mailhub.web.common import JSON_TYPE, HTTPError, form_fields, handle_errors, json_bytes
@@ -62,8 +62,8 @@ LEAVE_STATUS = {Left.LEFT: 0, Left.NO_SUCH_GROUP: 1, Left.NO_SUCH_USER: 2,
 
 TOKEN_MISMATCH = "The authentication token does not match the one in the database."
 TOKEN_MISSING = "The authentication token (token) is required."
-LOADING = ("The site's directory is still loading after a start; "
-           "try again in a few seconds.")
+LOADING = ("The site is still starting (its database schema and its groups are being "
+           "read); try again in a few seconds.")
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -406,25 +406,23 @@ class GroupHooks:
         await self.directory.refresh()
         # A million members is 200 MB of JSON: streamed, a chunk per reactor
         # turn (see mailhub.web.streaming), read from the directory in id
-        # order a batch at a time: no snapshot, each batch resumed after the
-        # last profile written.
+        # order a batch at a time (from the database while it loads): no
+        # snapshot, each batch resumed after the last profile written.
         if action == "users":
-            ids = (i for batch in self.directory.member_ids(BATCH) for i in batch)
-            pieces = json_array(ids, json_values)
+            pieces = json_array(self.directory.members(BATCH, ids=True), json_values)
         else:
-            members = (profile for batch in self.directory.walk(BY_ID, BATCH)
-                       for profile in batch if profile.groups)
             # One json.dumps per batch, and no million entries pushed through
             # the search path's cache (each a tracked object to collect).
-            pieces = json_array(members, lambda batch: json_values(
+            pieces = json_array(self.directory.members(BATCH), lambda batch: json_values(
                 [p.data(self.site_url) for p in batch]))
         self._send(request, SITE_MEMBERS, b"")
         await StreamedBody(request, pieces, self.clock).start()
         return b""
 
     def _need_directory(self) -> None:
-        """503 with Retry-After while the directory is loading: never a partial list."""
-        if not self.directory.loaded:
+        """503 with Retry-After until the directory has read the groups (at
+        start-up, once the schema is migrated): never a partial list."""
+        if not self.directory.answering:
             raise HTTPError(503, hook_error(503, LOADING),
                             {b"retry-after": b"5"})
 

@@ -258,11 +258,11 @@ def _operation(path: str, spec: HookSpec, method: str,
         },
     }
     if spec in (GROUPS, SITE_MEMBERS):
-        # Never a partial list: 503 until the directory is loaded after a start.
+        # Never a partial list: 503 until the groups are read after a start.
         operation["responses"]["503"] = dict(
             _json({"allOf": [{"$ref": _REF + "HookError"},
                              {"properties": {"status": {"const": 503}}}]},
-                  "The site's directory is still loading after a start"),
+                  "The site is still starting (before its groups are read)"),
             headers={"Retry-After": {
                 "description": "Seconds to wait before trying again", "required": True,
                 "schema": {"type": "integer", "minimum": 0}}})

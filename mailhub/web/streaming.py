@@ -12,7 +12,10 @@ Klein drops quietly.
 
 An empty piece (``b""``) ends the current turn without writing: an iterator
 that does a long step (sorting a run of a large list) yields one after it,
-so no turn does more than one such step.
+so no turn does more than one such step. A piece that is a Deferred (work
+done elsewhere: a page read from the database in its thread) ends the turn
+too, and the next piece is pulled once it has fired (:func:`paged` makes
+such an iterator: :func:`mailhub.steps.paged`).
 
 The helpers below make the pieces of a JSON array byte for byte as
 :func:`mailhub.web.common.json_bytes` of the whole list would be.
@@ -53,7 +56,7 @@ class StreamedBody:
 
     log = Logger()
 
-    def __init__(self, request: Any, pieces: Iterator[bytes], clock: IReactorTime,
+    def __init__(self, request: Any, pieces: Iterator["bytes | Deferred[Any]"], clock: IReactorTime,
                  chunk: int = CHUNK) -> None:
         self._request = request
         self._pieces = pieces
@@ -62,6 +65,7 @@ class StreamedBody:
         self._paused = False
         self._stopped = False
         self._call: IDelayedCall | None = None
+        self._waiting: Deferred[Any] | None = None
         self.done: Deferred[None] = Deferred(self._cancelled)
         self._release: Callable[[], None] = lambda: None
         #: Reactor turns taken so far (for tests and the benchmark).
@@ -111,7 +115,8 @@ class StreamedBody:
         return result
 
     def _schedule(self) -> None:
-        if self._call is None and not self._stopped and not self._paused:
+        if (self._call is None and self._waiting is None and not self._stopped
+                and not self._paused):
             self._call = self._clock.callLater(0, self._turn)
 
     def _unschedule(self) -> None:
@@ -127,11 +132,15 @@ class StreamedBody:
         buffer: list[bytes] = []
         size = 0
         finished = False
+        waiting: Deferred[Any] | None = None
         try:
             while size < self._chunk:
                 piece = next(self._pieces, None)
                 if piece is None:
                     finished = True
+                    break
+                if isinstance(piece, Deferred):
+                    waiting = piece
                     break
                 if not piece:
                     break
@@ -143,12 +152,20 @@ class StreamedBody:
         if buffer:
             # May pause us at once (the transport's buffer is full).
             self._request.write(b"".join(buffer))
+        if waiting is not None:
+            self._waiting = waiting
+            waiting.addCallbacks(self._waited, self._stop)
+            return
         if finished:
             self._stopped = True
             self._request.unregisterProducer()
             if not self.done.called:
                 self.done.callback(None)
             return
+        self._schedule()
+
+    def _waited(self, _: object) -> None:
+        self._waiting = None
         self._schedule()
 
     def _stop(self, reason: BaseException | Failure) -> None:
@@ -175,24 +192,25 @@ class StreamedBody:
         self._close()
 
 
-def json_array(items: Iterable[T], encode: Callable[[Sequence[T]], bytes],
-               batch: int = BATCH) -> Iterator[bytes]:
+def json_array(items: Iterable[Any], encode: Callable[[Sequence[Any]], bytes],
+               batch: int = BATCH) -> Iterator["bytes | Deferred[Any]"]:
     """The pieces of a JSON array: ``[``, encoded batches joined by ``,``, ``]``.
 
     ``encode`` turns a batch of items into their JSON texts joined by commas
     (no brackets). A :data:`TURN` from ``items`` (an item that *is* ``b""``)
-    is passed on, so a long step upstream ends the writer's turn.
+    is passed on, so a long step upstream ends the writer's turn; so is a
+    Deferred (:func:`mailhub.steps.paged`), after the items before it are written.
     """
     yield b"["
     first = True
-    pending: list[T] = []
+    pending: list[Any] = []
     for item in items:
-        if item is TURN:  # type: ignore[comparison-overlap]
+        if item is TURN or isinstance(item, Deferred):
             if pending:
                 yield (b"" if first else b",") + encode(pending)
                 first = False
                 pending = []
-            yield TURN
+            yield item
             continue
         pending.append(item)
         if len(pending) >= batch:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Coroutine
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -119,3 +119,70 @@ class DirectoryTests(SynchronousTestCase):
         self.assertEqual(self.wait(self.directory.leave("example", profile.id)), Left.LEFT)
         self.assertEqual(self.wait(self.directory.leave("example", profile.id)), Left.NOT_A_MEMBER)
         self.assertEqual(self.directory.lookup(profile.id).groups, ())
+
+
+class FirstStartTests(SynchronousTestCase):
+    """While the profile table loads, the groups and tokens are followed already."""
+
+    def test_a_token_rotated_while_the_table_loads_is_followed_and_announced_once(
+            self) -> None:
+        store = MemoryStore()
+        self.successResultOf(store.set_token("A" * 32))
+        held: Deferred[None] = Deferred()
+        load_table = store.load_table
+        store.load_table = lambda: held.addCallback(  # type: ignore[method-assign]
+            lambda _: load_table())
+        clock = Clock()
+        hub = Hub()
+        seen: list[object] = []
+        hub.global_.topic("token:rotated").subscribe(seen.append)
+        directory = Directory(store, clock, poll_interval=0.25, hub=hub)
+        changed: list[tuple[str, str]] = []
+        directory.on_change.append(lambda kind, key: changed.append((kind, key)))
+        loading = Deferred.fromCoroutine(directory.load())
+        directory.startService()
+        self.addCleanup(directory.stopService)
+        self.assertTrue(directory.answering)
+        self.assertFalse(directory.loaded)
+        self.successResultOf(store.set_token("B" * 32))
+        profile = Profile(new_profile_id(), "A Person",
+                          emails=(Email("a@example.com", True, True),))
+        self.successResultOf(store.create_profile(profile))
+        clock.advance(0.25)
+        # The old token is refused from memory, before the table is there.
+        self.assertIsNone(directory.check_token_cached("A" * 32))
+        self.assertIsNotNone(directory.check_token_cached("B" * 32))
+        self.assertEqual(seen, [{"site": "main"}])
+        self.assertIn(("profile", profile.id), changed)
+        self.assertIsNone(directory.profile(profile.id))  # memory answers nobody yet
+        held.callback(None)
+        self.successResultOf(loading)
+        clock.advance(0.25)
+        self.assertEqual(directory.profile(profile.id), profile)
+        self.assertEqual(seen, [{"site": "main"}])  # the catch-up announces nothing again
+
+    def test_work_handed_over_before_the_table_is_loaded_waits_for_it(self) -> None:
+        store = MemoryStore()
+        held: Deferred[None] = Deferred()
+        load_table = store.load_table
+        store.load_table = lambda: held.addCallback(  # type: ignore[method-assign]
+            lambda _: load_table())
+        directory = Directory(store, Clock())
+        seen: list[tuple[bytes, bool]] = []
+
+        def handle(body: bytes) -> Deferred[str]:
+            seen.append((body, directory.loaded))
+            return succeed("done")
+
+        handle_loaded = directory.after_load(handle)
+        early = handle_loaded(b"first")  # the broker's consumer runs before the start-up
+        loading = Deferred.fromCoroutine(directory.load())
+        second = handle_loaded(b"second")
+        self.assertEqual(seen, [])
+        self.assertNoResult(early)
+        held.callback(None)
+        self.successResultOf(loading)
+        self.assertEqual((self.successResultOf(early), self.successResultOf(second)),
+                         ("done", "done"))
+        self.assertEqual(self.successResultOf(handle_loaded(b"third")), "done")
+        self.assertEqual(seen, [(b"first", True), (b"second", True), (b"third", True)])

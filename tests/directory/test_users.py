@@ -411,3 +411,63 @@ def test_until_the_directory_has_loaded_the_store_answers(pool: InlinePool) -> N
     store.calls.clear()
     assert result(site.find("alice@example.test")).id == ALICE.id
     assert store.calls == {}
+
+
+class _HeldTable(MemoryStore):
+    """A MemoryStore whose table load waits for ``held``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: Deferred[None] = Deferred()
+
+    def load_table(self) -> Any:
+        loaded = super().load_table()
+        return self.held.addCallback(lambda _: loaded)
+
+
+def test_the_site_list_waits_for_the_table_while_it_loads(pool: InlinePool) -> None:
+    """MailStore's list while the directory's table loads after a start: not a
+    503, not a list from the database in another order, but the list in login
+    order once the table is there; 503 before the groups are read, and after
+    waiting a minute."""
+    from twisted.internet.task import Clock
+
+    from mailhub.directory.service import Directory
+
+    store = _HeldTable()
+    result(store.create_profile(ALICE))
+    result(store.create_profile(BOB))
+    clock = Clock()
+    directory = Directory(store, clock)
+    site = SiteUserSource(store, clock, pool, hasher=FAST,  # type: ignore[arg-type]
+                          directory=directory)
+
+    async def listed() -> list[str]:
+        return [u.login for page in [p async for p in site.pages(10)] for u in page]
+
+    early = Deferred.fromCoroutine(listed())
+    failure = early.addErrback(lambda f: f.trap(Unavailable) and f.getErrorMessage())
+    assert result(failure) == "the site is starting"
+    loading = Deferred.fromCoroutine(directory.load())
+    assert directory.answering and not directory.loaded
+    waiting = Deferred.fromCoroutine(listed())
+    too_long = Deferred.fromCoroutine(listed()).addErrback(
+        lambda f: f.trap(Unavailable) and f.getErrorMessage())
+    clock.advance(30)
+    assert not waiting.called and not too_long.called
+    store.held.callback(None)
+    result(loading)
+    clock.advance(0)  # the list gives the reactor back between pages
+    assert result(waiting) == ["alice@example.test", "bob@example.test"]
+    assert result(too_long) == ["alice@example.test", "bob@example.test"]
+    # A load that takes more than a minute: 503, and nothing fires twice.
+    slow = _HeldTable()
+    directory = Directory(slow, clock)
+    site.directory = directory
+    Deferred.fromCoroutine(directory.load())
+    late = Deferred.fromCoroutine(listed()).addErrback(
+        lambda f: f.trap(Unavailable) and f.getErrorMessage())
+    clock.advance(60)
+    assert result(late) == "the site's directory is still loading"
+    slow.held.callback(None)
+    assert directory.loaded

@@ -1,6 +1,7 @@
 """Large answers are streamed: a bounded chunk per reactor turn, the same bytes as before,
-paused while the transport is full, stopped when the client goes away; and an answer that
-needs the directory is a 503 with Retry-After until the directory has loaded."""
+paused while the transport is full, stopped when the client goes away; while the
+directory's table loads they are read from the database, page after page, the same
+bytes again; before the server has read its groups, a 503 with Retry-After."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from treq.testing import StubTreq
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -20,12 +21,13 @@ from mailhub.config import Config, MailhubSection
 from mailhub.directory.memory import MemoryStore
 from mailhub.directory.model import Email, Group, Profile
 from mailhub.directory.service import Directory
+from mailhub.errors import Unavailable
 from mailhub.metrics import Metrics
 from mailhub.pubsub import Hub
 from mailhub.web.common import json_bytes
 from mailhub.web.hooks import GroupHooks
-from mailhub.steps import NEVER, TURN, hold_full_collections, sorted_in_steps
-from mailhub.web.streaming import CHUNK, StreamedBody, json_array, json_values
+from mailhub.steps import NEVER, TURN, hold_full_collections, paged, sorted_in_steps
+from mailhub.web.streaming import BATCH, CHUNK, StreamedBody, json_array, json_values
 
 TOKEN = "0123456789abcdefghijABCDEFGHIJ01"
 SITE = "https://groups.example.com"
@@ -68,11 +70,13 @@ def old_answers(profiles: list[Profile]) -> dict[str, bytes]:
 
 
 class _Store(MemoryStore):
-    """A MemoryStore whose profile load waits for the test to release it."""
+    """A MemoryStore whose table load (``held``), or whose first read of the
+    groups (``held_start``), waits for the test to release it."""
 
     def __init__(self) -> None:
         super().__init__()
         self.held: Deferred[None] | None = None
+        self.held_start: Deferred[None] | None = None
 
     def load_table(self) -> Any:
         loaded = super().load_table()
@@ -81,12 +85,20 @@ class _Store(MemoryStore):
         held = self.held
         return held.addCallback(lambda _: loaded)
 
+    def load_groups(self) -> Any:
+        groups = super().load_groups()
+        if self.held_start is None:
+            return groups
+        held, self.held_start = self.held_start, None
+        self.held_start_given = held
+        return held.addCallback(lambda _: groups)
+
 
 class Site:
     """A hooks surface over a directory of ``profiles``, driven by a Clock."""
 
     def __init__(self, case: SynchronousTestCase, profiles: list[Profile],
-                 hold: bool = False) -> None:
+                 hold: bool = False, hold_start: bool = False) -> None:
         self.case = case
         self.clock = TurnClock()
         self.store = _Store()
@@ -100,19 +112,38 @@ class Site:
                 case.successResultOf(self.store.add_member(group, profile.id))
         if hold:
             self.store.held = Deferred()
+        if hold_start:
+            self.store.held_start = Deferred()
+        # A load left waiting would keep the garbage collector paused.
+        case.addCleanup(self.release)
         self.directory = Directory(self.store, self.clock)
         self.loading = Deferred.fromCoroutine(self.directory.load())
         config = Config(mailhub=MailhubSection(site_url=SITE + "/", max_body=1024 * 1024))
         self.hooks = GroupHooks(self.directory, config, Metrics(), Hub())
         self.http = StubTreq(self.hooks.resource())
 
-    def request(self, action: str) -> Deferred[Any]:
+    def request(self, action: str, url: str = URL) -> Deferred[Any]:
         body = urlencode({"token": TOKEN, action: ""}).encode()
-        return self.http.request("POST", URL, data=body, headers=FORM)
+        return self.http.request("POST", url, data=body, headers=FORM)
+
+    def release(self) -> None:
+        """Let every held load finish."""
+        for held in (self.store.held_start, getattr(self.store, "held_start_given", None),
+                     self.store.held):
+            if held is not None and not held.called:
+                held.callback(None)
+
+    def release_start(self) -> None:
+        """Let the directory's first read of the groups finish."""
+        held = self.store.held_start_given
+        held.callback(None)
 
     def answer(self, action: str) -> tuple[Any, bytes, int]:
+        return self.answer_at(URL, action)
+
+    def answer_at(self, url: str, action: str) -> tuple[Any, bytes, int]:
         """(response, body, reactor turns it took after the first)."""
-        d = self.request(action)
+        d = self.request(action, url)
         self.http.flush()
         response = self.case.successResultOf(d)
         content = response.content()
@@ -164,30 +195,85 @@ class StreamedAnswerTests(SynchronousTestCase):
 
 
 class StartupTests(SynchronousTestCase):
-    """Until the directory has loaded, the lists are 503 with Retry-After, never 200 []."""
+    """While the directory's table loads, the lists are read from the database: the
+    same bytes, never 200 []; before the groups are read, 503 with Retry-After."""
 
-    def test_lists_are_503_with_retry_after_while_the_directory_loads(self) -> None:
-        profiles = many_profiles(50)
+    def test_lists_are_read_from_the_database_while_the_table_loads(self) -> None:
+        profiles = many_profiles(2600)  # several pages of BATCH
         site = Site(self, profiles, hold=True)
         self.assertNoResult(site.loading)
+        self.assertTrue(site.directory.answering)
+        self.assertFalse(site.directory.loaded)
+        expected = old_answers(profiles)
+        for action in ("users", "user_groups"):
+            response, body, turns = site.answer(action)
+            self.assertEqual(response.code, 200, action)
+            self.assertEqual(body, expected[action], action)
+            # A turn at least per page read from the database.
+            pages = -(-sum(1 for p in profiles if p.groups) // BATCH)
+            self.assertGreaterEqual(turns, pages, action)
+        response, body, _ = site.answer_at("http://127.0.0.1/gs-group-groups.json", "get")
+        self.assertEqual(response.code, 200)
+        self.assertEqual([g["id"] for g in json.loads(body)], ["example"])
+        # A member added while the table loads is listed (the database has it).
+        newcomer = Profile("0-new", "New", None, (Email("new@example.com", True, True),))
+        self.successResultOf(site.store.create_profile(newcomer))
+        self.successResultOf(site.store.add_member("example", newcomer.id))
+        _, body, _ = site.answer("users")
+        self.assertEqual(json.loads(body)[0], "0-new")
+        assert site.store.held is not None
+        site.store.held.callback(None)
+        self.successResultOf(site.loading)
+        self.assertTrue(site.directory.loaded)
+        _, from_memory, _ = site.answer("users")
+        self.assertEqual(from_memory, body)
+
+    def test_lists_are_503_with_retry_after_until_the_groups_are_read(self) -> None:
+        profiles = many_profiles(50)
+        site = Site(self, profiles, hold=True, hold_start=True)
+        self.assertFalse(site.directory.answering)
         for path, action in ((URL, "users"), (URL, "user_groups"),
                              ("http://127.0.0.1/gs-group-groups.json", "get")):
-            body = urlencode({"token": TOKEN, action: ""}).encode()
-            d = site.http.request("POST", path, data=body, headers=FORM)
-            site.http.flush()
-            response = self.successResultOf(d)
+            response, body, _ = site.answer_at(path, action)
             self.assertEqual(response.code, 503, action)
             self.assertEqual(response.headers.getRawHeaders(b"retry-after"), [b"5"])
             self.assertTrue(response.headers.getRawHeaders(b"content-type")[0]
                             .startswith(b"application/json"))
-            answer = json.loads(self.successResultOf(response.content()))
+            answer = json.loads(body)
             self.assertEqual(answer["status"], 503)
-            self.assertIn("loading", answer["message"][0])
-        assert site.store.held is not None
-        site.store.held.callback(None)
-        self.successResultOf(site.loading)
+            self.assertIn("starting", answer["message"][0])
+        site.release_start()
+        self.assertTrue(site.directory.answering)
         response, body, _ = site.answer("users")
         self.assertEqual((response.code, body), (200, old_answers(profiles)["users"]))
+
+    def test_a_database_failure_mid_list_ends_the_answer_short_never_complete(
+            self) -> None:
+        site = Site(self, many_profiles(1200), hold=True)
+        calls = []
+
+        def failing(after: str, limit: int) -> Deferred[list[str]]:
+            calls.append(after)
+            if len(calls) > 1:
+                return fail(Unavailable("the database went away"))
+            return MemoryStore.member_ids(site.store, after, limit)
+
+        site.store.member_ids = failing  # type: ignore[method-assign]
+        d = site.request("users")
+        site.http.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 200)  # sent before the failure
+        content = response.content()
+        for _ in range(1000):
+            if content.called:
+                break
+            site.clock.turn()
+            site.http.flush()
+        # Not a well-formed list: the client sees a cut answer, not a short list.
+        got = content.result if not isinstance(content.result, Failure) else b""
+        content.addErrback(lambda _: None)
+        self.assertFalse(got.endswith(b"]"), got[-20:])
+        self.assertEqual(len(calls), 2)
 
 
 class _Request:
@@ -287,6 +373,69 @@ class StreamedBodyTests(SynchronousTestCase):
         self.failureResultOf(done, ValueError)
 
 
+class WaitedPieceTests(SynchronousTestCase):
+    """A piece that is a Deferred (a page read elsewhere) is waited for, the reactor free."""
+
+    def setUp(self) -> None:
+        self.clock, self.request = TurnClock(), _Request()
+        self.fetches: list[tuple[str, Deferred[list[str]]]] = []
+
+        def fetch(after: str) -> Deferred[list[str]]:
+            d: Deferred[list[str]] = Deferred()
+            self.fetches.append((after, d))
+            return d
+
+        self.pieces = json_array(paged(fetch, str), json_values, batch=2)
+        self.body = StreamedBody(self.request, self.pieces, self.clock)
+        self.done = self.body.start()
+
+    def written(self) -> bytes:
+        return b"".join(self.request.written)
+
+    def test_pages_are_waited_for_and_written_in_order_until_an_empty_one(self) -> None:
+        self.assertEqual([after for after, _ in self.fetches], [""])
+        for _ in range(5):
+            self.clock.turn()
+        self.assertEqual((self.written(), len(self.fetches)), (b"[", 1))
+        self.fetches[0][1].callback(["a", "b", "c"])
+        self.assertEqual(len(self.fetches), 1)  # the next piece in the next turn
+        self.clock.turn()
+        self.assertEqual([after for after, _ in self.fetches], ["", "c"])
+        self.fetches[1][1].callback(["d"])
+        self.clock.turn()
+        self.fetches[2][1].callback([])
+        self.clock.turn()
+        self.successResultOf(self.done)
+        self.assertEqual(json.loads(self.written()), ["a", "b", "c", "d"])
+
+    def test_paused_while_waiting_it_goes_on_only_once_resumed(self) -> None:
+        self.request.producer.pauseProducing()
+        self.fetches[0][1].callback(["a"])
+        for _ in range(5):
+            self.clock.turn()
+        self.assertEqual(len(self.fetches), 1)
+        self.request.producer.resumeProducing()
+        self.clock.turn()
+        self.assertEqual(len(self.fetches), 2)
+
+    def test_a_failed_page_fails_the_body_and_a_client_gone_meanwhile_is_quiet(
+            self) -> None:
+        self.fetches[0][1].errback(Failure(ValueError("the database went away")))
+        self.failureResultOf(self.done, ValueError)
+        self.assertFalse(self.written().endswith(b"]"))
+        # Another answer: the client goes away while a page is read.
+        request = _Request()
+        fetched: list[Deferred[list[str]]] = []
+        done = StreamedBody(request, json_array(paged(
+            lambda after: fetched.append(Deferred()) or fetched[-1], str), json_values),
+            self.clock).start()
+        request.finished.errback(Failure(ConnectionError("gone")))
+        self.failureResultOf(done, CancelledError)
+        fetched[0].callback(["late"])  # arrives after: nothing more is done
+        self.clock.turn()
+        self.assertEqual((len(fetched), self.clock.getDelayedCalls()), (1, []))
+
+
 class FullCollectionTests(SynchronousTestCase):
     """While a large answer is written, no full garbage collection runs
     (bench/stall measured 80 to 300 ms each at a million profiles); the
@@ -360,16 +509,19 @@ class PieceTests(SynchronousTestCase):
 
 
 class ReadinessTests(SynchronousTestCase):
-    def test_healthz_ready_is_503_until_the_directory_has_loaded(self) -> None:
+    def test_healthz_ready_is_503_until_the_groups_are_read_then_says_the_table_loads(
+            self) -> None:
         from mailhub.checks import startup_check
         from mailhub.web.ops import Operations
 
-        site = Site(self, many_profiles(10), hold=True)
-        ops = Operations(Metrics(), [startup_check(lambda: site.directory.loaded)],
-                         lambda: {}, site.clock)
+        site = Site(self, many_profiles(10), hold=True, hold_start=True)
+        directory = site.directory
+        ops = Operations(Metrics(), [startup_check(lambda: directory.answering, lambda: (
+            "" if directory.loaded else "the table is loading"))], lambda: {}, site.clock)
         http = StubTreq(ops.resource())
 
         def ready() -> tuple[int, Any]:
+            site.clock.advance(ops.reuse)
             d = http.get("http://127.0.0.1/healthz?ready")
             http.flush()
             response = self.successResultOf(d)
@@ -378,11 +530,14 @@ class ReadinessTests(SynchronousTestCase):
         code, body = ready()
         self.assertEqual(code, 503)
         self.assertFalse(body["dependencies"]["startup"]["ok"])
-        assert site.store.held is not None
-        site.store.held.callback(None)
-        site.clock.advance(ops.reuse)
+        site.release_start()
         code, body = ready()
-        self.assertEqual((code, body["dependencies"]["startup"]["ok"]), (200, True))
+        self.assertEqual((code, body["dependencies"]["startup"]),
+                         (200, {"ok": True, "detail": "done; the table is loading"}))
+        site.release()
+        code, body = ready()
+        self.assertEqual((code, body["dependencies"]["startup"]),
+                         (200, {"ok": True, "detail": "done"}))
 
 
 class LoadTests(SynchronousTestCase):
